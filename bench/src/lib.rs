@@ -1,0 +1,1 @@
+//! Benchmarks of fleet-ipc against NATS and Redis

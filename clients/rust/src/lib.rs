@@ -1,0 +1,1 @@
+//! The Rust client of fleet-ipc and the ipcctl CLI

@@ -1,0 +1,1 @@
+//! Kubernetes sidecar injection, shared by the admission webhook and ipcctl inject

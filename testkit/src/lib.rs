@@ -1,0 +1,1 @@
+//! Test harness: real servers, redis-server and sidecars on free loopback ports
