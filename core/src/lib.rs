@@ -1,1 +1,32 @@
-//! core
+//! The fleet-ipc node: everything the control-plane server and the sidecar share.
+//!
+//! A node serves `ipc.v1.Ipc` to its local clients. What differs between the server
+//! and the sidecar is only the [`bus::Bus`] that carries messages between nodes.
+//!
+//! # Layout
+//! - [`channel`]: channel names, the `:` app prefix, patterns with `*` and `>`.
+//! - [`cursor`]: positions in the bus log, handed out for resume.
+//! - [`hub`]: live subscribers, fan-out with bounded queues, pending requests.
+//! - [`bus`]: the bus trait; [`memory`]: the in-memory bus of a node alone.
+//! - [`node`]: the five operations with their input rules and deadline rule.
+//! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
+//! - [`metrics`]: counters in the Prometheus text format.
+
+pub mod bus;
+pub mod channel;
+pub mod cursor;
+pub mod hub;
+pub mod memory;
+pub mod metrics;
+pub mod node;
+pub mod service;
+
+pub use bus::Bus;
+pub use node::{Caller, Node, NodeConfig, NodeError};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,1 +1,222 @@
-//! server
+//! `ipc-server`, the fleet-ipc control plane, as a library: the binary only parses
+//! flags, starts a [`Server`] and waits for a signal, so tests start real servers on
+//! `127.0.0.1:0` exactly as production does.
+//!
+//! # Layout
+//! - [`Config`]: flags and `IPC_*` environment variables.
+//! - [`Server`]: the node on its bus, bound listeners; [`Server::serve`] runs gRPC
+//!   (`ipc.v1.Ipc`, health, reflection v1 and v1alpha) and `/metrics` until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use ipc_core::memory::{MemoryBus, Retention};
+use ipc_core::service::IpcService;
+use ipc_core::{Bus, Node, NodeConfig};
+use ipc_proto::pb::ipc_server::IpcServer;
+use tokio::net::TcpListener;
+
+/// The fleet-ipc control plane: one gRPC API to broadcast to a channel, ask one
+/// process and wait for its reply, and subscribe.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ipc-server", version)]
+pub struct Config {
+    /// Address for gRPC (ipc.v1.Ipc, health, reflection).
+    #[arg(long, env = "IPC_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Address for Prometheus metrics at /metrics.
+    #[arg(long, env = "IPC_METRICS_LISTEN", default_value = "127.0.0.1:9700")]
+    pub metrics_listen: SocketAddr,
+    /// Default app id, for channels with a leading ':' from callers that send no `ipc-app` metadata.
+    #[arg(long, env = "IPC_APP", default_value = "app")]
+    pub app: String,
+    /// This node's name (in `ipc:subscribed`, Members, logs); default: hostname plus a random suffix.
+    #[arg(long, env = "IPC_NODE")]
+    pub node: Option<String>,
+    /// Messages kept in the log for subscribers that resume with a cursor.
+    #[arg(long, env = "IPC_RETENTION", default_value_t = 10_000)]
+    pub retention: usize,
+    /// Bytes kept in the memory log at most (the oldest messages go first).
+    #[arg(long, env = "IPC_RETENTION_BYTES", default_value_t = 64 << 20)]
+    pub retention_bytes: usize,
+    /// Largest message accepted (op, data and headers, encoded), in bytes.
+    #[arg(long, env = "IPC_MAX_MSG_BYTES", default_value_t = 1 << 20)]
+    pub max_msg_bytes: usize,
+    /// Messages queued per subscriber before it is cut off as too slow (it can resume).
+    #[arg(long, env = "IPC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
+    pub subscriber_queue: usize,
+    /// Largest SendMsg timeout_ms accepted, in milliseconds.
+    #[arg(long, env = "IPC_MAX_TIMEOUT_MS", default_value_t = 300_000)]
+    pub max_timeout_ms: u64,
+    /// Time given to open calls to finish at shutdown, in milliseconds.
+    #[arg(long, env = "IPC_GRACE_MS", default_value_t = 5_000)]
+    pub grace_ms: u64,
+    /// Log as JSON lines (for log collectors) instead of text.
+    #[arg(long, env = "IPC_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    fn node_config(&self) -> NodeConfig {
+        NodeConfig {
+            name: self.node.clone().unwrap_or_else(ipc_core::node::default_node_name),
+            default_app: Some(self.app.clone()).filter(|a| !a.is_empty()),
+            max_msg_bytes: self.max_msg_bytes,
+            subscriber_queue: self.subscriber_queue,
+            max_timeout: Duration::from_millis(self.max_timeout_ms),
+            ..NodeConfig::default()
+        }
+    }
+}
+
+/// Installs the `tracing` subscriber: `RUST_LOG` filter (default `info`), text or JSON, on stderr.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A started control-plane node with its listeners bound.
+pub struct Server {
+    node: Arc<Node>,
+    grpc: TcpListener,
+    metrics: TcpListener,
+    grace: Duration,
+}
+
+impl Server {
+    /// Builds the node on its bus and binds the listeners.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(Retention {
+            messages: config.retention.max(1),
+            bytes: config.retention_bytes,
+        }));
+        let node = Node::new(config.node_config(), bus);
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding gRPC listener {}", config.listen))?;
+        let metrics = TcpListener::bind(config.metrics_listen)
+            .await
+            .with_context(|| format!("binding metrics listener {}", config.metrics_listen))?;
+        Ok(Self {
+            node,
+            grpc,
+            metrics,
+            grace: Duration::from_millis(config.grace_ms),
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, ends subscriber
+    /// streams with UNAVAILABLE (clients reconnect elsewhere with their cursor) and
+    /// waits at most the grace period for open calls.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            node,
+            grpc,
+            metrics,
+            grace,
+        } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        tokio::spawn(follow_bus_health(node.bus().health(), health));
+
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(ipc_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let max_frame = node.config().max_msg_bytes.saturating_mul(2).max(4 << 20);
+        let ipc = IpcServer::new(IpcService::new(node.clone()))
+            .max_decoding_message_size(max_frame)
+            .max_encoding_message_size(max_frame);
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let grpc_server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(ipc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            });
+
+        let metrics_node = node.clone();
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let node = metrics_node.clone();
+                async move { node.metrics().render() }
+            }),
+        );
+        let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let metrics_server = tokio::spawn(async move {
+            axum::serve(metrics, router)
+                .with_graceful_shutdown(async {
+                    let _ = metrics_stop_rx.await;
+                })
+                .await
+        });
+
+        tokio::pin!(grpc_server);
+        tokio::select! {
+            result = &mut grpc_server => result?,
+            () = shutdown => {
+                tracing::info!(node = %node.name(), "shutting down");
+                let _ = stop_tx.send(());
+                node.shutdown();
+                if tokio::time::timeout(grace, &mut grpc_server).await.is_err() {
+                    tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; dropping open calls");
+                }
+            }
+        }
+        let _ = metrics_stop_tx.send(());
+        let _ = metrics_server.await;
+        node.bus().shutdown().await;
+        Ok(())
+    }
+}
+
+/// Reports the bus's health as the gRPC health of the server and of `ipc.v1.Ipc`.
+async fn follow_bus_health(
+    mut healthy: tokio::sync::watch::Receiver<bool>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let status = if *healthy.borrow_and_update() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status("ipc.v1.Ipc", status).await;
+        if healthy.changed().await.is_err() {
+            return;
+        }
+    }
+}

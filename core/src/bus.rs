@@ -1,0 +1,97 @@
+//! The bus: what carries messages between nodes.
+//!
+//! The node (hub, service) is the same everywhere; a bus adapts it to one transport:
+//! [`crate::memory::MemoryBus`] for a node alone, the Redis bus for control-plane
+//! replicas, the upstream bus for a sidecar. A bus owns the log (what `Broadcast`
+//! appends to and `Subscribe` resumes from), delivers every appended entry to the
+//! node's [`Hub`] in log order, and routes requests and replies to other nodes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use ipc_proto::pb::{Member, Msg};
+use tokio::sync::watch;
+
+use crate::cursor::Cursor;
+use crate::hub::Hub;
+
+/// A failure of the bus itself (not of the caller's input).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    /// The bus cannot reach its backend now; the caller may retry.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The caller's cursor makes no sense for this log.
+    #[error("{0}")]
+    BadCursor(String),
+    #[error("bus error: {0}")]
+    Internal(String),
+}
+
+/// Why a request could not be answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RequestError {
+    #[error("no responders for {0:?}")]
+    NoResponders(String),
+    #[error("no reply from {0:?} before the deadline")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Why a reply could not be delivered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReplyError {
+    #[error(
+        "no pending request {0:?}: the caller gave up (deadline passed), it was answered already, or the id is unknown"
+    )]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What a subscriber missed since its cursor.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Entries after the cursor (all retained entries when `gap` is set), in log
+    /// order. The caller filters them by its subscriptions.
+    pub messages: Vec<Arc<Msg>>,
+    /// Set when entries between the cursor and `messages` were lost (retention
+    /// passed them, or the log itself was lost): the reason, for `ipc:gap`.
+    pub gap: Option<String>,
+}
+
+/// The transport under a node.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Connects the bus to the hub it delivers to. Called once, before any other call.
+    fn attach(&self, hub: Arc<Hub>);
+
+    /// Appends a message (id, ts, channel set) to the log. Returns once the entry is
+    /// durable in the bus, with `cursor` set. The entry reaches every node's hub,
+    /// this one included, through the bus.
+    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError>;
+
+    /// Entries after `cursor`, up to the current end of the log.
+    async fn replay(&self, after: &Cursor) -> Result<Replay, BusError>;
+
+    /// Routes a request to a subscriber of `target` on another node and waits for
+    /// the reply until `deadline`. Called only when no local subscriber matches.
+    async fn request(&self, target: &str, request: Msg, deadline: Instant) -> Result<Msg, RequestError>;
+
+    /// Delivers a reply whose `reply_to` names another node.
+    async fn forward_reply(&self, reply: Msg) -> Result<(), ReplyError>;
+
+    /// Members of the whole fleet, given this node's own.
+    async fn members(&self, local: Vec<Member>) -> Result<Vec<Member>, BusError>;
+
+    /// The hub's subscribers changed (presence may need an update).
+    fn subscribers_changed(&self) {}
+
+    /// `true` while the bus can do its work; health checks follow it.
+    fn health(&self) -> watch::Receiver<bool>;
+
+    /// Stops background work; called once at shutdown.
+    async fn shutdown(&self) {}
+}

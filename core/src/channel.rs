@@ -1,0 +1,264 @@
+//! Channel names and subscription patterns.
+//!
+//! A channel is `:`-separated segments of letters, digits and `_ . - /`, at most
+//! [`MAX_CHANNEL_BYTES`] bytes. A leading `:` stands for the caller's app id. A
+//! pattern may also use `*` (exactly one segment) and `>` (one or more trailing
+//! segments, last position only).
+
+use std::fmt;
+
+/// The longest channel name or pattern accepted, in bytes.
+pub const MAX_CHANNEL_BYTES: usize = 256;
+
+/// Why a channel or pattern was refused; the text is shown to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("channel is empty")]
+    Empty,
+    #[error("channel {0:?} is longer than {MAX_CHANNEL_BYTES} bytes")]
+    TooLong(String),
+    #[error("channel {0:?} has an empty segment (check for '::' or a trailing ':')")]
+    EmptySegment(String),
+    #[error(
+        "channel {channel:?} has invalid character {ch:?}: use letters, digits and _ . - / separated by ':'"
+    )]
+    BadChar { channel: String, ch: char },
+    #[error("channel {0:?} is a pattern ('*' or '>'), but a channel name is needed here")]
+    PatternNotAllowed(String),
+    #[error("pattern {0:?} has '>' before its last segment; '>' matches the rest and must come last")]
+    TailNotLast(String),
+    #[error("channel {0:?} has '*' or '>' inside a segment; wildcards must be whole segments")]
+    PartialWildcard(String),
+    #[error("channel {0:?} starts with ':' but no app id is known (set `ipc-app` metadata or the server's --app)")]
+    NoApp(String),
+}
+
+/// One segment of a pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Segment {
+    Literal(String),
+    /// `*`: exactly one segment.
+    One,
+    /// `>`: one or more remaining segments.
+    Rest,
+}
+
+/// A validated subscription pattern; a plain channel name is a pattern without
+/// wildcards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Pattern {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+impl Pattern {
+    /// Parses a pattern that has already been expanded (no leading `:`).
+    pub fn parse(text: &str) -> Result<Self, ChannelError> {
+        check_length(text)?;
+        let mut segments = Vec::new();
+        let parts: Vec<&str> = text.split(':').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let segment = match *part {
+                "" => return Err(ChannelError::EmptySegment(text.to_string())),
+                "*" => Segment::One,
+                ">" if i + 1 == parts.len() => Segment::Rest,
+                ">" => return Err(ChannelError::TailNotLast(text.to_string())),
+                literal => {
+                    check_literal(text, literal)?;
+                    Segment::Literal(literal.to_string())
+                }
+            };
+            segments.push(segment);
+        }
+        Ok(Self {
+            text: text.to_string(),
+            segments,
+        })
+    }
+
+    /// The pattern as text.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// True when the pattern is a plain channel name.
+    pub fn is_exact(&self) -> bool {
+        self.segments.iter().all(|s| matches!(s, Segment::Literal(_)))
+    }
+
+    /// Whether `channel` (a valid name) matches this pattern.
+    pub fn matches(&self, channel: &str) -> bool {
+        let mut parts = channel.split(':');
+        for segment in &self.segments {
+            match segment {
+                Segment::Rest => return parts.next().is_some(),
+                Segment::One => {
+                    if parts.next().is_none() {
+                        return false;
+                    }
+                }
+                Segment::Literal(lit) => {
+                    if parts.next() != Some(lit.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Expands a leading `:` with `app` (`:worker` → `shop:worker`).
+pub fn expand(raw: &str, app: Option<&str>) -> Result<String, ChannelError> {
+    match raw.strip_prefix(':') {
+        Some(rest) => match app {
+            Some(app) if !app.is_empty() => Ok(format!("{app}:{rest}")),
+            _ => Err(ChannelError::NoApp(raw.to_string())),
+        },
+        None if raw.is_empty() => Err(ChannelError::Empty),
+        None => Ok(raw.to_string()),
+    }
+}
+
+/// Expands and validates a channel name (no wildcards allowed).
+pub fn parse_name(raw: &str, app: Option<&str>) -> Result<String, ChannelError> {
+    let name = expand(raw, app)?;
+    let pattern = Pattern::parse(&name)?;
+    if !pattern.is_exact() {
+        return Err(ChannelError::PatternNotAllowed(name));
+    }
+    Ok(name)
+}
+
+/// Expands and validates a subscription pattern.
+pub fn parse_pattern(raw: &str, app: Option<&str>) -> Result<Pattern, ChannelError> {
+    Pattern::parse(&expand(raw, app)?)
+}
+
+/// Validates one name segment (an app id, a role, a tag): no `:` and no wildcard.
+pub fn check_segment(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if value.len() > 64 {
+        return Err(format!("{what} {value:?} is longer than 64 bytes"));
+    }
+    match value.chars().find(|c| !is_name_char(*c)) {
+        Some(ch) => Err(format!(
+            "{what} {value:?} has invalid character {ch:?}: use letters, digits and _ . - /"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_length(text: &str) -> Result<(), ChannelError> {
+    if text.is_empty() {
+        return Err(ChannelError::Empty);
+    }
+    if text.len() > MAX_CHANNEL_BYTES {
+        return Err(ChannelError::TooLong(truncate(text)));
+    }
+    Ok(())
+}
+
+fn check_literal(channel: &str, literal: &str) -> Result<(), ChannelError> {
+    if let Some(ch) = literal.chars().find(|c| !is_name_char(*c)) {
+        if ch == '*' || ch == '>' {
+            return Err(ChannelError::PartialWildcard(channel.to_string()));
+        }
+        return Err(ChannelError::BadChar {
+            channel: channel.to_string(),
+            ch,
+        });
+    }
+    Ok(())
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/')
+}
+
+/// Keeps error messages about huge inputs short.
+fn truncate(text: &str) -> String {
+    let mut end = 40.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn matches(pattern: &str, channel: &str) -> bool {
+        Pattern::parse(pattern).unwrap().matches(channel)
+    }
+
+    #[test]
+    fn star_matches_exactly_one_segment() {
+        assert!(matches("shop:*", "shop:worker"));
+        assert!(!matches("shop:*", "shop:worker:blue"));
+        assert!(!matches("shop:*", "shop"));
+        assert!(matches("*:worker", "shop:worker"));
+    }
+
+    #[test]
+    fn tail_matches_one_or_more_segments() {
+        assert!(matches("shop:>", "shop:worker"));
+        assert!(matches("shop:>", "shop:worker:blue"));
+        assert!(!matches("shop:>", "shop"));
+        assert!(!matches("shop:>", "other:worker"));
+    }
+
+    #[test]
+    fn exact_names_match_only_themselves() {
+        assert!(matches("shop:worker", "shop:worker"));
+        assert!(!matches("shop:worker", "shop:worker:x"));
+        assert!(!matches("shop:worker", "shop:work"));
+    }
+
+    #[test]
+    fn leading_colon_expands_with_the_app() {
+        assert_eq!(expand(":worker", Some("shop")).unwrap(), "shop:worker");
+        assert_eq!(expand("a:b", Some("shop")).unwrap(), "a:b");
+        assert_eq!(expand(":worker", None), Err(ChannelError::NoApp(":worker".into())));
+    }
+
+    #[test]
+    fn bad_names_are_refused_with_a_reason() {
+        assert_eq!(parse_name("", None), Err(ChannelError::Empty));
+        assert!(matches!(parse_name("a::b", None), Err(ChannelError::EmptySegment(_))));
+        assert!(matches!(parse_name("a:b c", None), Err(ChannelError::BadChar { ch: ' ', .. })));
+        assert!(matches!(parse_name("a:*", None), Err(ChannelError::PatternNotAllowed(_))));
+        assert!(matches!(parse_pattern("a:>:b", None), Err(ChannelError::TailNotLast(_))));
+        assert!(matches!(parse_pattern("a:w*", None), Err(ChannelError::PartialWildcard(_))));
+        assert!(matches!(parse_name(&"a".repeat(257), None), Err(ChannelError::TooLong(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(text in ".{0,300}") {
+            let _ = parse_pattern(&text, Some("app"));
+            let _ = parse_name(&text, None);
+        }
+
+        #[test]
+        fn every_valid_name_matches_itself_and_its_tail_pattern(
+            segs in proptest::collection::vec("[a-z0-9_./-]{1,8}", 1..6)
+        ) {
+            let name = segs.join(":");
+            let p = Pattern::parse(&name).unwrap();
+            prop_assert!(p.matches(&name));
+            let tail = format!("{}:>", segs[0]);
+            prop_assert_eq!(Pattern::parse(&tail).unwrap().matches(&name), segs.len() > 1);
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! The hub: a node's live subscribers, fan-out of log entries to them, and requests
+//! waiting for replies.
+//!
+//! Fan-out never blocks: each subscriber has a bounded queue, and one that is full
+//! is cut off (it resumes from its cursor) rather than slowing the others or growing
+//! memory. Exact channel names are indexed by a hash map; only wildcard patterns are
+//! scanned per message.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use ipc_proto::pb::{Member, Msg};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::bus::ReplyError;
+use crate::channel::Pattern;
+use crate::metrics::Metrics;
+
+/// Why the node ended a subscriber's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Its queue was full: it did not keep up.
+    SlowConsumer,
+    /// A newer subscription with the same id took over.
+    Replaced,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+/// Who a subscriber is and what it listens to (channels already expanded,
+/// including the automatic role, tag and id channels).
+#[derive(Debug, Clone)]
+pub struct SubscriberSpec {
+    pub id: String,
+    pub app: String,
+    pub role: String,
+    pub tag: String,
+    pub labels: HashMap<String, String>,
+    pub patterns: Vec<Pattern>,
+}
+
+struct Subscriber {
+    spec: SubscriberSpec,
+    connected_ms: i64,
+    tx: mpsc::Sender<Arc<Msg>>,
+    closed: Arc<Mutex<Option<Closed>>>,
+}
+
+#[derive(Default)]
+struct Registry {
+    subs: HashMap<u64, Subscriber>,
+    by_id: HashMap<String, u64>,
+    exact: HashMap<String, Vec<u64>>,
+    wildcard: Vec<(Pattern, u64)>,
+}
+
+impl Registry {
+    /// Keys of the subscribers whose patterns match `channel`, each once.
+    fn matching(&self, channel: &str) -> Vec<u64> {
+        let mut keys: Vec<u64> = self.exact.get(channel).cloned().unwrap_or_default();
+        let before = keys.len();
+        keys.extend(
+            self.wildcard
+                .iter()
+                .filter(|(p, _)| p.matches(channel))
+                .map(|(_, k)| *k),
+        );
+        if keys.len() != before {
+            keys.sort_unstable();
+            keys.dedup();
+        }
+        keys
+    }
+}
+
+struct Pending {
+    tx: oneshot::Sender<Msg>,
+    /// The subscriber the request went to: if it leaves, the caller learns at once.
+    subscriber: u64,
+}
+
+/// The live subscribers of one node.
+pub struct Hub {
+    node: String,
+    queue_capacity: usize,
+    registry: RwLock<Registry>,
+    pending: Mutex<HashMap<String, Pending>>,
+    next_key: AtomicU64,
+    next_request: AtomicU64,
+    round_robin: AtomicUsize,
+    metrics: Arc<Metrics>,
+    on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+/// The receiving end of a subscription. Dropping it unsubscribes.
+pub struct Subscription {
+    pub key: u64,
+    pub id: String,
+    pub patterns: Vec<Pattern>,
+    rx: mpsc::Receiver<Arc<Msg>>,
+    closed: Arc<Mutex<Option<Closed>>>,
+    hub: Weak<Hub>,
+}
+
+impl Subscription {
+    /// The next message; `Err` when the node ended the stream, `Ok(None)` when the
+    /// subscription was removed without a reason.
+    pub async fn recv(&mut self) -> Result<Option<Arc<Msg>>, Closed> {
+        match self.rx.recv().await {
+            Some(msg) => Ok(Some(msg)),
+            None => match *self.closed.lock() {
+                Some(reason) => Err(reason),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Whether this subscription receives messages of `channel`.
+    pub fn matches(&self, channel: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(channel))
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.remove(self.key, None);
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(node: String, queue_capacity: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            queue_capacity: queue_capacity.max(1),
+            registry: RwLock::default(),
+            pending: Mutex::default(),
+            next_key: AtomicU64::new(1),
+            next_request: AtomicU64::new(1),
+            round_robin: AtomicUsize::new(0),
+            metrics,
+            on_change: Mutex::new(None),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Registers a callback run after every subscribe and unsubscribe (presence).
+    pub fn on_change(&self, callback: impl Fn() + Send + Sync + 'static) {
+        *self.on_change.lock() = Some(Box::new(callback));
+    }
+
+    /// Adds a subscriber. One with the same id is replaced (its stream ends).
+    pub fn register(self: &Arc<Self>, spec: SubscriberSpec) -> Subscription {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        let closed = Arc::new(Mutex::new(None));
+        let previous = {
+            let mut reg = self.registry.write();
+            let previous = reg.by_id.insert(spec.id.clone(), key);
+            for pattern in &spec.patterns {
+                if pattern.is_exact() {
+                    let keys = reg.exact.entry(pattern.as_str().to_string()).or_default();
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                } else {
+                    reg.wildcard.push((pattern.clone(), key));
+                }
+            }
+            reg.subs.insert(
+                key,
+                Subscriber {
+                    spec: spec.clone(),
+                    connected_ms: crate::now_ms(),
+                    tx,
+                    closed: closed.clone(),
+                },
+            );
+            previous
+        };
+        if let Some(previous) = previous {
+            self.remove(previous, Some(Closed::Replaced));
+        }
+        self.metrics.subscribers.fetch_add(1, Ordering::Relaxed);
+        self.changed();
+        Subscription {
+            key,
+            id: spec.id,
+            patterns: spec.patterns,
+            rx,
+            closed,
+            hub: Arc::downgrade(self),
+        }
+    }
+
+    /// Removes a subscriber; its stream ends with `reason` once drained.
+    pub fn remove(&self, key: u64, reason: Option<Closed>) {
+        let removed = {
+            let mut reg = self.registry.write();
+            let Some(sub) = reg.subs.remove(&key) else {
+                return;
+            };
+            if reg.by_id.get(&sub.spec.id) == Some(&key) {
+                reg.by_id.remove(&sub.spec.id);
+            }
+            for pattern in sub.spec.patterns.iter().filter(|p| p.is_exact()) {
+                if let Some(keys) = reg.exact.get_mut(pattern.as_str()) {
+                    keys.retain(|k| *k != key);
+                    if keys.is_empty() {
+                        reg.exact.remove(pattern.as_str());
+                    }
+                }
+            }
+            if sub.spec.patterns.iter().any(|p| !p.is_exact()) {
+                reg.wildcard.retain(|(_, k)| *k != key);
+            }
+            sub
+        };
+        if let Some(reason) = reason {
+            *removed.closed.lock() = Some(reason);
+            if reason == Closed::SlowConsumer {
+                self.metrics.slow_cutoffs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Requests waiting on this subscriber fail now rather than at their deadline.
+        self.pending.lock().retain(|_, p| p.subscriber != key);
+        self.metrics.subscribers.fetch_sub(1, Ordering::Relaxed);
+        drop(removed);
+        self.changed();
+    }
+
+    /// Ends every stream (shutdown).
+    pub fn close_all(&self, reason: Closed) {
+        let keys: Vec<u64> = self.registry.read().subs.keys().copied().collect();
+        for key in keys {
+            self.remove(key, Some(reason));
+        }
+    }
+
+    /// Delivers a log entry to every local subscriber whose patterns match its
+    /// channel. Buses call this in log order. Returns the number of deliveries.
+    pub fn dispatch(&self, msg: &Arc<Msg>) -> usize {
+        let mut delivered = 0;
+        let mut slow = Vec::new();
+        {
+            let reg = self.registry.read();
+            for key in reg.matching(&msg.channel) {
+                let Some(sub) = reg.subs.get(&key) else {
+                    continue;
+                };
+                match sub.tx.try_send(msg.clone()) {
+                    Ok(()) => delivered += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(key),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        for key in slow {
+            tracing::warn!(node = %self.node, subscriber = key, channel = %msg.channel, "subscriber too slow, cut off");
+            self.remove(key, Some(Closed::SlowConsumer));
+        }
+        self.metrics
+            .delivered
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    /// Whether any local subscriber listens to `target`.
+    pub fn has_responder(&self, target: &str) -> bool {
+        !self.registry.read().matching(target).is_empty()
+    }
+
+    /// Hands a request to one local subscriber of `target` (round robin) and returns
+    /// its `reply_to` and where the reply will arrive; `None` if nobody listens.
+    pub fn deliver_request(&self, target: &str, mut request: Msg) -> Option<(String, oneshot::Receiver<Msg>)> {
+        let reg = self.registry.read();
+        let candidates = reg.matching(target);
+        if candidates.is_empty() {
+            return None;
+        }
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        for i in 0..candidates.len() {
+            let key = candidates[(start + i) % candidates.len()];
+            let Some(sub) = reg.subs.get(&key) else {
+                continue;
+            };
+            let reply_to = format!(
+                "{}#{}",
+                self.node,
+                self.next_request.fetch_add(1, Ordering::Relaxed)
+            );
+            request.reply_to = reply_to.clone();
+            let (tx, rx) = oneshot::channel();
+            // Registered before sending so that even an instant reply finds it.
+            self.pending.lock().insert(
+                reply_to.clone(),
+                Pending {
+                    tx,
+                    subscriber: key,
+                },
+            );
+            match sub.tx.try_send(Arc::new(request.clone())) {
+                Ok(()) => return Some((reply_to, rx)),
+                Err(_) => {
+                    self.pending.lock().remove(&reply_to);
+                }
+            }
+        }
+        None
+    }
+
+    /// Forgets a request whose caller stopped waiting.
+    pub fn cancel_request(&self, reply_to: &str) {
+        self.pending.lock().remove(reply_to);
+    }
+
+    /// Completes a request that this node handed out.
+    pub fn complete_request(&self, reply: Msg) -> Result<(), ReplyError> {
+        let pending = self.pending.lock().remove(&reply.reply_to);
+        match pending {
+            Some(pending) => {
+                let reply_to = reply.reply_to.clone();
+                pending.tx.send(reply).map_err(|_| ReplyError::NotFound(reply_to))
+            }
+            None => Err(ReplyError::NotFound(reply.reply_to)),
+        }
+    }
+
+    /// Whether a `reply_to` was issued by this node.
+    pub fn owns_reply_to(&self, reply_to: &str) -> bool {
+        reply_to
+            .rsplit_once('#')
+            .is_some_and(|(node, _)| node == self.node)
+    }
+
+    /// The node of a `reply_to`, if it has the expected shape.
+    pub fn reply_to_node(reply_to: &str) -> Option<&str> {
+        reply_to
+            .rsplit_once('#')
+            .filter(|(node, n)| !node.is_empty() && n.parse::<u64>().is_ok())
+            .map(|(node, _)| node)
+    }
+
+    /// This node's subscribers as members.
+    pub fn members(&self) -> Vec<Member> {
+        let reg = self.registry.read();
+        let mut members: Vec<Member> = reg
+            .subs
+            .values()
+            .map(|sub| Member {
+                id: sub.spec.id.clone(),
+                app: sub.spec.app.clone(),
+                role: sub.spec.role.clone(),
+                tag: sub.spec.tag.clone(),
+                labels: sub.spec.labels.clone(),
+                channels: sub.spec.patterns.iter().map(|p| p.to_string()).collect(),
+                node: self.node.clone(),
+                connected_ms: sub.connected_ms,
+            })
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        members
+    }
+
+    /// Number of live subscribers.
+    pub fn len(&self) -> usize {
+        self.registry.read().subs.len()
+    }
+
+    /// Whether there are no subscribers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn changed(&self) {
+        if let Some(callback) = self.on_change.lock().as_ref() {
+            callback();
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The memory bus: one node alone, its log a bounded ring in memory.
+//!
+//! Appending and fan-out happen under one lock, so every subscriber sees entries in
+//! log order. The epoch is drawn at start: cursors from a previous run of the node
+//! are recognised as stale and answered with `ipc:gap`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use ipc_proto::pb::{Member, Msg};
+use parking_lot::Mutex;
+use prost::Message as _;
+use tokio::sync::watch;
+
+use crate::bus::{Bus, BusError, Replay, ReplyError, RequestError};
+use crate::cursor::Cursor;
+use crate::hub::Hub;
+
+/// Bounds of the in-memory log.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Entries kept for resume.
+    pub messages: usize,
+    /// Encoded bytes kept for resume; the oldest entries go first past this.
+    pub bytes: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            messages: 10_000,
+            bytes: 64 << 20,
+        }
+    }
+}
+
+struct Log {
+    entries: VecDeque<(u64, Arc<Msg>, usize)>,
+    next_seq: u64,
+    bytes: usize,
+}
+
+pub struct MemoryBus {
+    epoch: u64,
+    retention: Retention,
+    log: Mutex<Log>,
+    hub: OnceLock<Arc<Hub>>,
+    health: watch::Sender<bool>,
+}
+
+impl MemoryBus {
+    pub fn new(retention: Retention) -> Self {
+        Self {
+            epoch: rand::random::<u32>() as u64,
+            retention,
+            log: Mutex::new(Log {
+                entries: VecDeque::new(),
+                next_seq: 1,
+                bytes: 0,
+            }),
+            hub: OnceLock::new(),
+            health: watch::Sender::new(true),
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    fn attach(&self, hub: Arc<Hub>) {
+        let _ = self.hub.set(hub);
+    }
+
+    async fn append(&self, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
+        let hub = self
+            .hub
+            .get()
+            .ok_or_else(|| BusError::Internal("memory bus used before attach".into()))?;
+        let mut log = self.log.lock();
+        let seq = log.next_seq;
+        log.next_seq += 1;
+        msg.cursor = Cursor {
+            epoch: self.epoch,
+            hi: seq,
+            lo: 0,
+        }
+        .to_string();
+        let size = msg.encoded_len();
+        let msg = Arc::new(msg);
+        log.entries.push_back((seq, msg.clone(), size));
+        log.bytes += size;
+        while log.entries.len() > self.retention.messages
+            || (log.bytes > self.retention.bytes && log.entries.len() > 1)
+        {
+            if let Some((_, _, size)) = log.entries.pop_front() {
+                log.bytes -= size;
+            }
+        }
+        // Fan-out under the log lock: concurrent appends reach subscribers in log order.
+        hub.dispatch(&msg);
+        Ok(msg)
+    }
+
+    async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {
+        let log = self.log.lock();
+        let last = log.next_seq - 1;
+        let first = log.entries.front().map_or(log.next_seq, |(seq, _, _)| *seq);
+        let all = || log.entries.iter().map(|(_, m, _)| m.clone()).collect();
+        if after.epoch != self.epoch {
+            return Ok(Replay {
+                messages: all(),
+                gap: Some("the cursor is from an earlier run of the node; its log is gone".into()),
+            });
+        }
+        if after.hi > last || after.lo != 0 {
+            return Err(BusError::BadCursor(format!(
+                "cursor {after} is ahead of the log (last entry is {})",
+                Cursor { epoch: self.epoch, hi: last, lo: 0 }
+            )));
+        }
+        if after.hi + 1 < first {
+            return Ok(Replay {
+                messages: all(),
+                gap: Some(format!(
+                    "{} messages after the cursor were dropped by retention",
+                    first - after.hi - 1
+                )),
+            });
+        }
+        let messages = log
+            .entries
+            .iter()
+            .filter(|(seq, _, _)| *seq > after.hi)
+            .map(|(_, m, _)| m.clone())
+            .collect();
+        Ok(Replay { messages, gap: None })
+    }
+
+    async fn request(&self, target: &str, _request: Msg, _deadline: Instant) -> Result<Msg, RequestError> {
+        Err(RequestError::NoResponders(target.to_string()))
+    }
+
+    async fn forward_reply(&self, reply: Msg) -> Result<(), ReplyError> {
+        Err(ReplyError::NotFound(reply.reply_to))
+    }
+
+    async fn members(&self, local: Vec<Member>) -> Result<Vec<Member>, BusError> {
+        Ok(local)
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+}

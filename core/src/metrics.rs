@@ -1,0 +1,101 @@
+//! Counters of a node, rendered in the Prometheus text format.
+//!
+//! Plain atomics: the fan-out path adds once per message, not per delivery, and
+//! nothing here allocates or locks on that path.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the SendMsg latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0,
+];
+
+/// How a SendMsg ended.
+#[derive(Debug, Clone, Copy)]
+pub enum SendOutcome {
+    Replied,
+    NoResponders,
+    DeadlineExceeded,
+    Failed,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub accepted: AtomicU64,
+    pub delivered: AtomicU64,
+    pub subscribers: AtomicI64,
+    pub slow_cutoffs: AtomicU64,
+    pub rejected: AtomicU64,
+    send_replied: AtomicU64,
+    send_no_responders: AtomicU64,
+    send_deadline: AtomicU64,
+    send_failed: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn record_send(&self, outcome: SendOutcome, elapsed: Duration) {
+        let counter = match outcome {
+            SendOutcome::Replied => &self.send_replied,
+            SendOutcome::NoResponders => &self.send_no_responders,
+            SendOutcome::DeadlineExceeded => &self.send_deadline,
+            SendOutcome::Failed => &self.send_failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter("ipc_messages_accepted_total", "Broadcasts stored in the bus log by this node.", get(&self.accepted));
+        counter("ipc_messages_delivered_total", "Messages handed to local subscriber streams.", get(&self.delivered));
+        counter("ipc_slow_subscriber_cutoffs_total", "Subscribers cut off because their queue was full.", get(&self.slow_cutoffs));
+        counter("ipc_requests_rejected_total", "Requests refused for bad input or limits.", get(&self.rejected));
+        let _ = writeln!(
+            out,
+            "# HELP ipc_subscribers Live subscriber streams on this node.\n# TYPE ipc_subscribers gauge\nipc_subscribers {}",
+            self.subscribers.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP ipc_sendmsg_total SendMsg calls by outcome.\n# TYPE ipc_sendmsg_total counter");
+        for (outcome, c) in [
+            ("replied", &self.send_replied),
+            ("no_responders", &self.send_no_responders),
+            ("deadline_exceeded", &self.send_deadline),
+            ("failed", &self.send_failed),
+        ] {
+            let _ = writeln!(out, "ipc_sendmsg_total{{outcome=\"{outcome}\"}} {}", get(c));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ipc_sendmsg_duration_seconds SendMsg latency.\n# TYPE ipc_sendmsg_duration_seconds histogram"
+        );
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            let _ = writeln!(out, "ipc_sendmsg_duration_seconds_bucket{{le=\"{bound}\"}} {}", get(bucket));
+        }
+        let count = get(&self.latency_count);
+        let _ = writeln!(out, "ipc_sendmsg_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "ipc_sendmsg_duration_seconds_sum {}\nipc_sendmsg_duration_seconds_count {count}",
+            get(&self.latency_sum_micros) as f64 / 1e6
+        );
+        out
+    }
+}

@@ -1,0 +1,607 @@
+//! The node: the five operations of `ipc.v1.Ipc` over a hub and a bus, with the
+//! input rules of DESIGN.md. Transport-free: the gRPC service maps its errors to
+//! status codes.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use ipc_proto::json;
+use ipc_proto::pb::{
+    BroadcastRequest, BroadcastResponse, Member, MembersRequest, Msg, ReplyRequest, SendMsgRequest,
+    SubscribeRequest,
+};
+use prost::Message as _;
+
+use crate::bus::{Bus, BusError, ReplyError, RequestError};
+use crate::channel::{self, Pattern};
+use crate::cursor::Cursor;
+use crate::hub::{Closed, Hub, SubscriberSpec, Subscription};
+use crate::metrics::{Metrics, SendOutcome};
+
+/// How a node behaves; every field has a default fit for tests and small fleets.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's name: in `ipc:subscribed`, `Member.node` and `reply_to`.
+    pub name: String,
+    /// App id for callers that give none (`--app`).
+    pub default_app: Option<String>,
+    /// Largest accepted message (op, data and headers encoded), in bytes.
+    pub max_msg_bytes: usize,
+    /// Messages queued per subscriber before it is cut off as too slow.
+    pub subscriber_queue: usize,
+    /// SendMsg wait when the caller gives no `timeout_ms`.
+    pub default_timeout: Duration,
+    /// Largest `timeout_ms` accepted.
+    pub max_timeout: Duration,
+    /// Most channels in one SubscribeRequest.
+    pub max_channels: usize,
+    /// Most headers in one message.
+    pub max_headers: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: default_node_name(),
+            default_app: None,
+            max_msg_bytes: 1 << 20,
+            subscriber_queue: 4096,
+            default_timeout: Duration::from_secs(5),
+            max_timeout: Duration::from_secs(300),
+            max_channels: 256,
+            max_headers: 64,
+        }
+    }
+}
+
+/// `<hostname>-<4 hex>`: readable, and unique among replicas sharing a host name.
+pub fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    let host: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .collect();
+    format!("{host}-{:04x}", rand::random::<u16>())
+}
+
+/// Who is calling, as the transport established it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// App id from `ipc-app` metadata or the caller's identity.
+    pub app: Option<String>,
+    /// Name stamped as `sender` on what the caller sends.
+    pub sender: String,
+}
+
+/// Why an operation failed, as the caller should learn it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NoResponders(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<channel::ChannelError> for NodeError {
+    fn from(e: channel::ChannelError) -> Self {
+        NodeError::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<BusError> for NodeError {
+    fn from(e: BusError) -> Self {
+        match e {
+            BusError::Unavailable(m) => NodeError::Unavailable(m),
+            BusError::BadCursor(m) => NodeError::InvalidArgument(m),
+            BusError::Internal(m) => NodeError::Internal(m),
+        }
+    }
+}
+
+impl From<RequestError> for NodeError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::NoResponders(_) => NodeError::NoResponders(e.to_string()),
+            RequestError::DeadlineExceeded(_) => NodeError::DeadlineExceeded(e.to_string()),
+            RequestError::Unavailable(m) => NodeError::Unavailable(m),
+        }
+    }
+}
+
+impl From<ReplyError> for NodeError {
+    fn from(e: ReplyError) -> Self {
+        match e {
+            ReplyError::NotFound(_) => NodeError::NotFound(e.to_string()),
+            ReplyError::Unavailable(m) => NodeError::Unavailable(m),
+        }
+    }
+}
+
+/// An item of a subscriber's stream: a message, or the reason the node ended it.
+pub type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Arc<Msg>, Closed>> + Send>>;
+
+/// Ops the node answers itself (SendMsg with an empty target).
+pub const BUILTIN_OPS: [&str; 3] = ["ping", "members", "info"];
+
+pub struct Node {
+    config: NodeConfig,
+    hub: Arc<Hub>,
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    id_prefix: String,
+    next_id: AtomicU64,
+    started_ms: i64,
+}
+
+impl Node {
+    pub fn new(config: NodeConfig, bus: Arc<dyn Bus>) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(config.name.clone(), config.subscriber_queue, metrics.clone());
+        bus.attach(hub.clone());
+        let presence = Arc::downgrade(&bus);
+        hub.on_change(move || {
+            if let Some(bus) = presence.upgrade() {
+                bus.subscribers_changed();
+            }
+        });
+        Arc::new(Self {
+            id_prefix: format!("{:08x}", rand::random::<u32>()),
+            config,
+            hub,
+            bus,
+            metrics,
+            next_id: AtomicU64::new(1),
+            started_ms: crate::now_ms(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A new message id, unique across nodes (random node prefix + counter).
+    pub fn new_id(&self) -> String {
+        format!("{}-{}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn app<'a>(&'a self, caller: &'a Caller) -> Option<&'a str> {
+        caller
+            .app
+            .as_deref()
+            .filter(|a| !a.is_empty())
+            .or(self.config.default_app.as_deref())
+    }
+
+    /// Stores a message in the log; every matching subscriber fleet-wide gets it.
+    pub async fn broadcast(&self, caller: &Caller, req: BroadcastRequest) -> Result<BroadcastResponse, NodeError> {
+        let result = self.broadcast_inner(caller, req).await;
+        if matches!(result, Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))) {
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn broadcast_inner(&self, caller: &Caller, req: BroadcastRequest) -> Result<BroadcastResponse, NodeError> {
+        self.check_size(req.encoded_len())?;
+        check_op(&req.op)?;
+        self.check_headers(&req.headers)?;
+        let channel = channel::parse_name(&req.channel, self.app(caller))?;
+        let msg = Msg {
+            op: req.op,
+            data: req.data,
+            headers: req.headers,
+            id: self.new_id(),
+            channel,
+            sender: caller.sender.clone(),
+            ts_ms: crate::now_ms(),
+            ..Msg::default()
+        };
+        let stored = self.bus.append(msg).await?;
+        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        Ok(BroadcastResponse {
+            id: stored.id.clone(),
+            channel: stored.channel.clone(),
+            cursor: stored.cursor.clone(),
+        })
+    }
+
+    /// Asks one subscriber of `target` (or the node itself) and waits for the reply.
+    /// `grpc_timeout` is what is left of the caller's gRPC deadline.
+    pub async fn send_msg(
+        &self,
+        caller: &Caller,
+        req: SendMsgRequest,
+        grpc_timeout: Option<Duration>,
+    ) -> Result<Msg, NodeError> {
+        let started = Instant::now();
+        let result = self.send_msg_inner(caller, req, grpc_timeout).await;
+        let outcome = match &result {
+            Ok(_) => SendOutcome::Replied,
+            Err(NodeError::NoResponders(_)) => SendOutcome::NoResponders,
+            Err(NodeError::DeadlineExceeded(_)) => SendOutcome::DeadlineExceeded,
+            Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_)) => {
+                self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                SendOutcome::Failed
+            }
+            Err(_) => SendOutcome::Failed,
+        };
+        self.metrics.record_send(outcome, started.elapsed());
+        result
+    }
+
+    async fn send_msg_inner(
+        &self,
+        caller: &Caller,
+        req: SendMsgRequest,
+        grpc_timeout: Option<Duration>,
+    ) -> Result<Msg, NodeError> {
+        self.check_size(req.encoded_len())?;
+        check_op(&req.op)?;
+        self.check_headers(&req.headers)?;
+        let requested = Duration::from_millis(u64::from(req.timeout_ms));
+        if requested > self.config.max_timeout {
+            return Err(NodeError::InvalidArgument(format!(
+                "timeout_ms {} is above the largest accepted, {} ms",
+                req.timeout_ms,
+                self.config.max_timeout.as_millis()
+            )));
+        }
+        let mut timeout = if req.timeout_ms == 0 { self.config.default_timeout } else { requested };
+        if let Some(grpc) = grpc_timeout {
+            timeout = timeout.min(grpc);
+        }
+        let deadline = Instant::now() + timeout;
+        if req.target.is_empty() {
+            return self.builtin(caller, &req).await;
+        }
+        let target = channel::parse_name(&req.target, self.app(caller))?;
+        let request = Msg {
+            op: req.op,
+            data: req.data,
+            headers: req.headers,
+            id: self.new_id(),
+            channel: target.clone(),
+            sender: caller.sender.clone(),
+            ts_ms: crate::now_ms(),
+            ..Msg::default()
+        };
+        if self.hub.has_responder(&target) {
+            match self.request_local(&target, request.clone(), deadline).await {
+                Err(RequestError::NoResponders(_)) => {}
+                other => return Ok(other?),
+            }
+        }
+        Ok(self.bus.request(&target, request, deadline).await?)
+    }
+
+    /// Hands a request to a local subscriber of `target` and waits until `deadline`.
+    /// Buses call this for requests routed here from other nodes.
+    pub async fn request_local(&self, target: &str, request: Msg, deadline: Instant) -> Result<Msg, RequestError> {
+        let Some((reply_to, reply)) = self.hub.deliver_request(target, request) else {
+            return Err(RequestError::NoResponders(target.to_string()));
+        };
+        match tokio::time::timeout_at(deadline.into(), reply).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(RequestError::Unavailable(format!(
+                "the subscriber of {target:?} that had the request disconnected before replying"
+            ))),
+            Err(_) => {
+                self.hub.cancel_request(&reply_to);
+                Err(RequestError::DeadlineExceeded(target.to_string()))
+            }
+        }
+    }
+
+    async fn builtin(&self, caller: &Caller, req: &SendMsgRequest) -> Result<Msg, NodeError> {
+        let data = match req.op.as_str() {
+            "ping" => serde_json::json!({"node": self.config.name, "ts_ms": crate::now_ms()}),
+            "members" => {
+                let members = self.members(caller, MembersRequest::default()).await?;
+                serde_json::Value::Array(members.iter().map(member_json).collect())
+            }
+            "info" => serde_json::json!({
+                "node": self.config.name,
+                "version": env!("CARGO_PKG_VERSION"),
+                "started_ms": self.started_ms,
+                "subscribers": self.hub.len(),
+            }),
+            other => {
+                return Err(NodeError::InvalidArgument(format!(
+                    "unknown built-in op {other:?} for an empty target; the node answers {}",
+                    BUILTIN_OPS.join(", ")
+                )));
+            }
+        };
+        Ok(Msg {
+            op: if req.op == "ping" { "pong".into() } else { req.op.clone() },
+            data: Some(json::to_value(&data)),
+            id: self.new_id(),
+            sender: self.config.name.clone(),
+            ts_ms: crate::now_ms(),
+            ..Msg::default()
+        })
+    }
+
+    /// Opens a subscriber stream: `ipc:subscribed`, then (with a cursor) what was
+    /// missed, then live messages — without a gap or a duplicate.
+    pub async fn subscribe(&self, caller: &Caller, req: SubscribeRequest) -> Result<SubscribeStream, NodeError> {
+        let spec = self.subscriber_spec(caller, &req)?;
+        let resume_from = match req.cursor.as_str() {
+            "" => None,
+            text => Some(
+                text.parse::<Cursor>()
+                    .map_err(|e| NodeError::InvalidArgument(e.to_string()))?,
+            ),
+        };
+        // Register before reading the log: whatever is appended meanwhile is in the
+        // queue, whatever was appended before is in the replay; duplicates are
+        // skipped by position below.
+        let subscription = self.hub.register(spec);
+        let mut head = vec![Arc::new(self.system_msg(
+            "ipc:subscribed",
+            serde_json::json!({"id": subscription.id, "node": self.config.name}),
+        ))];
+        let mut floor = None;
+        if let Some(cursor) = resume_from {
+            let replay = self.bus.replay(&cursor).await?;
+            if let Some(reason) = replay.gap {
+                head.push(Arc::new(self.system_msg(
+                    "ipc:gap",
+                    serde_json::json!({"cursor": cursor.to_string(), "reason": reason}),
+                )));
+            } else {
+                floor = Some(cursor);
+            }
+            for msg in replay.messages {
+                if let Ok(c) = msg.cursor.parse::<Cursor>() {
+                    floor = Some(c);
+                }
+                if subscription.matches(&msg.channel) {
+                    head.push(msg);
+                }
+            }
+        }
+        Ok(Box::pin(live_stream(head, subscription, floor)))
+    }
+
+    fn subscriber_spec(&self, caller: &Caller, req: &SubscribeRequest) -> Result<SubscriberSpec, NodeError> {
+        let invalid = NodeError::InvalidArgument;
+        if req.channels.len() > self.config.max_channels {
+            return Err(NodeError::TooLarge(format!(
+                "{} channels in one subscription; at most {}",
+                req.channels.len(),
+                self.config.max_channels
+            )));
+        }
+        if req.labels.len() > self.config.max_headers {
+            return Err(NodeError::TooLarge(format!(
+                "{} labels; at most {}",
+                req.labels.len(),
+                self.config.max_headers
+            )));
+        }
+        let app = match req.app.as_str() {
+            "" => self.app(caller).unwrap_or_default().to_string(),
+            app => {
+                channel::check_segment("app", app).map_err(invalid)?;
+                app.to_string()
+            }
+        };
+        let app_ref = (!app.is_empty()).then_some(app.as_str());
+        let id = match req.id.as_str() {
+            "" => format!("sub-{:012x}", rand::random::<u64>() >> 16),
+            id => channel::parse_name(id, None)
+                .map_err(|e| NodeError::InvalidArgument(format!("subscriber id: {e}")))?,
+        };
+        let mut patterns = Vec::new();
+        for raw in &req.channels {
+            patterns.push(channel::parse_pattern(raw, app_ref)?);
+        }
+        if !req.role.is_empty() {
+            channel::check_segment("role", &req.role).map_err(invalid)?;
+            let app = app_ref.ok_or_else(|| {
+                NodeError::InvalidArgument(
+                    "role given but no app id is known (set `app`, `ipc-app` metadata or the server's --app)".into(),
+                )
+            })?;
+            patterns.push(Pattern::parse(&format!("{app}:{}", req.role))?);
+            if !req.tag.is_empty() {
+                channel::check_segment("tag", &req.tag).map_err(invalid)?;
+                patterns.push(Pattern::parse(&format!("{app}:{}:{}", req.role, req.tag))?);
+            }
+        } else if !req.tag.is_empty() {
+            return Err(invalid("tag given without a role; the tag channel is app:role:tag".into()));
+        }
+        patterns.push(Pattern::parse(&id)?);
+        patterns.dedup_by(|a, b| a == b);
+        let mut seen = std::collections::HashSet::new();
+        patterns.retain(|p| seen.insert(p.as_str().to_string()));
+        Ok(SubscriberSpec {
+            id,
+            app,
+            role: req.role.clone(),
+            tag: req.tag.clone(),
+            labels: req.labels.clone(),
+            patterns,
+        })
+    }
+
+    /// Delivers a reply to the request it answers, here or on its node.
+    pub async fn reply(&self, caller: &Caller, req: ReplyRequest) -> Result<(), NodeError> {
+        if req.reply_to.is_empty() {
+            return Err(NodeError::InvalidArgument(
+                "reply_to is empty: copy it from the request's `reply_to`".into(),
+            ));
+        }
+        self.check_size(req.encoded_len())?;
+        self.check_headers(&req.headers)?;
+        if Hub::reply_to_node(&req.reply_to).is_none() {
+            return Err(NodeError::NotFound(format!(
+                "no pending request {:?}: not a reply_to this fleet issued",
+                req.reply_to
+            )));
+        }
+        let reply = Msg {
+            op: req.op,
+            data: req.data,
+            headers: req.headers,
+            id: self.new_id(),
+            sender: caller.sender.clone(),
+            ts_ms: crate::now_ms(),
+            reply_to: req.reply_to,
+            error: req.error,
+            ..Msg::default()
+        };
+        if self.hub.owns_reply_to(&reply.reply_to) {
+            Ok(self.hub.complete_request(reply)?)
+        } else {
+            Ok(self.bus.forward_reply(reply).await?)
+        }
+    }
+
+    /// Fleet-wide members matching the filter.
+    pub async fn members(&self, caller: &Caller, req: MembersRequest) -> Result<Vec<Member>, NodeError> {
+        let _ = caller;
+        let all = self.bus.members(self.hub.members()).await?;
+        Ok(all
+            .into_iter()
+            .filter(|m| req.app.is_empty() || m.app == req.app)
+            .filter(|m| req.role.is_empty() || m.role == req.role)
+            .filter(|m| req.labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
+            .collect())
+    }
+
+    /// Ends every stream with UNAVAILABLE so clients reconnect elsewhere.
+    pub fn shutdown(&self) {
+        self.hub.close_all(Closed::Shutdown);
+    }
+
+    fn system_msg(&self, op: &str, data: serde_json::Value) -> Msg {
+        Msg {
+            op: op.to_string(),
+            data: Some(json::to_value(&data)),
+            id: self.new_id(),
+            sender: self.config.name.clone(),
+            ts_ms: crate::now_ms(),
+            ..Msg::default()
+        }
+    }
+
+    fn check_size(&self, size: usize) -> Result<(), NodeError> {
+        if size > self.config.max_msg_bytes {
+            return Err(NodeError::TooLarge(format!(
+                "message is {size} bytes; the limit is {} bytes (--max-msg-bytes)",
+                self.config.max_msg_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_headers(&self, headers: &HashMap<String, String>) -> Result<(), NodeError> {
+        if headers.len() > self.config.max_headers {
+            return Err(NodeError::TooLarge(format!(
+                "{} headers; at most {}",
+                headers.len(),
+                self.config.max_headers
+            )));
+        }
+        if let Some(key) = headers.keys().find(|k| k.is_empty() || k.len() > 128) {
+            return Err(NodeError::InvalidArgument(format!(
+                "header name {key:?} must be 1 to 128 bytes"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn check_op(op: &str) -> Result<(), NodeError> {
+    if op.is_empty() {
+        return Err(NodeError::InvalidArgument(
+            "op is empty: every message needs an op, like \"worker:restart\"".into(),
+        ));
+    }
+    if op.len() > 256 {
+        return Err(NodeError::InvalidArgument(format!("op is {} bytes; at most 256", op.len())));
+    }
+    if op.chars().any(char::is_control) {
+        return Err(NodeError::InvalidArgument("op has control characters".into()));
+    }
+    Ok(())
+}
+
+/// A member as JSON, for the `members` built-in op and CLIs.
+pub fn member_json(m: &Member) -> serde_json::Value {
+    serde_json::json!({
+        "id": m.id, "app": m.app, "role": m.role, "tag": m.tag, "labels": m.labels,
+        "channels": m.channels, "node": m.node, "connected_ms": m.connected_ms,
+    })
+}
+
+/// The head (subscribed, gap, replay) followed by live messages, skipping live
+/// entries at or before `floor` (already replayed), then the close reason.
+fn live_stream(
+    head: Vec<Arc<Msg>>,
+    subscription: Subscription,
+    floor: Option<Cursor>,
+) -> impl Stream<Item = Result<Arc<Msg>, Closed>> + Send {
+    let head = futures::stream::iter(head.into_iter().map(Ok));
+    let live = futures::stream::unfold(
+        (subscription, floor, false),
+        |(mut sub, mut floor, finished)| async move {
+            if finished {
+                return None;
+            }
+            loop {
+                match sub.recv().await {
+                    Ok(Some(msg)) => {
+                        if let Some(f) = floor {
+                            match msg.cursor.parse::<Cursor>() {
+                                Ok(c) if c.epoch == f.epoch && c.position() <= f.position() => continue,
+                                Ok(_) => floor = None,
+                                Err(_) => {} // a request: not in the log
+                            }
+                        }
+                        return Some((Ok(msg), (sub, floor, false)));
+                    }
+                    Ok(None) => return None,
+                    Err(reason) => return Some((Err(reason), (sub, floor, true))),
+                }
+            }
+        },
+    );
+    futures::StreamExt::chain(head, live)
+}

@@ -1,0 +1,175 @@
+//! The tonic `ipc.v1.Ipc` service over a [`Node`]: reads the caller from request
+//! metadata, maps [`NodeError`] to status codes. No logic of its own.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use ipc_proto::pb::ipc_server::Ipc;
+use ipc_proto::pb::{
+    BroadcastRequest, BroadcastResponse, MembersRequest, MembersResponse, Msg, ReplyRequest, ReplyResponse,
+    SendMsgRequest, SendMsgResponse, SubscribeRequest,
+};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use crate::hub::Closed;
+use crate::node::{Caller, Node, NodeError};
+
+/// Metadata naming the caller's app id, used for the `:` prefix.
+pub const APP_METADATA: &str = "ipc-app";
+/// Metadata naming the sender, stamped on messages when no identity is authenticated.
+pub const SENDER_METADATA: &str = "ipc-sender";
+
+/// Works out who is calling from a request's metadata and transport.
+pub trait Identify: Send + Sync + 'static {
+    fn identify(&self, metadata: &MetadataMap, peer: Option<String>) -> Result<Caller, Status>;
+}
+
+/// Trusts the `ipc-app` and `ipc-sender` metadata: for loopback, a pod's Unix socket,
+/// or networks where every client is trusted.
+pub struct MetadataIdentity;
+
+impl Identify for MetadataIdentity {
+    fn identify(&self, metadata: &MetadataMap, peer: Option<String>) -> Result<Caller, Status> {
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        let app = text(APP_METADATA);
+        if let Some(app) = &app {
+            crate::channel::check_segment("ipc-app metadata", app).map_err(Status::invalid_argument)?;
+        }
+        let sender = text(SENDER_METADATA).or(peer).unwrap_or_else(|| "anonymous".into());
+        Ok(Caller { app, sender })
+    }
+}
+
+pub struct IpcService {
+    node: Arc<Node>,
+    identity: Arc<dyn Identify>,
+}
+
+impl IpcService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self::with_identity(node, Arc::new(MetadataIdentity))
+    }
+
+    pub fn with_identity(node: Arc<Node>, identity: Arc<dyn Identify>) -> Self {
+        Self { node, identity }
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string());
+        self.identity.identify(request.metadata(), peer)
+    }
+}
+
+/// Maps a node error to the status a client sees.
+pub fn status(error: NodeError) -> Status {
+    match error {
+        NodeError::InvalidArgument(m) => Status::invalid_argument(m),
+        NodeError::TooLarge(m) => Status::resource_exhausted(m),
+        NodeError::NotFound(m) => Status::not_found(m),
+        NodeError::NoResponders(m) => Status::unavailable(m),
+        NodeError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        NodeError::Unavailable(m) => Status::unavailable(m),
+        NodeError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// The status that ends a stream the node closed.
+pub fn closed_status(reason: Closed) -> Status {
+    match reason {
+        Closed::SlowConsumer => Status::resource_exhausted(
+            "subscriber too slow: its queue is full; resubscribe with the cursor of the last message received",
+        ),
+        Closed::Replaced => Status::aborted("replaced by a newer subscription with the same id"),
+        Closed::Shutdown => {
+            Status::unavailable("node shutting down; reconnect (to another replica) with your cursor")
+        }
+    }
+}
+
+/// The `grpc-timeout` header (what is left of the caller's deadline).
+pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.saturating_mul(3600)),
+        "M" => Duration::from_secs(value.saturating_mul(60)),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+type MsgStream = Pin<Box<dyn Stream<Item = Result<Msg, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ipc for IpcService {
+    async fn broadcast(&self, request: Request<BroadcastRequest>) -> Result<Response<BroadcastResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let response = self.node.broadcast(&caller, request.into_inner()).await.map_err(status)?;
+        Ok(Response::new(response))
+    }
+
+    async fn send_msg(&self, request: Request<SendMsgRequest>) -> Result<Response<SendMsgResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let deadline = grpc_timeout(request.metadata());
+        let reply = self
+            .node
+            .send_msg(&caller, request.into_inner(), deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(SendMsgResponse { reply: Some(reply) }))
+    }
+
+    type SubscribeStream = MsgStream;
+
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<MsgStream>, Status> {
+        let caller = self.caller(&request)?;
+        let stream = self.node.subscribe(&caller, request.into_inner()).await.map_err(status)?;
+        let stream = stream.map(|item| match item {
+            Ok(msg) => Ok(Arc::unwrap_or_clone(msg)),
+            Err(reason) => Err(closed_status(reason)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+        let caller = self.caller(&request)?;
+        self.node.reply(&caller, request.into_inner()).await.map_err(status)?;
+        Ok(Response::new(ReplyResponse {}))
+    }
+
+    async fn members(&self, request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let members = self.node.members(&caller, request.into_inner()).await.map_err(status)?;
+        Ok(Response::new(MembersResponse { members }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout_units() {
+        let mut md = MetadataMap::new();
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), Some(Duration::from_millis(250)));
+        md.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), Some(Duration::from_secs(3)));
+        md.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), None);
+    }
+}
