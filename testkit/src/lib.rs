@@ -1,1 +1,143 @@
-//! Test harness: real servers, redis-server and sidecars on free loopback ports
+//! Test harness for fleet-ipc: starts real processes on free loopback ports and
+//! stops them on drop, so integration tests exercise the real binaries over real
+//! sockets.
+//!
+//! # Layout
+//! - [`binary`]: locates a workspace binary (`target/debug/NAME`).
+//! - [`ServerProcess`]: an `ipc-server` process, ready once it printed its
+//!   `listening grpc=… metrics=…` line (no sleeping).
+//! - [`redis`]: a private `redis-server` on a free port that can be stopped and
+//!   restarted.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub mod redis;
+
+/// How long a process may take to become ready before the test fails.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of a binary built from this workspace (`target/<profile>/NAME`). Panics with
+/// the command to run when it has not been built.
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    for profile in ["debug", "release"] {
+        let path = target.join(profile).join(name);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!(
+        "binary {name} not found under {}: run `cargo build --workspace --bins` first (scripts/test does)",
+        target.display()
+    );
+}
+
+/// A running `ipc-server`.
+pub struct ServerProcess {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    /// Lines the server printed on stdout after the readiness line.
+    _stdout: std::thread::JoinHandle<()>,
+}
+
+impl ServerProcess {
+    /// Starts the workspace's `ipc-server` on free loopback ports with extra `args`.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_binary(&binary("ipc-server"), args)
+    }
+
+    /// Starts a given server binary and waits for its readiness line.
+    pub fn start_binary(path: &Path, args: &[&str]) -> Self {
+        let mut command = Command::new(path);
+        if !args.iter().any(|a| *a == "--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !args.iter().any(|a| *a == "--metrics-listen") {
+            command.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
+        command
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", path.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut ready_tx = Some(ready_tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(tx) = ready_tx.take_if(|_| line.starts_with("listening ")) {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match ready_rx.recv_timeout(READY_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("{} did not print its readiness line within {READY_TIMEOUT:?}", path.display());
+            }
+        };
+        let field = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|part| part.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("readiness line without {key}: {line:?}"))
+        };
+        Self {
+            grpc: field("grpc="),
+            metrics: field("metrics="),
+            child,
+            _stdout: reader,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// A connected `ipc.v1.Ipc` client.
+    pub async fn client(&self) -> ipc_proto::pb::ipc_client::IpcClient<tonic::transport::Channel> {
+        ipc_proto::pb::ipc_client::IpcClient::connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        self.child.wait().expect("waiting for the server")
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
