@@ -1,0 +1,449 @@
+"""A thin, synchronous wrapper over the generated ipc.v1 stubs.
+
+``Client`` has one method per RPC, speaking plain Python values (dicts, lists,
+strings, numbers) instead of ``google.protobuf.Value``, and raising the exceptions of
+:mod:`fleet_ipc.errors` instead of ``grpc.RpcError``. On top of ``subscribe`` sits a
+handler API in the spirit of backendjs's ``ipc.on(op, fn)``: register functions by op
+with ``client.on(op)``, then ``client.run(role=...)`` receives messages, calls the
+matching handler, answers requests with the handler's return value, and reconnects
+(resuming from its cursor) when the stream is cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from . import errors
+from ._stubs import ipc_pb2, ipc_pb2_grpc
+
+log = logging.getLogger("fleet_ipc")
+
+DEFAULT_ADDR = "localhost:7700"
+#: SendMsg's wait when none is given (the server's default too).
+DEFAULT_SEND_TIMEOUT = 5.0
+#: Bound on the other unary calls, so that a stuck server cannot hang a caller.
+DEFAULT_CALL_TIMEOUT = 10.0
+#: Slack on SendMsg's gRPC deadline over ``timeout_ms``, so that the server's own
+#: DEADLINE_EXCEEDED (with its explanation) arrives before the client gives up.
+_DEADLINE_SLACK = 1.0
+#: Reconnect backoff of ``Client.run``.
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 5.0
+
+SUBSCRIBED_OP = "ipc:subscribed"
+GAP_OP = "ipc:gap"
+
+Handler = Callable[["Msg"], Any]
+
+
+def to_value(data: Any) -> struct_pb2.Value | None:
+    """A JSON-like Python value as ``google.protobuf.Value`` (``None``: absent)."""
+    if data is None:
+        return None
+    value = struct_pb2.Value()
+    json_format.ParseDict(data, value)
+    return value
+
+
+def from_value(value: struct_pb2.Value) -> Any:
+    """``google.protobuf.Value`` as a Python value; whole numbers become ``int``."""
+    return _ints(json_format.MessageToDict(value))
+
+
+def _ints(data: Any) -> Any:
+    # protobuf numbers are doubles; JSON readers give ints for whole numbers.
+    if isinstance(data, float) and data.is_integer() and abs(data) < 2**53:
+        return int(data)
+    if isinstance(data, list):
+        return [_ints(item) for item in data]
+    if isinstance(data, dict):
+        return {key: _ints(item) for key, item in data.items()}
+    return data
+
+
+@dataclass(frozen=True)
+class Msg:
+    """A message as a subscriber sees it (``ipc.v1.Msg``)."""
+
+    op: str
+    data: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    id: str = ""
+    channel: str = ""
+    sender: str = ""
+    ts_ms: int = 0
+    cursor: str = ""
+    reply_to: str = ""
+    error: str = ""
+
+    @classmethod
+    def from_pb(cls, pb: ipc_pb2.Msg) -> Msg:
+        return cls(
+            op=pb.op,
+            data=from_value(pb.data) if pb.HasField("data") else None,
+            headers=dict(pb.headers),
+            id=pb.id,
+            channel=pb.channel,
+            sender=pb.sender,
+            ts_ms=pb.ts_ms,
+            cursor=pb.cursor,
+            reply_to=pb.reply_to,
+            error=pb.error,
+        )
+
+    @property
+    def is_request(self) -> bool:
+        """Whether the sender waits for an answer (``Client.reply``)."""
+        return bool(self.reply_to)
+
+
+@dataclass(frozen=True)
+class Broadcasted:
+    """Where an accepted broadcast went: its id, resolved channel and log cursor."""
+
+    id: str
+    channel: str
+    cursor: str
+
+
+@dataclass(frozen=True)
+class Member:
+    """A connected subscriber, as listed by ``Client.members``."""
+
+    id: str
+    app: str
+    role: str
+    tag: str
+    labels: dict[str, str]
+    channels: list[str]
+    node: str
+    connected_ms: int
+
+    @classmethod
+    def from_pb(cls, pb: ipc_pb2.Member) -> Member:
+        return cls(
+            id=pb.id,
+            app=pb.app,
+            role=pb.role,
+            tag=pb.tag,
+            labels=dict(pb.labels),
+            channels=list(pb.channels),
+            node=pb.node,
+            connected_ms=pb.connected_ms,
+        )
+
+
+class Subscription:
+    """An open Subscribe stream; iterate it for :class:`Msg`.
+
+    The first message is ``ipc:subscribed``; after it, ``id`` and ``node`` say who
+    this subscriber is and where. ``cursor`` is the last cursor seen: pass it to a new
+    ``subscribe`` to resume without a gap. ``cancel()`` (or leaving a ``with`` block)
+    ends the stream; iteration then just stops.
+    """
+
+    def __init__(self, call: Any):
+        self._call = call
+        self._cancelled = threading.Event()
+        self.id = ""
+        self.node = ""
+        self.cursor = ""
+
+    def __iter__(self) -> Iterator[Msg]:
+        try:
+            for pb in self._call:
+                msg = Msg.from_pb(pb)
+                if msg.op == SUBSCRIBED_OP and isinstance(msg.data, dict):
+                    self.id = str(msg.data.get("id", ""))
+                    self.node = str(msg.data.get("node", ""))
+                if msg.cursor:
+                    self.cursor = msg.cursor
+                yield msg
+        except grpc.RpcError as error:
+            if self._cancelled.is_set() and error.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise errors.from_rpc_error(error) from error
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._call.cancel()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+def _target(addr: str) -> str:
+    """gRPC target for ``host:port``, ``http://host:port`` or a Unix socket path."""
+    for scheme in ("http://", "grpc://"):
+        if addr.startswith(scheme):
+            return addr[len(scheme) :].rstrip("/")
+    if addr.startswith("/"):
+        return f"unix:{addr}"
+    return addr
+
+
+class Client:
+    """A connection to an ipc-server or a sidecar.
+
+    ``addr`` is ``host:port`` (also ``http://host:port``) or a Unix socket path.
+    ``app`` is sent as ``ipc-app`` metadata: it expands channels written with a
+    leading ``:`` (``:worker`` → ``<app>:worker``). ``token`` is sent as a bearer token.
+    """
+
+    def __init__(
+        self,
+        addr: str = DEFAULT_ADDR,
+        app: str | None = None,
+        token: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+    ):
+        self.addr = addr
+        self.app = app
+        self._channel = channel or grpc.insecure_channel(_target(addr))
+        self._stub = ipc_pb2_grpc.IpcStub(self._channel)
+        self._metadata: list[tuple[str, str]] = []
+        if app:
+            self._metadata.append(("ipc-app", app))
+        if token:
+            self._metadata.append(("authorization", f"Bearer {token}"))
+        self._handlers: dict[str, Handler] = {}
+        self._stopping = threading.Event()
+        self._running: Subscription | None = None
+        self._lock = threading.Lock()
+        #: The subscriber id of ``run``, once subscribed.
+        self.id = ""
+
+    # --- the five RPCs ------------------------------------------------------------
+
+    def broadcast(
+        self,
+        channel: str,
+        op: str,
+        data: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> Broadcasted:
+        """Publish ``op`` on ``channel``; returns once the bus has stored it."""
+        request = ipc_pb2.BroadcastRequest(channel=channel, op=op, data=to_value(data), headers=headers or {})
+        response = self._unary(self._stub.Broadcast, request, timeout)
+        return Broadcasted(id=response.id, channel=response.channel, cursor=response.cursor)
+
+    def send_msg(
+        self,
+        target: str,
+        op: str,
+        data: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = DEFAULT_SEND_TIMEOUT,
+        raise_on_error: bool = True,
+    ) -> Msg:
+        """Ask one subscriber of ``target`` and return its reply.
+
+        ``target`` is a subscriber id or a role channel (any one of its subscribers);
+        empty asks the node itself (``ping``, ``members``). Raises
+        :class:`~fleet_ipc.errors.NoResponders` when nobody subscribes,
+        :class:`~fleet_ipc.errors.DeadlineExceeded` when no answer comes within
+        ``timeout`` seconds, and :class:`~fleet_ipc.errors.ReplyError` when the answer
+        carries ``error`` (unless ``raise_on_error`` is false).
+        """
+        request = ipc_pb2.SendMsgRequest(
+            target=target,
+            op=op,
+            data=to_value(data),
+            headers=headers or {},
+            timeout_ms=max(1, round(timeout * 1000)),
+        )
+        response = self._unary(self._stub.SendMsg, request, timeout + _DEADLINE_SLACK)
+        reply = Msg.from_pb(response.reply)
+        if reply.error and raise_on_error:
+            raise errors.ReplyError(reply)
+        return reply
+
+    def reply(
+        self,
+        reply_to: str,
+        op: str = "",
+        data: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        error: str = "",
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> None:
+        """Answer a request seen on a subscription (``msg.reply_to``).
+
+        Raises :class:`~fleet_ipc.errors.NotFound` when the request is unknown or its
+        sender stopped waiting.
+        """
+        request = ipc_pb2.ReplyRequest(reply_to=reply_to, op=op, data=to_value(data), headers=headers or {}, error=error)
+        self._unary(self._stub.Reply, request, timeout)
+
+    def members(
+        self,
+        *,
+        app: str = "",
+        role: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> list[Member]:
+        """Connected subscribers, fleet-wide, filtered by app, role and labels."""
+        request = ipc_pb2.MembersRequest(app=app, role=role, labels=labels or {})
+        response = self._unary(self._stub.Members, request, timeout)
+        return [Member.from_pb(member) for member in response.members]
+
+    def subscribe(
+        self,
+        channels: Sequence[str] = (),
+        *,
+        role: str = "",
+        tag: str = "",
+        id: str = "",
+        app: str = "",
+        labels: Mapping[str, str] | None = None,
+        cursor: str = "",
+    ) -> Subscription:
+        """Open a stream of the messages of ``channels`` (names or patterns with ``*``
+        and ``>``), of ``<app>:<role>`` and ``<app>:<role>:<tag>``, and of requests
+        addressed to this subscriber. ``cursor`` resumes after that message."""
+        request = ipc_pb2.SubscribeRequest(
+            channels=list(channels), id=id, app=app, role=role, tag=tag, labels=labels or {}, cursor=cursor
+        )
+        return Subscription(self._stub.Subscribe(request, metadata=self._metadata))
+
+    # --- handlers -----------------------------------------------------------------
+
+    def on(self, op: str) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of ``op``.
+
+        It is called with the :class:`Msg`; for a request, its return value is the
+        reply's data and an exception it raises becomes the reply's ``error``.
+        """
+
+        def register(handler: Handler) -> Handler:
+            self._handlers[op] = handler
+            return handler
+
+        return register
+
+    def emit(self, op: str, msg: Msg | None = None) -> Any:
+        """Call the handler of ``op`` in this process (no network); returns its result."""
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise KeyError(f"no handler for op {op!r}")
+        return handler(msg if msg is not None else Msg(op=op))
+
+    def run(
+        self,
+        *,
+        role: str = "",
+        tag: str = "",
+        channels: Sequence[str] = (),
+        id: str = "",
+        app: str = "",
+        labels: Mapping[str, str] | None = None,
+        cursor: str = "",
+        reconnect: bool = True,
+    ) -> None:
+        """Subscribe and dispatch every message to its handler until ``stop()``.
+
+        When the stream is cut (server restart, slow-subscriber cut-off) it
+        reconnects with backoff under the same id, resuming from the last cursor, so
+        nothing is missed. Handlers run one at a time, in arrival order.
+        """
+        self._stopping.clear()
+        backoff = _BACKOFF_FIRST
+        while not self._stopping.is_set():
+            subscription = self.subscribe(
+                channels, role=role, tag=tag, id=id, app=app, labels=labels, cursor=cursor
+            )
+            with self._lock:
+                self._running = subscription
+            if self._stopping.is_set():  # stop() raced with the (re)connect
+                subscription.cancel()
+                break
+            try:
+                for msg in subscription:
+                    backoff = _BACKOFF_FIRST
+                    self._dispatch(msg)
+                    if self._stopping.is_set():
+                        break
+            except (errors.Unavailable, errors.ResourceExhausted) as cut:
+                if not reconnect:
+                    raise
+                log.warning("subscription cut (%s); reconnecting in %.1fs", cut.details, backoff)
+            finally:
+                subscription.cancel()
+            id = subscription.id or id
+            cursor = subscription.cursor or cursor
+            if not reconnect:
+                break
+            if self._stopping.wait(backoff):
+                break
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def stop(self) -> None:
+        """Make ``run`` return (from a handler, a signal handler or another thread)."""
+        self._stopping.set()
+        with self._lock:
+            running = self._running
+        if running is not None:
+            running.cancel()
+
+    def close(self) -> None:
+        self.stop()
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ------------------------------------------------------------------
+
+    def _unary(self, method: Any, request: Any, timeout: float) -> Any:
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from error
+
+    def _dispatch(self, msg: Msg) -> None:
+        if msg.op == SUBSCRIBED_OP and isinstance(msg.data, dict):
+            self.id = str(msg.data.get("id", ""))
+        if msg.op == GAP_OP:
+            log.warning("messages were lost before %s: %s", msg.cursor, msg.data)
+        handler = self._handlers.get(msg.op)
+        if not msg.is_request:
+            if handler is not None:
+                try:
+                    handler(msg)
+                except Exception:
+                    log.exception("handler of %s failed", msg.op)
+            return
+        if handler is None:
+            self._answer(msg, error=f"no handler for op {msg.op!r}")
+            return
+        try:
+            result = handler(msg)
+        except Exception as failure:
+            log.exception("handler of %s failed", msg.op)
+            self._answer(msg, error=str(failure) or type(failure).__name__)
+        else:
+            self._answer(msg, data=result)
+
+    def _answer(self, request: Msg, data: Any = None, error: str = "") -> None:
+        try:
+            self.reply(request.reply_to, request.op, data, error=error)
+        except errors.NotFound:
+            log.warning("reply to %s came too late: the sender stopped waiting", request.op)
