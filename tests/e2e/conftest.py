@@ -34,12 +34,19 @@ APP = "shop"
 
 
 @pytest.fixture
-def server() -> Iterator[IpcServer]:
+def server_args() -> list[str]:
+    """Extra ipc-server flags; a test overrides them with
+    `@pytest.mark.parametrize("server_args", [[...]])`."""
+    return []
+
+
+@pytest.fixture
+def server(server_args: list[str]) -> Iterator[IpcServer]:
     """A real ipc-server (`--app shop`) on free ports; stopped with SIGTERM, after
     which it must exit 0."""
-    with IpcServer(app=APP) as running:
+    with IpcServer(app=APP, args=server_args) as running:
         yield running
-        status = running.stop()
+        status = running.stop()  # also when the test stopped it already
         assert status == 0, f"ipc-server exited with {status} on SIGTERM:\n{running.describe()}"
 
 
