@@ -1,0 +1,82 @@
+"""examples/worker.py as a real process against a real server, driven by a client
+the way an operator or another service would."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fleet_ipc import Client, DeadlineExceeded, NoResponders, ReplyError
+from fleet_ipc.testing import IpcServer, Process
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "worker.py"
+
+
+def start_worker(server: IpcServer, *args: str) -> tuple[Process, dict]:
+    env = dict(os.environ, PYTHONPATH=str(EXAMPLE.parents[1]))
+    worker = Process([sys.executable, str(EXAMPLE), "--addr", server.grpc_addr, "--app", "shop", *args], env=env)
+    return worker, event(worker, "subscribed")
+
+
+def event(worker: Process, name: str) -> dict:
+    line = worker.wait_for(lambda line: json.loads(line).get("event") == name, f'{{"event": "{name}"}}')
+    return json.loads(line)
+
+
+@pytest.fixture
+def worker(server: IpcServer) -> Iterator[tuple[Process, dict]]:
+    process, subscribed = start_worker(server, "--tag", "blue")
+    yield process, subscribed
+    process.kill()
+
+
+def test_config_get_is_answered(client: Client, worker) -> None:
+    process, _ = worker
+    reply = client.send_msg(":worker", "config:get", {"key": "db"})
+    assert reply.data == {"key": "db", "value": "postgres://db.internal:5432/shop"}
+    assert event(process, "config:get")["key"] == "db"
+
+
+def test_unknown_config_key_is_a_reply_error(client: Client, worker) -> None:
+    with pytest.raises(ReplyError, match="unknown config key"):
+        client.send_msg(":worker", "config:get", {"key": "nope"})
+    # The worker goes on answering.
+    assert client.send_msg(":worker", "config:get", {"key": "cache_ttl_s"}).data["value"] == 60
+
+
+def test_the_worker_is_a_member_with_its_role_and_tag(client: Client, worker) -> None:
+    _, subscribed = worker
+    [member] = client.members(role="worker")
+    assert member.id == subscribed["id"]
+    assert member.tag == "blue"
+    assert {"shop:worker", "shop:worker:blue"} <= set(member.channels)
+
+
+def test_worker_restart_makes_it_exit_cleanly(client: Client, worker) -> None:
+    process, _ = worker
+    sent = client.broadcast(":worker:blue", "worker:restart")
+    restart = event(process, "restart")
+    assert (restart["id"], restart["channel"]) == (sent.id, "shop:worker:blue")
+    event(process, "exit")
+    assert process.wait() == 0, process.describe()
+    # Nobody is left to answer.
+    with pytest.raises(NoResponders):
+        client.send_msg(":worker", "config:get", {"key": "db"})
+
+
+def test_sigterm_stops_the_worker(worker) -> None:
+    process, _ = worker
+    assert process.stop() == 0, process.describe()
+    event(process, "exit")
+
+
+def test_a_busy_target_gives_deadline_exceeded(client: Client, server: IpcServer) -> None:
+    # A subscriber of the role that never answers: the caller's timeout ends the wait.
+    with client.subscribe(role="worker") as silent:
+        assert next(iter(silent)).op == "ipc:subscribed"
+        with pytest.raises(DeadlineExceeded):
+            client.send_msg(":worker", "config:get", {"key": "db"}, timeout=0.3)
