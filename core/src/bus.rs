@@ -78,7 +78,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Routes a request to a subscriber of `target` on another node and waits for
     /// the reply until `deadline`. Called only when no local subscriber matches.
-    async fn request(&self, target: &str, request: Msg, deadline: Instant) -> Result<Msg, RequestError>;
+    async fn request(
+        &self,
+        target: &str,
+        request: Msg,
+        deadline: Instant,
+    ) -> Result<Msg, RequestError>;
 
     /// Delivers a reply whose `reply_to` names another node.
     async fn forward_reply(&self, reply: Msg) -> Result<(), ReplyError>;

@@ -25,11 +25,15 @@ pub enum ChannelError {
     BadChar { channel: String, ch: char },
     #[error("channel {0:?} is a pattern ('*' or '>'), but a channel name is needed here")]
     PatternNotAllowed(String),
-    #[error("pattern {0:?} has '>' before its last segment; '>' matches the rest and must come last")]
+    #[error(
+        "pattern {0:?} has '>' before its last segment; '>' matches the rest and must come last"
+    )]
     TailNotLast(String),
     #[error("channel {0:?} has '*' or '>' inside a segment; wildcards must be whole segments")]
     PartialWildcard(String),
-    #[error("channel {0:?} starts with ':' but no app id is known (set `ipc-app` metadata or the server's --app)")]
+    #[error(
+        "channel {0:?} starts with ':' but no app id is known (set `ipc-app` metadata or the server's --app)"
+    )]
     NoApp(String),
 }
 
@@ -83,7 +87,9 @@ impl Pattern {
 
     /// True when the pattern is a plain channel name.
     pub fn is_exact(&self) -> bool {
-        self.segments.iter().all(|s| matches!(s, Segment::Literal(_)))
+        self.segments
+            .iter()
+            .all(|s| matches!(s, Segment::Literal(_)))
     }
 
     /// Whether `channel` (a valid name) matches this pattern.
@@ -229,18 +235,39 @@ mod tests {
     fn leading_colon_expands_with_the_app() {
         assert_eq!(expand(":worker", Some("shop")).unwrap(), "shop:worker");
         assert_eq!(expand("a:b", Some("shop")).unwrap(), "a:b");
-        assert_eq!(expand(":worker", None), Err(ChannelError::NoApp(":worker".into())));
+        assert_eq!(
+            expand(":worker", None),
+            Err(ChannelError::NoApp(":worker".into()))
+        );
     }
 
     #[test]
     fn bad_names_are_refused_with_a_reason() {
         assert_eq!(parse_name("", None), Err(ChannelError::Empty));
-        assert!(matches!(parse_name("a::b", None), Err(ChannelError::EmptySegment(_))));
-        assert!(matches!(parse_name("a:b c", None), Err(ChannelError::BadChar { ch: ' ', .. })));
-        assert!(matches!(parse_name("a:*", None), Err(ChannelError::PatternNotAllowed(_))));
-        assert!(matches!(parse_pattern("a:>:b", None), Err(ChannelError::TailNotLast(_))));
-        assert!(matches!(parse_pattern("a:w*", None), Err(ChannelError::PartialWildcard(_))));
-        assert!(matches!(parse_name(&"a".repeat(257), None), Err(ChannelError::TooLong(_))));
+        assert!(matches!(
+            parse_name("a::b", None),
+            Err(ChannelError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            parse_name("a:b c", None),
+            Err(ChannelError::BadChar { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            parse_name("a:*", None),
+            Err(ChannelError::PatternNotAllowed(_))
+        ));
+        assert!(matches!(
+            parse_pattern("a:>:b", None),
+            Err(ChannelError::TailNotLast(_))
+        ));
+        assert!(matches!(
+            parse_pattern("a:w*", None),
+            Err(ChannelError::PartialWildcard(_))
+        ));
+        assert!(matches!(
+            parse_name(&"a".repeat(257), None),
+            Err(ChannelError::TooLong(_))
+        ));
     }
 
     proptest! {

@@ -47,7 +47,8 @@ impl FromStr for Cursor {
         };
         let (epoch, position) = text.split_once('.').ok_or_else(err)?;
         let (hi, lo) = position.split_once('-').ok_or_else(err)?;
-        let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
         if epoch.is_empty() || epoch.len() > 16 || !digits(hi) || !digits(lo) {
             return Err(err());
         }
@@ -66,14 +67,20 @@ mod tests {
 
     #[test]
     fn round_trips_through_text() {
-        let c = Cursor { epoch: 0x3f2a, hi: 1_700_000_000_000, lo: 7 };
+        let c = Cursor {
+            epoch: 0x3f2a,
+            hi: 1_700_000_000_000,
+            lo: 7,
+        };
         assert_eq!(c.to_string(), "3f2a.1700000000000-7");
         assert_eq!(c.to_string().parse::<Cursor>().unwrap(), c);
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "abc", "1.2", "x.1-2", "1.-2", "1.2-", "1.2-3-4", "1.+2-3", "zz.1-1"] {
+        for bad in [
+            "", "abc", "1.2", "x.1-2", "1.-2", "1.2-", "1.2-3-4", "1.+2-3", "zz.1-1",
+        ] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad:?} accepted");
         }
     }

@@ -279,7 +279,11 @@ impl Hub {
 
     /// Hands a request to one local subscriber of `target` (round robin) and returns
     /// its `reply_to` and where the reply will arrive; `None` if nobody listens.
-    pub fn deliver_request(&self, target: &str, mut request: Msg) -> Option<(String, oneshot::Receiver<Msg>)> {
+    pub fn deliver_request(
+        &self,
+        target: &str,
+        mut request: Msg,
+    ) -> Option<(String, oneshot::Receiver<Msg>)> {
         let reg = self.registry.read();
         let candidates = reg.matching(target);
         if candidates.is_empty() {
@@ -327,7 +331,10 @@ impl Hub {
         match pending {
             Some(pending) => {
                 let reply_to = reply.reply_to.clone();
-                pending.tx.send(reply).map_err(|_| ReplyError::NotFound(reply_to))
+                pending
+                    .tx
+                    .send(reply)
+                    .map_err(|_| ReplyError::NotFound(reply_to))
             }
             None => Err(ReplyError::NotFound(reply.reply_to)),
         }

@@ -116,7 +116,11 @@ impl Bus for MemoryBus {
         if after.hi > last || after.lo != 0 {
             return Err(BusError::BadCursor(format!(
                 "cursor {after} is ahead of the log (last entry is {})",
-                Cursor { epoch: self.epoch, hi: last, lo: 0 }
+                Cursor {
+                    epoch: self.epoch,
+                    hi: last,
+                    lo: 0
+                }
             )));
         }
         if after.hi + 1 < first {
@@ -134,10 +138,18 @@ impl Bus for MemoryBus {
             .filter(|(seq, _, _)| *seq > after.hi)
             .map(|(_, m, _)| m.clone())
             .collect();
-        Ok(Replay { messages, gap: None })
+        Ok(Replay {
+            messages,
+            gap: None,
+        })
     }
 
-    async fn request(&self, target: &str, _request: Msg, _deadline: Instant) -> Result<Msg, RequestError> {
+    async fn request(
+        &self,
+        target: &str,
+        _request: Msg,
+        _deadline: Instant,
+    ) -> Result<Msg, RequestError> {
         Err(RequestError::NoResponders(target.to_string()))
     }
 

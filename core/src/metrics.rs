@@ -62,18 +62,40 @@ impl Metrics {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         };
-        counter("ipc_messages_accepted_total", "Broadcasts stored in the bus log by this node.", get(&self.accepted));
-        counter("ipc_messages_delivered_total", "Messages handed to local subscriber streams.", get(&self.delivered));
-        counter("ipc_slow_subscriber_cutoffs_total", "Subscribers cut off because their queue was full.", get(&self.slow_cutoffs));
-        counter("ipc_requests_rejected_total", "Requests refused for bad input or limits.", get(&self.rejected));
+        counter(
+            "ipc_messages_accepted_total",
+            "Broadcasts stored in the bus log by this node.",
+            get(&self.accepted),
+        );
+        counter(
+            "ipc_messages_delivered_total",
+            "Messages handed to local subscriber streams.",
+            get(&self.delivered),
+        );
+        counter(
+            "ipc_slow_subscriber_cutoffs_total",
+            "Subscribers cut off because their queue was full.",
+            get(&self.slow_cutoffs),
+        );
+        counter(
+            "ipc_requests_rejected_total",
+            "Requests refused for bad input or limits.",
+            get(&self.rejected),
+        );
         let _ = writeln!(
             out,
             "# HELP ipc_subscribers Live subscriber streams on this node.\n# TYPE ipc_subscribers gauge\nipc_subscribers {}",
             self.subscribers.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP ipc_sendmsg_total SendMsg calls by outcome.\n# TYPE ipc_sendmsg_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP ipc_sendmsg_total SendMsg calls by outcome.\n# TYPE ipc_sendmsg_total counter"
+        );
         for (outcome, c) in [
             ("replied", &self.send_replied),
             ("no_responders", &self.send_no_responders),
@@ -87,10 +109,17 @@ impl Metrics {
             "# HELP ipc_sendmsg_duration_seconds SendMsg latency.\n# TYPE ipc_sendmsg_duration_seconds histogram"
         );
         for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-            let _ = writeln!(out, "ipc_sendmsg_duration_seconds_bucket{{le=\"{bound}\"}} {}", get(bucket));
+            let _ = writeln!(
+                out,
+                "ipc_sendmsg_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                get(bucket)
+            );
         }
         let count = get(&self.latency_count);
-        let _ = writeln!(out, "ipc_sendmsg_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "ipc_sendmsg_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
         let _ = writeln!(
             out,
             "ipc_sendmsg_duration_seconds_sum {}\nipc_sendmsg_duration_seconds_count {count}",

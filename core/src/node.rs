@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -67,7 +67,13 @@ pub fn default_node_name() -> String {
         .unwrap_or_else(|| "node".into());
     let host: String = host
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     format!("{host}-{:04x}", rand::random::<u16>())
 }
@@ -149,12 +155,17 @@ pub struct Node {
     id_prefix: String,
     next_id: AtomicU64,
     started_ms: i64,
+    closing: AtomicBool,
 }
 
 impl Node {
     pub fn new(config: NodeConfig, bus: Arc<dyn Bus>) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
-        let hub = Hub::new(config.name.clone(), config.subscriber_queue, metrics.clone());
+        let hub = Hub::new(
+            config.name.clone(),
+            config.subscriber_queue,
+            metrics.clone(),
+        );
         bus.attach(hub.clone());
         let presence = Arc::downgrade(&bus);
         hub.on_change(move || {
@@ -170,6 +181,7 @@ impl Node {
             metrics,
             next_id: AtomicU64::new(1),
             started_ms: crate::now_ms(),
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -195,7 +207,11 @@ impl Node {
 
     /// A new message id, unique across nodes (random node prefix + counter).
     pub fn new_id(&self) -> String {
-        format!("{}-{}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     fn app<'a>(&'a self, caller: &'a Caller) -> Option<&'a str> {
@@ -207,15 +223,26 @@ impl Node {
     }
 
     /// Stores a message in the log; every matching subscriber fleet-wide gets it.
-    pub async fn broadcast(&self, caller: &Caller, req: BroadcastRequest) -> Result<BroadcastResponse, NodeError> {
+    pub async fn broadcast(
+        &self,
+        caller: &Caller,
+        req: BroadcastRequest,
+    ) -> Result<BroadcastResponse, NodeError> {
         let result = self.broadcast_inner(caller, req).await;
-        if matches!(result, Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))) {
+        if matches!(
+            result,
+            Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))
+        ) {
             self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
 
-    async fn broadcast_inner(&self, caller: &Caller, req: BroadcastRequest) -> Result<BroadcastResponse, NodeError> {
+    async fn broadcast_inner(
+        &self,
+        caller: &Caller,
+        req: BroadcastRequest,
+    ) -> Result<BroadcastResponse, NodeError> {
         self.check_size(req.encoded_len())?;
         check_op(&req.op)?;
         self.check_headers(&req.headers)?;
@@ -280,9 +307,17 @@ impl Node {
                 self.config.max_timeout.as_millis()
             )));
         }
-        let mut timeout = if req.timeout_ms == 0 { self.config.default_timeout } else { requested };
+        let mut timeout = if req.timeout_ms == 0 {
+            self.config.default_timeout
+        } else {
+            requested
+        };
         if let Some(grpc) = grpc_timeout {
-            timeout = timeout.min(grpc);
+            // Finish a little before the gRPC deadline: at the deadline itself tonic
+            // cancels the call (CANCELLED), and the caller should see our
+            // DEADLINE_EXCEEDED instead.
+            let margin = (grpc / 10).min(Duration::from_millis(50));
+            timeout = timeout.min(grpc.saturating_sub(margin));
         }
         let deadline = Instant::now() + timeout;
         if req.target.is_empty() {
@@ -310,7 +345,12 @@ impl Node {
 
     /// Hands a request to a local subscriber of `target` and waits until `deadline`.
     /// Buses call this for requests routed here from other nodes.
-    pub async fn request_local(&self, target: &str, request: Msg, deadline: Instant) -> Result<Msg, RequestError> {
+    pub async fn request_local(
+        &self,
+        target: &str,
+        request: Msg,
+        deadline: Instant,
+    ) -> Result<Msg, RequestError> {
         let Some((reply_to, reply)) = self.hub.deliver_request(target, request) else {
             return Err(RequestError::NoResponders(target.to_string()));
         };
@@ -347,7 +387,11 @@ impl Node {
             }
         };
         Ok(Msg {
-            op: if req.op == "ping" { "pong".into() } else { req.op.clone() },
+            op: if req.op == "ping" {
+                "pong".into()
+            } else {
+                req.op.clone()
+            },
             data: Some(json::to_value(&data)),
             id: self.new_id(),
             sender: self.config.name.clone(),
@@ -358,7 +402,16 @@ impl Node {
 
     /// Opens a subscriber stream: `ipc:subscribed`, then (with a cursor) what was
     /// missed, then live messages — without a gap or a duplicate.
-    pub async fn subscribe(&self, caller: &Caller, req: SubscribeRequest) -> Result<SubscribeStream, NodeError> {
+    pub async fn subscribe(
+        &self,
+        caller: &Caller,
+        req: SubscribeRequest,
+    ) -> Result<SubscribeStream, NodeError> {
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(NodeError::Unavailable(
+                "node shutting down; subscribe to another replica".into(),
+            ));
+        }
         let spec = self.subscriber_spec(caller, &req)?;
         let resume_from = match req.cursor.as_str() {
             "" => None,
@@ -398,7 +451,11 @@ impl Node {
         Ok(Box::pin(live_stream(head, subscription, floor)))
     }
 
-    fn subscriber_spec(&self, caller: &Caller, req: &SubscribeRequest) -> Result<SubscriberSpec, NodeError> {
+    fn subscriber_spec(
+        &self,
+        caller: &Caller,
+        req: &SubscribeRequest,
+    ) -> Result<SubscriberSpec, NodeError> {
         let invalid = NodeError::InvalidArgument;
         if req.channels.len() > self.config.max_channels {
             return Err(NodeError::TooLarge(format!(
@@ -444,7 +501,9 @@ impl Node {
                 patterns.push(Pattern::parse(&format!("{app}:{}:{}", req.role, req.tag))?);
             }
         } else if !req.tag.is_empty() {
-            return Err(invalid("tag given without a role; the tag channel is app:role:tag".into()));
+            return Err(invalid(
+                "tag given without a role; the tag channel is app:role:tag".into(),
+            ));
         }
         patterns.push(Pattern::parse(&id)?);
         patterns.dedup_by(|a, b| a == b);
@@ -494,7 +553,11 @@ impl Node {
     }
 
     /// Fleet-wide members matching the filter.
-    pub async fn members(&self, caller: &Caller, req: MembersRequest) -> Result<Vec<Member>, NodeError> {
+    pub async fn members(
+        &self,
+        caller: &Caller,
+        req: MembersRequest,
+    ) -> Result<Vec<Member>, NodeError> {
         let _ = caller;
         let all = self.bus.members(self.hub.members()).await?;
         Ok(all
@@ -507,6 +570,7 @@ impl Node {
 
     /// Ends every stream with UNAVAILABLE so clients reconnect elsewhere.
     pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::Relaxed);
         self.hub.close_all(Closed::Shutdown);
     }
 
@@ -555,10 +619,15 @@ fn check_op(op: &str) -> Result<(), NodeError> {
         ));
     }
     if op.len() > 256 {
-        return Err(NodeError::InvalidArgument(format!("op is {} bytes; at most 256", op.len())));
+        return Err(NodeError::InvalidArgument(format!(
+            "op is {} bytes; at most 256",
+            op.len()
+        )));
     }
     if op.chars().any(char::is_control) {
-        return Err(NodeError::InvalidArgument("op has control characters".into()));
+        return Err(NodeError::InvalidArgument(
+            "op has control characters".into(),
+        ));
     }
     Ok(())
 }
@@ -590,7 +659,9 @@ fn live_stream(
                     Ok(Some(msg)) => {
                         if let Some(f) = floor {
                             match msg.cursor.parse::<Cursor>() {
-                                Ok(c) if c.epoch == f.epoch && c.position() <= f.position() => continue,
+                                Ok(c) if c.epoch == f.epoch && c.position() <= f.position() => {
+                                    continue;
+                                }
                                 Ok(_) => floor = None,
                                 Err(_) => {} // a request: not in the log
                             }

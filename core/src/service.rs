@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use ipc_proto::pb::ipc_server::Ipc;
 use ipc_proto::pb::{
-    BroadcastRequest, BroadcastResponse, MembersRequest, MembersResponse, Msg, ReplyRequest, ReplyResponse,
-    SendMsgRequest, SendMsgResponse, SubscribeRequest,
+    BroadcastRequest, BroadcastResponse, MembersRequest, MembersResponse, Msg, ReplyRequest,
+    ReplyResponse, SendMsgRequest, SendMsgResponse, SubscribeRequest,
 };
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -43,9 +43,12 @@ impl Identify for MetadataIdentity {
         };
         let app = text(APP_METADATA);
         if let Some(app) = &app {
-            crate::channel::check_segment("ipc-app metadata", app).map_err(Status::invalid_argument)?;
+            crate::channel::check_segment("ipc-app metadata", app)
+                .map_err(Status::invalid_argument)?;
         }
-        let sender = text(SENDER_METADATA).or(peer).unwrap_or_else(|| "anonymous".into());
+        let sender = text(SENDER_METADATA)
+            .or(peer)
+            .unwrap_or_else(|| "anonymous".into());
         Ok(Caller { app, sender })
     }
 }
@@ -90,9 +93,9 @@ pub fn closed_status(reason: Closed) -> Status {
             "subscriber too slow: its queue is full; resubscribe with the cursor of the last message received",
         ),
         Closed::Replaced => Status::aborted("replaced by a newer subscription with the same id"),
-        Closed::Shutdown => {
-            Status::unavailable("node shutting down; reconnect (to another replica) with your cursor")
-        }
+        Closed::Shutdown => Status::unavailable(
+            "node shutting down; reconnect (to another replica) with your cursor",
+        ),
     }
 }
 
@@ -116,13 +119,23 @@ type MsgStream = Pin<Box<dyn Stream<Item = Result<Msg, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Ipc for IpcService {
-    async fn broadcast(&self, request: Request<BroadcastRequest>) -> Result<Response<BroadcastResponse>, Status> {
+    async fn broadcast(
+        &self,
+        request: Request<BroadcastRequest>,
+    ) -> Result<Response<BroadcastResponse>, Status> {
         let caller = self.caller(&request)?;
-        let response = self.node.broadcast(&caller, request.into_inner()).await.map_err(status)?;
+        let response = self
+            .node
+            .broadcast(&caller, request.into_inner())
+            .await
+            .map_err(status)?;
         Ok(Response::new(response))
     }
 
-    async fn send_msg(&self, request: Request<SendMsgRequest>) -> Result<Response<SendMsgResponse>, Status> {
+    async fn send_msg(
+        &self,
+        request: Request<SendMsgRequest>,
+    ) -> Result<Response<SendMsgResponse>, Status> {
         let caller = self.caller(&request)?;
         let deadline = grpc_timeout(request.metadata());
         let reply = self
@@ -135,9 +148,16 @@ impl Ipc for IpcService {
 
     type SubscribeStream = MsgStream;
 
-    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<MsgStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<MsgStream>, Status> {
         let caller = self.caller(&request)?;
-        let stream = self.node.subscribe(&caller, request.into_inner()).await.map_err(status)?;
+        let stream = self
+            .node
+            .subscribe(&caller, request.into_inner())
+            .await
+            .map_err(status)?;
         let stream = stream.map(|item| match item {
             Ok(msg) => Ok(Arc::unwrap_or_clone(msg)),
             Err(reason) => Err(closed_status(reason)),
@@ -145,15 +165,28 @@ impl Ipc for IpcService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+    async fn reply(
+        &self,
+        request: Request<ReplyRequest>,
+    ) -> Result<Response<ReplyResponse>, Status> {
         let caller = self.caller(&request)?;
-        self.node.reply(&caller, request.into_inner()).await.map_err(status)?;
+        self.node
+            .reply(&caller, request.into_inner())
+            .await
+            .map_err(status)?;
         Ok(Response::new(ReplyResponse {}))
     }
 
-    async fn members(&self, request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+    async fn members(
+        &self,
+        request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
         let caller = self.caller(&request)?;
-        let members = self.node.members(&caller, request.into_inner()).await.map_err(status)?;
+        let members = self
+            .node
+            .members(&caller, request.into_inner())
+            .await
+            .map_err(status)?;
         Ok(Response::new(MembersResponse { members }))
     }
 }

@@ -14,7 +14,8 @@ pub mod pb {
 }
 
 /// The encoded `FileDescriptorSet` of the contract, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ipc_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ipc_descriptor.bin"));
 
 pub mod json;
 

@@ -63,7 +63,10 @@ pub struct Config {
 impl Config {
     fn node_config(&self) -> NodeConfig {
         NodeConfig {
-            name: self.node.clone().unwrap_or_else(ipc_core::node::default_node_name),
+            name: self
+                .node
+                .clone()
+                .unwrap_or_else(ipc_core::node::default_node_name),
             default_app: Some(self.app.clone()).filter(|a| !a.is_empty()),
             max_msg_bytes: self.max_msg_bytes,
             subscriber_queue: self.subscriber_queue,
@@ -119,11 +122,15 @@ impl Server {
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("bound listener has an address")
+        self.grpc
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics.local_addr().expect("bound listener has an address")
+        self.metrics
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn node(&self) -> &Arc<Node> {

@@ -10,7 +10,11 @@ async fn main() -> anyhow::Result<()> {
     let server = Server::start(config).await?;
     tracing::info!(grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), node = %server.node().name(), "serving");
     // The readiness line: tests and scripts wait for it instead of sleeping.
-    println!("listening grpc={} metrics={}", server.grpc_addr(), server.metrics_addr());
+    println!(
+        "listening grpc={} metrics={}",
+        server.grpc_addr(),
+        server.metrics_addr()
+    );
     server.serve(shutdown_signal()).await
 }
 

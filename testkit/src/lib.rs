@@ -60,15 +60,18 @@ impl ServerProcess {
     /// Starts a given server binary and waits for its readiness line.
     pub fn start_binary(path: &Path, args: &[&str]) -> Self {
         let mut command = Command::new(path);
-        if !args.iter().any(|a| *a == "--listen") {
+        if !args.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
         }
-        if !args.iter().any(|a| *a == "--metrics-listen") {
+        if !args.contains(&"--metrics-listen") {
             command.args(["--metrics-listen", "127.0.0.1:0"]);
         }
         command
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -90,7 +93,10 @@ impl ServerProcess {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!("{} did not print its readiness line within {READY_TIMEOUT:?}", path.display());
+                panic!(
+                    "{} did not print its readiness line within {READY_TIMEOUT:?}",
+                    path.display()
+                );
             }
         };
         let field = |key: &str| -> SocketAddr {
@@ -123,9 +129,21 @@ impl ServerProcess {
         self.child.id()
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits for the exit status. Blocks the thread: in an async
+    /// test, first drop or finish what the server waits for, or use
+    /// [`ServerProcess::send_sigterm`] and [`ServerProcess::wait`].
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.wait()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_sigterm(&self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("waiting for the server")
     }
 

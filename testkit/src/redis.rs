@@ -54,7 +54,11 @@ impl RedisServer {
     /// Starts it again on the same port with its data wiped (a lost log).
     pub fn restart_empty(&mut self) {
         self.stop();
-        for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let path = entry.path();
             let _ = if path.is_dir() {
                 std::fs::remove_dir_all(&path)
@@ -70,7 +74,14 @@ impl RedisServer {
             panic!("redis-server is not installed: `apt-get install -y redis-server` (scripts/test does this)")
         });
         let child = Command::new(binary)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -92,7 +103,9 @@ impl RedisServer {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
                 let mut buf = [0u8; 64];
                 if conn.write_all(b"PING\r\n").is_ok()
-                    && conn.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                    && conn
+                        .read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
                 {
                     return;
                 }
