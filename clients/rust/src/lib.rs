@@ -1,1 +1,51 @@
-//! The Rust client of fleet-ipc and the ipcctl CLI
+//! The Rust client of fleet-ipc, the control-plane message bus, and the `ipcctl` CLI
+//! built on it.
+//!
+//! A [`Client`] talks to a node — the control-plane server over TCP, or the pod's
+//! sidecar over a Unix socket — with JSON payloads (`serde_json::Value`) and typed
+//! errors ([`Error`]): broadcast to a channel, ask one subscriber and wait for its
+//! reply, answer requests, list members. [`Client::subscribe`] returns a stream that
+//! reconnects and resumes from its cursor by itself, and [`Handlers`] dispatches what
+//! it receives to functions registered by op, answering requests with their result.
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use ipc_client::{Client, SubscribeOptions};
+//! use serde_json::json;
+//!
+//! # async fn demo() -> Result<(), ipc_client::Error> {
+//! let client = Client::builder("http://127.0.0.1:7700").app("shop").connect().await?;
+//! let mut messages = client.subscribe(SubscribeOptions::new().role("worker"));
+//! client.broadcast(":worker", "worker:restart", json!({})).await?;
+//! while let Some(msg) = messages.next().await {
+//!     println!("{} {}", msg?.op, "received");
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`addr`]: the address forms (`http://host:port`, socket path, `unix:PATH`).
+//! - `client`: [`Client`], its builder, and the calls (`broadcast`, `send_msg`,
+//!   `reply`, `members`) with their metadata (`ipc-app`, bearer token) and deadlines.
+//! - `subscribe`: [`Subscription`], the self-healing Subscribe stream, with
+//!   [`SubscribeOptions`] and [`Backoff`].
+//! - `handlers`: [`Handlers`], dispatch by op (`on`, `emit`, `run`).
+//! - `msg`: [`Msg`], [`Member`], [`Broadcasted`]: the values callers see, JSON-friendly.
+//! - `error`: [`Error`], one variant per outcome a caller handles differently.
+//! - `src/bin/ipcctl.rs`: the operator's CLI (feature `cli`, on by default).
+
+pub mod addr;
+mod client;
+mod error;
+mod handlers;
+mod msg;
+mod subscribe;
+
+pub use addr::Address;
+pub use client::{
+    Broadcast, Client, ClientBuilder, DEFAULT_TIMEOUT, MembersFilter, Reply, SendMsg,
+};
+pub use error::Error;
+pub use handlers::{HandlerResult, Handlers};
+pub use msg::{Broadcasted, Member, Msg, OP_GAP, OP_SUBSCRIBED};
+pub use subscribe::{Backoff, SubscribeOptions, Subscription};
