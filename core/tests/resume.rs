@@ -62,15 +62,13 @@ async fn resuming_during_publishing_loses_and_repeats_nothing() {
         })
     };
     let mut seen = Vec::new();
-    let mut last_cursor = String::new();
     // Disconnect and resume every 250 messages while the publisher runs.
     while (seen.len() as u64) < total {
         let msg = next(&mut stream).await;
         seen.push(from_optional(msg.data.as_ref()).as_u64().unwrap());
-        last_cursor = msg.cursor.clone();
         if seen.len() % 250 == 0 {
             drop(stream);
-            stream = open(&node, &last_cursor).await;
+            stream = open(&node, &msg.cursor).await;
         }
     }
     publisher.await.unwrap();
