@@ -18,7 +18,8 @@
 //! let mut messages = client.subscribe(SubscribeOptions::new().role("worker"));
 //! client.broadcast(":worker", "worker:restart", json!({})).await?;
 //! while let Some(msg) = messages.next().await {
-//!     println!("{} {}", msg?.op, "received");
+//!     let msg = msg?;
+//!     println!("{} on {}: {}", msg.op, msg.channel, msg.data);
 //! }
 //! # Ok(()) }
 //! ```

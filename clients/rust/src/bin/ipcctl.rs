@@ -3,7 +3,7 @@
 //! Prints results as JSON on stdout, one clear line on stderr on failure, and an exit
 //! status that tells scripts what happened (see [`EXIT_CODES`]).
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -203,6 +203,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
