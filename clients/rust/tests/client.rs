@@ -331,3 +331,36 @@ async fn a_bad_channel_ends_the_subscription_with_the_reason() {
     );
     assert!(futures::StreamExt::next(&mut sub).await.is_none());
 }
+
+#[tokio::test]
+async fn a_slow_consumer_cut_off_by_the_node_still_gets_every_message() {
+    // A tiny per-subscriber queue: not reading makes the node cut the stream.
+    let server = Server::start_with("127.0.0.1:0", &["--subscriber-queue", "4"]);
+    let client = connect(&server, "shop").await;
+    let mut sub = client.subscribe(SubscribeOptions::new().channel(":bulk"));
+    assert_eq!(next_msg(&mut sub).await.op, OP_SUBSCRIBED);
+
+    // Enough data to fill the HTTP/2 windows while the subscriber does not read.
+    let filler = "x".repeat(100_000);
+    let count = 80;
+    for n in 0..count {
+        client
+            .broadcast(":bulk", "chunk", json!({"n": n, "filler": filler}))
+            .await
+            .expect("broadcast");
+    }
+
+    let mut received = Vec::new();
+    let mut reconnects = 0;
+    while received.len() < count {
+        let msg = next_msg(&mut sub).await;
+        match msg.op.as_str() {
+            "chunk" => received.push(msg.data["n"].as_u64().expect("n")),
+            OP_SUBSCRIBED => reconnects += 1,
+            other => panic!("unexpected {other}: {msg:?}"),
+        }
+    }
+    assert!(reconnects >= 1, "the node never cut the subscriber off");
+    let expected: Vec<u64> = (0..count as u64).collect();
+    assert_eq!(received, expected, "every message once, in order");
+}

@@ -52,6 +52,11 @@ impl Server {
     /// Starts a server listening on `listen` (to restart one on the same port) and
     /// waits for its readiness line.
     pub fn start_on(listen: &str) -> Server {
+        Server::start_with(listen, &[])
+    }
+
+    /// Starts a server listening on `listen` with extra flags.
+    pub fn start_with(listen: &str, extra: &[&str]) -> Server {
         let mut command = Command::new(server_binary());
         for (key, _) in std::env::vars_os() {
             // The test's own environment must not reconfigure the server.
@@ -62,6 +67,7 @@ impl Server {
         let mut child = command
             .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
             .args(["--app", "app", "--node", "test-node", "--grace-ms", "1000"])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
