@@ -1,0 +1,358 @@
+'use strict';
+// fleet-ipc's Node.js client: a thin promise-based wrapper over ipc.v1, loaded at run
+// time from proto/ipc/v1/ipc.proto with @grpc/proto-loader (no generated code).
+//
+//   const { Client } = require('fleet-ipc');
+//   const client = new Client('localhost:7700', { app: 'shop' });
+//   await client.broadcast(':worker', 'worker:restart');
+//   const reply = await client.sendMsg(':worker', 'config:get', { key: 'db' }, { timeoutMs: 2000 });
+//
+// Data is plain JSON values (google.protobuf.Value is converted both ways); failures
+// are Errors with the gRPC `code` (see ./errors.js). On top of subscribe sits a
+// handler API like backendjs's ipc.on(op, fn): `client.on(op, fn)` then
+// `client.run({ role })`, which answers requests with the handler's result and
+// reconnects, resuming from its cursor, when the stream is cut.
+
+const path = require('node:path');
+const fs = require('node:fs');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const errors = require('./errors');
+
+const DEFAULT_ADDR = 'localhost:7700';
+const DEFAULT_SEND_TIMEOUT_MS = 5000; // SendMsg's wait when none is given (the server's too)
+const DEFAULT_CALL_TIMEOUT_MS = 10000; // bound on other unary calls
+// Slack on SendMsg's gRPC deadline over timeout_ms, so that the server's own
+// DEADLINE_EXCEEDED (with its explanation) arrives before the client gives up.
+const DEADLINE_SLACK_MS = 1000;
+const BACKOFF_FIRST_MS = 100;
+const BACKOFF_MAX_MS = 5000;
+
+const SUBSCRIBED_OP = 'ipc:subscribed';
+const GAP_OP = 'ipc:gap';
+
+/** The directory holding ipc/v1/ipc.proto: $IPC_PROTO_ROOT, else the checkout's proto/. */
+function findProtoRoot() {
+  const candidates = [process.env.IPC_PROTO_ROOT, path.resolve(__dirname, '../../../proto')];
+  for (const root of candidates) {
+    if (root && fs.existsSync(path.join(root, 'ipc/v1/ipc.proto'))) return root;
+  }
+  throw new Error('cannot find ipc/v1/ipc.proto: set IPC_PROTO_ROOT to the directory that holds it');
+}
+
+const loaded = new Map();
+/** The ipc.v1 package, loaded once per proto root. */
+function loadIpc(protoRoot = findProtoRoot()) {
+  if (!loaded.has(protoRoot)) {
+    const definition = protoLoader.loadSync('ipc/v1/ipc.proto', {
+      includeDirs: [protoRoot],
+      keepCase: true, // field names as in the proto: reply_to, timeout_ms
+      longs: Number, // int64 fields are milliseconds: safe as numbers
+      enums: String,
+      defaults: true,
+      oneofs: true, // Value's `kind` names the set field
+    });
+    loaded.set(protoRoot, grpc.loadPackageDefinition(definition).ipc.v1);
+  }
+  return loaded.get(protoRoot);
+}
+
+/** A JSON value as google.protobuf.Value (undefined: absent). */
+function toValue(data) {
+  if (data === undefined) return undefined;
+  if (data === null) return { nullValue: 'NULL_VALUE' };
+  if (typeof data.toJSON === 'function') return toValue(data.toJSON());
+  switch (typeof data) {
+    case 'number':
+      return { numberValue: data };
+    case 'string':
+      return { stringValue: data };
+    case 'boolean':
+      return { boolValue: data };
+    case 'object':
+      if (Array.isArray(data)) return { listValue: { values: data.map((item) => toValue(item) ?? toValue(null)) } };
+      return {
+        structValue: {
+          fields: Object.fromEntries(
+            Object.entries(data)
+              .filter(([, item]) => item !== undefined)
+              .map(([key, item]) => [key, toValue(item)]),
+          ),
+        },
+      };
+    default:
+      throw new TypeError(`cannot send a ${typeof data} as JSON data`);
+  }
+}
+
+/** google.protobuf.Value as a JSON value (absent: undefined). */
+function fromValue(value) {
+  if (!value || !value.kind) return undefined;
+  switch (value.kind) {
+    case 'nullValue':
+      return null;
+    case 'structValue':
+      return Object.fromEntries(
+        Object.entries(value.structValue.fields || {}).map(([key, item]) => [key, fromValue(item)]),
+      );
+    case 'listValue':
+      return (value.listValue.values || []).map(fromValue);
+    default:
+      return value[value.kind];
+  }
+}
+
+/** An ipc.v1.Msg with `data` as a plain value. */
+function toMsg(pb) {
+  return {
+    op: pb.op,
+    data: fromValue(pb.data),
+    headers: { ...pb.headers },
+    id: pb.id,
+    channel: pb.channel,
+    sender: pb.sender,
+    ts_ms: Number(pb.ts_ms),
+    cursor: pb.cursor,
+    reply_to: pb.reply_to,
+    error: pb.error,
+  };
+}
+
+/** gRPC target for host:port, http://host:port or a Unix socket path. */
+function grpcTarget(addr) {
+  const stripped = addr.replace(/^(https?|grpc):\/\//, '').replace(/\/$/, '');
+  return stripped.startsWith('/') ? `unix:${stripped}` : stripped;
+}
+
+/**
+ * An open Subscribe stream: `for await (const msg of subscription)`. The first
+ * message is `ipc:subscribed`; after it `id` and `node` say who and where this
+ * subscriber is. `cursor` is the last one seen, to resume with. `cancel()` ends the
+ * iteration quietly.
+ */
+class Subscription {
+  constructor(call) {
+    this._call = call;
+    this._cancelled = false;
+    this.id = '';
+    this.node = '';
+    this.cursor = '';
+  }
+
+  async *[Symbol.asyncIterator]() {
+    try {
+      for await (const pb of this._call) {
+        const msg = toMsg(pb);
+        if (msg.op === SUBSCRIBED_OP && msg.data) {
+          this.id = String(msg.data.id || '');
+          this.node = String(msg.data.node || '');
+        }
+        if (msg.cursor) this.cursor = msg.cursor;
+        yield msg;
+      }
+    } catch (error) {
+      if (this._cancelled && error.code === grpc.status.CANCELLED) return;
+      throw errors.fromGrpcError(error);
+    } finally {
+      // A consumer that stops iterating (break) ends the stream.
+      this.cancel();
+    }
+  }
+
+  cancel() {
+    if (this._cancelled) return;
+    this._cancelled = true;
+    this._call.cancel();
+  }
+}
+
+/**
+ * A connection to an ipc-server or a sidecar. `addr` is host:port (also
+ * http://host:port) or a Unix socket path. `app` is sent as `ipc-app` metadata: it
+ * expands channels written with a leading ':' (':worker' -> '<app>:worker').
+ */
+class Client {
+  constructor(addr = DEFAULT_ADDR, { app, token, protoRoot, credentials } = {}) {
+    const ipc = loadIpc(protoRoot);
+    this.addr = addr;
+    this.app = app;
+    this._stub = new ipc.Ipc(grpcTarget(addr), credentials || grpc.credentials.createInsecure());
+    this._metadata = new grpc.Metadata();
+    if (app) this._metadata.set('ipc-app', app);
+    if (token) this._metadata.set('authorization', `Bearer ${token}`);
+    this._handlers = new Map();
+    this._stopping = false;
+    this._running = null;
+    this._wake = null;
+    /** The subscriber id of run(), once subscribed. */
+    this.id = '';
+  }
+
+  /** Publish `op` on `channel`; resolves to {id, channel, cursor} once stored. */
+  async broadcast(channel, op, data, { headers = {}, timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
+    const response = await this._unary('Broadcast', { channel, op, data: toValue(data), headers }, timeoutMs);
+    return { id: response.id, channel: response.channel, cursor: response.cursor };
+  }
+
+  /**
+   * Ask one subscriber of `target` (a subscriber id or a role channel; '' for the
+   * node itself) and resolve to its reply. Rejects with NoRespondersError,
+   * DeadlineExceededError, or ReplyError when the reply carries `error` (unless
+   * `raiseOnError` is false).
+   */
+  async sendMsg(target, op, data, { headers = {}, timeoutMs = DEFAULT_SEND_TIMEOUT_MS, raiseOnError = true } = {}) {
+    const request = { target, op, data: toValue(data), headers, timeout_ms: Math.max(1, Math.round(timeoutMs)) };
+    const response = await this._unary('SendMsg', request, timeoutMs + DEADLINE_SLACK_MS);
+    const reply = toMsg(response.reply || {});
+    if (reply.error && raiseOnError) throw new errors.ReplyError(reply);
+    return reply;
+  }
+
+  /** Answer a request seen on a subscription (`msg.reply_to`). */
+  async reply(replyTo, { op = '', data, headers = {}, error = '', timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
+    await this._unary('Reply', { reply_to: replyTo, op, data: toValue(data), headers, error }, timeoutMs);
+  }
+
+  /** Connected subscribers, fleet-wide, filtered by app, role and labels. */
+  async members({ app = '', role = '', labels = {}, timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
+    const response = await this._unary('Members', { app, role, labels }, timeoutMs);
+    return response.members.map((member) => ({
+      ...member,
+      labels: { ...member.labels },
+      channels: [...member.channels],
+      connected_ms: Number(member.connected_ms),
+    }));
+  }
+
+  /**
+   * Open a stream of the messages of `channels` (names, or patterns with '*' and
+   * '>'), of <app>:<role> and <app>:<role>:<tag>, and of requests addressed to this
+   * subscriber. `cursor` resumes after that message.
+   */
+  subscribe({ channels = [], role = '', tag = '', id = '', app = '', labels = {}, cursor = '' } = {}) {
+    const request = { channels, role, tag, id, app, labels, cursor };
+    return new Subscription(this._stub.Subscribe(request, this._metadata));
+  }
+
+  /**
+   * Register `handler(msg)` for `op`. For a request, what it returns (or resolves
+   * to) is the reply's data, and what it throws becomes the reply's `error`.
+   */
+  on(op, handler) {
+    this._handlers.set(op, handler);
+    return this;
+  }
+
+  /** Call the handler of `op` in this process (no network). */
+  async emit(op, msg = { op }) {
+    const handler = this._handlers.get(op);
+    if (!handler) throw new Error(`no handler for op '${op}'`);
+    return handler(msg);
+  }
+
+  /**
+   * Subscribe and dispatch each message to its handler, one at a time in arrival
+   * order, until stop(). When the stream is cut (server restart, slow-subscriber
+   * cut-off) it reconnects with backoff under the same id, from the last cursor.
+   */
+  async run({ role = '', tag = '', channels = [], id = '', app = '', labels = {}, cursor = '', reconnect = true } = {}) {
+    this._stopping = false;
+    let backoff = BACKOFF_FIRST_MS;
+    while (!this._stopping) {
+      const subscription = this.subscribe({ channels, role, tag, id, app, labels, cursor });
+      this._running = subscription;
+      try {
+        for await (const msg of subscription) {
+          backoff = BACKOFF_FIRST_MS;
+          await this._dispatch(msg);
+          if (this._stopping) break;
+        }
+      } catch (error) {
+        const cut = error instanceof errors.UnavailableError || error instanceof errors.ResourceExhaustedError;
+        if (!reconnect || !cut) throw error;
+      } finally {
+        subscription.cancel();
+      }
+      id = subscription.id || id;
+      cursor = subscription.cursor || cursor;
+      if (!reconnect || this._stopping) break;
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, backoff);
+        this._wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this._wake = null;
+      backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+    }
+    this._running = null;
+  }
+
+  /** Make run() resolve (from a handler, a signal handler, anywhere). */
+  stop() {
+    this._stopping = true;
+    if (this._running) this._running.cancel();
+    if (this._wake) this._wake();
+  }
+
+  close() {
+    this.stop();
+    this._stub.close();
+  }
+
+  _unary(method, request, timeoutMs) {
+    return new Promise((resolve, reject) => {
+      const deadline = new Date(Date.now() + timeoutMs);
+      this._stub[method](request, this._metadata, { deadline }, (error, response) => {
+        if (error) reject(errors.fromGrpcError(error));
+        else resolve(response);
+      });
+    });
+  }
+
+  async _dispatch(msg) {
+    if (msg.op === SUBSCRIBED_OP && msg.data) this.id = String(msg.data.id || '');
+    if (msg.op === GAP_OP) console.warn(`fleet-ipc: messages were lost before ${msg.cursor}`);
+    const handler = this._handlers.get(msg.op);
+    if (!msg.reply_to) {
+      if (!handler) return;
+      try {
+        await handler(msg);
+      } catch (error) {
+        console.error(`fleet-ipc: handler of ${msg.op} failed:`, error);
+      }
+      return;
+    }
+    if (!handler) {
+      await this._answer(msg, { error: `no handler for op '${msg.op}'` });
+      return;
+    }
+    let result;
+    try {
+      result = await handler(msg);
+    } catch (error) {
+      await this._answer(msg, { error: (error && error.message) || String(error) });
+      return;
+    }
+    await this._answer(msg, { data: result });
+  }
+
+  async _answer(request, { data, error = '' }) {
+    try {
+      await this.reply(request.reply_to, { op: request.op, data, error });
+    } catch (failure) {
+      if (!(failure instanceof errors.NotFoundError)) throw failure;
+      console.warn(`fleet-ipc: reply to ${request.op} came too late: the sender stopped waiting`);
+    }
+  }
+}
+
+module.exports = {
+  Client,
+  Subscription,
+  toValue,
+  fromValue,
+  loadIpc,
+  ...errors,
+};

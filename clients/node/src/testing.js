@@ -1,0 +1,128 @@
+'use strict';
+// Test helpers (require('fleet-ipc/src/testing')): real processes for tests — an
+// ipc-server on free ports (ready when it prints `listening grpc=ADDR metrics=ADDR`),
+// and any child whose stdout lines a test waits for. Waiting is on those lines,
+// never on sleeps; WAIT_LIMIT_MS only bounds failure.
+
+const { spawn } = require('node:child_process');
+const fs = require('node:fs');
+const path = require('node:path');
+const readline = require('node:readline');
+
+const WAIT_LIMIT_MS = 30000;
+const ROOT = path.resolve(__dirname, '../../..'); // the checkout, from clients/node/src
+const READY_LINE = /^listening grpc=(\S+) metrics=(\S+)$/;
+
+function serverBinary() {
+  const binary = process.env.IPC_SERVER_BIN || path.join(ROOT, 'target/debug/ipc-server');
+  if (!fs.existsSync(binary)) {
+    throw new Error(`${binary} not found: build it with \`cargo build -p ipc-server\``);
+  }
+  return binary;
+}
+
+/** A child process whose stdout lines can be awaited with `waitFor`. */
+class Child {
+  constructor(command, args, options = {}) {
+    this.argv = [command, ...args];
+    this.proc = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], ...options });
+    this.lines = [];
+    this.stderr = '';
+    this._pending = []; // lines not yet taken by waitFor
+    this._waiters = [];
+    this._ended = false;
+    this.proc.stderr.on('data', (chunk) => {
+      this.stderr += chunk;
+    });
+    readline.createInterface({ input: this.proc.stdout }).on('line', (line) => {
+      this.lines.push(line);
+      this._pending.push(line);
+      this._notify();
+    });
+    this.exited = new Promise((resolve) => {
+      this.proc.on('close', (code, signal) => {
+        this._ended = true;
+        this._notify();
+        resolve(code === null ? signal : code);
+      });
+    });
+  }
+
+  _notify() {
+    for (const waiter of [...this._waiters]) waiter();
+  }
+
+  describe() {
+    return `\`${this.argv.join(' ')}\`\n--- stdout ---\n${this.lines.slice(-40).join('\n')}\n--- stderr ---\n${this.stderr
+      .split('\n')
+      .slice(-40)
+      .join('\n')}`;
+  }
+
+  /** The next stdout line matching `match` (RegExp or predicate). */
+  waitFor(match, what = String(match), limitMs = WAIT_LIMIT_MS) {
+    const test = typeof match === 'function' ? match : (line) => match.test(line);
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        while (this._pending.length) {
+          const line = this._pending.shift();
+          if (test(line)) return done(null, line);
+        }
+        if (this._ended) done(new Error(`output ended before a line ${what} from ${this.describe()}`));
+      };
+      const timer = setTimeout(
+        () => done(new Error(`no line ${what} within ${limitMs / 1000}s from ${this.describe()}`)),
+        limitMs,
+      );
+      const done = (error, line) => {
+        clearTimeout(timer);
+        this._waiters = this._waiters.filter((waiter) => waiter !== check);
+        if (error) reject(error);
+        else resolve(line);
+      };
+      this._waiters.push(check);
+      check();
+    });
+  }
+
+  /** Send `signal` and resolve to the exit code; fails if it does not exit in time. */
+  async stop(signal = 'SIGTERM', limitMs = WAIT_LIMIT_MS) {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill(signal);
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => {
+        this.proc.kill('SIGKILL');
+        reject(new Error(`did not exit within ${limitMs / 1000}s: ${this.describe()}`));
+      }, limitMs);
+    });
+    try {
+      return await Promise.race([this.exited, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  kill() {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill('SIGKILL');
+  }
+}
+
+/** Start a real ipc-server; resolves once it is serving. */
+async function startServer({ app = 'shop', args = [] } = {}) {
+  const server = new Child(
+    serverBinary(),
+    ['--listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--app', app, ...args],
+    { env: { RUST_LOG: 'info', ...process.env } },
+  );
+  try {
+    const ready = READY_LINE.exec(await server.waitFor(READY_LINE, 'listening grpc=ADDR metrics=ADDR'));
+    server.grpcAddr = ready[1];
+    server.metricsAddr = ready[2];
+  } catch (error) {
+    server.kill();
+    throw error;
+  }
+  return server;
+}
+
+module.exports = { Child, startServer, WAIT_LIMIT_MS, ROOT };
