@@ -1,0 +1,611 @@
+//! deploy/: every rendered manifest is a valid Kubernetes object, the manifests
+//! agree with the code (ports, probe service, webhook path, image, binaries), and
+//! offline injection works on the example application.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{find, k8s_dir, parse_strict, render, repo_root};
+use ipc_inject::{INJECT_PATH, InjectConfig, inject_manifests_report};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use serde_json::Value;
+
+/// Parses each object strictly into its k8s-openapi type; an object of a kind this
+/// test has no type for fails (add it here).
+fn parse_all(objects: &[Value]) {
+    for object in objects {
+        let what = format!(
+            "{}/{}",
+            object["kind"].as_str().unwrap_or("?"),
+            object["metadata"]["name"].as_str().unwrap_or("?")
+        );
+        match (object["apiVersion"].as_str(), object["kind"].as_str()) {
+            (Some("v1"), Some("Namespace")) => drop(parse_strict::<Namespace>(object, &what)),
+            (Some("v1"), Some("ServiceAccount")) => {
+                drop(parse_strict::<ServiceAccount>(object, &what))
+            }
+            (Some("v1"), Some("Service")) => drop(parse_strict::<Service>(object, &what)),
+            (Some("apps/v1"), Some("Deployment")) => {
+                drop(parse_strict::<Deployment>(object, &what))
+            }
+            (Some("apps/v1"), Some("StatefulSet")) => {
+                drop(parse_strict::<StatefulSet>(object, &what))
+            }
+            (Some("batch/v1"), Some("Job")) => drop(parse_strict::<Job>(object, &what)),
+            (Some("policy/v1"), Some("PodDisruptionBudget")) => {
+                drop(parse_strict::<PodDisruptionBudget>(object, &what))
+            }
+            (Some("networking.k8s.io/v1"), Some("NetworkPolicy")) => {
+                drop(parse_strict::<NetworkPolicy>(object, &what))
+            }
+            (Some("admissionregistration.k8s.io/v1"), Some("MutatingWebhookConfiguration")) => {
+                drop(parse_strict::<MutatingWebhookConfiguration>(object, &what))
+            }
+            (api_version, kind) => panic!("{what}: no typed check for {api_version:?} {kind:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_manifest_of_the_base_is_a_valid_kubernetes_object() {
+    let objects = render(&k8s_dir(""));
+    let kinds: BTreeSet<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    for expected in [
+        "Namespace",
+        "StatefulSet",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert!(
+            kinds.contains(expected),
+            "no {expected} in deploy/k8s: {kinds:?}"
+        );
+    }
+    parse_all(&objects);
+    for object in &objects {
+        let cluster_scoped = matches!(
+            object["kind"].as_str(),
+            Some("Namespace" | "MutatingWebhookConfiguration")
+        );
+        if !cluster_scoped {
+            assert_eq!(
+                object["metadata"]["namespace"], "fleet-ipc",
+                "{}",
+                object["metadata"]["name"]
+            );
+        }
+    }
+}
+
+#[test]
+fn the_strict_parse_catches_a_misspelt_field() {
+    let mut objects = render(&k8s_dir(""));
+    let deployment = objects
+        .iter_mut()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("a Deployment");
+    let probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]
+        .as_object_mut()
+        .expect("grpc probe");
+    let service = probe.remove("service").expect("service");
+    probe.insert("servce".to_owned(), service);
+    let result = std::panic::catch_unwind(|| parse_all(&objects));
+    let message = *result
+        .expect_err("a misspelt field fails")
+        .downcast::<String>()
+        .expect("message");
+    assert!(message.contains("grpc.servce: no such field"), "{message}");
+}
+
+#[test]
+fn every_manifest_of_the_laptop_overlay_is_valid_and_smaller() {
+    let laptop = render(&k8s_dir("overlays/laptop"));
+    parse_all(&laptop);
+    let base = render(&k8s_dir(""));
+    let server = |objects: &[Value]| {
+        parse_strict::<Deployment>(find(objects, "Deployment", "ipc-server"), "ipc-server")
+    };
+    assert_eq!(server(&base).spec.replicas, Some(3));
+    assert_eq!(server(&laptop).spec.replicas, Some(1));
+    let storage = |objects: &[Value]| {
+        find(objects, "StatefulSet", "redis")["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"].clone()
+    };
+    assert_eq!(storage(&laptop), "256Mi");
+    assert_ne!(storage(&base), storage(&laptop));
+    let memory_limit = |objects: &[Value]| {
+        find(objects, "Deployment", "ipc-server")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"].clone()
+    };
+    assert_eq!(memory_limit(&laptop), "128Mi");
+}
+
+fn server_deployment() -> (Vec<Value>, Deployment, PodSpec, Container) {
+    let objects = render(&k8s_dir(""));
+    let deployment =
+        parse_strict::<Deployment>(find(&objects, "Deployment", "ipc-server"), "ipc-server");
+    let pod = deployment.spec.template.spec.clone().unwrap();
+    let container = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "ipc-server")
+        .expect("container ipc-server")
+        .clone();
+    (objects, deployment, pod, container)
+}
+
+/// The value after `flag` in a container's args.
+fn arg<'a>(container: &'a Container, flag: &str) -> &'a str {
+    let args = container.args.as_deref().unwrap_or_default();
+    let index = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+    args.get(index + 1)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("{flag} without a value"))
+}
+
+fn container_port(container: &Container, name: &str) -> i32 {
+    container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no container port {name}"))
+        .container_port
+}
+
+#[test]
+fn control_plane_ports_flags_and_probes_agree() {
+    let (objects, deployment, pod, server) = server_deployment();
+    let spec = &deployment.spec;
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(
+        server.command.as_deref(),
+        Some(&["ipc-server".to_owned()][..])
+    );
+
+    // Ports: what the server listens on, what the container declares.
+    assert_eq!(arg(&server, "--listen"), "0.0.0.0:7700");
+    assert_eq!(arg(&server, "--metrics-listen"), "0.0.0.0:9700");
+    assert_eq!(arg(&server, "--injector-listen"), "0.0.0.0:8443");
+    assert_eq!(container_port(&server, "grpc"), 7700);
+    assert_eq!(container_port(&server, "metrics"), 9700);
+    assert_eq!(container_port(&server, "webhook"), 8443);
+
+    // Native gRPC probes against grpc.health.v1 for the service the server registers.
+    let readiness = server
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.grpc.as_ref())
+        .expect("gRPC readiness probe");
+    assert_eq!(readiness.port, 7700);
+    assert_eq!(
+        readiness.service.as_deref(),
+        Some(ipc_proto::pb::ipc_server::SERVICE_NAME)
+    );
+    assert_eq!(readiness.service.as_deref(), Some("ipc.v1.Ipc"));
+    let liveness = server
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.grpc.as_ref())
+        .expect("gRPC liveness probe");
+    assert_eq!(
+        (liveness.port, liveness.service.as_deref()),
+        (7700, Some(""))
+    );
+
+    // Prometheus scrapes the metrics port.
+    let annotations = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .expect("pod annotations");
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/port").map(String::as_str),
+        Some("9700")
+    );
+
+    // The certificate files are in the mounted Secret the script creates.
+    let mount = server
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "webhook-tls")
+        .expect("webhook-tls mount");
+    for flag in ["--injector-cert", "--injector-key"] {
+        assert!(
+            arg(&server, flag).starts_with(&format!("{}/", mount.mount_path)),
+            "{flag} outside the Secret mount"
+        );
+    }
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "webhook-tls")
+        .expect("webhook-tls volume");
+    let secret_name = volume
+        .secret
+        .as_ref()
+        .and_then(|s| s.secret_name.clone())
+        .expect("a Secret volume");
+    let script =
+        std::fs::read_to_string(k8s_dir("gen-webhook-cert.sh")).expect("gen-webhook-cert.sh");
+    assert!(
+        script.contains(&format!("SECRET=${{SECRET:-{secret_name}}}")),
+        "the script creates Secret {secret_name}"
+    );
+
+    // High availability: a disruption budget and spreading over nodes.
+    let pdb = parse_strict::<PodDisruptionBudget>(
+        find(&objects, "PodDisruptionBudget", "ipc-server"),
+        "pdb",
+    );
+    let selector = pdb.spec.unwrap().selector.unwrap().match_labels.unwrap();
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    assert!(
+        selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+        "the PDB selects the server pods"
+    );
+    let anti_affinity = pod
+        .affinity
+        .and_then(|a| a.pod_anti_affinity)
+        .expect("pod anti-affinity");
+    assert!(
+        anti_affinity
+            .preferred_during_scheduling_ignored_during_execution
+            .is_some()
+    );
+    let resources = server.resources.expect("resources");
+    assert!(
+        resources.requests.is_some() && resources.limits.is_some(),
+        "requests and limits"
+    );
+}
+
+#[test]
+fn service_exposes_grpc_metrics_and_webhook_ports() {
+    let (objects, _, _, server) = server_deployment();
+    let service = parse_strict::<Service>(find(&objects, "Service", "ipc-server"), "service");
+    let ports = service.spec.unwrap().ports.unwrap();
+    let port = |name: &str| {
+        ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} port"))
+    };
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    for (name, service_port, container_port_value) in [
+        ("grpc", 7700, 7700),
+        ("metrics", 9700, 9700),
+        ("webhook", 443, 8443),
+    ] {
+        let p = port(name);
+        assert_eq!(p.port, service_port, "{name}");
+        let target = match p.target_port.clone().expect("targetPort") {
+            IntOrString::Int(n) => n,
+            IntOrString::String(named) => container_port(&server, &named),
+        };
+        assert_eq!(
+            target, container_port_value,
+            "{name} reaches the container port"
+        );
+    }
+}
+
+#[test]
+fn webhook_configuration_matches_the_router_and_the_service() {
+    let (objects, _, _, _) = server_deployment();
+    let config = parse_strict::<MutatingWebhookConfiguration>(
+        find(
+            &objects,
+            "MutatingWebhookConfiguration",
+            "fleet-ipc-sidecar-injector",
+        ),
+        "webhook",
+    );
+    let webhooks = config.webhooks.expect("webhooks");
+    assert_eq!(webhooks.len(), 1);
+    let webhook = &webhooks[0];
+    let service_ref = webhook
+        .client_config
+        .service
+        .as_ref()
+        .expect("a Service reference");
+    assert_eq!(
+        service_ref.path.as_deref(),
+        Some(INJECT_PATH),
+        "the path the router serves"
+    );
+    assert_eq!(service_ref.name, "ipc-server");
+    assert_eq!(service_ref.namespace, "fleet-ipc");
+    let service = parse_strict::<Service>(find(&objects, "Service", &service_ref.name), "service");
+    let webhook_port = service
+        .spec
+        .unwrap()
+        .ports
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name.as_deref() == Some("webhook"))
+        .unwrap();
+    assert_eq!(service_ref.port, Some(webhook_port.port));
+
+    assert_eq!(
+        webhook.failure_policy.as_deref(),
+        Some("Ignore"),
+        "a down injector must not block pods"
+    );
+    assert_eq!(webhook.side_effects, "None");
+    assert_eq!(webhook.admission_review_versions, ["v1"]);
+    assert!(
+        webhook.timeout_seconds.is_some_and(|t| t <= 5),
+        "a short timeout"
+    );
+    let rules = webhook.rules.as_ref().expect("rules");
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].operations.as_deref(),
+        Some(&["CREATE".to_owned()][..])
+    );
+    let excluded = webhook
+        .namespace_selector
+        .as_ref()
+        .and_then(|s| s.match_expressions.as_ref())
+        .and_then(|e| {
+            e.iter()
+                .find(|e| e.key == "kubernetes.io/metadata.name" && e.operator == "NotIn")
+        })
+        .and_then(|e| e.values.clone())
+        .expect("namespaces excluded by name");
+    for namespace in ["fleet-ipc", "kube-system"] {
+        assert!(
+            excluded.iter().any(|n| n == namespace),
+            "{namespace} must never be injected"
+        );
+    }
+}
+
+#[test]
+fn images_and_upstream_agree_with_the_injector_defaults() {
+    let (objects, _, _, server) = server_deployment();
+    let defaults = InjectConfig::default();
+    assert_eq!(
+        server.image.as_deref(),
+        Some(defaults.image.as_str()),
+        "control plane and sidecar run one image"
+    );
+    let dockerfile =
+        std::fs::read_to_string(repo_root().join("deploy/docker/Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains(&format!("-t {} ", defaults.image)),
+        "the Dockerfile's build command tags {}",
+        defaults.image
+    );
+
+    let service = find(&objects, "Service", "ipc-server");
+    let grpc_port = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .unwrap()["port"]
+        .clone();
+    let upstream = format!(
+        "{}.{}.svc:{}",
+        service["metadata"]["name"].as_str().unwrap(),
+        service["metadata"]["namespace"].as_str().unwrap(),
+        grpc_port
+    );
+    assert_eq!(
+        defaults.upstream, upstream,
+        "sidecars reach the control plane Service"
+    );
+
+    // The server's --redis points at the Redis Service, whose pods run append-only.
+    let redis_service = find(&objects, "Service", "redis");
+    let redis_port = &redis_service["spec"]["ports"][0]["port"];
+    assert_eq!(
+        arg(&server, "--redis"),
+        format!("redis://redis:{redis_port}")
+    );
+    let redis = parse_strict::<StatefulSet>(find(&objects, "StatefulSet", "redis"), "redis");
+    let redis_spec = redis.spec;
+    let redis_container = &redis_spec.template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(arg(redis_container, "--appendonly"), "yes");
+    let data_dir = arg(redis_container, "--dir");
+    let claim = &redis_spec
+        .volume_claim_templates
+        .as_ref()
+        .expect("a persistent volume claim")[0];
+    let claim_name = claim.metadata.name.as_deref().unwrap();
+    assert!(
+        redis_container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == claim_name && m.mount_path == data_dir),
+        "Redis writes its log to the persistent volume"
+    );
+}
+
+#[test]
+fn dockerfile_builds_and_copies_binaries_the_workspace_defines() {
+    let dockerfile =
+        std::fs::read_to_string(repo_root().join("deploy/docker/Dockerfile")).expect("Dockerfile");
+    let built: BTreeSet<String> = dockerfile
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "--bin")
+        .map(|w| w[1].to_owned())
+        .collect();
+    let copied: BTreeSet<String> = dockerfile
+        .lines()
+        .filter(|l| l.trim_start().starts_with("COPY --from=build"))
+        .flat_map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.strip_prefix("/out/"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let expected: BTreeSet<String> = ["ipc-server", "ipc-sidecar", "ipcctl"]
+        .map(str::to_owned)
+        .into();
+    assert_eq!(built, expected, "cargo build --bin ...");
+    assert_eq!(copied, expected, "COPY --from=build /out/...");
+    assert!(
+        dockerfile.lines().any(|l| l.trim() == "USER 65532:65532"),
+        "runs as non-root"
+    );
+
+    let metadata = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        metadata.status.success(),
+        "{}",
+        String::from_utf8_lossy(&metadata.stderr)
+    );
+    let metadata: Value = serde_json::from_slice(&metadata.stdout).expect("metadata JSON");
+    let packages = metadata["packages"].as_array().unwrap();
+    let bins: BTreeSet<&str> = packages
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    let package_names: BTreeSet<&str> =
+        packages.iter().filter_map(|p| p["name"].as_str()).collect();
+    for binary in &expected {
+        // A package's src/main.rs builds a binary of the package's name.
+        assert!(
+            bins.contains(binary.as_str()) || package_names.contains(binary.as_str()),
+            "{binary} is neither a [[bin]] nor a package of the workspace (bins: {bins:?})"
+        );
+    }
+}
+
+fn example_file(name: &str) -> String {
+    std::fs::read_to_string(k8s_dir("example").join(name))
+        .unwrap_or_else(|e| panic!("example/{name}: {e}"))
+}
+
+#[test]
+fn example_manifests_are_valid_and_get_the_sidecar_offline() {
+    parse_all(&render(&k8s_dir("example")));
+    for (file, kind, name, role) in [
+        ("worker.yaml", "Deployment", "worker", "worker"),
+        ("config-init-job.yaml", "Job", "config-init", "deployer"),
+    ] {
+        let out =
+            inject_manifests_report(&example_file(file), &InjectConfig::default()).expect(file);
+        assert_eq!(out.injected, [format!("{kind}/{name}")], "{file}");
+        assert!(out.warnings.is_empty(), "{file}: {:?}", out.warnings);
+        let objects = common::yaml_documents(&out.yaml);
+        parse_all(&objects);
+        let template = &find(&objects, kind, name)["spec"]["template"];
+        let spec: PodSpec = parse_strict(&template["spec"], file);
+        let sidecar = &spec.init_containers.as_ref().expect("initContainers")[0];
+        assert_eq!(sidecar.name, "ipc-sidecar");
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        let args = sidecar.args.clone().unwrap();
+        let role_at = args.iter().position(|a| a == "--role").expect("--role");
+        assert_eq!(args[role_at + 1], role);
+        let app_at = args.iter().position(|a| a == "--app").expect("--app");
+        assert_eq!(args[app_at + 1], "shop");
+        for container in &spec.containers {
+            assert!(
+                container
+                    .env
+                    .iter()
+                    .flatten()
+                    .any(|e| e.name == "IPC_SOCKET"),
+                "{file}: {}",
+                container.name
+            );
+            // The app reaches the socket through $(IPC_SOCKET), which must now resolve.
+            assert!(
+                container
+                    .args
+                    .iter()
+                    .flatten()
+                    .any(|a| a == "$(IPC_SOCKET)"),
+                "{file}: {}",
+                container.name
+            );
+        }
+        assert_eq!(
+            template["metadata"]["annotations"]["fleet-ipc.io/status"],
+            "injected"
+        );
+
+        let again =
+            inject_manifests_report(&out.yaml, &InjectConfig::default()).expect("second pass");
+        assert!(
+            again.injected.is_empty(),
+            "{file}: injecting twice adds nothing"
+        );
+        assert_eq!(again.yaml, out.yaml);
+    }
+}
+
+#[test]
+fn the_whole_example_kustomization_injects_only_the_annotated_workloads() {
+    let rendered = render(&k8s_dir("example"));
+    let yaml: String = rendered
+        .iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+        .collect();
+    let out = inject_manifests_report(&yaml, &InjectConfig::default()).expect("inject");
+    assert_eq!(out.injected, ["Deployment/worker", "Job/config-init"]);
+    let objects = common::yaml_documents(&out.yaml);
+    assert_eq!(
+        find(&objects, "Namespace", "shop"),
+        find(&rendered, "Namespace", "shop"),
+        "the Namespace is untouched"
+    );
+}
+
+#[test]
+fn the_base_itself_is_left_untouched_by_injection() {
+    let rendered = render(&k8s_dir(""));
+    let yaml: String = rendered
+        .iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+        .collect();
+    let out = inject_manifests_report(&yaml, &InjectConfig::default()).expect("inject");
+    assert!(out.injected.is_empty());
+    assert_eq!(out.yaml, yaml);
+}
