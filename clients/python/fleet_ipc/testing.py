@@ -138,11 +138,18 @@ class Process:
 class IpcServer(Process):
     """A real ``ipc-server`` on free loopback ports, ready once constructed."""
 
-    def __init__(self, app: str = "app", args: Sequence[str] = (), binary: str | Path | None = None):
+    def __init__(
+        self,
+        app: str = "app",
+        args: Sequence[str] = (),
+        binary: str | Path | None = None,
+        listen: str = "127.0.0.1:0",
+    ):
+        """``listen`` may name the address of a stopped server, to restart "it"."""
         argv = [
             str(binary or server_binary()),
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--metrics-listen",
             "127.0.0.1:0",
             "--app",

@@ -218,3 +218,33 @@ def test_run_returns_when_the_server_goes_away_without_reconnect(server: IpcServ
     assert not runner.is_alive()
     assert [type(error).__name__ for error in failures] == ["Unavailable"]
     calc.close()
+
+
+def test_run_reconnects_when_the_server_comes_back(server: IpcServer) -> None:
+    calc = Client(server.grpc_addr, app="shop")
+    subscriptions: queue.Queue[str] = queue.Queue()
+    gaps: list[Msg] = []
+    calc.on("ipc:subscribed")(lambda msg: subscriptions.put(msg.data["id"]))
+    calc.on("ipc:gap")(gaps.append)
+    calc.on("sum")(lambda msg: sum(msg.data))
+    news: queue.Queue[str] = queue.Queue()
+    calc.on("news")(lambda msg: news.put(msg.cursor))
+    runner = threading.Thread(target=calc.run, kwargs={"role": "calc"}, daemon=True)
+    runner.start()
+    first_id = subscriptions.get(timeout=WAIT_LIMIT)
+    calc.broadcast(":calc", "news")
+    assert news.get(timeout=WAIT_LIMIT)  # the worker now holds a cursor of the old log
+
+    # Same address, new process: its memory log does not know the old cursor.
+    assert server.stop() == 0
+    with IpcServer(app="shop", listen=server.grpc_addr) as restarted:
+        assert subscriptions.get(timeout=WAIT_LIMIT) == first_id, "did not resubscribe under the same id"
+        with Client(restarted.grpc_addr, app="shop") as caller:
+            assert caller.send_msg(":calc", "sum", [2, 3]).data == 5
+        # The new log never saw that cursor: the loss is reported, not hidden.
+        assert [gap.op for gap in gaps] == ["ipc:gap"]
+        calc.stop()
+        runner.join(WAIT_LIMIT)
+        assert not runner.is_alive()
+        assert restarted.stop() == 0
+    calc.close()
