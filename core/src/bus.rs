@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use ipc_proto::pb::{Member, Msg};
 use tokio::sync::watch;
 
+use crate::channel::Pattern;
 use crate::cursor::Cursor;
 use crate::hub::Hub;
 
@@ -75,6 +76,29 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Entries after `cursor`, up to the current end of the log.
     async fn replay(&self, after: &Cursor) -> Result<Replay, BusError>;
+
+    /// [`Bus::replay`] for a subscriber of `patterns`. A bus that holds only part of
+    /// the log (the sidecar's buffer of what its upstream sent) needs the patterns to
+    /// tell whether it can answer; the others ignore them.
+    async fn replay_for(&self, after: &Cursor, patterns: &[Pattern]) -> Result<Replay, BusError> {
+        let _ = patterns;
+        self.replay(after).await
+    }
+
+    /// The position of the newest entry of the log, if the bus can tell. A fresh
+    /// subscriber is told it in `ipc:subscribed` (`cursor`), so that it can resume
+    /// without loss even before it received a message.
+    async fn head(&self) -> Result<Option<Cursor>, BusError> {
+        Ok(None)
+    }
+
+    /// Called once a subscriber of `patterns` is registered in the hub and before
+    /// it is told `ipc:subscribed`: returns when messages of those patterns reach the
+    /// hub. Only a bus that fetches by subscription (the sidecar's upstream) waits,
+    /// and never without a bound.
+    async fn cover(&self, patterns: &[Pattern]) {
+        let _ = patterns;
+    }
 
     /// Routes a request to a subscriber of `target` on another node and waits for
     /// the reply until `deadline`. Called only when no local subscriber matches.

@@ -272,6 +272,27 @@ impl Hub {
         delivered
     }
 
+    /// Sends a notice that is not a log entry (no cursor), such as `ipc:gap`, to
+    /// every subscriber whatever its channels. Returns the number reached.
+    pub fn notify_all(&self, msg: &Arc<Msg>) -> usize {
+        let mut reached = 0;
+        let mut slow = Vec::new();
+        {
+            let reg = self.registry.read();
+            for (key, sub) in &reg.subs {
+                match sub.tx.try_send(msg.clone()) {
+                    Ok(()) => reached += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*key),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        for key in slow {
+            self.remove(key, Some(Closed::SlowConsumer));
+        }
+        reached
+    }
+
     /// Whether any local subscriber listens to `target`.
     pub fn has_responder(&self, target: &str) -> bool {
         !self.registry.read().matching(target).is_empty()

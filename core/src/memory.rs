@@ -144,6 +144,15 @@ impl Bus for MemoryBus {
         })
     }
 
+    async fn head(&self) -> Result<Option<Cursor>, BusError> {
+        let log = self.log.lock();
+        Ok(Some(Cursor {
+            epoch: self.epoch,
+            hi: log.next_seq - 1,
+            lo: 0,
+        }))
+    }
+
     async fn request(
         &self,
         target: &str,
