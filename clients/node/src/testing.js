@@ -107,11 +107,14 @@ class Child {
   }
 }
 
-/** Start a real ipc-server; resolves once it is serving. */
-async function startServer({ app = 'shop', args = [] } = {}) {
+/**
+ * Start a real ipc-server; resolves once it is serving. `listen` may name the
+ * address of a stopped server, to restart "it".
+ */
+async function startServer({ app = 'shop', args = [], listen = '127.0.0.1:0' } = {}) {
   const server = new Child(
     serverBinary(),
-    ['--listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--app', app, ...args],
+    ['--listen', listen, '--metrics-listen', '127.0.0.1:0', '--app', app, ...args],
     { env: { RUST_LOG: 'info', ...process.env } },
   );
   try {

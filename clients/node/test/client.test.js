@@ -228,6 +228,48 @@ describe('against a real ipc-server', () => {
     calc.close();
   });
 
+  test('run() reconnects under the same id when the server comes back', async () => {
+    const calc = new Client(server.grpcAddr, { app: 'shop' });
+    const events = [];
+    let notify = () => {};
+    const next = (op) =>
+      new Promise((resolve) => {
+        const check = () => {
+          const index = events.findIndex((msg) => msg.op === op);
+          if (index < 0) return;
+          notify = () => {};
+          resolve(events.splice(index, 1)[0]);
+        };
+        notify = check;
+        check();
+      });
+    for (const op of ['ipc:subscribed', 'ipc:gap', 'news']) {
+      calc.on(op, (msg) => {
+        events.push(msg);
+        notify();
+      });
+    }
+    calc.on('sum', (msg) => msg.data.reduce((a, b) => a + b, 0));
+    const running = calc.run({ role: 'calc' });
+    const first = await next('ipc:subscribed');
+    await client.broadcast(':calc', 'news');
+    await next('news'); // the worker now holds a cursor of the old log
+
+    // Same address, new process: its memory log does not know the old cursor.
+    assert.equal(await server.stop(), 0);
+    server = await startServer({ app: 'shop', listen: server.grpcAddr });
+    const again = await next('ipc:subscribed');
+    assert.equal(again.data.id, first.data.id);
+    const caller = new Client(server.grpcAddr, { app: 'shop' });
+    assert.equal((await caller.sendMsg(':calc', 'sum', [2, 3])).data, 5);
+    // The loss is reported, not hidden.
+    assert.equal((await next('ipc:gap')).op, 'ipc:gap');
+    caller.close();
+    calc.stop();
+    await running;
+    calc.close();
+  });
+
   // --- the example worker as a real process ---------------------------------------
 
   const EXAMPLE = path.resolve(__dirname, '../examples/worker.js');
