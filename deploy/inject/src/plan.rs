@@ -185,16 +185,16 @@ fn share_socket(
     edits: &mut Vec<Edit>,
     warnings: &mut Vec<String>,
 ) -> Result<(), InjectError> {
-    let where_ = || at.join(".");
+    let location = || at.join(".");
     let container = container
         .as_object()
-        .ok_or_else(|| InjectError::malformed(where_(), "not an object"))?;
+        .ok_or_else(|| InjectError::malformed(location(), "not an object"))?;
     let name = container.get("name").and_then(Value::as_str).unwrap_or("?");
 
     let mounts = array_field(
         container,
         "volumeMounts",
-        &format!("{}.volumeMounts", where_()),
+        &format!("{}.volumeMounts", location()),
     )?;
     let socket_dir = config.socket_dir.trim_end_matches('/');
     let clash = mounts.into_iter().flatten().find(|m| {
@@ -212,7 +212,7 @@ fn share_socket(
         None => edits.push(append(&at, "volumeMounts", mounts.is_some(), to_json(&socket_mount(config)))),
     }
 
-    let env = array_field(container, "env", &format!("{}.env", where_()))?;
+    let env = array_field(container, "env", &format!("{}.env", location()))?;
     let has_socket_env = env
         .into_iter()
         .flatten()
