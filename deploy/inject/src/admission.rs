@@ -10,6 +10,11 @@ use serde_json::Value;
 use crate::InjectConfig;
 use crate::plan::{Injection, plan};
 
+/// The route the MutatingWebhookConfiguration calls (`clientConfig.service.path`).
+pub const INJECT_PATH: &str = "/inject";
+/// A liveness route for the webhook listener.
+pub const HEALTHZ_PATH: &str = "/healthz";
+
 /// `apiVersion` of the only AdmissionReview version the webhook speaks.
 pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
 

@@ -18,11 +18,12 @@
 //! # Layout
 //! - [`config`]: [`InjectConfig`], the sidecar's image, upstream, socket and
 //!   resources (serde, and clap flags with the `clap` feature).
-//! - [`plan`]: the injection proper, as a list of JSON-Patch `add` edits on a pod
+//! - [`mod@plan`]: the injection proper, as a list of JSON-Patch `add` edits on a pod
 //!   template; the annotation and name constants.
 //! - [`admission`]: AdmissionReview v1 in and out, [`review`].
-//! - [`webhook`]: the axum [`router`] (`POST /inject`, `GET /healthz`) and
-//!   [`serve_https`], its rustls listener with certificate reloading.
+//! - `webhook` (feature `webhook`, on by default): the axum `router` (`POST /inject`,
+//!   `GET /healthz`) and `serve_https`, its rustls listener with certificate
+//!   reloading. `ipcctl inject` can do without it (`default-features = false`).
 //! - [`manifests`]: [`inject_manifests`] for multi-document YAML.
 
 pub mod admission;
@@ -30,14 +31,16 @@ pub mod config;
 mod error;
 pub mod manifests;
 pub mod plan;
+#[cfg(feature = "webhook")]
 pub mod webhook;
 
-pub use admission::{AdmissionResponse, AdmissionReview, ReviewError, review};
+pub use admission::{AdmissionResponse, AdmissionReview, INJECT_PATH, ReviewError, review};
 pub use config::InjectConfig;
 pub use error::InjectError;
 pub use manifests::{InjectedManifests, inject_manifests, inject_manifests_report};
 pub use plan::{Injection, plan};
-pub use webhook::{INJECT_PATH, ServeError, router, serve_https};
+#[cfg(feature = "webhook")]
+pub use webhook::{ServeError, router, serve_https};
 
 use k8s_openapi::api::core::v1::Pod;
 

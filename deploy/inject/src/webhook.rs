@@ -31,12 +31,7 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
 
 use crate::InjectConfig;
-use crate::admission::review;
-
-/// The route the MutatingWebhookConfiguration calls (`clientConfig.service.path`).
-pub const INJECT_PATH: &str = "/inject";
-/// A liveness route for the webhook listener.
-pub const HEALTHZ_PATH: &str = "/healthz";
+use crate::admission::{HEALTHZ_PATH, INJECT_PATH, review};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
