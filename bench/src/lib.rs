@@ -1,1 +1,0 @@
-//! Benchmarks of fleet-ipc against NATS and Redis

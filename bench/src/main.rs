@@ -1,0 +1,745 @@
+//! `ipc-bench`: fleet-ipc side by side with NATS and Redis, on loopback, in one run.
+//!
+//! It starts everything itself on free loopback ports — the workspace's
+//! `ipc-server` (embedded bus; and two replicas on a private `redis-server` when the
+//! server has `--redis`), an `ipc-sidecar` when built, a private `nats-server` and
+//! `redis-server` — runs the workloads of issue 8 against each, prints one table
+//! with absolute figures and ratios to fleet-ipc measured in the same run, checks
+//! the targets, and writes the results as JSON. A peer that cannot run is a row
+//! that says why, never a silent gap.
+//!
+//! ```text
+//! cargo build --release -p ipc-server -p ipc-bench
+//! target/release/ipc-bench            # full run (a few minutes)
+//! target/release/ipc-bench --quick    # under a minute: the smoke test
+//! ```
+//!
+//! # Layout
+//! - [`procs`]: the processes a run starts (found, ready, killed on drop).
+//! - [`peer`]: what a workload needs from a system; [`fleet`], [`nats`],
+//!   [`redis_peers`]: the systems.
+//! - [`payload`]: 128-byte payloads stamped with their send time.
+//! - [`workloads`]: throughput, latency, round trips, fan-out, idle memory.
+//! - [`report`]: rows, the table, the targets, JSON.
+
+mod fleet;
+mod nats;
+mod payload;
+mod peer;
+mod procs;
+mod redis_peers;
+mod report;
+mod workloads;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::fleet::{Fleet, FleetRequests, Target};
+use crate::peer::{PubSub, RequestReply};
+use crate::procs::{Binary, IpcServer, NatsServer, RedisServer, Sidecar};
+use crate::report::{Report, peers, workloads as names};
+use crate::workloads::percentile_us;
+
+/// fleet-ipc benchmarks against NATS and Redis, all on loopback.
+#[derive(Debug, Parser)]
+#[command(name = "ipc-bench")]
+struct Args {
+    /// Smaller counts and shorter runs (under a minute): the smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the results as JSON [default: bench/results/latest.json].
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Run only these workloads (comma separated): throughput, latency, request,
+    /// fanout, memory, sidecar.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Subscribers in the fan-out workload [default: 10000, or 1000 with --quick].
+    #[arg(long)]
+    fanout: Option<usize>,
+}
+
+/// Counts and durations of one run.
+struct Sizes {
+    throughput_messages: [(usize, usize); 3],
+    latency_rates: [u64; 2],
+    latency_duration: Duration,
+    sequential_requests: usize,
+    concurrent_requests: usize,
+    fanout_subscribers: usize,
+    fanout_rounds: usize,
+    memory_counts: Vec<usize>,
+    deadline: Duration,
+}
+
+impl Sizes {
+    fn new(args: &Args) -> Self {
+        if args.quick {
+            Self {
+                throughput_messages: [(1, 10_000), (10, 3_000), (100, 500)],
+                latency_rates: [1_000, 10_000],
+                latency_duration: Duration::from_millis(600),
+                sequential_requests: 500,
+                concurrent_requests: 3_000,
+                fanout_subscribers: args.fanout.unwrap_or(1_000),
+                fanout_rounds: 3,
+                memory_counts: vec![1_000],
+                deadline: Duration::from_secs(15),
+            }
+        } else {
+            Self {
+                throughput_messages: [(1, 200_000), (10, 50_000), (100, 10_000)],
+                latency_rates: [1_000, 10_000],
+                latency_duration: Duration::from_secs(5),
+                sequential_requests: 5_000,
+                concurrent_requests: 50_000,
+                fanout_subscribers: args.fanout.unwrap_or(10_000),
+                fanout_rounds: 5,
+                memory_counts: vec![1_000, 10_000],
+                deadline: Duration::from_secs(90),
+            }
+        }
+    }
+}
+
+/// Subscriptions per HTTP/2 connection (or NATS connection) for fan-out and memory.
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// The systems this run could start, or why not.
+struct Systems {
+    server: Result<Binary, String>,
+    sidecar: Result<Binary, String>,
+    nats: Result<NatsServer, String>,
+    redis: Result<RedisServer, String>,
+}
+
+impl Systems {
+    fn start() -> Self {
+        let server = procs::find_binary("ipc-server", "ipc-server");
+        match &server {
+            Ok(b) if b.profile == "debug" => eprintln!(
+                "ipc-bench: WARNING: using a DEBUG ipc-server ({}): its numbers mean nothing; \
+                 build with `cargo build --release -p ipc-server -p ipc-bench`",
+                b.path.display()
+            ),
+            Ok(b) => eprintln!("ipc-bench: ipc-server: {} (release)", b.path.display()),
+            Err(e) => eprintln!("ipc-bench: {e}"),
+        }
+        let sidecar = procs::find_binary("ipc-sidecar", "ipc-sidecar");
+        Self {
+            server,
+            sidecar,
+            nats: NatsServer::start().map_err(|e| format!("{e:#}")),
+            redis: RedisServer::start().map_err(|e| format!("{e:#}")),
+        }
+    }
+
+    /// A fresh embedded `ipc-server`.
+    fn embedded(&self) -> Result<IpcServer, String> {
+        let binary = self.server.as_ref().map_err(Clone::clone)?;
+        IpcServer::start(binary, &[]).map_err(|e| format!("{e:#}"))
+    }
+
+    /// Two `ipc-server` replicas on the run's Redis.
+    fn replicas(&self) -> Result<[IpcServer; 2], String> {
+        let binary = self.server.as_ref().map_err(Clone::clone)?;
+        let redis = self
+            .redis
+            .as_ref()
+            .map_err(|e| format!("no redis-server: {e}"))?;
+        if !procs::server_has_flag(binary, "--redis") {
+            return Err("ipc-server has no --redis flag yet (Redis bus not wired)".into());
+        }
+        let url = redis.url();
+        let start = |node: &str| {
+            IpcServer::start(binary, &["--redis", &url, "--node", node])
+                .map_err(|e| format!("{e:#}"))
+        };
+        Ok([start("bench-a")?, start("bench-b")?])
+    }
+}
+
+fn fleet_on(server: &IpcServer) -> Fleet {
+    Fleet {
+        subscribe_to: vec![Target::Tcp(server.grpc)],
+        publish_to: Target::Tcp(server.grpc),
+    }
+}
+
+/// The pub/sub peers of workloads 1 and 2, in table order: each a system or the
+/// reason it is not there. Processes live as long as the returned guard.
+/// A system under test, or why it is not there.
+type Available<T> = Result<T, String>;
+
+struct PubSubPeers {
+    peers: Vec<(String, Available<Box<dyn PubSub>>)>,
+    _servers: Vec<IpcServer>,
+}
+
+fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
+    let mut peers_out: Vec<(String, Available<Box<dyn PubSub>>)> = Vec::new();
+    let mut servers = Vec::new();
+    match systems.embedded() {
+        Ok(server) => {
+            peers_out.push((peers::FLEET.into(), Ok(Box::new(fleet_on(&server)))));
+            servers.push(server);
+        }
+        Err(e) => peers_out.push((peers::FLEET.into(), Err(e))),
+    }
+    match systems.replicas() {
+        Ok([a, b]) => {
+            // The publisher on replica a; subscribers alternate between a and b, so
+            // half of the deliveries cross Redis to the other replica.
+            peers_out.push((
+                peers::FLEET_REDIS.into(),
+                Ok(Box::new(Fleet {
+                    subscribe_to: vec![Target::Tcp(a.grpc), Target::Tcp(b.grpc)],
+                    publish_to: Target::Tcp(a.grpc),
+                })),
+            ));
+            servers.extend([a, b]);
+        }
+        Err(e) => peers_out.push((peers::FLEET_REDIS.into(), Err(e))),
+    }
+    peers_out.push((
+        peers::NATS.into(),
+        systems
+            .nats
+            .as_ref()
+            .map(|n| Box::new(nats::Nats { url: n.url() }) as Box<dyn PubSub>)
+            .map_err(Clone::clone),
+    ));
+    let redis_client = || -> Result<redis::Client, String> {
+        let server = systems.redis.as_ref().map_err(Clone::clone)?;
+        redis::Client::open(server.url()).map_err(|e| e.to_string())
+    };
+    peers_out.push((
+        peers::REDIS_PUBSUB.into(),
+        redis_client()
+            .map(|client| Box::new(redis_peers::RedisPubSub { client }) as Box<dyn PubSub>),
+    ));
+    if with_streams {
+        peers_out.push((
+            peers::REDIS_XADD.into(),
+            redis_client()
+                .map(|client| Box::new(redis_peers::RedisStream { client }) as Box<dyn PubSub>),
+        ));
+    }
+    PubSubPeers {
+        peers: peers_out,
+        _servers: servers,
+    }
+}
+
+/// A fresh subject per run, so runs never see each other's messages.
+fn subject(kind: &str) -> String {
+    format!("bench:{kind}{}", payload::now_ns())
+}
+
+fn note(incomplete: &Option<String>) -> Option<String> {
+    incomplete.as_ref().map(|e| format!("INCOMPLETE: {e}"))
+}
+
+async fn run_throughput(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let peers_now = pubsub_peers(systems, true);
+    for (subscribers, messages) in sizes.throughput_messages {
+        let case = if subscribers == 1 {
+            "1 subscriber".to_string()
+        } else {
+            format!("{subscribers} subscribers")
+        };
+        for (name, peer) in &peers_now.peers {
+            let peer = match peer {
+                Ok(peer) => peer,
+                Err(reason) => {
+                    report.skip(names::THROUGHPUT, &case, name, reason.clone());
+                    continue;
+                }
+            };
+            eprintln!("ipc-bench: throughput {case}, {name}: {messages} messages");
+            match workloads::throughput(
+                peer.as_ref(),
+                &subject("tp"),
+                subscribers,
+                messages,
+                sizes.deadline,
+            )
+            .await
+            {
+                Ok(t) => report.add(
+                    names::THROUGHPUT,
+                    &case,
+                    name,
+                    vec![
+                        ("deliveries/s", t.deliveries_per_s, "/s"),
+                        ("publishes/s", t.publishes_per_s, "/s"),
+                    ],
+                    note(&t.incomplete),
+                ),
+                Err(e) => report.skip(names::THROUGHPUT, &case, name, format!("failed: {e:#}")),
+            }
+        }
+    }
+}
+
+fn latency_figures(h: &hdrhistogram::Histogram<u64>) -> Vec<(&'static str, f64, &'static str)> {
+    vec![
+        ("p50", percentile_us(h, 50.0), "µs"),
+        ("p99", percentile_us(h, 99.0), "µs"),
+        ("p99.9", percentile_us(h, 99.9), "µs"),
+    ]
+}
+
+async fn run_latency(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let peers_now = pubsub_peers(systems, false);
+    for rate in sizes.latency_rates {
+        let case = format!("{}k msg/s, 1 subscriber", rate / 1000);
+        for (name, peer) in &peers_now.peers {
+            let peer = match peer {
+                Ok(peer) => peer,
+                Err(reason) => {
+                    report.skip(names::LATENCY, &case, name, reason.clone());
+                    continue;
+                }
+            };
+            eprintln!("ipc-bench: latency {case}, {name}");
+            match workloads::latency(
+                peer.as_ref(),
+                &subject("lat"),
+                rate,
+                sizes.latency_duration,
+                sizes.deadline,
+            )
+            .await
+            {
+                Ok(l) => report.add(
+                    names::LATENCY,
+                    &case,
+                    name,
+                    latency_figures(&l.histogram),
+                    note(&l.incomplete),
+                ),
+                Err(e) => report.skip(names::LATENCY, &case, name, format!("failed: {e:#}")),
+            }
+        }
+    }
+}
+
+/// Round trips sequentially and with 64 in flight, reported under `workload`.
+async fn request_cases(
+    report: &mut Report,
+    workload: &str,
+    case_prefix: &str,
+    name: &str,
+    system: Result<&dyn RequestReply, String>,
+    sizes: &Sizes,
+) {
+    let cases = [
+        ("sequential", 1, sizes.sequential_requests),
+        ("64 in flight", 64, sizes.concurrent_requests),
+    ];
+    let requester = match system {
+        Ok(system) => system.start().await.map_err(|e| format!("failed: {e:#}")),
+        Err(reason) => Err(reason),
+    };
+    for (label, in_flight, total) in cases {
+        let case = format!("{case_prefix}{label}");
+        let requester = match &requester {
+            Ok(r) => r.clone(),
+            Err(reason) => {
+                report.skip(workload, &case, name, reason.clone());
+                continue;
+            }
+        };
+        eprintln!("ipc-bench: requests {case}, {name}: {total}");
+        match workloads::round_trips(requester, total, in_flight, sizes.deadline).await {
+            Ok(r) => report.add(
+                workload,
+                &case,
+                name,
+                vec![
+                    ("p50", percentile_us(&r.histogram, 50.0), "µs"),
+                    ("p99", percentile_us(&r.histogram, 99.0), "µs"),
+                    ("requests/s", r.per_second, "/s"),
+                ],
+                None,
+            ),
+            Err(e) => report.skip(workload, &case, name, format!("failed: {e:#}")),
+        }
+    }
+}
+
+async fn run_requests(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    match systems.embedded() {
+        Ok(server) => {
+            let system = FleetRequests {
+                request_from: Target::Tcp(server.grpc),
+                respond_on: Target::Tcp(server.grpc),
+            };
+            request_cases(report, names::REQUEST, "", peers::FLEET, Ok(&system), sizes).await;
+        }
+        Err(e) => request_cases(report, names::REQUEST, "", peers::FLEET, Err(e), sizes).await,
+    }
+    match systems.replicas() {
+        Ok([a, b]) => {
+            let system = FleetRequests {
+                request_from: Target::Tcp(a.grpc),
+                respond_on: Target::Tcp(b.grpc),
+            };
+            let name = "fleet-ipc+Redis (across replicas)";
+            request_cases(report, names::REQUEST, "", name, Ok(&system), sizes).await;
+        }
+        Err(e) => {
+            let name = "fleet-ipc+Redis (across replicas)";
+            request_cases(report, names::REQUEST, "", name, Err(e), sizes).await;
+        }
+    }
+    let nats_system = systems
+        .nats
+        .as_ref()
+        .map(|n| nats::NatsRequests { url: n.url() });
+    let system = nats_system
+        .as_ref()
+        .map(|s| s as &dyn RequestReply)
+        .map_err(|e| (*e).clone());
+    request_cases(
+        report,
+        names::REQUEST,
+        "",
+        peers::NATS_REQUEST,
+        system,
+        sizes,
+    )
+    .await;
+}
+
+async fn run_fanout(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let case = format!(
+        "{} subscribers, {} per connection",
+        thousands(sizes.fanout_subscribers),
+        STREAMS_PER_CONNECTION
+    );
+    let fleet_server = systems.embedded();
+    let fleet_peer = fleet_server
+        .as_ref()
+        .map(|s| Box::new(fleet_on(s)) as Box<dyn PubSub>)
+        .map_err(Clone::clone);
+    let nats_peer = systems
+        .nats
+        .as_ref()
+        .map(|n| Box::new(nats::Nats { url: n.url() }) as Box<dyn PubSub>)
+        .map_err(Clone::clone);
+    for (name, peer) in [(peers::FLEET, fleet_peer), (peers::NATS, nats_peer)] {
+        let peer = match peer {
+            Ok(peer) => peer,
+            Err(reason) => {
+                report.skip(names::FANOUT, &case, name, reason);
+                continue;
+            }
+        };
+        eprintln!("ipc-bench: fan-out {case}, {name}");
+        match workloads::fanout(
+            peer.as_ref(),
+            &subject("fan"),
+            sizes.fanout_subscribers,
+            STREAMS_PER_CONNECTION,
+            sizes.fanout_rounds,
+            sizes.deadline,
+        )
+        .await
+        {
+            Ok(f) => {
+                let mut text = format!(
+                    "{} rounds; subscribing took {:.1} s",
+                    sizes.fanout_rounds, f.open_seconds
+                );
+                if let Some(e) = &f.incomplete {
+                    text = format!("INCOMPLETE: {e}; {text}");
+                }
+                report.add(
+                    names::FANOUT,
+                    &case,
+                    name,
+                    vec![
+                        ("p50", percentile_us(&f.histogram, 50.0), "µs"),
+                        ("p99", percentile_us(&f.histogram, 99.0), "µs"),
+                        ("max", f.histogram.max() as f64 / 1000.0, "µs"),
+                    ],
+                    Some(text),
+                );
+            }
+            Err(e) => report.skip(names::FANOUT, &case, name, format!("failed: {e:#}")),
+        }
+    }
+}
+
+async fn run_memory(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let cases: Vec<String> = sizes
+        .memory_counts
+        .iter()
+        .map(|n| format!("{} subscribers", thousands(*n)))
+        .collect();
+    // A fresh process per system, so the growth is the subscribers' alone.
+    let fleet = systems.embedded();
+    let nats_server = NatsServer::start().map_err(|e| format!("{e:#}"));
+    // Each system with the pid whose memory is read.
+    type Measured = Available<(Box<dyn PubSub>, u32)>;
+    let runs: [(&str, Measured); 2] = [
+        (
+            peers::FLEET,
+            fleet
+                .as_ref()
+                .map(|s| (Box::new(fleet_on(s)) as Box<dyn PubSub>, s.process.pid()))
+                .map_err(Clone::clone),
+        ),
+        (
+            peers::NATS,
+            nats_server
+                .as_ref()
+                .map(|n| {
+                    (
+                        Box::new(nats::Nats { url: n.url() }) as Box<dyn PubSub>,
+                        n.process.pid(),
+                    )
+                })
+                .map_err(Clone::clone),
+        ),
+    ];
+    for (name, run) in runs {
+        let (peer, pid) = match run {
+            Ok(run) => run,
+            Err(reason) => {
+                for case in &cases {
+                    report.skip(names::MEMORY, case, name, reason.clone());
+                }
+                continue;
+            }
+        };
+        eprintln!("ipc-bench: idle memory, {name}");
+        match workloads::idle_memory(
+            peer.as_ref(),
+            pid,
+            &subject("idle"),
+            &sizes.memory_counts,
+            STREAMS_PER_CONNECTION,
+        )
+        .await
+        {
+            Ok(points) => {
+                for ((count, per, total), case) in points.into_iter().zip(&cases) {
+                    report.add(
+                        names::MEMORY,
+                        case,
+                        name,
+                        vec![
+                            ("per subscriber", per, "KiB"),
+                            ("total growth", total / 1024.0, "MiB"),
+                        ],
+                        Some(format!(
+                            "RSS growth over {} connections",
+                            count.div_ceil(STREAMS_PER_CONNECTION)
+                        )),
+                    );
+                }
+            }
+            Err(e) => {
+                for case in &cases {
+                    report.skip(names::MEMORY, case, name, format!("failed: {e:#}"));
+                }
+            }
+        }
+    }
+}
+
+async fn run_sidecar(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let request_case = "request, ";
+    let latency_case = "broadcast latency 1k msg/s";
+    let skip_all = |report: &mut Report, name: &str, reason: &str| {
+        for case in [
+            format!("{request_case}sequential"),
+            format!("{request_case}64 in flight"),
+            latency_case.to_string(),
+        ] {
+            report.skip(names::SIDECAR_HOP, &case, name, reason.to_string());
+        }
+    };
+    let server = match systems.embedded() {
+        Ok(server) => server,
+        Err(e) => {
+            skip_all(report, peers::DIRECT, &e);
+            skip_all(report, peers::SIDECAR, &e);
+            return;
+        }
+    };
+    let sidecar = match &systems.sidecar {
+        Ok(binary) => Sidecar::start(binary, &server.url()).map_err(|e| format!("{e:#}")),
+        Err(e) => Err(format!("sidecar: {e}")),
+    };
+    let direct = Target::Tcp(server.grpc);
+    let variants = [
+        (peers::DIRECT, Ok(direct.clone())),
+        (
+            peers::SIDECAR,
+            sidecar
+                .as_ref()
+                .map(|s| Target::Unix(s.socket.clone()))
+                .map_err(Clone::clone),
+        ),
+    ];
+    for (name, target) in variants {
+        let target = match target {
+            Ok(target) => target,
+            Err(reason) => {
+                skip_all(report, name, &reason);
+                continue;
+            }
+        };
+        // The requester (or subscriber) goes through `target`; the other side is
+        // connected directly to the server, as a process in another pod would be.
+        let system = FleetRequests {
+            request_from: target.clone(),
+            respond_on: direct.clone(),
+        };
+        request_cases(
+            report,
+            names::SIDECAR_HOP,
+            request_case,
+            name,
+            Ok(&system),
+            sizes,
+        )
+        .await;
+        let peer = Fleet {
+            subscribe_to: vec![target],
+            publish_to: direct.clone(),
+        };
+        eprintln!("ipc-bench: sidecar {latency_case}, {name}");
+        match workloads::latency(
+            &peer,
+            &subject("side"),
+            1_000,
+            sizes.latency_duration,
+            sizes.deadline,
+        )
+        .await
+        {
+            Ok(l) => report.add(
+                names::SIDECAR_HOP,
+                latency_case,
+                name,
+                latency_figures(&l.histogram),
+                note(&l.incomplete),
+            ),
+            Err(e) => report.skip(
+                names::SIDECAR_HOP,
+                latency_case,
+                name,
+                format!("failed: {e:#}"),
+            ),
+        }
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or_else(
+            || "?".into(),
+            |kib| format!("{:.1} GiB", kib as f64 / 1048576.0),
+        );
+    format!("{cores} cores ({cpu}), {memory} RAM")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let sizes = Sizes::new(&args);
+    let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let started = std::time::Instant::now();
+    payload::now_ns();
+
+    let systems = Systems::start();
+    let mut report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        quick: args.quick,
+        machine: machine(),
+        server_binary: match &systems.server {
+            Ok(b) => format!("{} ({})", b.path.display(), b.profile),
+            Err(e) => e.clone(),
+        },
+        ..Report::default()
+    };
+    if wants("throughput") {
+        run_throughput(&mut report, &systems, &sizes).await;
+    }
+    if wants("latency") {
+        run_latency(&mut report, &systems, &sizes).await;
+    }
+    if wants("request") {
+        run_requests(&mut report, &systems, &sizes).await;
+    }
+    if wants("fanout") {
+        run_fanout(&mut report, &systems, &sizes).await;
+    }
+    if wants("memory") {
+        run_memory(&mut report, &systems, &sizes).await;
+    }
+    if wants("sidecar") {
+        run_sidecar(&mut report, &systems, &sizes).await;
+    }
+    report.check_targets();
+
+    println!(
+        "ipc-bench{}: {} — ipc-server {}",
+        if args.quick { " --quick" } else { "" },
+        report.machine,
+        report.server_binary
+    );
+    println!(
+        "1 publisher with {} publishes in flight, at most {} messages ahead of the slowest subscriber; payloads of {} bytes; ratios are fleet-ipc's figure ÷ the peer's, same run.\n",
+        workloads::PUBLISH_WINDOW,
+        workloads::MAX_AHEAD,
+        payload::PAYLOAD_BYTES
+    );
+    println!("{}", report.table());
+    println!("{}", report.targets_table());
+    println!("finished in {:.0} s", started.elapsed().as_secs_f64());
+
+    let path = args
+        .json
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results/latest.json"));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("ipc-bench: results written to {}", path.display());
+    Ok(())
+}

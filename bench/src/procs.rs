@@ -1,0 +1,309 @@
+//! The processes a run starts and owns: `ipc-server` (embedded or on Redis),
+//! `ipc-sidecar`, `nats-server`, `redis-server`. Each is ready when it says so
+//! (a readiness line, or an answer on its port), is killed when dropped, and is
+//! found or reported missing with a reason the table can print.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// How long a process may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A workspace binary and the profile it was built with.
+#[derive(Debug, Clone)]
+pub struct Binary {
+    pub path: PathBuf,
+    pub profile: &'static str,
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR`, else `<workspace>/target`).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// Finds `target/release/NAME`, else `target/debug/NAME`; `Err` says how to build it.
+pub fn find_binary(name: &str, package: &str) -> Result<Binary, String> {
+    let target = target_dir();
+    for profile in ["release", "debug"] {
+        let path = target.join(profile).join(name);
+        if path.is_file() {
+            return Ok(Binary { path, profile });
+        }
+    }
+    Err(format!(
+        "{name} not built (cargo build --release -p {package})"
+    ))
+}
+
+/// Finds a system program on PATH or in the usual system directories.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"])
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process killed on drop.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `VmRSS` of a process, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS line in /proc/PID/status")
+}
+
+/// Spawns `command` with stdout piped and waits for a stdout line starting with
+/// `prefix`; returns the process and that line.
+fn spawn_until_line(
+    mut command: Command,
+    name: &str,
+    prefix: &'static str,
+) -> anyhow::Result<(Process, String)> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let stderr = child.stderr.take().context("piped stderr")?;
+    let (line_tx, line_rx) = mpsc::channel();
+    // Drain both pipes for the life of the process so it never blocks on a full pipe;
+    // keep the last lines of stderr to explain a failure.
+    std::thread::spawn(move || {
+        let mut line_tx = Some(line_tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(tx) = line_tx.take_if(|_| line.starts_with(prefix)) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let (err_tx, err_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if err_tx.send(line).is_err() {
+                // Nobody listens any more: keep draining.
+            }
+        }
+    });
+    let mut process = Process { child };
+    match line_rx.recv_timeout(READY_TIMEOUT) {
+        Ok(line) => Ok((process, line)),
+        Err(_) => {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+            let tail: Vec<String> = err_rx.try_iter().collect();
+            let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
+            bail!("{name} printed no `{prefix}` line within {READY_TIMEOUT:?}; stderr: {tail}")
+        }
+    }
+}
+
+/// A running `ipc-server`.
+pub struct IpcServer {
+    pub process: Process,
+    pub grpc: SocketAddr,
+}
+
+impl IpcServer {
+    /// Starts `ipc-server` on free loopback ports with `extra` flags.
+    pub fn start(binary: &Binary, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut command = Command::new(&binary.path);
+        command
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "error");
+        let (process, line) = spawn_until_line(command, "ipc-server", "listening ")?;
+        let grpc = field(&line, "grpc=")?;
+        Ok(Self { process, grpc })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+}
+
+/// Whether this `ipc-server` accepts a flag (from its `--help`).
+pub fn server_has_flag(binary: &Binary, flag: &str) -> bool {
+    Command::new(&binary.path)
+        .arg("--help")
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split(|c: char| c.is_whitespace() || c == ',' || c == '=')
+                .any(|word| word == flag)
+        })
+}
+
+/// A running `ipc-sidecar` serving on a Unix socket.
+pub struct Sidecar {
+    pub _process: Process,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts `ipc-sidecar --socket DIR/ipc.sock --upstream URL` and waits for its
+    /// `listening socket=...` line.
+    pub fn start(binary: &Binary, upstream: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("ipc.sock");
+        let mut command = Command::new(&binary.path);
+        command
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--upstream", upstream])
+            .env("RUST_LOG", "error");
+        let (process, _line) = spawn_until_line(command, "ipc-sidecar", "listening ")?;
+        Ok(Self {
+            _process: process,
+            socket,
+            _dir: dir,
+        })
+    }
+}
+
+/// A private `nats-server` on a free loopback port.
+pub struct NatsServer {
+    pub process: Process,
+    pub port: u16,
+}
+
+impl NatsServer {
+    pub fn start() -> anyhow::Result<Self> {
+        let Some(program) = find_program("nats-server") else {
+            bail!("nats-server not installed (apt-get install nats-server)");
+        };
+        let port = free_port()?;
+        let mut command = Command::new(program);
+        command
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let process = Process {
+            child: command.spawn().context("starting nats-server")?,
+        };
+        wait_for_greeting(port, b"INFO", "nats-server", None)?;
+        Ok(Self { process, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A private `redis-server` on a free loopback port, in memory only (no RDB, no
+/// AOF): the same server serves fleet-ipc's Redis bus and the raw Redis peers, so
+/// the ratios compare like with like.
+pub struct RedisServer {
+    _process: Process,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> anyhow::Result<Self> {
+        let Some(program) = find_program("redis-server") else {
+            bail!("redis-server not installed (apt-get install redis-server)");
+        };
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mut command = Command::new(program);
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let process = Process {
+            child: command.spawn().context("starting redis-server")?,
+        };
+        wait_for_greeting(port, b"+PONG", "redis-server", Some(b"PING\r\n"))?;
+        Ok(Self {
+            _process: process,
+            port,
+            _dir: dir,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+/// Polls a port until the server answers with `expect` (after sending `probe`).
+fn wait_for_greeting(
+    port: u16,
+    expect: &[u8],
+    name: &str,
+    probe: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let mut buf = [0u8; 256];
+            let probed = probe.is_none_or(|p| conn.write_all(p).is_ok());
+            if probed
+                && conn
+                    .read(&mut buf)
+                    .is_ok_and(|n| buf[..n].starts_with(expect))
+            {
+                return Ok(());
+            }
+        }
+        // Polling a port that is not open yet: there is no signal to wait on.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{name} on port {port} did not answer within {READY_TIMEOUT:?}")
+}
+
+/// `key=VALUE` from a readiness line.
+fn field(line: &str, key: &str) -> anyhow::Result<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|part| part.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("readiness line without {key}: {line:?}"))
+}

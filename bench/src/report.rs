@@ -1,0 +1,350 @@
+//! The results of a run: rows of figures (or the reason a peer was skipped), the
+//! table printed to stdout with ratios against fleet-ipc measured in the same run,
+//! the targets of issues 2 and 8 checked, and the JSON file.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Names of the peers, as rows and targets refer to them.
+pub mod peers {
+    pub const FLEET: &str = "fleet-ipc";
+    pub const FLEET_REDIS: &str = "fleet-ipc+Redis";
+    pub const NATS: &str = "NATS core";
+    pub const REDIS_PUBSUB: &str = "Redis PUBLISH/SUBSCRIBE";
+    pub const REDIS_XADD: &str = "Redis XADD+XREAD";
+    pub const NATS_REQUEST: &str = "NATS request/reply";
+    pub const DIRECT: &str = "fleet-ipc direct (TCP)";
+    pub const SIDECAR: &str = "fleet-ipc via sidecar";
+}
+
+/// Names of the workloads.
+pub mod workloads {
+    pub const THROUGHPUT: &str = "1 broadcast throughput";
+    pub const LATENCY: &str = "2 publish→deliver latency";
+    pub const REQUEST: &str = "3 request round trip";
+    pub const FANOUT: &str = "4 fan-out of one broadcast";
+    pub const MEMORY: &str = "5 memory per idle subscriber";
+    pub const SIDECAR_HOP: &str = "6 sidecar hop";
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub metric: String,
+    pub value: f64,
+    pub unit: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub workload: String,
+    pub case: String,
+    pub peer: String,
+    pub figures: Vec<Figure>,
+    /// Why there are no figures (the peer is unavailable, or the run failed).
+    pub skipped: Option<String>,
+    /// What else the reader should know about this measurement.
+    pub note: Option<String>,
+}
+
+impl Row {
+    pub fn figure(&self, metric: &str) -> Option<f64> {
+        self.figures
+            .iter()
+            .find(|f| f.metric == metric)
+            .map(|f| f.value)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub target: String,
+    pub measured: String,
+    /// `None` when the figures it needs were not measured.
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub quick: bool,
+    pub machine: String,
+    pub server_binary: String,
+    pub rows: Vec<Row>,
+    pub targets: Vec<Target>,
+}
+
+impl Report {
+    pub fn add(
+        &mut self,
+        workload: &str,
+        case: &str,
+        peer: &str,
+        figures: Vec<(&str, f64, &str)>,
+        note: Option<String>,
+    ) {
+        self.rows.push(Row {
+            workload: workload.into(),
+            case: case.into(),
+            peer: peer.into(),
+            figures: figures
+                .into_iter()
+                .map(|(metric, value, unit)| Figure {
+                    metric: metric.into(),
+                    value,
+                    unit: unit.into(),
+                })
+                .collect(),
+            skipped: None,
+            note,
+        });
+    }
+
+    pub fn skip(&mut self, workload: &str, case: &str, peer: &str, reason: impl Into<String>) {
+        let reason = reason.into();
+        eprintln!("ipc-bench: {workload} / {case} / {peer}: skipped: {reason}");
+        self.rows.push(Row {
+            workload: workload.into(),
+            case: case.into(),
+            peer: peer.into(),
+            figures: Vec::new(),
+            skipped: Some(reason),
+            note: None,
+        });
+    }
+
+    fn find(&self, workload: &str, case: &str, peer: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| {
+            r.workload == workload && r.case == case && r.peer == peer && r.skipped.is_none()
+        })
+    }
+
+    fn figure(&self, workload: &str, case: &str, peer: &str, metric: &str) -> Option<f64> {
+        self.find(workload, case, peer)?.figure(metric)
+    }
+
+    /// The comparison column of a row: fleet-ipc's figure ÷ this peer's, per metric
+    /// (throughput: > 1 means fleet-ipc is faster; latency and memory: < 1 means
+    /// fleet-ipc is better). The sidecar row shows what the hop adds.
+    fn versus(&self, row: &Row) -> String {
+        if row.skipped.is_some() {
+            return String::new();
+        }
+        let mut parts = Vec::new();
+        let mut compare = |reference: &str, label: &str, difference: bool| {
+            let Some(base) = self.find(&row.workload, &row.case, reference) else {
+                return;
+            };
+            let mut out = Vec::new();
+            for figure in &row.figures {
+                let Some(base_value) = base.figure(&figure.metric) else {
+                    continue;
+                };
+                if difference {
+                    out.push(format!(
+                        "{} {}",
+                        figure.metric,
+                        signed(figure.value - base_value, &figure.unit)
+                    ));
+                } else if figure.value > 0.0 {
+                    out.push(format!(
+                        "{} {:.2}",
+                        figure.metric,
+                        base_value / figure.value
+                    ));
+                }
+            }
+            if !out.is_empty() {
+                parts.push(format!("{label}: {}", out.join(", ")));
+            }
+        };
+        match row.peer.as_str() {
+            peers::FLEET | peers::DIRECT => {}
+            peers::SIDECAR => compare(peers::DIRECT, "added by the hop", true),
+            peers::REDIS_PUBSUB | peers::REDIS_XADD => {
+                compare(peers::FLEET_REDIS, "fleet-ipc+Redis ÷ this", false);
+                compare(peers::FLEET, "fleet-ipc ÷ this", false);
+            }
+            _ => compare(peers::FLEET, "fleet-ipc ÷ this", false),
+        }
+        parts.join("; ")
+    }
+
+    /// The table as Markdown (readable as plain text too).
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        out.push_str("| workload | case | peer | figures | ratios |\n");
+        out.push_str("|---|---|---|---|---|\n");
+        for row in &self.rows {
+            let figures = match &row.skipped {
+                Some(reason) => format!("skipped: {reason}"),
+                None => {
+                    let mut text = row
+                        .figures
+                        .iter()
+                        .map(|f| format!("{} {}", f.metric, human(f.value, &f.unit)))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    if let Some(note) = &row.note {
+                        let _ = write!(text, " ({note})");
+                    }
+                    text
+                }
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                row.workload,
+                row.case,
+                row.peer,
+                figures,
+                self.versus(row)
+            );
+        }
+        out
+    }
+
+    /// Checks the targets of issues 2 and 8 against this run's figures.
+    pub fn check_targets(&mut self) {
+        use peers::*;
+        use workloads::*;
+        let mut targets = Vec::new();
+        let mut ratio_target = |target: &str,
+                                value: Option<(f64, f64)>,
+                                at_least: Option<f64>,
+                                at_most: Option<f64>| {
+            let (measured, met) = match value {
+                Some((a, b)) if b > 0.0 => {
+                    let r = a / b;
+                    let met = at_least.is_none_or(|t| r >= t) && at_most.is_none_or(|t| r <= t);
+                    (format!("{r:.2}"), Some(met))
+                }
+                _ => ("not measured".into(), None),
+            };
+            targets.push(Target {
+                target: target.into(),
+                measured,
+                met,
+            });
+        };
+        let tp = |peer: &str, case: &str| self.figure(THROUGHPUT, case, peer, "deliveries/s");
+        let both = |a: Option<f64>, b: Option<f64>| a.zip(b);
+        ratio_target(
+            "embedded throughput ≥ 0.5 × NATS core at 100 subscribers",
+            both(tp(FLEET, "100 subscribers"), tp(NATS, "100 subscribers")),
+            Some(0.5),
+            None,
+        );
+        for case in ["1 subscriber", "10 subscribers", "100 subscribers"] {
+            ratio_target(
+                &format!("fleet-ipc+Redis ≥ 0.8 × raw Redis XADD, {case}"),
+                both(tp(FLEET_REDIS, case), tp(REDIS_XADD, case)),
+                Some(0.8),
+                None,
+            );
+            ratio_target(
+                &format!("fleet-ipc+Redis ≥ 1.0 × Redis PUBLISH, {case}"),
+                both(tp(FLEET_REDIS, case), tp(REDIS_PUBSUB, case)),
+                Some(1.0),
+                None,
+            );
+        }
+        ratio_target(
+            "embedded ≥ 500,000 deliveries/s at 100 subscribers (issue 2; ratio to 500k)",
+            tp(FLEET, "100 subscribers").map(|v| (v, 500_000.0)),
+            Some(1.0),
+            None,
+        );
+        for case in ["sequential", "64 in flight"] {
+            ratio_target(
+                &format!("SendMsg p50 ≤ 2 × NATS request/reply, {case}"),
+                both(
+                    self.figure(REQUEST, case, FLEET, "p50"),
+                    self.figure(REQUEST, case, NATS_REQUEST, "p50"),
+                ),
+                None,
+                Some(2.0),
+            );
+        }
+        ratio_target(
+            "SendMsg p50 ≤ 200 µs, sequential (issue 2; ratio to 200 µs)",
+            self.figure(REQUEST, "sequential", FLEET, "p50")
+                .map(|v| (v, 200.0)),
+            None,
+            Some(1.0),
+        );
+        ratio_target(
+            "sidecar hop adds ≤ 100 µs p50 to a request (ratio of the added time to 100 µs)",
+            both(
+                self.figure(SIDECAR_HOP, "request, sequential", SIDECAR, "p50"),
+                self.figure(SIDECAR_HOP, "request, sequential", DIRECT, "p50"),
+            )
+            .map(|(s, d)| (s - d, 100.0)),
+            None,
+            Some(1.0),
+        );
+        let fanout_case = self
+            .rows
+            .iter()
+            .find(|r| r.workload == FANOUT && r.peer == FLEET && r.skipped.is_none())
+            .map(|r| r.case.clone());
+        if let Some(case) = fanout_case {
+            ratio_target(
+                &format!("fan-out p99 ≤ 100 ms, {case} (ratio to 100 ms)"),
+                self.figure(FANOUT, &case, FLEET, "p99")
+                    .map(|v| (v, 100_000.0)),
+                None,
+                Some(1.0),
+            );
+        } else {
+            ratio_target("fan-out to 10,000 p99 ≤ 100 ms", None, None, None);
+        }
+        for case in ["1,000 subscribers", "10,000 subscribers"] {
+            ratio_target(
+                &format!("≤ 16 KiB RSS per idle subscriber stream, {case} (ratio to 16 KiB)"),
+                self.figure(MEMORY, case, FLEET, "per subscriber")
+                    .map(|v| (v, 16.0)),
+                None,
+                Some(1.0),
+            );
+        }
+        self.targets = targets;
+    }
+
+    /// The targets as a Markdown table.
+    pub fn targets_table(&self) -> String {
+        let mut out = String::from("| target | measured ratio | met |\n|---|---|---|\n");
+        for t in &self.targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "—",
+            };
+            let _ = writeln!(out, "| {} | {} | {} |", t.target, t.measured, met);
+        }
+        out
+    }
+}
+
+/// A value with its unit, scaled for reading (µs → ms, /s → k/s).
+pub fn human(value: f64, unit: &str) -> String {
+    match unit {
+        "µs" if value >= 10_000.0 => format!("{:.1} ms", value / 1000.0),
+        "µs" => format!("{value:.0} µs"),
+        "/s" if value >= 1_000_000.0 => format!("{:.2} M/s", value / 1e6),
+        "/s" if value >= 1_000.0 => format!("{:.1} k/s", value / 1e3),
+        "/s" => format!("{value:.0} /s"),
+        "KiB" => format!("{value:.1} KiB"),
+        "MiB" => format!("{value:.1} MiB"),
+        other => format!("{value:.2} {other}"),
+    }
+}
+
+fn signed(value: f64, unit: &str) -> String {
+    let text = human(value.abs(), unit);
+    if value < 0.0 {
+        format!("−{text}")
+    } else {
+        format!("+{text}")
+    }
+}
