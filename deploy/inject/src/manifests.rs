@@ -153,7 +153,7 @@ fn apply_add(root: &mut Yaml, edit: &Edit) -> Result<(), String> {
         }
         .ok_or_else(|| format!("no {token:?} in {}", edit.path.join("/")))?;
     }
-    let value = serde_yaml::to_value(&edit.value).map_err(|e| e.to_string())?;
+    let value = name_first(serde_yaml::to_value(&edit.value).map_err(|e| e.to_string())?);
     match target {
         Yaml::Mapping(map) => {
             map.insert(Yaml::String(last.clone()), value);
@@ -171,6 +171,30 @@ fn apply_add(root: &mut Yaml, edit: &Edit) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Puts `name` first in every mapping, as people write Kubernetes objects
+/// (`- name: ipc-sidecar` rather than `- args:` ... `name:` further down); the other
+/// keys keep their order.
+fn name_first(value: Yaml) -> Yaml {
+    match value {
+        Yaml::Mapping(map) => {
+            let name_key = Yaml::String("name".to_owned());
+            let (mut named, mut rest) = (serde_yaml::Mapping::new(), serde_yaml::Mapping::new());
+            for (key, value) in map {
+                let target = if key == name_key {
+                    &mut named
+                } else {
+                    &mut rest
+                };
+                target.insert(key, name_first(value));
+            }
+            named.extend(rest);
+            Yaml::Mapping(named)
+        }
+        Yaml::Sequence(items) => Yaml::Sequence(items.into_iter().map(name_first).collect()),
+        other => other,
+    }
 }
 
 /// Splits a YAML stream into (separator line, document text) pairs, so untouched
@@ -262,6 +286,11 @@ spec:
         let init = &injected["spec"]["template"]["spec"]["initContainers"][0];
         assert_eq!(init["name"].as_str(), Some("ipc-sidecar"));
         assert_eq!(init["restartPolicy"].as_str(), Some("Always"));
+        let sidecar_yaml = serde_yaml::to_string(init).unwrap();
+        assert!(
+            sidecar_yaml.starts_with("name: ipc-sidecar\n"),
+            "{sidecar_yaml}"
+        );
     }
 
     #[test]
