@@ -128,6 +128,16 @@ enum Command {
         #[arg(long)]
         error: Option<String>,
     },
+    /// Add the fleet-ipc sidecar to the annotated workloads of a manifest, offline
+    /// (like `istioctl kube-inject`): `ipcctl inject -f app.yaml | kubectl apply -f -`.
+    /// The same patch as the admission webhook; needs no server.
+    Inject {
+        /// Manifest file (multi-document YAML); `-` reads standard input.
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
+        file: String,
+        #[command(flatten)]
+        sidecar: ipc_inject::InjectConfig,
+    },
     /// Print a shell completion script: `ipcctl completions bash > /etc/bash_completion.d/ipcctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -183,6 +193,29 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("bad duration {text:?}: {e}"))
 }
 
+/// `ipcctl inject`: reads the manifest, prints it injected; warnings on stderr.
+fn inject(file: &str, sidecar: &ipc_inject::InjectConfig) -> ExitCode {
+    let text = if file == "-" {
+        io::read_to_string(io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(err) => return fail(exit::BAD_INPUT, &format!("reading {file}: {err}")),
+    };
+    match ipc_inject::inject_manifests_report(&text, sidecar) {
+        Ok(out) => {
+            for warning in &out.warnings {
+                eprintln!("ipcctl: warning: {warning}");
+            }
+            print!("{}", out.yaml);
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(exit::BAD_INPUT, &format!("{file}: {err}")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -215,9 +248,13 @@ async fn run(cli: Cli) -> ExitCode {
         token,
         command,
     } = cli;
-    if let Command::Completions { shell } = command {
-        clap_complete::generate(shell, &mut Cli::command(), "ipcctl", &mut io::stdout());
-        return ExitCode::SUCCESS;
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ipcctl", &mut io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Inject { file, sidecar } => return inject(&file, &sidecar),
+        _ => {}
     }
     let mut builder = Client::builder(&addr);
     if let Some(app) = &app {
@@ -284,7 +321,7 @@ async fn run(cli: Cli) -> ExitCode {
             payload,
             error,
         } => reply(&client, reply_to, op, payload, error).await,
-        Command::Completions { .. } => Ok(()),
+        Command::Completions { .. } | Command::Inject { .. } => Ok(()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
