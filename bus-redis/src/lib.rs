@@ -1,1 +1,35 @@
-//! The Redis bus: replicas of the control plane in sync through a Redis Stream
+//! The Redis bus: any number of `ipc-server` replicas sharing one Redis behave as
+//! one control plane.
+//!
+//! - **The log** is a Redis Stream. A broadcast is acknowledged once its `XADD`
+//!   succeeded; concurrent appends are batched into one pipeline per round trip by a
+//!   single writer task. Every replica tails the stream with `XREAD BLOCK` and hands
+//!   entries to its hub in stream order — a replica's own broadcasts reach its
+//!   subscribers that way too, so all replicas see one order.
+//! - **Cursors** are `EPOCH.MS-SEQ`: the stream entry id plus a random epoch kept in
+//!   Redis, which changes when Redis lost its data, so stale cursors get `ipc:gap`.
+//! - **Presence**: each replica keeps its subscribers and their channel patterns in
+//!   Redis hashes that expire unless heartbeated; `Members` and request routing read
+//!   them fleet-wide in one script call.
+//! - **Requests** cross replicas through per-replica pub/sub inboxes, carrying the
+//!   remaining deadline; replies and their acknowledgements come back the same way.
+//!
+//! # Layout
+//! - [`config`]: [`RedisBusConfig`], what the server's flags set.
+//! - `keys`: names of everything stored in Redis under the prefix.
+//! - `link`: the shared command connection, reconnection with backoff, health.
+//! - `log`: entry ids and encoding, the batching writer, the tail, replay, the epoch.
+//! - `presence`: publishing this replica's subscribers; fleet-wide members and routes.
+//! - `inbox`: the wire format between replicas and the inbox listener.
+//! - [`bus`]: [`RedisBus`], the [`ipc_core::Bus`] tying them together.
+
+pub mod bus;
+pub mod config;
+mod inbox;
+mod keys;
+mod link;
+mod log;
+mod presence;
+
+pub use bus::RedisBus;
+pub use config::RedisBusConfig;

@@ -58,6 +58,38 @@ pub struct Config {
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long, env = "IPC_LOG_JSON")]
     pub log_json: bool,
+    /// Redis shared by the replicas (`redis://[user:password@]host:port[/db]`); without it the server runs alone on the memory bus.
+    #[arg(long, env = "IPC_REDIS")]
+    pub redis: Option<String>,
+    /// Prefix of every Redis key and channel, so several deployments can share one Redis.
+    #[arg(long, env = "IPC_REDIS_PREFIX", default_value = "ipc")]
+    pub redis_prefix: String,
+    /// Bound on one Redis call, in milliseconds: a broadcast while Redis is unreachable fails within it.
+    #[arg(long, env = "IPC_REDIS_TIMEOUT_MS", default_value_t = 2_000)]
+    pub redis_timeout_ms: u64,
+    /// How long a replica's members outlive its last heartbeat in Redis, in milliseconds.
+    #[arg(long, env = "IPC_PRESENCE_TTL_MS", default_value_t = 15_000)]
+    pub presence_ttl_ms: u64,
+}
+
+/// The bus under the node: Redis with `--redis`, else the memory bus.
+async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
+    let Some(url) = &config.redis else {
+        return Ok(Arc::new(MemoryBus::new(Retention {
+            messages: config.retention.max(1),
+            bytes: config.retention_bytes,
+        })));
+    };
+    let bus = ipc_bus_redis::RedisBus::connect(ipc_bus_redis::RedisBusConfig {
+        url: url.clone(),
+        prefix: config.redis_prefix.clone(),
+        retention: config.retention.max(1),
+        presence_ttl: Duration::from_millis(config.presence_ttl_ms),
+        command_timeout: Duration::from_millis(config.redis_timeout_ms.max(1)),
+    })
+    .await
+    .context("--redis")?;
+    Ok(Arc::new(bus))
 }
 
 impl Config {
@@ -102,10 +134,7 @@ pub struct Server {
 impl Server {
     /// Builds the node on its bus and binds the listeners.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(Retention {
-            messages: config.retention.max(1),
-            bytes: config.retention_bytes,
-        }));
+        let bus = build_bus(&config).await?;
         let node = Node::new(config.node_config(), bus);
         let grpc = TcpListener::bind(config.listen)
             .await

@@ -1,0 +1,352 @@
+//! [`RedisBus`]: the [`Bus`] of control-plane replicas sharing one Redis.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use ipc_core::bus::{Bus, BusError, Replay, ReplyError, RequestError};
+use ipc_core::channel::Pattern;
+use ipc_core::cursor::Cursor;
+use ipc_core::hub::Hub;
+use ipc_proto::pb::{Member, Msg};
+use parking_lot::Mutex;
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RedisBusConfig;
+use crate::inbox::{Asked, Body, Exchange, RemoteRequest, outcome};
+use crate::keys::Keys;
+use crate::link::Link;
+use crate::log::{self, Append, SharedPosition};
+use crate::presence::{self, Directory, PresenceSignals};
+
+/// Appends waiting for the writer; a full queue makes broadcasters wait (bounded
+/// by the call timeout) rather than grow memory.
+const APPEND_QUEUE: usize = 8192;
+
+/// Why a Redis bus could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid Redis URL: {0}")]
+    Url(#[from] redis::RedisError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The bus of control-plane replicas sharing one Redis.
+pub struct RedisBus {
+    inner: Arc<Inner>,
+    cancel: CancellationToken,
+}
+
+struct Inner {
+    config: RedisBusConfig,
+    keys: Keys,
+    link: Arc<Link>,
+    directory: Directory,
+    signals: Arc<PresenceSignals>,
+    appends: mpsc::Sender<Append>,
+    /// Taken by `attach`, which starts the writer.
+    appends_rx: Mutex<Option<mpsc::Receiver<Append>>>,
+    /// Where the tail is. Read at connect, so that nothing appended after the
+    /// server reported ready is missed; `None` = the log's end once connected.
+    tail: SharedPosition,
+    hub: OnceLock<Arc<Hub>>,
+    exchange: OnceLock<Arc<Exchange>>,
+    round_robin: AtomicUsize,
+}
+
+impl RedisBus {
+    /// Builds the bus and tries to connect for at most `command_timeout`. If Redis
+    /// is unreachable the bus still starts — unhealthy, refusing broadcasts — and
+    /// keeps reconnecting in the background. Background work starts at `attach`.
+    pub async fn connect(config: RedisBusConfig) -> Result<Self, ConfigError> {
+        if config.prefix.is_empty() {
+            return Err(ConfigError::Invalid("the Redis key prefix is empty".into()));
+        }
+        if config.presence_ttl.as_millis() < 30 {
+            return Err(ConfigError::Invalid(format!(
+                "presence TTL {:?} is too short (at least 30 ms)",
+                config.presence_ttl
+            )));
+        }
+        let client = redis::Client::open(config.url.as_str())?;
+        let keys = Keys::new(&config.prefix);
+        let link = Arc::new(Link::new(client, config.command_timeout));
+        let mut tail_start = None;
+        match tokio::time::timeout(config.command_timeout, link.connect()).await {
+            Ok(Ok(())) => match link.get() {
+                Ok(mut conn) => match log::current_position(&mut conn.conn, &keys).await {
+                    Ok(position) => tail_start = Some(position),
+                    Err(error) => tracing::warn!(%error, "could not read the log's position"),
+                },
+                Err(error) => tracing::warn!(%error, "Redis connection lost at start"),
+            },
+            Ok(Err(error)) => {
+                tracing::warn!(%error, url = %config.url, "Redis unreachable at start; will keep trying")
+            }
+            Err(_) => {
+                tracing::warn!(url = %config.url, "Redis did not answer at start; will keep trying")
+            }
+        }
+        let (appends, appends_rx) = mpsc::channel(APPEND_QUEUE);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                keys,
+                link,
+                directory: Directory::new(),
+                signals: Arc::new(PresenceSignals::new()),
+                appends,
+                appends_rx: Mutex::new(Some(appends_rx)),
+                tail: Arc::new(Mutex::new(tail_start)),
+                hub: OnceLock::new(),
+                exchange: OnceLock::new(),
+                round_robin: AtomicUsize::new(0),
+                config,
+            }),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    fn hub(&self) -> Result<&Arc<Hub>, BusError> {
+        self.inner
+            .hub
+            .get()
+            .ok_or_else(|| BusError::Internal("Redis bus used before attach".into()))
+    }
+
+    fn exchange(&self) -> Option<&Arc<Exchange>> {
+        self.inner.exchange.get()
+    }
+}
+
+impl Drop for RedisBus {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    fn attach(&self, hub: Arc<Hub>) {
+        if self.inner.hub.set(hub.clone()).is_err() {
+            return;
+        }
+        let inner = &self.inner;
+        let exchange = Arc::new(Exchange::new(
+            inner.link.clone(),
+            inner.keys.clone(),
+            hub.clone(),
+        ));
+        let _ = inner.exchange.set(exchange.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("Redis bus attached outside a Tokio runtime: it will not run");
+            return;
+        };
+        let cancel = &self.cancel;
+        runtime.spawn(inner.link.clone().supervise(cancel.clone()));
+        if let Some(pending) = inner.appends_rx.lock().take() {
+            runtime.spawn(log::run_writer(
+                inner.link.clone(),
+                inner.keys.clone(),
+                inner.config.retention.max(1),
+                pending,
+                cancel.clone(),
+            ));
+        }
+        runtime.spawn(log::run_tail(
+            inner.link.client().clone(),
+            inner.keys.clone(),
+            hub.clone(),
+            inner.tail.clone(),
+            inner.config.command_timeout,
+            cancel.clone(),
+        ));
+        runtime.spawn(presence::run_presence(
+            inner.link.clone(),
+            inner.keys.clone(),
+            hub,
+            inner.signals.clone(),
+            inner.config.presence_ttl,
+            cancel.clone(),
+        ));
+        runtime.spawn(exchange.listen(cancel.clone()));
+    }
+
+    async fn append(&self, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
+        let deadline = Instant::now() + self.inner.config.command_timeout;
+        // Refuse at once while Redis is known to be unreachable.
+        self.inner.link.get()?;
+        msg.cursor.clear();
+        let (done, stored) = oneshot::channel();
+        let append = Append {
+            payload: msg.encode_to_vec(),
+            done,
+        };
+        let unconfirmed = || {
+            BusError::Unavailable(
+                "Redis did not confirm the message in time; it was not acknowledged".into(),
+            )
+        };
+        tokio::time::timeout_at(deadline.into(), self.inner.appends.send(append))
+            .await
+            .map_err(|_| unconfirmed())?
+            .map_err(|_| BusError::Unavailable("the Redis bus is shutting down".into()))?;
+        let cursor = tokio::time::timeout_at(deadline.into(), stored)
+            .await
+            .map_err(|_| unconfirmed())?
+            .map_err(|_| BusError::Unavailable("the Redis bus is shutting down".into()))??;
+        msg.cursor = cursor.to_string();
+        Ok(Arc::new(msg))
+    }
+
+    async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {
+        log::replay(&self.inner.link, &self.inner.keys, after).await
+    }
+
+    async fn head(&self) -> Result<Option<Cursor>, BusError> {
+        Ok(self.inner.tail.lock().map(|p| p.last.cursor(p.epoch)))
+    }
+
+    /// Waits (bounded) until the new subscriber is in this replica's presence in
+    /// Redis, so that a request sent through any replica after `ipc:subscribed`
+    /// finds it. While Redis is unreachable it does not wait.
+    async fn cover(&self, _patterns: &[Pattern]) {
+        if self.inner.link.get().is_err() {
+            return;
+        }
+        if let Err(error) = self
+            .inner
+            .signals
+            .synced(self.inner.config.command_timeout)
+            .await
+        {
+            tracing::warn!(%error, "subscriber not yet visible to the fleet");
+        }
+    }
+
+    async fn request(
+        &self,
+        target: &str,
+        request: Msg,
+        deadline: Instant,
+    ) -> Result<Msg, RequestError> {
+        let (Ok(hub), Some(exchange)) = (self.hub(), self.exchange()) else {
+            return Err(RequestError::Unavailable(
+                "Redis bus used before attach".into(),
+            ));
+        };
+        let unavailable = |e: BusError| RequestError::Unavailable(e.to_string());
+        let route =
+            self.inner
+                .directory
+                .route(&self.inner.link, &self.inner.keys, hub.node(), target);
+        let mut nodes = match tokio::time::timeout_at(deadline.into(), route).await {
+            Ok(nodes) => nodes.map_err(unavailable)?,
+            Err(_) => return Err(RequestError::DeadlineExceeded(target.to_string())),
+        };
+        if nodes.is_empty() {
+            return Err(RequestError::NoResponders(target.to_string()));
+        }
+        // Spread requests for a role over the replicas that have its subscribers.
+        let start = self.inner.round_robin.fetch_add(1, Ordering::Relaxed) % nodes.len();
+        nodes.rotate_left(start);
+        for node in nodes {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Err(RequestError::DeadlineExceeded(target.to_string()));
+            };
+            let body = Body::Request(RemoteRequest {
+                target: target.to_string(),
+                msg: Some(request.clone()),
+                timeout_ms: left.as_millis() as u64,
+            });
+            match exchange
+                .ask(&node, body, deadline)
+                .await
+                .map_err(unavailable)?
+            {
+                Asked::Answered(Body::Response(response)) => match response.outcome {
+                    outcome::OK => return Ok(response.reply.unwrap_or_default()),
+                    // Its subscriber left meanwhile: another replica may have one.
+                    outcome::NO_RESPONDERS => continue,
+                    outcome::DEADLINE => {
+                        return Err(RequestError::DeadlineExceeded(target.to_string()));
+                    }
+                    _ => return Err(RequestError::Unavailable(response.detail)),
+                },
+                // A replica that died and whose presence has not expired yet.
+                Asked::NoListener => continue,
+                Asked::TimedOut => return Err(RequestError::DeadlineExceeded(target.to_string())),
+                Asked::Answered(other) => {
+                    return Err(RequestError::Unavailable(format!(
+                        "replica {node} answered a request with {other:?}"
+                    )));
+                }
+            }
+        }
+        Err(RequestError::NoResponders(target.to_string()))
+    }
+
+    async fn forward_reply(&self, reply: Msg) -> Result<(), ReplyError> {
+        let Some(exchange) = self.exchange() else {
+            return Err(ReplyError::Unavailable(
+                "Redis bus used before attach".into(),
+            ));
+        };
+        let reply_to = reply.reply_to.clone();
+        let Some(node) = Hub::reply_to_node(&reply_to) else {
+            return Err(ReplyError::NotFound(reply_to));
+        };
+        let deadline = Instant::now() + self.inner.config.command_timeout;
+        match exchange.ask(node, Body::Reply(reply), deadline).await {
+            Ok(Asked::Answered(Body::ReplyAck(ack))) if ack.outcome == outcome::OK => Ok(()),
+            // The request is gone, or so is the replica that delivered it.
+            Ok(Asked::Answered(Body::ReplyAck(_)) | Asked::NoListener) => {
+                Err(ReplyError::NotFound(reply_to))
+            }
+            Ok(Asked::TimedOut) => Err(ReplyError::Unavailable(format!(
+                "replica {node} did not confirm the reply in time"
+            ))),
+            Ok(Asked::Answered(other)) => Err(ReplyError::Unavailable(format!(
+                "replica {node} answered a reply with {other:?}"
+            ))),
+            Err(e) => Err(ReplyError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn members(&self, local: Vec<Member>) -> Result<Vec<Member>, BusError> {
+        let me = self.hub()?.node().to_string();
+        let mut all = self
+            .inner
+            .directory
+            .members(&self.inner.link, &self.inner.keys)
+            .await?;
+        // This replica's own members are fresher locally than in Redis.
+        all.retain(|m| m.node != me);
+        all.extend(local);
+        all.sort_by(|a, b| (&a.id, &a.node).cmp(&(&b.id, &b.node)));
+        Ok(all)
+    }
+
+    fn subscribers_changed(&self) {
+        self.inner.signals.changed();
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.inner.link.health()
+    }
+
+    async fn shutdown(&self) {
+        // Stop heartbeats first, so that nothing writes the presence back.
+        self.cancel.cancel();
+        if let Ok(hub) = self.hub() {
+            let node = hub.node().to_string();
+            if let Err(error) = presence::withdraw(&self.inner.link, &self.inner.keys, &node).await
+            {
+                tracing::warn!(%error, "could not remove this replica's presence from Redis");
+            }
+        }
+    }
+}

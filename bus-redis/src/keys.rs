@@ -1,0 +1,56 @@
+//! Names of what the bus stores in Redis, all under one prefix `P`:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:log` | stream | the log: field `m` = an encoded `ipc.v1.Msg` (without cursor) |
+//! | `P:epoch` | string | the log's epoch (hex), set once with `SET NX` |
+//! | `P:nodes` | set | names of replicas that published presence |
+//! | `P:node:N:alive` | string, expires | present while replica N heartbeats |
+//! | `P:node:N:members` | hash, expires | subscriber id → encoded `ipc.v1.Member` |
+//! | `P:node:N:exact` | hash, expires | exact channel → number of N's subscribers on it |
+//! | `P:node:N:wild` | hash, expires | wildcard pattern → number of N's subscribers on it |
+//! | `P:inbox:N` | pub/sub channel | requests, replies and acks for replica N |
+
+/// Key and channel names for one prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+    pub log: String,
+    pub epoch: String,
+    pub nodes: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            log: format!("{prefix}:log"),
+            epoch: format!("{prefix}:epoch"),
+            nodes: format!("{prefix}:nodes"),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn node_alive(&self, node: &str) -> String {
+        format!("{}:node:{node}:alive", self.prefix)
+    }
+
+    pub fn node_members(&self, node: &str) -> String {
+        format!("{}:node:{node}:members", self.prefix)
+    }
+
+    pub fn node_exact(&self, node: &str) -> String {
+        format!("{}:node:{node}:exact", self.prefix)
+    }
+
+    pub fn node_wild(&self, node: &str) -> String {
+        format!("{}:node:{node}:wild", self.prefix)
+    }
+
+    pub fn inbox(&self, node: &str) -> String {
+        format!("{}:inbox:{node}", self.prefix)
+    }
+}

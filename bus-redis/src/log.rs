@@ -1,0 +1,714 @@
+//! The log: a Redis Stream of encoded messages, its epoch, the batching writer,
+//! the tail that feeds the hub, and replay for resuming subscribers.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipc_core::bus::{BusError, Replay};
+use ipc_core::cursor::Cursor;
+use ipc_core::hub::Hub;
+use ipc_proto::pb::Msg;
+use prost::Message as _;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::Keys;
+use crate::link::{Backoff, Link};
+
+/// The stream field holding the encoded message.
+pub(crate) const FIELD: &str = "m";
+/// Most appends in one pipeline.
+const MAX_BATCH: usize = 1024;
+/// Most payload bytes in one pipeline (messages may be up to a few MiB each).
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Entries read per tail or replay round trip.
+const PAGE: usize = 1000;
+/// How long one `XREAD` blocks; after an idle block the tail checks the stream
+/// did not go backwards.
+const TAIL_BLOCK: Duration = Duration::from_secs(2);
+
+/// A stream entry id, `MS-SEQ`: ordered like the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub(crate) struct EntryId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl EntryId {
+    pub const ZERO: EntryId = EntryId { ms: 0, seq: 0 };
+
+    pub fn parse(text: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(text).ok()?;
+        let (ms, seq) = text.split_once('-')?;
+        Some(Self {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    pub fn cursor(self, epoch: u64) -> Cursor {
+        Cursor {
+            epoch,
+            hi: self.ms,
+            lo: self.seq,
+        }
+    }
+
+    pub fn of_cursor(cursor: &Cursor) -> Self {
+        Self {
+            ms: cursor.hi,
+            seq: cursor.lo,
+        }
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// A fresh random epoch, as stored (hex, never zero).
+fn epoch_candidate() -> String {
+    format!("{:x}", rand::random::<u64>().max(1))
+}
+
+fn parse_epoch(value: &Value) -> Option<u64> {
+    match value {
+        Value::BulkString(bytes) => u64::from_str_radix(std::str::from_utf8(bytes).ok()?, 16).ok(),
+        Value::SimpleString(text) => u64::from_str_radix(text, 16).ok(),
+        _ => None,
+    }
+}
+
+/// Adds `SET epoch NX` (ignored) and `GET epoch` to `pipe`: the first user of a
+/// log (or of a log Redis lost) draws its epoch; the `GET` reply is the epoch in
+/// force, whoever drew it.
+fn push_epoch(pipe: &mut redis::Pipeline, keys: &Keys) {
+    pipe.cmd("SET")
+        .arg(&keys.epoch)
+        .arg(epoch_candidate())
+        .arg("NX")
+        .ignore()
+        .cmd("GET")
+        .arg(&keys.epoch);
+}
+
+fn bad_reply(what: &str) -> BusError {
+    BusError::Internal(format!("unexpected Redis reply to {what}"))
+}
+
+/// Entries of an `XRANGE`/`XREVRANGE` reply (or of one stream in `XREAD`).
+fn parse_entries(value: Value) -> Vec<(EntryId, Option<Vec<u8>>)> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut parts) = item else {
+            continue;
+        };
+        if parts.len() != 2 {
+            continue;
+        }
+        let fields = parts.pop().unwrap_or_default();
+        let Some(id) = (match parts.pop() {
+            Some(Value::BulkString(id)) => EntryId::parse(&id),
+            Some(Value::SimpleString(id)) => EntryId::parse(id.as_bytes()),
+            _ => None,
+        }) else {
+            continue;
+        };
+        entries.push((id, field_value(fields)));
+    }
+    entries
+}
+
+/// The payload field of an entry's field list.
+fn field_value(fields: Value) -> Option<Vec<u8>> {
+    let pairs: Vec<(Value, Value)> = match fields {
+        Value::Array(flat) => {
+            let mut it = flat.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        Value::Map(pairs) => pairs,
+        _ => return None,
+    };
+    pairs.into_iter().find_map(|(k, v)| match (k, v) {
+        (Value::BulkString(k), Value::BulkString(v)) if k == FIELD.as_bytes() => Some(v),
+        _ => None,
+    })
+}
+
+/// Entries of an `XREAD` reply for one stream (RESP2 array or RESP3 map).
+fn parse_xread(value: Value) -> Vec<(EntryId, Option<Vec<u8>>)> {
+    let streams: Vec<Value> = match value {
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
+        _ => Vec::new(),
+    };
+    streams.into_iter().flat_map(parse_entries).collect()
+}
+
+/// The message of an entry, with its cursor; `None` (logged) if it is not ours.
+fn decode(epoch: u64, id: EntryId, payload: Option<Vec<u8>>) -> Option<Arc<Msg>> {
+    let decoded = payload.as_deref().map(Msg::decode);
+    match decoded {
+        Some(Ok(mut msg)) => {
+            msg.cursor = id.cursor(epoch).to_string();
+            Some(Arc::new(msg))
+        }
+        _ => {
+            tracing::warn!(entry = %id, "skipping a log entry that is not an encoded message");
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Writer
+
+/// An append waiting for its `XADD`.
+pub(crate) struct Append {
+    pub payload: Vec<u8>,
+    pub done: oneshot::Sender<Result<Cursor, BusError>>,
+}
+
+/// Drains pending appends into one pipeline per round trip, in arrival order:
+/// `SET epoch NX`, `GET epoch`, then one `XADD` per message. Each append learns its
+/// entry id (its cursor) or the failure; nothing is acknowledged that Redis did not
+/// answer.
+pub(crate) async fn run_writer(
+    link: Arc<Link>,
+    keys: Keys,
+    retention: usize,
+    mut pending: mpsc::Receiver<Append>,
+    cancel: CancellationToken,
+) {
+    let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            () = cancel.cancelled() => return,
+            next = pending.recv() => match next {
+                Some(append) => append,
+                None => return,
+            },
+        };
+        let mut bytes = first.payload.len();
+        batch.push(first);
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match pending.try_recv() {
+                Ok(append) => {
+                    bytes += append.payload.len();
+                    batch.push(append);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&link, &keys, retention, &batch).await;
+        match result {
+            Ok((epoch, ids)) => {
+                for (append, id) in batch.drain(..).zip(ids) {
+                    let _ = append.done.send(Ok(id.cursor(epoch)));
+                }
+            }
+            Err(error) => {
+                for append in batch.drain(..) {
+                    let _ = append.done.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(
+    link: &Link,
+    keys: &Keys,
+    retention: usize,
+    batch: &[Append],
+) -> Result<(u64, Vec<EntryId>), BusError> {
+    let mut pipe = redis::pipe();
+    push_epoch(&mut pipe, keys);
+    for append in batch {
+        pipe.cmd("XADD")
+            .arg(&keys.log)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(retention)
+            .arg("*")
+            .arg(FIELD)
+            .arg(&append.payload);
+    }
+    let replies: Vec<Value> = link
+        .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+        .await?;
+    let mut replies = replies.into_iter();
+    let epoch = replies
+        .next()
+        .as_ref()
+        .and_then(parse_epoch)
+        .ok_or_else(|| bad_reply("GET epoch"))?;
+    let ids: Vec<EntryId> = replies
+        .map(|reply| match reply {
+            Value::BulkString(id) => EntryId::parse(&id),
+            Value::SimpleString(id) => EntryId::parse(id.as_bytes()),
+            _ => None,
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad_reply("XADD"))?;
+    if ids.len() != batch.len() {
+        return Err(bad_reply("XADD"));
+    }
+    Ok((epoch, ids))
+}
+
+// ---------------------------------------------------------------------------------
+// Tail
+
+/// Where a tail is in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub epoch: u64,
+    pub last: EntryId,
+}
+
+/// The epoch in force and the stream's last entry id: where a new tail starts.
+pub(crate) async fn current_position(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+) -> Result<Position, BusError> {
+    let mut pipe = redis::pipe();
+    push_epoch(&mut pipe, keys);
+    pipe.cmd("XREVRANGE")
+        .arg(&keys.log)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1);
+    let (epoch, last): (Value, Value) = pipe
+        .query_async(conn)
+        .await
+        .map_err(|e| crate::link::unavailable(&e))?;
+    Ok(Position {
+        epoch: parse_epoch(&epoch).ok_or_else(|| bad_reply("GET epoch"))?,
+        last: parse_entries(last)
+            .first()
+            .map_or(EntryId::ZERO, |(id, _)| *id),
+    })
+}
+
+/// Where the tail is, shared with the bus for `head`. Updated *before* a batch is
+/// dispatched: a subscriber registered before `head` was read gets, live, every
+/// entry after the position it read.
+pub(crate) type SharedPosition = Arc<parking_lot::Mutex<Option<Position>>>;
+
+/// Follows the log from `position` (or from its end when `None`) on a dedicated
+/// connection, dispatching every entry to the hub in stream order; reconnects with
+/// backoff and continues from the last entry it dispatched.
+pub(crate) async fn run_tail(
+    client: redis::Client,
+    keys: Keys,
+    hub: Arc<Hub>,
+    position: SharedPosition,
+    timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(TAIL_BLOCK + timeout));
+    let mut backoff = Backoff::default();
+    loop {
+        let connected = tokio::select! {
+            () = cancel.cancelled() => return,
+            c = client.get_multiplexed_async_connection_with_config(&config) => c,
+        };
+        let error = match connected {
+            Ok(mut conn) => {
+                backoff.reset();
+                tail_connection(&mut conn, &keys, &hub, &position, &cancel).await
+            }
+            Err(e) => crate::link::unavailable(&e),
+        };
+        if cancel.is_cancelled() {
+            return;
+        }
+        tracing::debug!(%error, "log tail interrupted; reconnecting");
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Tails on one connection until it fails; returns the failure.
+async fn tail_connection(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    hub: &Hub,
+    shared: &SharedPosition,
+    cancel: &CancellationToken,
+) -> BusError {
+    let set = |p: Position| *shared.lock() = Some(p);
+    loop {
+        let known = *shared.lock();
+        let Position { epoch, last } = match known {
+            Some(p) => p,
+            None => match current_position(conn, keys).await {
+                Ok(p) => {
+                    set(p);
+                    p
+                }
+                Err(e) => return e,
+            },
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&keys.epoch);
+        pipe.cmd("XREAD")
+            .arg("COUNT")
+            .arg(PAGE)
+            .arg("BLOCK")
+            .arg(TAIL_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&keys.log)
+            .arg(last.to_string());
+        let reply = tokio::select! {
+            () = cancel.cancelled() => return BusError::Unavailable("stopped".into()),
+            r = pipe.query_async::<(Value, Value)>(conn) => r,
+        };
+        let (epoch_now, read) = match reply {
+            Ok(reply) => reply,
+            Err(e) => return crate::link::unavailable(&e),
+        };
+        let epoch_now = match parse_epoch(&epoch_now) {
+            Some(e) => e,
+            // The epoch key is gone: Redis lost its data. Draw the new epoch now.
+            None => match current_position(conn, keys).await {
+                Ok(p) => p.epoch,
+                Err(e) => return e,
+            },
+        };
+        if epoch_now != epoch {
+            let reason = format!(
+                "the log was lost (Redis lost its data, epoch {epoch:x} → {epoch_now:x}); \
+                 messages not yet delivered when it happened are gone"
+            );
+            tracing::warn!(%reason, "following the new log from its start");
+            set(Position {
+                epoch: epoch_now,
+                last: EntryId::ZERO,
+            });
+            hub.notify_all(&Arc::new(gap_notice(hub.node(), reason)));
+            continue;
+        }
+        let entries = parse_xread(read);
+        let Some((batch_last, _)) = entries.last() else {
+            // Idle: make sure the stream did not go backwards under us (deleted, or
+            // restored from an older copy); otherwise XREAD would skip new entries.
+            match current_position(conn, keys).await {
+                Ok(now) if now.epoch == epoch && now.last < last => {
+                    tracing::warn!(
+                        was = %last,
+                        now = %now.last,
+                        "the log's last entry went backwards; continuing from the log's end"
+                    );
+                    set(now);
+                }
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+            continue;
+        };
+        set(Position {
+            epoch,
+            last: *batch_last,
+        });
+        for (id, payload) in entries {
+            if let Some(msg) = decode(epoch, id, payload) {
+                hub.dispatch(&msg);
+            }
+        }
+    }
+}
+
+/// `ipc:gap` for live subscribers when the log itself was lost under them.
+fn gap_notice(node: &str, reason: String) -> Msg {
+    let data = serde_json::json!({ "reason": reason });
+    Msg {
+        op: "ipc:gap".into(),
+        data: Some(ipc_proto::json::to_value(&data)),
+        id: format!("{node}-gap-{:x}", rand::random::<u64>()),
+        sender: node.to_string(),
+        ts_ms: ipc_core::now_ms(),
+        ..Msg::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Replay
+
+/// What `XINFO STREAM` tells about the log.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct StreamInfo {
+    length: u64,
+    /// Entries ever added (Redis 7+): more than `length` means some were trimmed.
+    entries_added: Option<u64>,
+    last_generated: EntryId,
+    first: Option<EntryId>,
+}
+
+fn parse_stream_info(value: Value) -> Option<StreamInfo> {
+    let pairs: Vec<(Value, Value)> = match value {
+        Value::Array(flat) => {
+            let mut it = flat.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        Value::Map(pairs) => pairs,
+        _ => return None,
+    };
+    let mut info = StreamInfo::default();
+    for (key, value) in pairs {
+        let key = match key {
+            Value::BulkString(k) => String::from_utf8(k).ok()?,
+            Value::SimpleString(k) => k,
+            _ => continue,
+        };
+        match (key.as_str(), value) {
+            ("length", Value::Int(n)) => info.length = n.max(0) as u64,
+            ("entries-added", Value::Int(n)) => info.entries_added = Some(n.max(0) as u64),
+            ("last-generated-id", Value::BulkString(id)) => {
+                info.last_generated = EntryId::parse(&id)?;
+            }
+            ("last-generated-id", Value::SimpleString(id)) => {
+                info.last_generated = EntryId::parse(id.as_bytes())?;
+            }
+            ("first-entry", entry @ Value::Array(_)) => {
+                info.first = parse_entries(Value::Array(vec![entry]))
+                    .first()
+                    .map(|(id, _)| *id);
+            }
+            _ => {}
+        }
+    }
+    Some(info)
+}
+
+/// Entries after `after` up to the current end of the log, or a gap when the
+/// cursor's epoch is not the log's (Redis lost its data) or retention passed it.
+pub(crate) async fn replay(link: &Link, keys: &Keys, after: &Cursor) -> Result<Replay, BusError> {
+    let mut pipe = redis::pipe();
+    // XINFO fails on a log never written to; that is an answer, not a failure.
+    pipe.ignore_errors();
+    push_epoch(&mut pipe, keys);
+    pipe.cmd("XINFO").arg("STREAM").arg(&keys.log);
+    let replies: Vec<redis::RedisResult<Value>> = link
+        .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+        .await?;
+    let mut replies = replies.into_iter();
+    let epoch = replies
+        .next()
+        .and_then(Result::ok)
+        .as_ref()
+        .and_then(parse_epoch)
+        .ok_or_else(|| bad_reply("GET epoch"))?;
+    let info = replies
+        .next()
+        .and_then(Result::ok)
+        .and_then(parse_stream_info)
+        .unwrap_or_default();
+    let cursor = EntryId::of_cursor(after);
+
+    if after.epoch != epoch {
+        let messages = match info.length {
+            0 => Vec::new(),
+            _ => read_range(link, keys, epoch, None, info.last_generated).await?,
+        };
+        return Ok(Replay {
+            messages,
+            gap: Some(
+                "the log the cursor belongs to is gone (Redis lost its data); \
+                 these are all messages of the new log"
+                    .into(),
+            ),
+        });
+    }
+    if cursor > info.last_generated {
+        return Ok(Replay {
+            messages: Vec::new(),
+            gap: Some(format!(
+                "the cursor is past the end of the log (last entry {}): Redis lost recent messages",
+                info.last_generated
+            )),
+        });
+    }
+    let Some(first) = info.first else {
+        return Ok(Replay::default());
+    };
+    let trimmed = info.entries_added.is_none_or(|added| added > info.length);
+    if cursor < first && trimmed {
+        return Ok(Replay {
+            messages: read_range(link, keys, epoch, None, info.last_generated).await?,
+            gap: Some(format!(
+                "messages after the cursor were dropped by retention (oldest kept is {first}); \
+                 these are all messages kept"
+            )),
+        });
+    }
+    Ok(Replay {
+        messages: read_range(link, keys, epoch, Some(cursor), info.last_generated).await?,
+        gap: None,
+    })
+}
+
+/// Messages with ids in `(after, to]` (from the start when `after` is `None`),
+/// a page per round trip.
+async fn read_range(
+    link: &Link,
+    keys: &Keys,
+    epoch: u64,
+    mut after: Option<EntryId>,
+    to: EntryId,
+) -> Result<Vec<Arc<Msg>>, BusError> {
+    let mut messages = Vec::new();
+    loop {
+        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+        let log = keys.log.clone();
+        let to_text = to.to_string();
+        let page: Value = link
+            .call(|mut conn| async move {
+                redis::cmd("XRANGE")
+                    .arg(log)
+                    .arg(start)
+                    .arg(to_text)
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let entries = parse_entries(page);
+        let full = entries.len() == PAGE;
+        for (id, payload) in entries {
+            after = Some(id);
+            messages.extend(decode(epoch, id, payload));
+        }
+        if !full || after >= Some(to) {
+            return Ok(messages);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, fields: Vec<(&str, &[u8])>) -> Value {
+        let flat = fields
+            .into_iter()
+            .flat_map(|(k, v)| [Value::BulkString(k.into()), Value::BulkString(v.to_vec())])
+            .collect();
+        Value::Array(vec![Value::BulkString(id.into()), Value::Array(flat)])
+    }
+
+    #[test]
+    fn entry_ids_order_like_the_stream_and_round_trip() {
+        let a = EntryId::parse(b"1700000000000-0").unwrap();
+        let b = EntryId::parse(b"1700000000000-12").unwrap();
+        let c = EntryId::parse(b"1700000000001-0").unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(b.to_string(), "1700000000000-12");
+        assert_eq!(EntryId::of_cursor(&b.cursor(7)), b);
+        for bad in [&b""[..], b"12", b"a-1", b"1-", b"-1", b"1-2-3"] {
+            assert_eq!(EntryId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_range_and_read_replies() {
+        let msg = Msg {
+            op: "x".into(),
+            ..Msg::default()
+        };
+        let payload = msg.encode_to_vec();
+        let range = Value::Array(vec![
+            entry("5-0", vec![(FIELD, &payload)]),
+            entry("5-1", vec![("other", b"zz")]),
+            Value::Nil,
+        ]);
+        let entries = parse_entries(range.clone());
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].1.as_deref(), Some(&payload[..]));
+        assert_eq!(entries[1].1, None);
+
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"p:log".to_vec()),
+            range.clone(),
+        ])]);
+        assert_eq!(parse_xread(resp2).len(), 2);
+        let resp3 = Value::Map(vec![(Value::BulkString(b"p:log".to_vec()), range)]);
+        assert_eq!(parse_xread(resp3).len(), 2);
+        assert!(parse_xread(Value::Nil).is_empty());
+
+        let decoded = decode(0xab, entries[0].0, entries[0].1.clone()).unwrap();
+        assert_eq!(decoded.op, "x");
+        assert_eq!(decoded.cursor, "ab.5-0");
+        assert!(decode(0xab, entries[1].0, None).is_none());
+        assert!(decode(0xab, entries[1].0, Some(vec![0xff, 0xff])).is_none());
+    }
+
+    #[test]
+    fn parses_stream_info() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            bulk("length"),
+            Value::Int(100),
+            bulk("last-generated-id"),
+            bulk("9-3"),
+            bulk("entries-added"),
+            Value::Int(300),
+            bulk("first-entry"),
+            entry("7-1", vec![(FIELD, b"x")]),
+            bulk("last-entry"),
+            entry("9-3", vec![(FIELD, b"y")]),
+        ]);
+        let info = parse_stream_info(reply).unwrap();
+        assert_eq!(
+            info,
+            StreamInfo {
+                length: 100,
+                entries_added: Some(300),
+                last_generated: EntryId { ms: 9, seq: 3 },
+                first: Some(EntryId { ms: 7, seq: 1 }),
+            }
+        );
+        assert_eq!(parse_stream_info(Value::Nil), None);
+    }
+
+    #[test]
+    fn epochs_are_hex() {
+        assert_eq!(
+            parse_epoch(&Value::BulkString(b"3f2a".to_vec())),
+            Some(0x3f2a)
+        );
+        assert_eq!(parse_epoch(&Value::Nil), None);
+        assert_eq!(parse_epoch(&Value::BulkString(b"zz".to_vec())), None);
+        let candidate = epoch_candidate();
+        assert!(u64::from_str_radix(&candidate, 16).unwrap() > 0);
+    }
+}

@@ -1,0 +1,250 @@
+//! Replicas when Redis fails: unreachable, restarted with or without its data, or
+//! slow. Nothing acknowledged is lost or reordered, loss is reported, and health
+//! follows Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::future::join_all;
+use ipc_proto::pb::SubscribeRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_down_broadcasts_are_refused_and_streams_stay_open_then_all_resumes() {
+    let mut redis = redis();
+    let a = replica(&redis.url(), "a");
+    let b = replica(&redis.url(), "b");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut open = subscribe(&mut ca, channels("steady", &["news"])).await;
+    let before = broadcast(&mut cb, "news", "before")
+        .await
+        .expect("broadcast");
+    assert_eq!(texts(&mut open, 1).await, ["before"]);
+
+    redis.stop();
+    for client in [&mut ca, &mut cb] {
+        assert_code(
+            broadcast(client, "news", "lost?").await,
+            Code::Unavailable,
+            "",
+        );
+    }
+    wait_health(&a, ServingStatus::NotServing).await;
+    wait_health(&b, ServingStatus::NotServing).await;
+    // Still refused, not acknowledged, while it lasts.
+    assert_code(
+        broadcast(&mut ca, "news", "lost?").await,
+        Code::Unavailable,
+        "Redis",
+    );
+
+    redis.restart();
+    wait_health(&a, ServingStatus::Serving).await;
+    wait_health(&b, ServingStatus::Serving).await;
+    let after = eventually("a broadcast accepted after Redis returned", || {
+        let mut cb = cb.clone();
+        async move { broadcast(&mut cb, "news", "after").await.ok() }
+    })
+    .await;
+    // The stream opened before the outage continues, without what was refused.
+    assert_eq!(texts(&mut open, 1).await, ["after"]);
+
+    // Nothing acknowledged was lost: resume from before everything, on B.
+    let mut resumed = subscribe(
+        &mut cb,
+        SubscribeRequest {
+            cursor: before.cursor.clone(),
+            ..channels("late", &["news"])
+        },
+    )
+    .await;
+    let msg = next(&mut resumed).await;
+    assert_eq!(
+        (text_of(&msg), msg.cursor),
+        ("after".to_string(), after.cursor)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_lost_its_data_resuming_subscribers_and_live_ones_are_told_of_the_gap() {
+    let mut redis = redis();
+    let a = replica(&redis.url(), "a");
+    let mut ca = a.client().await;
+    let mut live = subscribe(&mut ca, channels("live", &["news"])).await;
+    let old = broadcast(&mut ca, "news", "old").await.expect("broadcast");
+    assert_eq!(texts(&mut live, 1).await, ["old"]);
+
+    redis.restart_empty();
+    wait_health(&a, ServingStatus::Serving).await;
+    eventually("a broadcast accepted by the empty Redis", || {
+        let mut ca = ca.clone();
+        async move { broadcast(&mut ca, "news", "new").await.ok() }
+    })
+    .await;
+
+    // The live stream learns its log was lost, then continues on the new one.
+    let gap = next(&mut live).await;
+    assert_eq!(gap.op, "ipc:gap", "{gap:?}");
+    assert_eq!(texts(&mut live, 1).await, ["new"]);
+
+    // A subscriber resuming with a cursor of the lost log gets ipc:gap first.
+    let mut resumed = subscribe(
+        &mut ca,
+        SubscribeRequest {
+            cursor: old.cursor.clone(),
+            ..channels("resumer", &["news"])
+        },
+    )
+    .await;
+    let gap = next(&mut resumed).await;
+    assert_eq!(gap.op, "ipc:gap", "{gap:?}");
+    assert_eq!(texts(&mut resumed, 1).await, ["new"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_slows_broadcasts_but_loses_and_reorders_nothing() {
+    let redis = redis();
+    let proxy = LatencyProxy::start(redis.port(), Duration::from_millis(15)).await;
+    let slow = replica(&proxy.url(), "slow");
+    let fast = replica(&redis.url(), "fast");
+    let (mut c_slow, mut c_fast) = (slow.client().await, fast.client().await);
+    let mut on_slow = subscribe(&mut c_slow, channels("s", &["ticks"])).await;
+    let mut on_fast = subscribe(&mut c_fast, channels("f", &["ticks"])).await;
+
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 25;
+    let publishers = (0..PUBLISHERS).map(|p| {
+        let mut client = c_slow.clone();
+        async move {
+            for n in 0..EACH {
+                broadcast(&mut client, "ticks", &format!("{p}:{n}"))
+                    .await
+                    .expect("broadcast");
+            }
+        }
+    });
+    join_all(publishers).await;
+
+    let seen_slow = texts(&mut on_slow, PUBLISHERS * EACH).await;
+    let seen_fast = texts(&mut on_fast, PUBLISHERS * EACH).await;
+    assert_eq!(
+        seen_slow, seen_fast,
+        "the two replicas disagree on the order"
+    );
+    for p in 0..PUBLISHERS {
+        let own: Vec<String> = seen_fast
+            .iter()
+            .filter(|t| t.starts_with(&format!("{p}:")))
+            .cloned()
+            .collect();
+        let expected: Vec<String> = (0..EACH).map(|n| format!("{p}:{n}")).collect();
+        assert_eq!(own, expected, "publisher {p}'s messages lost or reordered");
+    }
+    assert!(
+        proxy.forwarded() > 0,
+        "the slow replica did not go through the proxy"
+    );
+}
+
+/// A TCP proxy to a local port that delays every chunk by a fixed latency in each
+/// direction, keeping the byte order.
+struct LatencyProxy {
+    port: u16,
+    forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LatencyProxy {
+    async fn start(upstream: u16, latency: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy listener");
+        let port = listener.local_addr().expect("proxy address").port();
+        let forwarded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = forwarded.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(delayed_copy(
+                    client_read,
+                    server_write,
+                    latency,
+                    counter.clone(),
+                ));
+                tokio::spawn(delayed_copy(
+                    server_read,
+                    client_write,
+                    latency,
+                    counter.clone(),
+                ));
+            }
+        });
+        Self {
+            port,
+            forwarded,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn forwarded(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, each chunk leaving `latency` after it arrived.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    latency: Duration,
+    forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+            forwarded.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx
+                    .send((tokio::time::Instant::now() + latency, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
