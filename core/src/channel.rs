@@ -112,6 +112,37 @@ impl Pattern {
         }
         parts.next().is_none()
     }
+
+    /// Whether every channel `other` matches is also matched by `self`: the
+    /// inclusion test of authorization grants (a grant `shop:>` includes a
+    /// subscription to `shop:worker:*`, but `shop:*` does not include `shop:>`).
+    ///
+    /// Exact for one grant: `false` means some valid channel is matched by `other`
+    /// and not by `self`, because a literal segment can always be chosen outside
+    /// the finite set of literals `self` names.
+    pub fn includes(&self, other: &Pattern) -> bool {
+        segments_include(&self.segments, &other.segments)
+    }
+}
+
+fn segments_include(grant: &[Segment], requested: &[Segment]) -> bool {
+    match (grant.first(), requested.first()) {
+        (None, None) => true,
+        // Every segment kind consumes at least one channel segment, so a pattern
+        // with segments left never matches where the other has ended.
+        (None, Some(_)) | (Some(_), None) => false,
+        // `>` takes any one-or-more remaining segments: whatever `requested` still
+        // needs (at least one segment) is covered.
+        (Some(Segment::Rest), Some(_)) => true,
+        // A requested `>` matches tails of every length; only a `>` (handled above)
+        // covers all of them.
+        (Some(_), Some(Segment::Rest)) => false,
+        (Some(Segment::One), Some(_)) => segments_include(&grant[1..], &requested[1..]),
+        (Some(Segment::Literal(g)), Some(Segment::Literal(r))) if g == r => {
+            segments_include(&grant[1..], &requested[1..])
+        }
+        (Some(Segment::Literal(_)), Some(_)) => false,
+    }
 }
 
 impl fmt::Display for Pattern {
@@ -270,7 +301,92 @@ mod tests {
         ));
     }
 
+    fn includes(grant: &str, requested: &str) -> bool {
+        Pattern::parse(grant)
+            .unwrap()
+            .includes(&Pattern::parse(requested).unwrap())
+    }
+
+    #[test]
+    fn inclusion_of_patterns() {
+        assert!(includes("shop:>", "shop:worker"));
+        assert!(includes("shop:>", "shop:worker:*"));
+        assert!(includes("shop:>", "shop:>"));
+        assert!(includes("shop:>", "shop:*:>"));
+        assert!(includes(">", "a:b:c"));
+        assert!(includes("shop:*", "shop:worker"));
+        assert!(includes("shop:*", "shop:*"));
+        assert!(includes("*:worker", "shop:worker"));
+        assert!(includes("shop:worker", "shop:worker"));
+        assert!(!includes("shop:*", "shop:>"));
+        assert!(!includes("shop:*", "shop:worker:blue"));
+        assert!(!includes("shop:worker", "shop:*"));
+        assert!(!includes("shop:>", "shop"));
+        assert!(!includes("shop:>", "*:worker"));
+        assert!(!includes("shop:>", ">"));
+        assert!(!includes("shop:*:>", "shop:>"));
+        assert!(!includes("shop:worker", "shop:worker:x"));
+    }
+
+    /// A pattern over the literals `a` and `b` (so that `c` is a name neither
+    /// side mentions), 1 to 4 segments, `>` only last.
+    fn small_pattern() -> impl Strategy<Value = String> {
+        (
+            proptest::collection::vec(prop_oneof!["a", "b", Just("*".to_string())], 0..4),
+            prop_oneof!["a", "b", Just("*".to_string()), Just(">".to_string())],
+        )
+            .prop_map(|(mut head, last)| {
+                head.push(last);
+                head.join(":")
+            })
+    }
+
+    /// Every channel of 1 to 5 segments over `a`, `b`, `c`: enough to find a
+    /// counterexample to the inclusion of patterns of at most 4 segments.
+    fn small_channels() -> Vec<String> {
+        let mut all = Vec::new();
+        let mut layer = vec![String::new()];
+        for _ in 0..5 {
+            layer = layer
+                .iter()
+                .flat_map(|prefix| {
+                    ["a", "b", "c"].map(|s| {
+                        if prefix.is_empty() {
+                            s.to_string()
+                        } else {
+                            format!("{prefix}:{s}")
+                        }
+                    })
+                })
+                .collect();
+            all.extend(layer.iter().cloned());
+        }
+        all
+    }
+
     proptest! {
+        #[test]
+        fn inclusion_agrees_with_matching(grant in small_pattern(), requested in small_pattern()) {
+            let g = Pattern::parse(&grant).unwrap();
+            let r = Pattern::parse(&requested).unwrap();
+            let counterexample = small_channels()
+                .into_iter()
+                .find(|c| r.matches(c) && !g.matches(c));
+            // Sound: included means no channel escapes the grant. Exact: not
+            // included means a channel that escapes exists.
+            prop_assert_eq!(g.includes(&r), counterexample.is_none(), "{:?}", counterexample);
+        }
+
+        #[test]
+        fn every_pattern_includes_itself_and_is_included_by_its_tail_grant(
+            segs in proptest::collection::vec(prop_oneof!["[a-z0-9_./-]{1,8}", Just("*".to_string())], 1..6)
+        ) {
+            let text = segs.join(":");
+            let p = Pattern::parse(&text).unwrap();
+            prop_assert!(p.includes(&p));
+            prop_assert!(Pattern::parse(">").unwrap().includes(&p));
+        }
+
         #[test]
         fn parsing_never_panics(text in ".{0,300}") {
             let _ = parse_pattern(&text, Some("app"));

@@ -39,6 +39,37 @@ pub struct SubscriberSpec {
     pub tag: String,
     pub labels: HashMap<String, String>,
     pub patterns: Vec<Pattern>,
+    /// The identity that opened it (the caller's sender): per-identity limits
+    /// count by it.
+    pub owner: String,
+    /// Whether `owner` was authenticated: then only that identity may answer the
+    /// requests handed to this subscriber.
+    pub verified_owner: bool,
+}
+
+/// Limits checked when a subscriber registers.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Most subscribers in the hub.
+    pub max_streams: usize,
+    /// Most subscribers of one owner.
+    pub max_per_owner: usize,
+}
+
+impl StreamLimits {
+    pub const NONE: StreamLimits = StreamLimits {
+        max_streams: usize::MAX,
+        max_per_owner: usize::MAX,
+    };
+}
+
+/// Why a subscriber was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterError {
+    /// The hub holds `max_streams` subscribers.
+    Streams,
+    /// The owner holds `max_per_owner` subscribers.
+    PerOwner,
 }
 
 struct Subscriber {
@@ -54,6 +85,8 @@ struct Registry {
     by_id: HashMap<String, u64>,
     exact: HashMap<String, Vec<u64>>,
     wildcard: Vec<(Pattern, u64)>,
+    /// Live subscribers per owner.
+    owners: HashMap<String, usize>,
 }
 
 impl Registry {
@@ -79,6 +112,8 @@ struct Pending {
     tx: oneshot::Sender<Msg>,
     /// The subscriber the request went to: if it leaves, the caller learns at once.
     subscriber: u64,
+    /// The authenticated identity of that subscriber: only it may reply.
+    owner: Option<String>,
 }
 
 /// The live subscribers of one node.
@@ -158,11 +193,39 @@ impl Hub {
 
     /// Adds a subscriber. One with the same id is replaced (its stream ends).
     pub fn register(self: &Arc<Self>, spec: SubscriberSpec) -> Subscription {
+        match self.try_register(spec, StreamLimits::NONE) {
+            Ok(subscription) => subscription,
+            Err(_) => unreachable!("no limit to exceed"),
+        }
+    }
+
+    /// Adds a subscriber within `limits`, checked and applied atomically. Replacing
+    /// a subscriber of the same id and owner (a reconnect) counts as no new one.
+    pub fn try_register(
+        self: &Arc<Self>,
+        spec: SubscriberSpec,
+        limits: StreamLimits,
+    ) -> Result<Subscription, RegisterError> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.queue_capacity);
         let closed = Arc::new(Mutex::new(None));
         let previous = {
             let mut reg = self.registry.write();
+            let replaced = reg
+                .by_id
+                .get(&spec.id)
+                .and_then(|k| reg.subs.get(k))
+                .map(|sub| sub.spec.owner.as_str());
+            let same_owner = replaced == Some(spec.owner.as_str());
+            if replaced.is_none() && reg.subs.len() >= limits.max_streams {
+                return Err(RegisterError::Streams);
+            }
+            if !same_owner
+                && reg.owners.get(&spec.owner).copied().unwrap_or(0) >= limits.max_per_owner
+            {
+                return Err(RegisterError::PerOwner);
+            }
+            *reg.owners.entry(spec.owner.clone()).or_default() += 1;
             let previous = reg.by_id.insert(spec.id.clone(), key);
             for pattern in &spec.patterns {
                 if pattern.is_exact() {
@@ -190,14 +253,14 @@ impl Hub {
         }
         self.metrics.subscribers.fetch_add(1, Ordering::Relaxed);
         self.changed();
-        Subscription {
+        Ok(Subscription {
             key,
             id: spec.id,
             patterns: spec.patterns,
             rx,
             closed,
             hub: Arc::downgrade(self),
-        }
+        })
     }
 
     /// Removes a subscriber; its stream ends with `reason` once drained.
@@ -209,6 +272,12 @@ impl Hub {
             };
             if reg.by_id.get(&sub.spec.id) == Some(&key) {
                 reg.by_id.remove(&sub.spec.id);
+            }
+            if let Some(count) = reg.owners.get_mut(&sub.spec.owner) {
+                *count -= 1;
+                if *count == 0 {
+                    reg.owners.remove(&sub.spec.owner);
+                }
             }
             for pattern in sub.spec.patterns.iter().filter(|p| p.is_exact()) {
                 if let Some(keys) = reg.exact.get_mut(pattern.as_str()) {
@@ -329,6 +398,7 @@ impl Hub {
                 Pending {
                     tx,
                     subscriber: key,
+                    owner: sub.spec.verified_owner.then(|| sub.spec.owner.clone()),
                 },
             );
             match sub.tx.try_send(Arc::new(request.clone())) {
@@ -346,9 +416,18 @@ impl Hub {
         self.pending.lock().remove(reply_to);
     }
 
-    /// Completes a request that this node handed out.
+    /// Completes a request that this node handed out. A request handed to an
+    /// authenticated subscriber is completed only by a reply from that identity:
+    /// to anyone else it does not exist (NOT_FOUND), and it stays pending.
     pub fn complete_request(&self, reply: Msg) -> Result<(), ReplyError> {
-        let pending = self.pending.lock().remove(&reply.reply_to);
+        let pending = {
+            let mut pending = self.pending.lock();
+            match pending.get(&reply.reply_to) {
+                Some(p) if p.owner.as_ref().is_some_and(|o| *o != reply.sender) => None,
+                Some(_) => pending.remove(&reply.reply_to),
+                None => None,
+            }
+        };
         match pending {
             Some(pending) => {
                 let reply_to = reply.reply_to.clone();

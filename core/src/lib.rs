@@ -11,11 +11,15 @@
 //! - [`node`]: the five operations with their input rules and deadline rule.
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
 //! - [`metrics`]: counters in the Prometheus text format.
+//! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities.
+//! - [`limits`]: the per-identity request rate limit.
 
+pub mod auth;
 pub mod bus;
 pub mod channel;
 pub mod cursor;
 pub mod hub;
+pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod node;

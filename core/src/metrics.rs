@@ -21,6 +21,63 @@ pub enum SendOutcome {
     Failed,
 }
 
+/// Why a request was refused by a limit or by authorization: the `reason` label of
+/// `ipc_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A message above `--max-msg-bytes`.
+    MsgBytes,
+    /// More headers (or labels) than `--max-headers`.
+    Headers,
+    /// Headers (or labels) larger in total than `--max-header-bytes`.
+    HeaderBytes,
+    /// More channels in one subscription than `--max-channels`.
+    Channels,
+    /// More live subscriptions for one identity than `--max-subscriptions-per-identity`.
+    Subscriptions,
+    /// More live subscriber streams on the node than `--max-streams`.
+    Streams,
+    /// More requests per second from one identity than `--rate-limit`.
+    Rate,
+    /// A `timeout_ms` above `--max-timeout-ms`.
+    Timeout,
+    /// No credentials, or wrong ones.
+    Unauthenticated,
+    /// Authenticated, but the token's grants do not cover the request.
+    PermissionDenied,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 10] = [
+        Refusal::MsgBytes,
+        Refusal::Headers,
+        Refusal::HeaderBytes,
+        Refusal::Channels,
+        Refusal::Subscriptions,
+        Refusal::Streams,
+        Refusal::Rate,
+        Refusal::Timeout,
+        Refusal::Unauthenticated,
+        Refusal::PermissionDenied,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MsgBytes => "msg_bytes",
+            Refusal::Headers => "headers",
+            Refusal::HeaderBytes => "header_bytes",
+            Refusal::Channels => "channels",
+            Refusal::Subscriptions => "subscriptions_per_identity",
+            Refusal::Streams => "streams",
+            Refusal::Rate => "rate",
+            Refusal::Timeout => "timeout",
+            Refusal::Unauthenticated => "unauthenticated",
+            Refusal::PermissionDenied => "permission_denied",
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub accepted: AtomicU64,
@@ -35,9 +92,24 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    refusals: [AtomicU64; Refusal::ALL.len()],
+    /// Tokens-file reloads that took effect.
+    pub token_reloads: AtomicU64,
+    /// Tokens-file reloads refused (the previous file stays in force).
+    pub token_reload_failures: AtomicU64,
 }
 
 impl Metrics {
+    /// Counts a request refused for `reason`.
+    pub fn refuse(&self, reason: Refusal) {
+        self.refusals[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many requests were refused for `reason`.
+    pub fn refusals(&self, reason: Refusal) -> u64 {
+        self.refusals[reason as usize].load(Ordering::Relaxed)
+    }
+
     pub fn record_send(&self, outcome: SendOutcome, elapsed: Duration) {
         let counter = match outcome {
             SendOutcome::Replied => &self.send_replied,
@@ -86,6 +158,24 @@ impl Metrics {
             "ipc_requests_rejected_total",
             "Requests refused for bad input or limits.",
             get(&self.rejected),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ipc_refusals_total Requests refused by a limit or by authorization, by reason.\n# TYPE ipc_refusals_total counter"
+        );
+        for reason in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "ipc_refusals_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                self.refusals(reason)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ipc_token_reloads_total Tokens-file reloads (SIGHUP) by result.\n# TYPE ipc_token_reloads_total counter\nipc_token_reloads_total{{result=\"ok\"}} {}\nipc_token_reloads_total{{result=\"error\"}} {}",
+            get(&self.token_reloads),
+            get(&self.token_reload_failures)
         );
         let _ = writeln!(
             out,

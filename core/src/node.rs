@@ -16,11 +16,13 @@ use ipc_proto::pb::{
 };
 use prost::Message as _;
 
+use crate::auth::Grants;
 use crate::bus::{Bus, BusError, ReplyError, RequestError};
 use crate::channel::{self, Pattern};
 use crate::cursor::Cursor;
-use crate::hub::{Closed, Hub, SubscriberSpec, Subscription};
-use crate::metrics::{Metrics, SendOutcome};
+use crate::hub::{Closed, Hub, RegisterError, StreamLimits, SubscriberSpec, Subscription};
+use crate::limits::RateLimiter;
+use crate::metrics::{Metrics, Refusal, SendOutcome};
 
 /// How a node behaves; every field has a default fit for tests and small fleets.
 #[derive(Debug, Clone)]
@@ -39,8 +41,24 @@ pub struct NodeConfig {
     pub max_timeout: Duration,
     /// Most channels in one SubscribeRequest.
     pub max_channels: usize,
-    /// Most headers in one message.
+    /// Most headers in one message (and labels in one subscription).
     pub max_headers: usize,
+    /// Largest total of header (or label) names and values in one message, in bytes.
+    pub max_header_bytes: usize,
+    /// Most live subscriber streams on this node.
+    pub max_streams: usize,
+    /// Most live subscriber streams of one identity (token, certificate, or
+    /// unauthenticated sender) on this node.
+    pub max_subscriptions_per_identity: usize,
+    /// Requests per second per identity (token bucket); `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket per identity: `per_second` on average, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 impl Default for NodeConfig {
@@ -54,6 +72,10 @@ impl Default for NodeConfig {
             max_timeout: Duration::from_secs(300),
             max_channels: 256,
             max_headers: 64,
+            max_header_bytes: 64 << 10,
+            max_streams: 10_000,
+            max_subscriptions_per_identity: 1_000,
+            rate_limit: None,
         }
     }
 }
@@ -83,8 +105,20 @@ pub fn default_node_name() -> String {
 pub struct Caller {
     /// App id from `ipc-app` metadata or the caller's identity.
     pub app: Option<String>,
-    /// Name stamped as `sender` on what the caller sends.
+    /// Name stamped as `sender` on what the caller sends; also the identity that
+    /// per-identity limits count.
     pub sender: String,
+    /// What an authenticated caller may do; `None` for an unauthenticated caller
+    /// (loopback, a pod's socket, `--insecure`), who may do everything.
+    pub grants: Option<Arc<Grants>>,
+}
+
+impl Caller {
+    /// Whether the transport proved who this is (token or certificate), so that
+    /// `sender` cannot be spoofed.
+    pub fn is_authenticated(&self) -> bool {
+        self.grants.is_some()
+    }
 }
 
 /// Why an operation failed, as the caller should learn it.
@@ -92,8 +126,12 @@ pub struct Caller {
 pub enum NodeError {
     #[error("{0}")]
     InvalidArgument(String),
+    /// A size or rate limit (RESOURCE_EXHAUSTED).
     #[error("{0}")]
     TooLarge(String),
+    /// The caller's grants do not cover the request.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -160,6 +198,7 @@ pub struct Node {
     next_id: AtomicU64,
     started_ms: i64,
     closing: AtomicBool,
+    rate: Option<RateLimiter>,
 }
 
 impl Node {
@@ -179,6 +218,9 @@ impl Node {
         });
         Arc::new(Self {
             id_prefix: format!("{:08x}", rand::random::<u32>()),
+            rate: config
+                .rate_limit
+                .map(|r| RateLimiter::new(r.per_second, r.burst)),
             config,
             hub,
             bus,
@@ -218,6 +260,42 @@ impl Node {
         )
     }
 
+    /// Admits one request of `caller` under the per-identity rate limit.
+    pub fn admit(&self, caller: &Caller) -> Result<(), NodeError> {
+        let Some(rate) = &self.rate else {
+            return Ok(());
+        };
+        rate.check(&caller.sender, Instant::now()).map_err(|wait| {
+            self.metrics.refuse(Refusal::Rate);
+            NodeError::TooLarge(format!(
+                "rate limit: {} exceeds {} requests per second (--rate-limit); retry in {} ms",
+                caller.sender,
+                rate.per_second(),
+                wait.as_millis().max(1)
+            ))
+        })
+    }
+
+    /// Refuses what an authenticated caller's grants do not cover.
+    fn authorize(
+        &self,
+        caller: &Caller,
+        verb: &str,
+        what: &str,
+        allowed: impl FnOnce(&Grants) -> bool,
+    ) -> Result<(), NodeError> {
+        match &caller.grants {
+            Some(grants) if !allowed(grants) => {
+                self.metrics.refuse(Refusal::PermissionDenied);
+                Err(NodeError::PermissionDenied(format!(
+                    "{} may not {verb} {what:?}: not in its grants",
+                    caller.sender
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn app<'a>(&'a self, caller: &'a Caller) -> Option<&'a str> {
         caller
             .app
@@ -251,6 +329,9 @@ impl Node {
         check_op(&req.op)?;
         self.check_headers(&req.headers)?;
         let channel = channel::parse_name(&req.channel, self.app(caller))?;
+        self.authorize(caller, "broadcast to", &channel, |g| {
+            g.may_broadcast(&channel)
+        })?;
         let msg = Msg {
             op: req.op,
             data: req.data,
@@ -305,6 +386,7 @@ impl Node {
         self.check_headers(&req.headers)?;
         let requested = Duration::from_millis(u64::from(req.timeout_ms));
         if requested > self.config.max_timeout {
+            self.metrics.refuse(Refusal::Timeout);
             return Err(NodeError::InvalidArgument(format!(
                 "timeout_ms {} is above the largest accepted, {} ms",
                 req.timeout_ms,
@@ -328,6 +410,7 @@ impl Node {
             return self.builtin(caller, &req).await;
         }
         let target = channel::parse_name(&req.target, self.app(caller))?;
+        self.authorize(caller, "send to", &target, |g| g.may_send(&target))?;
         let request = Msg {
             op: req.op,
             data: req.data,
@@ -438,7 +521,30 @@ impl Node {
         // Register before reading the log: whatever is appended meanwhile is in the
         // queue, whatever was appended before is in the replay; duplicates are
         // skipped by position below.
-        let subscription = self.hub.register(spec);
+        let limits = StreamLimits {
+            max_streams: self.config.max_streams,
+            max_per_owner: self.config.max_subscriptions_per_identity,
+        };
+        let subscription = self.hub.try_register(spec, limits).map_err(|e| {
+            let (reason, flag) = match e {
+                RegisterError::Streams => (Refusal::Streams, "--max-streams"),
+                RegisterError::PerOwner => (
+                    Refusal::Subscriptions,
+                    "--max-subscriptions-per-identity",
+                ),
+            };
+            self.metrics.refuse(reason);
+            NodeError::TooLarge(match e {
+                RegisterError::Streams => format!(
+                    "this node has {} live subscriber streams, its limit ({flag}); try another replica or later",
+                    self.config.max_streams
+                ),
+                RegisterError::PerOwner => format!(
+                    "{} has {} live subscriptions on this node, its limit ({flag}); close some first",
+                    caller.sender, self.config.max_subscriptions_per_identity
+                ),
+            })
+        })?;
         self.bus.cover(&subscription.patterns).await;
         let mut head = Vec::new();
         let mut floor = None;
@@ -489,19 +595,14 @@ impl Node {
     ) -> Result<SubscriberSpec, NodeError> {
         let invalid = NodeError::InvalidArgument;
         if req.channels.len() > self.config.max_channels {
+            self.metrics.refuse(Refusal::Channels);
             return Err(NodeError::TooLarge(format!(
                 "{} channels in one subscription; at most {}",
                 req.channels.len(),
                 self.config.max_channels
             )));
         }
-        if req.labels.len() > self.config.max_headers {
-            return Err(NodeError::TooLarge(format!(
-                "{} labels; at most {}",
-                req.labels.len(),
-                self.config.max_headers
-            )));
-        }
+        self.check_map("labels", &req.labels)?;
         let app = match req.app.as_str() {
             "" => self.app(caller).unwrap_or_default().to_string(),
             app => {
@@ -510,6 +611,10 @@ impl Node {
             }
         };
         let app_ref = (!app.is_empty()).then_some(app.as_str());
+        // A chosen id is a channel the subscriber receives requests on (and takes
+        // over from an earlier subscriber with that id), so it needs a grant; a
+        // generated one is unique and needs none.
+        let chosen_id = !req.id.is_empty();
         let id = match req.id.as_str() {
             "" => format!("sub-{:012x}", rand::random::<u64>() >> 16),
             id => channel::parse_name(id, None)
@@ -536,8 +641,18 @@ impl Node {
                 "tag given without a role; the tag channel is app:role:tag".into(),
             ));
         }
-        patterns.push(Pattern::parse(&id)?);
-        patterns.dedup_by(|a, b| a == b);
+        for pattern in &patterns {
+            self.authorize(caller, "subscribe to", pattern.as_str(), |g| {
+                g.may_subscribe(pattern)
+            })?;
+        }
+        let id_pattern = Pattern::parse(&id)?;
+        if chosen_id {
+            self.authorize(caller, "subscribe with id", &id, |g| {
+                g.may_subscribe(&id_pattern)
+            })?;
+        }
+        patterns.push(id_pattern);
         let mut seen = std::collections::HashSet::new();
         patterns.retain(|p| seen.insert(p.as_str().to_string()));
         Ok(SubscriberSpec {
@@ -547,6 +662,8 @@ impl Node {
             tag: req.tag.clone(),
             labels: req.labels.clone(),
             patterns,
+            owner: caller.sender.clone(),
+            verified_owner: caller.is_authenticated(),
         })
     }
 
@@ -589,7 +706,7 @@ impl Node {
         caller: &Caller,
         req: MembersRequest,
     ) -> Result<Vec<Member>, NodeError> {
-        let _ = caller;
+        self.authorize(caller, "list", "members", |g| g.members)?;
         let all = self.bus.members(self.hub.members()).await?;
         Ok(all
             .into_iter()
@@ -618,6 +735,7 @@ impl Node {
 
     fn check_size(&self, size: usize) -> Result<(), NodeError> {
         if size > self.config.max_msg_bytes {
+            self.metrics.refuse(Refusal::MsgBytes);
             return Err(NodeError::TooLarge(format!(
                 "message is {size} bytes; the limit is {} bytes (--max-msg-bytes)",
                 self.config.max_msg_bytes
@@ -627,16 +745,31 @@ impl Node {
     }
 
     fn check_headers(&self, headers: &HashMap<String, String>) -> Result<(), NodeError> {
-        if headers.len() > self.config.max_headers {
+        self.check_map("headers", headers)
+    }
+
+    /// Headers of a message or labels of a subscriber: count, total size, names.
+    fn check_map(&self, what: &str, map: &HashMap<String, String>) -> Result<(), NodeError> {
+        if map.len() > self.config.max_headers {
+            self.metrics.refuse(Refusal::Headers);
             return Err(NodeError::TooLarge(format!(
-                "{} headers; at most {}",
-                headers.len(),
+                "{} {what}; at most {} (--max-headers)",
+                map.len(),
                 self.config.max_headers
             )));
         }
-        if let Some(key) = headers.keys().find(|k| k.is_empty() || k.len() > 128) {
+        let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > self.config.max_header_bytes {
+            self.metrics.refuse(Refusal::HeaderBytes);
+            return Err(NodeError::TooLarge(format!(
+                "{what} total {bytes} bytes; at most {} (--max-header-bytes)",
+                self.config.max_header_bytes
+            )));
+        }
+        if let Some(key) = map.keys().find(|k| k.is_empty() || k.len() > 128) {
+            let shown: String = key.chars().take(40).collect();
             return Err(NodeError::InvalidArgument(format!(
-                "header name {key:?} must be 1 to 128 bytes"
+                "{what}: name {shown:?} must be 1 to 128 bytes"
             )));
         }
         Ok(())

@@ -1,6 +1,8 @@
-//! The tonic `ipc.v1.Ipc` service over a [`Node`]: reads the caller from request
-//! metadata, maps [`NodeError`] to status codes. No logic of its own.
+//! The tonic `ipc.v1.Ipc` service over a [`Node`]: works out the caller with an
+//! [`Identify`] (request metadata, peer address, mTLS client certificate), maps
+//! [`NodeError`] to status codes. No logic of its own.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +17,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::hub::Closed;
+use crate::metrics::Refusal;
 use crate::node::{Caller, Node, NodeError};
 
 /// Metadata naming the caller's app id, used for the `:` prefix.
@@ -22,34 +25,54 @@ pub const APP_METADATA: &str = "ipc-app";
 /// Metadata naming the sender, stamped on messages when no identity is authenticated.
 pub const SENDER_METADATA: &str = "ipc-sender";
 
+/// What the transport knows about a caller.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// The remote address (TCP), if any.
+    pub addr: Option<SocketAddr>,
+    /// Names of the client certificate verified by mTLS (see
+    /// [`crate::auth::certificate_names`]); empty without one.
+    pub cert_names: Vec<String>,
+}
+
 /// Works out who is calling from a request's metadata and transport.
 pub trait Identify: Send + Sync + 'static {
-    fn identify(&self, metadata: &MetadataMap, peer: Option<String>) -> Result<Caller, Status>;
+    fn identify(&self, metadata: &MetadataMap, peer: &Peer) -> Result<Caller, Status>;
+}
+
+fn metadata_text(metadata: &MetadataMap, key: &str) -> Option<String> {
+    metadata
+        .get(key)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// The app id named by `ipc-app` metadata, validated.
+pub fn app_metadata(metadata: &MetadataMap) -> Result<Option<String>, Status> {
+    let app = metadata_text(metadata, APP_METADATA);
+    if let Some(app) = &app {
+        crate::channel::check_segment("ipc-app metadata", app).map_err(Status::invalid_argument)?;
+    }
+    Ok(app)
 }
 
 /// Trusts the `ipc-app` and `ipc-sender` metadata: for loopback, a pod's Unix socket,
-/// or networks where every client is trusted.
+/// or networks where every client is trusted. Callers have no grants limit.
 pub struct MetadataIdentity;
 
 impl Identify for MetadataIdentity {
-    fn identify(&self, metadata: &MetadataMap, peer: Option<String>) -> Result<Caller, Status> {
-        let text = |key: &str| {
-            metadata
-                .get(key)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .map(str::to_string)
-        };
-        let app = text(APP_METADATA);
-        if let Some(app) = &app {
-            crate::channel::check_segment("ipc-app metadata", app)
-                .map_err(Status::invalid_argument)?;
-        }
-        let sender = text(SENDER_METADATA)
-            .or(peer)
+    fn identify(&self, metadata: &MetadataMap, peer: &Peer) -> Result<Caller, Status> {
+        let app = app_metadata(metadata)?;
+        let sender = metadata_text(metadata, SENDER_METADATA)
+            .or_else(|| peer.addr.map(|a| a.to_string()))
             .unwrap_or_else(|| "anonymous".into());
-        Ok(Caller { app, sender })
+        Ok(Caller {
+            app,
+            sender,
+            grants: None,
+        })
     }
 }
 
@@ -67,9 +90,25 @@ impl IpcService {
         Self { node, identity }
     }
 
+    /// Who is calling, once authenticated and within its rate limit.
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string());
-        self.identity.identify(request.metadata(), peer)
+        let peer = Peer {
+            addr: request.remote_addr(),
+            cert_names: request
+                .peer_certs()
+                .and_then(|chain| chain.first().map(|c| crate::auth::certificate_names(c)))
+                .unwrap_or_default(),
+        };
+        let caller = self
+            .identity
+            .identify(request.metadata(), &peer)
+            .inspect_err(|status| {
+                if status.code() == tonic::Code::Unauthenticated {
+                    self.node.metrics().refuse(Refusal::Unauthenticated);
+                }
+            })?;
+        self.node.admit(&caller).map_err(status)?;
+        Ok(caller)
     }
 }
 
@@ -78,6 +117,7 @@ pub fn status(error: NodeError) -> Status {
     match error {
         NodeError::InvalidArgument(m) => Status::invalid_argument(m),
         NodeError::TooLarge(m) => Status::resource_exhausted(m),
+        NodeError::PermissionDenied(m) => Status::permission_denied(m),
         NodeError::NotFound(m) => Status::not_found(m),
         NodeError::NoResponders(m) => Status::unavailable(m),
         NodeError::DeadlineExceeded(m) => Status::deadline_exceeded(m),

@@ -1,0 +1,628 @@
+//! Authentication and authorization: the tokens file, the [`Grants`] of a caller,
+//! and [`TokenIdentity`], the [`Identify`] that checks `authorization: Bearer`
+//! secrets and verified mTLS client certificates against that file.
+//!
+//! # The tokens file (TOML)
+//!
+//! ```toml
+//! [[token]]
+//! name = "ops"             # the `sender` of its messages; unique
+//! app = "shop"             # default app id for channels written ":x" (optional)
+//! sha256 = "9f86d08…"      # SHA-256 of the secret, 64 hex digits
+//! cert_name = "ops.shop"   # or/and: the CN or a DNS SAN of an mTLS client certificate
+//! broadcast = ["shop:>"]   # channels it may Broadcast to
+//! send = [":>"]            # targets it may SendMsg to (":" expands with `app`)
+//! subscribe = ["shop:>"]   # patterns it may Subscribe to, its own id and role channels included
+//! members = true           # may call Members and the `members` built-in
+//! ```
+//!
+//! Grants are patterns as in subscriptions (`*` one segment, `>` the rest). A
+//! missing list grants nothing. Secrets are never stored: only their SHA-256. A
+//! request names its token with `authorization: Bearer <secret>`; a wrong or
+//! missing secret is UNAUTHENTICATED, a request its grants do not cover is
+//! PERMISSION_DENIED. [`new_token`] makes a secret and its entry.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tonic::Status;
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+
+use crate::channel::{self, Pattern};
+use crate::node::Caller;
+use crate::service::{Identify, Peer, app_metadata};
+
+/// Metadata carrying the bearer secret.
+pub const AUTHORIZATION_METADATA: &str = "authorization";
+/// Prefix of secrets made by [`new_token`], so that secret scanners can spot them.
+pub const SECRET_PREFIX: &str = "ipct_";
+
+/// A tokens file or a secret that cannot be used; the text says what to fix.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct AuthError(String);
+
+/// What an authenticated caller may do. [`Caller::grants`] is `None` for
+/// unauthenticated callers (loopback or `--insecure`), who may do everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Channels it may Broadcast to.
+    pub broadcast: Vec<Pattern>,
+    /// Targets it may SendMsg to.
+    pub send: Vec<Pattern>,
+    /// Patterns it may Subscribe to; each requested pattern must be included in one.
+    pub subscribe: Vec<Pattern>,
+    /// Whether it may list members.
+    pub members: bool,
+}
+
+impl Grants {
+    /// Every grant: for callers authenticated by a client certificate when no
+    /// tokens file restricts them.
+    pub fn all() -> Self {
+        let everything = vec![Pattern::parse(">").expect("'>' is a valid pattern")];
+        Self {
+            broadcast: everything.clone(),
+            send: everything.clone(),
+            subscribe: everything,
+            members: true,
+        }
+    }
+
+    pub fn may_broadcast(&self, channel: &str) -> bool {
+        self.broadcast.iter().any(|p| p.matches(channel))
+    }
+
+    pub fn may_send(&self, target: &str) -> bool {
+        self.send.iter().any(|p| p.matches(target))
+    }
+
+    /// Whether every channel `pattern` matches is granted by one subscribe pattern.
+    pub fn may_subscribe(&self, pattern: &Pattern) -> bool {
+        self.subscribe.iter().any(|g| g.includes(pattern))
+    }
+}
+
+/// One entry of the tokens file.
+#[derive(Debug, Clone)]
+pub struct TokenEntry {
+    pub name: String,
+    pub app: Option<String>,
+    sha256: Option<[u8; 32]>,
+    pub cert_name: Option<String>,
+    pub grants: Arc<Grants>,
+}
+
+/// The parsed tokens file.
+#[derive(Debug, Clone, Default)]
+pub struct TokenTable {
+    entries: Vec<TokenEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFormat {
+    #[serde(default)]
+    token: Vec<EntryFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryFormat {
+    name: String,
+    app: Option<String>,
+    sha256: Option<String>,
+    cert_name: Option<String>,
+    #[serde(default)]
+    broadcast: Vec<String>,
+    #[serde(default)]
+    send: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    members: bool,
+}
+
+impl TokenTable {
+    /// Parses the TOML text of a tokens file; every mistake is refused with the
+    /// entry it is in.
+    pub fn parse(text: &str) -> Result<Self, AuthError> {
+        let file: FileFormat =
+            toml::from_str(text).map_err(|e| AuthError(format!("tokens file: {e}")))?;
+        let mut entries: Vec<TokenEntry> = Vec::with_capacity(file.token.len());
+        for raw in file.token {
+            let entry = parse_entry(raw)?;
+            if entries.iter().any(|e| e.name == entry.name) {
+                return Err(AuthError(format!(
+                    "tokens file: two entries are named {:?}; names must be unique (they become the sender)",
+                    entry.name
+                )));
+            }
+            if let Some(hash) = entry.sha256
+                && entries.iter().any(|e| e.sha256 == Some(hash))
+            {
+                return Err(AuthError(format!(
+                    "tokens file: entry {:?} has the same sha256 as another entry",
+                    entry.name
+                )));
+            }
+            if let Some(cert) = &entry.cert_name
+                && entries.iter().any(|e| e.cert_name.as_ref() == Some(cert))
+            {
+                return Err(AuthError(format!(
+                    "tokens file: entry {:?} has the same cert_name {cert:?} as another entry",
+                    entry.name
+                )));
+            }
+            entries.push(entry);
+        }
+        Ok(Self { entries })
+    }
+
+    /// Reads and parses a tokens file.
+    pub fn load(path: &Path) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| AuthError(format!("reading tokens file {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|AuthError(m)| AuthError(format!("{}: {m}", path.display())))
+    }
+
+    pub fn entries(&self) -> &[TokenEntry] {
+        &self.entries
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry whose hash is the secret's. Compares against every entry in
+    /// constant time, so timing tells nothing about which bytes were right.
+    pub fn by_secret(&self, secret: &str) -> Option<&TokenEntry> {
+        let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let mut found = None;
+        for entry in &self.entries {
+            if let Some(expected) = &entry.sha256
+                && constant_time_eq(expected, &hash)
+                && found.is_none()
+            {
+                found = Some(entry);
+            }
+        }
+        found
+    }
+
+    /// The entry mapped to one of a verified client certificate's names.
+    pub fn by_certificate(&self, names: &[String]) -> Option<&TokenEntry> {
+        names.iter().find_map(|name| {
+            self.entries
+                .iter()
+                .find(|e| e.cert_name.as_deref() == Some(name.as_str()))
+        })
+    }
+}
+
+fn parse_entry(raw: EntryFormat) -> Result<TokenEntry, AuthError> {
+    let name = raw.name;
+    let context = |m: String| AuthError(format!("tokens file, entry {name:?}: {m}"));
+    check_name(&name).map_err(context)?;
+    if let Some(app) = &raw.app {
+        channel::check_segment("app", app).map_err(context)?;
+    }
+    let sha256 = raw
+        .sha256
+        .as_deref()
+        .map(parse_hash)
+        .transpose()
+        .map_err(context)?;
+    let cert_name = raw.cert_name.filter(|c| !c.is_empty());
+    if sha256.is_none() && cert_name.is_none() {
+        return Err(context(
+            "has neither sha256 nor cert_name, so nothing can authenticate as it".into(),
+        ));
+    }
+    let expand = |verb: &str, list: &[String]| -> Result<Vec<Pattern>, AuthError> {
+        list.iter()
+            .map(|p| {
+                channel::parse_pattern(p, raw.app.as_deref())
+                    .map_err(|e| context(format!("{verb} grant: {e}")))
+            })
+            .collect()
+    };
+    let grants = Grants {
+        broadcast: expand("broadcast", &raw.broadcast)?,
+        send: expand("send", &raw.send)?,
+        subscribe: expand("subscribe", &raw.subscribe)?,
+        members: raw.members,
+    };
+    Ok(TokenEntry {
+        app: raw.app.clone(),
+        name,
+        sha256,
+        cert_name,
+        grants: Arc::new(grants),
+    })
+}
+
+/// A token name: it becomes the `sender` of messages, so it is kept readable.
+fn check_name(name: &str) -> Result<(), String> {
+    channel::check_segment("token name", name)
+}
+
+fn parse_hash(text: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(text.trim()).map_err(|e| format!("sha256 {text:?} is not hex: {e}"))?;
+    bytes.try_into().map_err(|bytes: Vec<u8>| {
+        format!(
+            "sha256 is {} bytes; a SHA-256 is 32 bytes (64 hex digits)",
+            bytes.len()
+        )
+    })
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// The SHA-256 of a secret in hex, as the tokens file stores it.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// A new random secret for a token named `name`, and the tokens-file entry that
+/// accepts it (granting nothing until its lists are filled in). Backs
+/// `ipcctl token new NAME`: print the secret once, append the entry to the file.
+pub fn new_token(name: &str) -> Result<(String, String), AuthError> {
+    check_name(name).map_err(AuthError)?;
+    let secret = format!("{SECRET_PREFIX}{}", hex::encode(rand::random::<[u8; 32]>()));
+    let entry = format!(
+        r#"[[token]]
+name = "{name}"
+sha256 = "{hash}"
+# app = "shop"          # default app id for channels written ":x"
+broadcast = []          # channels it may Broadcast to, e.g. ["shop:>"]
+send = []               # targets it may SendMsg to, e.g. ["shop:>"]
+subscribe = []          # patterns it may Subscribe to, e.g. ["shop:>"]
+members = false         # whether it may list members
+"#,
+        hash = hash_secret(&secret),
+    );
+    Ok((secret, entry))
+}
+
+/// Reads a secret from a file (a mounted Kubernetes Secret, say): surrounding
+/// whitespace is dropped, an empty file is refused. For clients such as the
+/// sidecar's upstream connection.
+pub fn read_secret_file(path: &Path) -> Result<String, AuthError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AuthError(format!("reading secret file {}: {e}", path.display())))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(AuthError(format!(
+            "secret file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(secret.to_string())
+}
+
+/// The `authorization` metadata value for a secret: `Bearer <secret>`.
+pub fn bearer(secret: &str) -> Result<AsciiMetadataValue, AuthError> {
+    format!("Bearer {secret}")
+        .parse()
+        .map_err(|_| AuthError("the secret has characters not allowed in gRPC metadata".into()))
+}
+
+/// The names a client certificate (DER) can be known by: its subject's common
+/// names, then its DNS subject alternative names. Empty when it cannot be parsed.
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push((*dns).to_string());
+            }
+        }
+    }
+    names.retain(|n| !n.is_empty());
+    names.dedup();
+    names
+}
+
+/// The [`Identify`] of a server with credentials: bearer secrets from a tokens
+/// file and, with mTLS, verified client certificates. The table is swapped whole
+/// on [`TokenIdentity::reload`], so open streams keep going and each request sees
+/// either the old file or the new one.
+pub struct TokenIdentity {
+    path: Option<PathBuf>,
+    table: RwLock<Arc<TokenTable>>,
+    trust_any_certificate: bool,
+}
+
+impl TokenIdentity {
+    /// Callers authenticate with a secret of, or a certificate mapped by, the
+    /// tokens file at `path`.
+    pub fn from_file(path: impl Into<PathBuf>) -> Result<Self, AuthError> {
+        let path = path.into();
+        let table = TokenTable::load(&path)?;
+        Ok(Self {
+            path: Some(path),
+            table: RwLock::new(Arc::new(table)),
+            trust_any_certificate: false,
+        })
+    }
+
+    /// A fixed table (tests, embedding).
+    pub fn from_table(table: TokenTable) -> Self {
+        Self {
+            path: None,
+            table: RwLock::new(Arc::new(table)),
+            trust_any_certificate: false,
+        }
+    }
+
+    /// mTLS without a tokens file: any certificate the client CA verified is a
+    /// caller named after the certificate, with every grant.
+    pub fn certificates_only() -> Self {
+        Self {
+            path: None,
+            table: RwLock::default(),
+            trust_any_certificate: true,
+        }
+    }
+
+    /// Re-reads the tokens file. On error the previous table stays in force.
+    /// Returns the number of entries now in force.
+    pub fn reload(&self) -> Result<usize, AuthError> {
+        let Some(path) = &self.path else {
+            return Ok(self.table.read().len());
+        };
+        let table = TokenTable::load(path)?;
+        let entries = table.len();
+        *self.table.write() = Arc::new(table);
+        Ok(entries)
+    }
+
+    /// The file reloads read, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The table in force.
+    pub fn table(&self) -> Arc<TokenTable> {
+        self.table.read().clone()
+    }
+}
+
+fn unauthenticated(message: impl Into<String>) -> Status {
+    Status::unauthenticated(message.into())
+}
+
+impl Identify for TokenIdentity {
+    fn identify(&self, metadata: &MetadataMap, peer: &Peer) -> Result<Caller, Status> {
+        let app = app_metadata(metadata)?;
+        let table = self.table();
+        let caller = |entry: &TokenEntry| Caller {
+            app: app.clone().or_else(|| entry.app.clone()),
+            sender: entry.name.clone(),
+            grants: Some(entry.grants.clone()),
+        };
+        if let Some(value) = metadata.get(AUTHORIZATION_METADATA) {
+            let text = value
+                .to_str()
+                .map_err(|_| unauthenticated("authorization metadata is not readable text"))?;
+            let secret = match text.split_once(' ') {
+                Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => secret.trim(),
+                _ => {
+                    return Err(unauthenticated(
+                        "authorization metadata must be `Bearer <secret>`",
+                    ));
+                }
+            };
+            return match table.by_secret(secret) {
+                Some(entry) => Ok(caller(entry)),
+                None => Err(unauthenticated(
+                    "the bearer secret matches no token: check the secret, or whether the tokens file has its entry",
+                )),
+            };
+        }
+        if !peer.cert_names.is_empty() {
+            if let Some(entry) = table.by_certificate(&peer.cert_names) {
+                return Ok(caller(entry));
+            }
+            if self.trust_any_certificate {
+                return Ok(Caller {
+                    app,
+                    sender: peer.cert_names[0].clone(),
+                    grants: Some(Arc::new(Grants::all())),
+                });
+            }
+            return Err(unauthenticated(format!(
+                "client certificate {:?} matches no cert_name in the tokens file",
+                peer.cert_names
+            )));
+        }
+        Err(unauthenticated(
+            "no credentials: send `authorization: Bearer <secret>` metadata, or a client certificate over mTLS",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> TokenTable {
+        TokenTable::parse(text).unwrap()
+    }
+
+    fn metadata(secret: &str) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        md.insert(AUTHORIZATION_METADATA, bearer(secret).unwrap());
+        md
+    }
+
+    #[test]
+    fn a_new_token_is_accepted_by_its_own_entry_and_grants_nothing() {
+        let (secret, entry) = new_token("ops").unwrap();
+        assert!(secret.starts_with(SECRET_PREFIX));
+        let table = table(&entry);
+        let found = table.by_secret(&secret).unwrap();
+        assert_eq!(found.name, "ops");
+        assert_eq!(*found.grants, Grants::default());
+        assert!(table.by_secret("ipct_wrong").is_none());
+        assert!(new_token("bad name").is_err());
+    }
+
+    #[test]
+    fn grants_expand_the_app_prefix_and_match_channels() {
+        let t = table(&format!(
+            r#"[[token]]
+name = "ops"
+app = "shop"
+sha256 = "{}"
+broadcast = [":worker"]
+send = ["shop:*"]
+subscribe = [":>"]
+members = true
+"#,
+            hash_secret("s3cret")
+        ));
+        let g = &t.by_secret("s3cret").unwrap().grants;
+        assert!(g.may_broadcast("shop:worker"));
+        assert!(!g.may_broadcast("shop:web"));
+        assert!(g.may_send("shop:w1"));
+        assert!(!g.may_send("shop:w1:x"));
+        assert!(g.may_subscribe(&Pattern::parse("shop:worker:*").unwrap()));
+        assert!(!g.may_subscribe(&Pattern::parse("other:>").unwrap()));
+        assert!(g.members);
+    }
+
+    #[test]
+    fn mistakes_in_the_file_are_refused_with_the_entry_named() {
+        let bad = [
+            ("[[token]]\nname = \"a\"\n", "neither sha256 nor cert_name"),
+            ("[[token]]\nname = \"a\"\nsha256 = \"zz\"\n", "not hex"),
+            ("[[token]]\nname = \"a\"\nsha256 = \"abcd\"\n", "32 bytes"),
+            (
+                "[[token]]\nname = \"a b\"\ncert_name = \"x\"\n",
+                "invalid character",
+            ),
+            (
+                "[[token]]\nname = \"a\"\ncert_name = \"x\"\nbroadcast = [\"a:>:b\"]\n",
+                "broadcast grant",
+            ),
+            (
+                "[[token]]\nname = \"a\"\ncert_name = \"x\"\nsend = [\":x\"]\n",
+                "no app id",
+            ),
+            (
+                "[[token]]\nname = \"a\"\ncert_name = \"x\"\nbroadcats = []\n",
+                "unknown field",
+            ),
+            (
+                "[[token]]\nname = \"a\"\ncert_name = \"x\"\n[[token]]\nname = \"a\"\ncert_name = \"y\"\n",
+                "unique",
+            ),
+        ];
+        for (text, expected) in bad {
+            let error = TokenTable::parse(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn identify_names_the_caller_after_its_token() {
+        let identity = TokenIdentity::from_table(table(&format!(
+            "[[token]]\nname = \"ops\"\napp = \"shop\"\nsha256 = \"{}\"\n[[token]]\nname = \"edge\"\ncert_name = \"edge.shop\"\n",
+            hash_secret("s3cret")
+        )));
+        let peer = Peer::default();
+        let mut md = metadata("s3cret");
+        md.insert("ipc-sender", "someone-else".parse().unwrap());
+        let caller = identity.identify(&md, &peer).unwrap();
+        assert_eq!(caller.sender, "ops");
+        assert_eq!(caller.app.as_deref(), Some("shop"));
+        assert!(caller.grants.is_some());
+
+        let wrong = identity.identify(&metadata("nope"), &peer).unwrap_err();
+        assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+        let none = identity.identify(&MetadataMap::new(), &peer).unwrap_err();
+        assert_eq!(none.code(), tonic::Code::Unauthenticated);
+        let mut basic = MetadataMap::new();
+        basic.insert(AUTHORIZATION_METADATA, "Basic abc".parse().unwrap());
+        assert_eq!(
+            identity.identify(&basic, &peer).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+
+        let by_cert = Peer {
+            addr: None,
+            cert_names: vec!["other".into(), "edge.shop".into()],
+        };
+        assert_eq!(
+            identity
+                .identify(&MetadataMap::new(), &by_cert)
+                .unwrap()
+                .sender,
+            "edge"
+        );
+        let unknown_cert = Peer {
+            addr: None,
+            cert_names: vec!["stranger".into()],
+        };
+        assert_eq!(
+            identity
+                .identify(&MetadataMap::new(), &unknown_cert)
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+        let trusting = TokenIdentity::certificates_only();
+        let caller = trusting
+            .identify(&MetadataMap::new(), &unknown_cert)
+            .unwrap();
+        assert_eq!(caller.sender, "stranger");
+        assert_eq!(caller.grants.as_deref(), Some(&Grants::all()));
+    }
+
+    #[test]
+    fn reload_swaps_the_table_and_keeps_it_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        let (one, entry_one) = new_token("one").unwrap();
+        std::fs::write(&path, &entry_one).unwrap();
+        let identity = TokenIdentity::from_file(&path).unwrap();
+        let (two, entry_two) = new_token("two").unwrap();
+        assert!(
+            identity
+                .identify(&metadata(&two), &Peer::default())
+                .is_err()
+        );
+        std::fs::write(&path, format!("{entry_one}\n{entry_two}")).unwrap();
+        assert_eq!(identity.reload().unwrap(), 2);
+        assert_eq!(
+            identity
+                .identify(&metadata(&two), &Peer::default())
+                .unwrap()
+                .sender,
+            "two"
+        );
+        std::fs::write(&path, "not toml [").unwrap();
+        assert!(identity.reload().is_err());
+        assert!(identity.identify(&metadata(&one), &Peer::default()).is_ok());
+    }
+}
