@@ -249,6 +249,14 @@ impl Hub {
             previous
         };
         if let Some(previous) = previous {
+            // Requests the replaced stream was given stay answerable: the same id took
+            // over (a sidecar changing its upstream channels reads the old stream to
+            // its end and answers them).
+            for pending in self.pending.lock().values_mut() {
+                if pending.subscriber == previous {
+                    pending.subscriber = key;
+                }
+            }
             self.remove(previous, Some(Closed::Replaced));
         }
         self.metrics.subscribers.fetch_add(1, Ordering::Relaxed);

@@ -120,3 +120,38 @@ async fn a_request_carries_its_deadline() {
     node.reply(&Caller::default(), reply).await.unwrap();
     assert_eq!(asking.await.unwrap().unwrap().op, "a");
 }
+
+#[tokio::test]
+async fn a_request_stays_answerable_when_its_subscriber_is_replaced_by_the_same_id() {
+    let node = node();
+    let open_answerer = || async {
+        let request = SubscribeRequest {
+            id: "pod-a".into(),
+            ..Default::default()
+        };
+        let mut stream = node.subscribe(&Caller::default(), request).await.unwrap();
+        assert_eq!(next(&mut stream).await.op, "ipc:subscribed");
+        stream
+    };
+    let mut old = open_answerer().await;
+    let asking = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let request = SendMsgRequest {
+                target: "pod-a".into(),
+                op: "q".into(),
+                ..Default::default()
+            };
+            node.send_msg(&Caller::default(), request, None).await
+        })
+    };
+    let request = next(&mut old).await;
+    let _new = open_answerer().await;
+    let reply = ReplyRequest {
+        reply_to: request.reply_to.clone(),
+        op: "a".into(),
+        ..Default::default()
+    };
+    node.reply(&Caller::default(), reply).await.unwrap();
+    assert_eq!(asking.await.unwrap().unwrap().op, "a");
+}
