@@ -1,1 +1,233 @@
-//! The per-pod sidecar: the ipc.v1 API on a Unix socket, relayed to the control plane
+//! `ipc-sidecar`, the per-pod sidecar of fleet-ipc, as a library: the pod's processes
+//! get the same `ipc.v1.Ipc` API on a Unix socket, and the sidecar keeps the pod on
+//! the control plane — one upstream subscription for the whole pod, reconnected and
+//! resumed without loss; requests between the pod's own processes never leave it.
+//!
+//! The sidecar is the core node on another bus: [`upstream::UpstreamBus`] makes the
+//! control plane its bus. The binary only parses flags, starts a [`Sidecar`] and
+//! waits for a signal, so tests start real sidecars as production does.
+//!
+//! # Layout
+//! - [`config`]: flags and `IPC_*` variables; the pod's identity.
+//! - [`socket`]: the Unix socket (stale replaced, live refused, file mode).
+//! - [`upstream`]: the upstream bus — subscription, resume, requests both ways.
+//! - [`ring`]: the recent upstream entries, for local subscribers that resume.
+//! - [`hooks`]: shell commands run for ops.
+//! - [`health`]: gRPC health and `/healthz`, `/readyz`, `/metrics` on TCP.
+
+pub mod config;
+pub mod health;
+pub mod hooks;
+pub mod ring;
+pub mod socket;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ipc_core::service::IpcService;
+use ipc_core::{Bus, Node, NodeConfig};
+use ipc_proto::pb::ipc_server::IpcServer;
+use tokio::net::{TcpListener, UnixListener};
+
+pub use config::{Config, PodIdentity};
+
+use crate::hooks::Hooks;
+use crate::ring::RingLimits;
+use crate::upstream::{UpstreamBus, UpstreamConfig};
+
+/// Installs the `tracing` subscriber: `RUST_LOG` filter (default `info`), text or
+/// JSON, on stderr.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A started sidecar: the node on the upstream bus, its socket and health port bound.
+pub struct Sidecar {
+    node: Arc<Node>,
+    bus: Arc<UpstreamBus>,
+    identity: PodIdentity,
+    listener: UnixListener,
+    socket: socket::BoundSocket,
+    health: TcpListener,
+    grace: Duration,
+}
+
+impl Sidecar {
+    /// Binds the socket and the health port, builds the node and starts connecting
+    /// upstream (serving locally does not wait for the control plane).
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let identity = config.identity()?;
+        let Config {
+            socket,
+            socket_mode,
+            upstream,
+            app,
+            role: _,
+            tag: _,
+            pod: _,
+            namespace: _,
+            node_name: _,
+            id: _,
+            node,
+            labels: _,
+            health_listen,
+            hooks,
+            hook_timeout,
+            token_file,
+            buffer,
+            buffer_bytes,
+            connect_timeout,
+            upstream_timeout,
+            reconnect_max,
+            cover_wait,
+            max_msg_bytes,
+            subscriber_queue,
+            max_timeout_ms,
+            grace_ms,
+            log_json: _,
+        } = config;
+        anyhow::ensure!(!upstream.is_empty(), "no --upstream address given");
+        let node_name = node.unwrap_or_else(|| identity.id.clone());
+        anyhow::ensure!(
+            !node_name.is_empty() && !node_name.contains('#'),
+            "--node {node_name:?}: a node name must be non-empty and without '#'"
+        );
+        let (listener, socket) = socket::bind(&socket, socket_mode)?;
+        let health = TcpListener::bind(health_listen)
+            .await
+            .with_context(|| format!("binding the health listener {health_listen}"))?;
+
+        let max_timeout = Duration::from_millis(max_timeout_ms);
+        let max_frame = max_msg_bytes.saturating_mul(2).max(4 << 20);
+        let hooks = Arc::new(Hooks::new(&hooks, hook_timeout));
+        let bus = Arc::new(UpstreamBus::new(
+            UpstreamConfig {
+                addresses: upstream,
+                identity: identity.clone(),
+                node_name: node_name.clone(),
+                connect_timeout,
+                call_timeout: upstream_timeout,
+                reconnect_max,
+                cover_wait,
+                buffer: RingLimits {
+                    messages: buffer.max(1),
+                    bytes: buffer_bytes,
+                },
+                token_file,
+                max_frame,
+                default_request_wait: max_timeout,
+            },
+            hooks,
+        ));
+        let node = Node::new(
+            NodeConfig {
+                name: node_name,
+                default_app: Some(app).filter(|a| !a.is_empty()),
+                max_msg_bytes,
+                subscriber_queue,
+                max_timeout,
+                ..NodeConfig::default()
+            },
+            bus.clone() as Arc<dyn Bus>,
+        );
+        bus.start(&node);
+        Ok(Self {
+            node,
+            bus,
+            identity,
+            listener,
+            socket,
+            health,
+            grace: Duration::from_millis(grace_ms),
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        self.socket.path()
+    }
+
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    pub fn identity(&self) -> &PodIdentity {
+        &self.identity
+    }
+
+    /// Serves the socket and the health port until `shutdown` completes; then stops
+    /// accepting, ends local streams with UNAVAILABLE, waits at most the grace period
+    /// for open calls, closes the upstream subscription and removes the socket file.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            node,
+            bus,
+            identity: _,
+            listener,
+            socket,
+            health,
+            grace,
+        } = self;
+        let max_frame = node.config().max_msg_bytes.saturating_mul(2).max(4 << 20);
+        let ipc = IpcServer::new(IpcService::new(node.clone()))
+            .max_decoding_message_size(max_frame)
+            .max_encoding_message_size(max_frame);
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let local = tonic::transport::Server::builder()
+            .add_service(ipc)
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+        let health = tokio::spawn(health::serve(
+            health,
+            node.clone(),
+            bus.clone(),
+            stopped(stop_rx),
+        ));
+
+        tokio::pin!(local);
+        tokio::select! {
+            result = &mut local => result?,
+            () = shutdown => {
+                tracing::info!(node = %node.name(), "shutting down");
+                let _ = stop_tx.send(true);
+                node.shutdown();
+                if tokio::time::timeout(grace, &mut local).await.is_err() {
+                    tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; dropping open calls");
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        match health.await {
+            Ok(Err(error)) => tracing::warn!(%error, "health endpoint failed"),
+            Err(error) => tracing::warn!(%error, "health endpoint panicked"),
+            Ok(Ok(())) => {}
+        }
+        bus.shutdown().await;
+        drop(socket);
+        Ok(())
+    }
+}

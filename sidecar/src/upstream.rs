@@ -1,0 +1,1165 @@
+//! The upstream bus: the control plane as the sidecar's bus.
+//!
+//! One Subscribe stream to a control-plane replica carries the pod's identity (its
+//! id, `app:role`, `app:role:tag`) and the union of the local subscriptions; what
+//! arrives is handed to the hub in log order, and requests among it are answered in
+//! the pod. Broadcast, SendMsg to other pods, Reply and Members are unary calls on
+//! the same connection.
+//!
+//! Nothing is lost across a change of the union or a reconnect: the sidecar keeps the
+//! cursor of the last entry it handled and opens the new stream after it. The new
+//! stream's head (the entries it replays, counted by `replayed` in `ipc:subscribed`)
+//! is delivered only for patterns the pod was already subscribed to, or had promised
+//! to a local subscriber while the upstream could not be asked; entries of a pattern
+//! that is new are delivered from the head's end (the `cursor` of `ipc:subscribed`),
+//! which is before the local subscriber is told `ipc:subscribed` ([`Bus::cover`]).
+//! A local subscriber therefore never sees entries from before it subscribed, and
+//! sees every entry after. While a new stream opens, the old one is still read for
+//! requests; the control plane hands the old stream's pending requests to the new
+//! subscription of the same id.
+//!
+//! When the upstream log was lost (`ipc:gap` from upstream), every local subscriber
+//! gets an `ipc:gap` notice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use ipc_core::bus::{Bus, BusError, Replay, ReplyError, RequestError};
+use ipc_core::channel::Pattern;
+use ipc_core::cursor::Cursor;
+use ipc_core::hub::Hub;
+use ipc_core::node::{BUILTIN_OPS, DEADLINE_HEADER};
+use ipc_core::{Caller, Node, NodeError};
+use ipc_proto::json;
+use ipc_proto::pb::ipc_client::IpcClient;
+use ipc_proto::pb::{
+    BroadcastRequest, Member, MembersRequest, Msg, ReplyRequest, SendMsgRequest, SubscribeRequest,
+};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+
+use crate::config::PodIdentity;
+use crate::hooks::Hooks;
+use crate::ring::{Ring, RingLimits, is_at_or_before};
+
+/// How the sidecar reaches and uses the control plane.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `http(s)://host:port`, tried in turn.
+    pub addresses: Vec<String>,
+    pub identity: PodIdentity,
+    /// This sidecar's node name, on the notices it makes.
+    pub node_name: String,
+    pub connect_timeout: Duration,
+    /// Bound of a unary call (Broadcast, Reply, Members) and of opening a stream.
+    pub call_timeout: Duration,
+    pub reconnect_max: Duration,
+    /// How long a local Subscribe waits for the upstream to cover its channels.
+    pub cover_wait: Duration,
+    pub buffer: RingLimits,
+    pub token_file: Option<std::path::PathBuf>,
+    pub max_frame: usize,
+    /// Wait for a request from upstream that carries no `ipc-deadline-ms`.
+    pub default_request_wait: Duration,
+}
+
+/// The control plane as a [`Bus`].
+pub struct UpstreamBus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone)]
+struct Link {
+    client: IpcClient<Channel>,
+    address: String,
+}
+
+struct Inner {
+    config: UpstreamConfig,
+    /// The pod's own channels, exact: hooks and built-in ops serve these.
+    pod_channels: HashSet<String>,
+    identity_patterns: Vec<Pattern>,
+    hooks: Arc<Hooks>,
+    hub: OnceLock<Arc<Hub>>,
+    node: OnceLock<Weak<Node>>,
+    /// The connection unary calls use; `None` while disconnected.
+    link: watch::Sender<Option<Link>>,
+    /// Whether the upstream subscription is established.
+    health: watch::Sender<bool>,
+    /// Bumped whenever the local subscribers change.
+    wanted: watch::Sender<u64>,
+    /// The union the upstream subscription has acknowledged, head handled.
+    acked: watch::Sender<Arc<Vec<Pattern>>>,
+    /// Patterns whose local subscribers were told `ipc:subscribed` while the upstream
+    /// could not cover them: delivered from where the pod stood, once it can.
+    promised: Mutex<HashMap<String, Pattern>>,
+    ring: Mutex<Ring>,
+    ever_connected: AtomicBool,
+    last_error: Mutex<String>,
+    token: RwLock<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>>,
+    notice_prefix: String,
+    next_notice: AtomicU64,
+    stop: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl UpstreamBus {
+    pub fn new(config: UpstreamConfig, hooks: Arc<Hooks>) -> Self {
+        let pod_channels: HashSet<String> = config.identity.channels().into_iter().collect();
+        let identity_patterns = config
+            .identity
+            .channels()
+            .iter()
+            .filter_map(|c| Pattern::parse(c).ok())
+            .collect();
+        let ring = Ring::new(config.buffer);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                pod_channels,
+                identity_patterns,
+                hooks,
+                hub: OnceLock::new(),
+                node: OnceLock::new(),
+                link: watch::Sender::new(None),
+                health: watch::Sender::new(false),
+                wanted: watch::Sender::new(0),
+                acked: watch::Sender::new(Arc::new(Vec::new())),
+                promised: Mutex::new(HashMap::new()),
+                ring: Mutex::new(ring),
+                ever_connected: AtomicBool::new(false),
+                last_error: Mutex::new("not connected yet".into()),
+                token: RwLock::new(None),
+                notice_prefix: format!("{:08x}", rand::random::<u32>()),
+                next_notice: AtomicU64::new(1),
+                stop: CancellationToken::new(),
+                task: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Starts keeping the upstream subscription, for `node` (built on this bus).
+    pub fn start(&self, node: &Arc<Node>) {
+        let _ = self.inner.node.set(Arc::downgrade(node));
+        let task = tokio::spawn(self.inner.clone().run());
+        *self.inner.task.lock() = Some(task);
+    }
+
+    /// The address of the replica in use, if connected.
+    pub fn connected_to(&self) -> Option<String> {
+        self.inner.link.borrow().as_ref().map(|l| l.address.clone())
+    }
+
+    /// Why the last connection or subscription failed.
+    pub fn last_error(&self) -> String {
+        self.inner.last_error.lock().clone()
+    }
+}
+
+#[async_trait]
+impl Bus for UpstreamBus {
+    fn attach(&self, hub: Arc<Hub>) {
+        let _ = self.inner.hub.set(hub);
+    }
+
+    async fn append(&self, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
+        let link = self
+            .inner
+            .link_or_unavailable()
+            .map_err(BusError::Unavailable)?;
+        let request = BroadcastRequest {
+            channel: msg.channel.clone(),
+            op: msg.op.clone(),
+            data: msg.data.clone(),
+            headers: msg.headers.clone(),
+        };
+        let request =
+            self.inner
+                .request(request, &msg.sender, Some(self.inner.config.call_timeout));
+        let response = link
+            .client
+            .clone()
+            .broadcast(request)
+            .await
+            .map_err(|status| bus_error("broadcast", &status))?
+            .into_inner();
+        msg.id = response.id;
+        msg.channel = response.channel;
+        msg.cursor = response.cursor;
+        Ok(Arc::new(msg))
+    }
+
+    async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {
+        let patterns = self.inner.acked.borrow().clone();
+        self.replay_for(after, &patterns).await
+    }
+
+    async fn replay_for(&self, after: &Cursor, patterns: &[Pattern]) -> Result<Replay, BusError> {
+        if let Some(messages) = self.inner.ring.lock().replay(after, patterns) {
+            return Ok(Replay {
+                messages,
+                gap: None,
+            });
+        }
+        match self.inner.fetch(after, patterns).await {
+            Ok(replay) => Ok(replay),
+            Err(reason) => Ok(Replay {
+                messages: self.inner.ring.lock().best_effort(after),
+                gap: Some(format!(
+                    "the sidecar's buffer does not reach back to cursor {after} and the control plane could not be asked: {reason}"
+                )),
+            }),
+        }
+    }
+
+    async fn head(&self) -> Result<Option<Cursor>, BusError> {
+        Ok(self.inner.ring.lock().last)
+    }
+
+    async fn cover(&self, patterns: &[Pattern]) {
+        self.inner.cover(patterns).await;
+    }
+
+    async fn request(
+        &self,
+        target: &str,
+        request: Msg,
+        deadline: Instant,
+    ) -> Result<Msg, RequestError> {
+        // The pod's own channels: a hook or a built-in answers without leaving the pod.
+        if self.inner.pod_channels.contains(target)
+            && (self.inner.hooks.has(&request.op)
+                || (target == self.inner.config.identity.id
+                    && BUILTIN_OPS.contains(&request.op.as_str())))
+        {
+            let Some(reply) = self.inner.answer_pod(&request, deadline).await else {
+                return Err(RequestError::DeadlineExceeded(target.to_string()));
+            };
+            return Ok(reply);
+        }
+        self.inner.request_upstream(target, request, deadline).await
+    }
+
+    async fn forward_reply(&self, reply: Msg) -> Result<(), ReplyError> {
+        let link = self
+            .inner
+            .link_or_unavailable()
+            .map_err(ReplyError::Unavailable)?;
+        let request = ReplyRequest {
+            reply_to: reply.reply_to.clone(),
+            op: reply.op,
+            data: reply.data,
+            headers: reply.headers,
+            error: reply.error,
+        };
+        let request =
+            self.inner
+                .request(request, &reply.sender, Some(self.inner.config.call_timeout));
+        match link.client.clone().reply(request).await {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == Code::NotFound => {
+                Err(ReplyError::NotFound(reply.reply_to))
+            }
+            Err(status) => Err(ReplyError::Unavailable(describe("reply", &status))),
+        }
+    }
+
+    async fn members(&self, local: Vec<Member>) -> Result<Vec<Member>, BusError> {
+        let link = self
+            .inner
+            .link_or_unavailable()
+            .map_err(BusError::Unavailable)?;
+        let request = self.inner.request(
+            MembersRequest::default(),
+            "",
+            Some(self.inner.config.call_timeout),
+        );
+        let upstream = link
+            .client
+            .clone()
+            .members(request)
+            .await
+            .map_err(|status| bus_error("members", &status))?
+            .into_inner()
+            .members;
+        let mut all: BTreeMap<String, Member> =
+            upstream.into_iter().map(|m| (m.id.clone(), m)).collect();
+        for mut member in local {
+            for (key, value) in &self.inner.config.identity.labels {
+                member
+                    .labels
+                    .entry(key.clone())
+                    .or_insert_with(|| value.clone());
+            }
+            member
+                .labels
+                .entry("pod-id".into())
+                .or_insert_with(|| self.inner.config.identity.id.clone());
+            all.insert(member.id.clone(), member);
+        }
+        Ok(all.into_values().collect())
+    }
+
+    fn subscribers_changed(&self) {
+        self.inner.wanted.send_modify(|generation| *generation += 1);
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.inner.health.subscribe()
+    }
+
+    async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        let task = self.inner.task.lock().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A stream being read, and what its head means.
+struct Active {
+    stream: Streaming<Msg>,
+    union: Vec<Pattern>,
+    /// Messages of the head still to come.
+    head_left: usize,
+    /// The union acknowledged when the stream was opened: head entries of these
+    /// patterns are delivered.
+    acked_at_open: Vec<Pattern>,
+    /// The cursor the stream resumed after.
+    resumed_from: Option<Cursor>,
+    /// Where the upstream stands after the head.
+    position: Option<Cursor>,
+    acknowledged: bool,
+    /// Local subscribers were already told of a loss on this stream.
+    gap_notified: bool,
+}
+
+/// What `ipc:subscribed` of an upstream stream said.
+struct Opened {
+    stream: Streaming<Msg>,
+    replayed: usize,
+    position: Option<Cursor>,
+}
+
+/// How a session with one replica ended.
+struct SessionEnd {
+    acknowledged: bool,
+    error: Option<String>,
+}
+
+impl Inner {
+    fn hub(&self) -> Option<&Arc<Hub>> {
+        self.hub.get()
+    }
+
+    fn node(&self) -> Option<Arc<Node>> {
+        self.node.get().and_then(Weak::upgrade)
+    }
+
+    fn link_or_unavailable(&self) -> Result<Link, String> {
+        self.link.borrow().clone().ok_or_else(|| {
+            format!(
+                "the control plane is unreachable ({}); retry",
+                self.last_error.lock()
+            )
+        })
+    }
+
+    /// A request with the metadata every upstream call carries.
+    fn request<T>(&self, body: T, sender: &str, timeout: Option<Duration>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(body);
+        if let Some(timeout) = timeout {
+            request.set_timeout(timeout);
+        }
+        let identity = &self.config.identity;
+        let sender = if sender.is_empty() || sender == "anonymous" {
+            identity.id.as_str()
+        } else {
+            sender
+        };
+        let metadata = request.metadata_mut();
+        if let Ok(app) = identity.app.parse() {
+            metadata.insert(ipc_core::service::APP_METADATA, app);
+        }
+        if let Ok(sender) = sender.parse() {
+            metadata.insert(ipc_core::service::SENDER_METADATA, sender);
+        }
+        if let Some(token) = self.token.read().clone() {
+            metadata.insert("authorization", token);
+        }
+        request
+    }
+
+    /// The pod's identity channels plus every local subscriber's patterns; exact
+    /// names that a wildcard of the union already matches are left out.
+    fn union(&self) -> Vec<Pattern> {
+        let mut all: BTreeMap<String, Pattern> = self
+            .identity_patterns
+            .iter()
+            .map(|p| (p.as_str().to_string(), p.clone()))
+            .collect();
+        if let Some(hub) = self.hub() {
+            for member in hub.members() {
+                for channel in member.channels {
+                    if let Ok(pattern) = Pattern::parse(&channel) {
+                        all.entry(channel).or_insert(pattern);
+                    }
+                }
+            }
+        }
+        let wildcards: Vec<Pattern> = all.values().filter(|p| !p.is_exact()).cloned().collect();
+        all.retain(|_, p| {
+            !p.is_exact()
+                || self.pod_channels.contains(p.as_str())
+                || !wildcards.iter().any(|w| w.matches(p.as_str()))
+        });
+        all.into_values().collect()
+    }
+
+    async fn cover(&self, patterns: &[Pattern]) {
+        let mut acked = self.acked.subscribe();
+        let mut health = self.health.subscribe();
+        let deadline = tokio::time::Instant::now() + self.config.cover_wait;
+        loop {
+            if covers(&acked.borrow_and_update(), patterns) {
+                return;
+            }
+            // During an outage the subscriber is answered at once; messages of its
+            // patterns come from where the pod stood, once reconnected.
+            if !*health.borrow_and_update() && self.ever_connected.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::select! {
+                changed = acked.changed() => if changed.is_err() { break },
+                changed = health.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        tracing::debug!("local subscriber answered before the upstream covers its channels");
+        let mut promised = self.promised.lock();
+        for pattern in patterns {
+            promised.insert(pattern.as_str().to_string(), pattern.clone());
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut wanted = self.wanted.subscribe();
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.config.reconnect_max);
+        let mut index = 0usize;
+        loop {
+            let address = self.config.addresses[index % self.config.addresses.len()].clone();
+            let end = match self.connect(&address).await {
+                Ok(link) => self.session(link, &mut wanted).await,
+                Err(error) => SessionEnd {
+                    acknowledged: false,
+                    error: Some(error),
+                },
+            };
+            self.link.send_replace(None);
+            self.health.send_replace(false);
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let Some(error) = end.error else { return };
+            tracing::warn!(upstream = %address, %error, "upstream lost; reconnecting");
+            *self.last_error.lock() = format!("{address}: {error}");
+            if end.acknowledged {
+                backoff.reset();
+            }
+            index = index.wrapping_add(1);
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(backoff.next()) => {}
+            }
+        }
+    }
+
+    async fn connect(&self, address: &str) -> Result<Link, String> {
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|e| format!("bad address: {e}"))?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        #[cfg(feature = "tls")]
+        let endpoint = if address.starts_with("https://") {
+            endpoint
+                .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+                .map_err(|e| format!("TLS: {e}"))?
+        } else {
+            endpoint
+        };
+        let channel = tokio::time::timeout(self.config.connect_timeout, endpoint.connect())
+            .await
+            .map_err(|_| "connection timed out".to_string())?
+            .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+        self.refresh_token();
+        let client = IpcClient::new(channel)
+            .max_decoding_message_size(self.config.max_frame)
+            .max_encoding_message_size(self.config.max_frame);
+        Ok(Link {
+            client,
+            address: address.to_string(),
+        })
+    }
+
+    fn refresh_token(&self) {
+        let Some(path) = &self.config.token_file else {
+            return;
+        };
+        match std::fs::read_to_string(path) {
+            Ok(token) => match format!("Bearer {}", token.trim()).parse() {
+                Ok(value) => *self.token.write() = Some(value),
+                Err(_) => {
+                    tracing::warn!(file = %path.display(), "token file holds characters not allowed in metadata")
+                }
+            },
+            Err(error) => {
+                tracing::warn!(file = %path.display(), %error, "cannot read the token file")
+            }
+        }
+    }
+
+    /// Keeps the subscription on one replica until it breaks or the sidecar stops.
+    async fn session(
+        self: &Arc<Self>,
+        link: Link,
+        wanted: &mut watch::Receiver<u64>,
+    ) -> SessionEnd {
+        wanted.borrow_and_update();
+        let mut client = link.client.clone();
+        let mut active = match self.open_subscription(&mut client, self.union()).await {
+            Ok(active) => active,
+            Err(error) => {
+                return SessionEnd {
+                    acknowledged: false,
+                    error: Some(error),
+                };
+            }
+        };
+        self.link.send_replace(Some(link.clone()));
+        tracing::info!(upstream = %link.address, id = %self.config.identity.id, "subscribed upstream");
+        let mut acknowledged = false;
+        loop {
+            if active.head_left == 0 && !active.acknowledged {
+                self.acknowledge(&mut active);
+                acknowledged = true;
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return SessionEnd { acknowledged, error: None },
+                item = active.stream.message() => match item {
+                    Ok(Some(msg)) => self.handle(&mut active, msg),
+                    Ok(None) => return SessionEnd {
+                        acknowledged,
+                        error: Some("the control plane ended the stream".into()),
+                    },
+                    Err(status) => return SessionEnd {
+                        acknowledged,
+                        error: Some(describe("subscription", &status)),
+                    },
+                },
+                changed = wanted.changed() => {
+                    if changed.is_err() {
+                        return SessionEnd { acknowledged, error: None };
+                    }
+                    let union = self.union();
+                    if union == active.union {
+                        continue;
+                    }
+                    match self.switch(&mut client, active, union).await {
+                        Ok(next) => active = next,
+                        Err(error) => return SessionEnd { acknowledged, error: Some(error) },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens a stream for `union` after the last handled cursor.
+    async fn open_subscription(
+        &self,
+        client: &mut IpcClient<Channel>,
+        union: Vec<Pattern>,
+    ) -> Result<Active, String> {
+        let resumed_from = self.ring.lock().last;
+        let acked_at_open = self.acked.borrow().as_ref().clone();
+        let identity = &self.config.identity;
+        let request = SubscribeRequest {
+            channels: union.iter().map(|p| p.as_str().to_string()).collect(),
+            id: identity.id.clone(),
+            app: identity.app.clone(),
+            role: identity.role.clone().unwrap_or_default(),
+            tag: identity.tag.clone().unwrap_or_default(),
+            labels: identity.labels.clone(),
+            cursor: resumed_from.map(|c| c.to_string()).unwrap_or_default(),
+        };
+        let opened = self.open(client, request).await?;
+        Ok(Active {
+            stream: opened.stream,
+            union,
+            head_left: opened.replayed,
+            acked_at_open,
+            resumed_from,
+            position: opened.position,
+            acknowledged: false,
+            gap_notified: false,
+        })
+    }
+
+    /// Subscribes and reads `ipc:subscribed`.
+    async fn open(
+        &self,
+        client: &mut IpcClient<Channel>,
+        request: SubscribeRequest,
+    ) -> Result<Opened, String> {
+        let request = self.request(request, "", None);
+        let opening = async {
+            let mut stream = client
+                .subscribe(request)
+                .await
+                .map_err(|status| describe("subscribe", &status))?
+                .into_inner();
+            let hello = stream
+                .message()
+                .await
+                .map_err(|status| describe("subscribe", &status))?
+                .ok_or("the stream ended before ipc:subscribed")?;
+            if hello.op != "ipc:subscribed" {
+                return Err(format!(
+                    "expected ipc:subscribed first, got op {:?}",
+                    hello.op
+                ));
+            }
+            let data = json::from_optional(hello.data.as_ref());
+            Ok(Opened {
+                stream,
+                replayed: data["replayed"].as_u64().unwrap_or(0) as usize,
+                position: data["cursor"].as_str().and_then(|c| c.parse().ok()),
+            })
+        };
+        tokio::time::timeout(self.config.call_timeout, opening)
+            .await
+            .map_err(|_| "subscribe timed out".to_string())?
+    }
+
+    /// Replaces the stream with one for `union`, resuming after the last handled
+    /// entry. Meanwhile the old stream is read for requests only: its entries after
+    /// that cursor come again on the new stream.
+    async fn switch(
+        self: &Arc<Self>,
+        client: &mut IpcClient<Channel>,
+        old: Active,
+        union: Vec<Pattern>,
+    ) -> Result<Active, String> {
+        tracing::debug!(channels = union.len(), "updating the upstream subscription");
+        let mut old = Some(old.stream);
+        let mut new_client = client.clone();
+        let opening = self.open_subscription(&mut new_client, union);
+        tokio::pin!(opening);
+        let active = loop {
+            tokio::select! {
+                opened = &mut opening => break opened?,
+                item = next_message(&mut old) => match item {
+                    Ok(Some(msg)) if !msg.reply_to.is_empty() => self.spawn_request(msg),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => old = None,
+                },
+            }
+        };
+        // The control plane ends the old stream (replaced by the new subscription of
+        // the same id) once it has sent what it held: requests among it are served.
+        if let Some(mut stream) = old {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let drain = async {
+                    while let Ok(Some(msg)) = stream.message().await {
+                        if !msg.reply_to.is_empty() {
+                            inner.spawn_request(msg);
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(inner.config.call_timeout, drain).await;
+            });
+        }
+        Ok(active)
+    }
+
+    /// The stream's head has been handled: its union is now what the pod receives.
+    fn acknowledge(&self, active: &mut Active) {
+        let continued: HashSet<String> = {
+            let promised = self.promised.lock();
+            active
+                .acked_at_open
+                .iter()
+                .map(|p| p.as_str().to_string())
+                .chain(promised.keys().cloned())
+                .collect()
+        };
+        {
+            let mut ring = self.ring.lock();
+            if let Some(position) = active.position {
+                ring.advance(position);
+            }
+            let now = ring.last;
+            ring.cover(&active.union, &continued, active.resumed_from, now);
+        }
+        let kept_promises = {
+            let mut promised = self.promised.lock();
+            let before = promised.len();
+            promised.retain(|key, _| !active.union.iter().any(|p| p.as_str() == key));
+            before != promised.len()
+        };
+        if kept_promises && active.resumed_from.is_none() && !active.gap_notified {
+            // Subscribers were answered while the pod had no position in the log to
+            // resume from: what was published before now may be missing for them.
+            self.notify_gap(
+                None,
+                "the sidecar was not connected to the control plane when you subscribed; messages published before it connected are not delivered",
+            );
+        }
+        self.acked.send_replace(Arc::new(active.union.clone()));
+        self.ever_connected.store(true, Ordering::Release);
+        self.health.send_replace(true);
+        active.acknowledged = true;
+    }
+
+    fn handle(self: &Arc<Self>, active: &mut Active, msg: Msg) {
+        if !msg.reply_to.is_empty() {
+            self.spawn_request(msg);
+            return;
+        }
+        let in_head = active.head_left > 0;
+        if in_head {
+            active.head_left -= 1;
+        }
+        if msg.cursor.is_empty() {
+            match msg.op.as_str() {
+                "ipc:gap" => {
+                    let reason = json::from_optional(msg.data.as_ref())["reason"]
+                        .as_str()
+                        .unwrap_or("the control plane lost messages")
+                        .to_string();
+                    let last = {
+                        let mut ring = self.ring.lock();
+                        let last = ring.last;
+                        ring.reset();
+                        last
+                    };
+                    // Nothing carries over from the lost log: coverage starts anew.
+                    active.resumed_from = None;
+                    active.gap_notified = true;
+                    self.notify_gap(last, &format!("upstream: {reason}"));
+                }
+                "ipc:subscribed" => {}
+                _ => {
+                    if let Some(hub) = self.hub() {
+                        hub.dispatch(&Arc::new(msg));
+                    }
+                }
+            }
+            return;
+        }
+        let Ok(cursor) = msg.cursor.parse::<Cursor>() else {
+            tracing::warn!(cursor = %msg.cursor, "entry with a malformed cursor from upstream; delivered as is");
+            if let Some(hub) = self.hub() {
+                hub.dispatch(&Arc::new(msg));
+            }
+            return;
+        };
+        if in_head {
+            let wanted = active.acked_at_open.iter().any(|p| p.matches(&msg.channel))
+                || self
+                    .promised
+                    .lock()
+                    .values()
+                    .any(|p| p.matches(&msg.channel));
+            if !wanted {
+                return;
+            }
+        }
+        let msg = Arc::new(msg);
+        {
+            let mut ring = self.ring.lock();
+            if ring
+                .last
+                .is_some_and(|last| is_at_or_before(&cursor, &last))
+            {
+                return;
+            }
+            ring.push(cursor, msg.clone());
+        }
+        if let Some(hub) = self.hub() {
+            hub.dispatch(&msg);
+        }
+        if self.pod_channels.contains(&msg.channel) && self.hooks.has(&msg.op) {
+            self.hooks.on_broadcast(msg);
+        }
+    }
+
+    fn notify_gap(&self, last: Option<Cursor>, reason: &str) {
+        let Some(hub) = self.hub() else { return };
+        let notice = Msg {
+            op: "ipc:gap".into(),
+            data: Some(json::to_value(&serde_json::json!({
+                "cursor": last.map(|c| c.to_string()).unwrap_or_default(),
+                "reason": reason,
+            }))),
+            id: format!(
+                "{}-n{}",
+                self.notice_prefix,
+                self.next_notice.fetch_add(1, Ordering::Relaxed)
+            ),
+            sender: self.config.node_name.clone(),
+            ts_ms: ipc_core::now_ms(),
+            ..Msg::default()
+        };
+        let reached = hub.notify_all(&Arc::new(notice));
+        tracing::warn!(reached, reason, "ipc:gap sent to local subscribers");
+    }
+
+    fn spawn_request(self: &Arc<Self>, msg: Msg) {
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let deadline = request_deadline(&msg, inner.config.default_request_wait);
+            let reply_to = msg.reply_to.clone();
+            let Some(reply) = inner.answer(msg, deadline).await else {
+                return;
+            };
+            let Ok(link) = inner.link_or_unavailable() else {
+                tracing::warn!(%reply_to, "reply lost: the control plane is unreachable");
+                return;
+            };
+            let request = ReplyRequest {
+                reply_to: reply_to.clone(),
+                op: reply.op,
+                data: reply.data,
+                headers: reply.headers,
+                error: reply.error,
+            };
+            let request = inner.request(request, &reply.sender, Some(inner.config.call_timeout));
+            match link.client.clone().reply(request).await {
+                Ok(_) => {}
+                Err(status) if status.code() == Code::NotFound => {
+                    tracing::debug!(%reply_to, "reply came after the caller gave up")
+                }
+                Err(status) => {
+                    tracing::warn!(%reply_to, error = %describe("reply", &status), "reply not delivered")
+                }
+            }
+        });
+    }
+
+    /// Answers a request that came from upstream: a hook or a built-in of the pod, or
+    /// a local subscriber. `None` when the deadline passed (the caller already knows).
+    async fn answer(&self, msg: Msg, deadline: Instant) -> Option<Msg> {
+        let channel = msg.channel.clone();
+        if self.pod_channels.contains(&channel) && self.hooks.has(&msg.op) {
+            return self.answer_pod(&msg, deadline).await;
+        }
+        let hub = self.hub()?;
+        if hub.has_responder(&channel) {
+            let node = self.node()?;
+            let mut request = msg.clone();
+            request.reply_to.clear();
+            match node.request_local(&channel, request, deadline).await {
+                Ok(reply) => return Some(reply),
+                Err(RequestError::DeadlineExceeded(_)) => return None,
+                Err(RequestError::NoResponders(_)) => {}
+                Err(error) => return Some(error_reply(&msg, error.to_string())),
+            }
+        }
+        if channel == self.config.identity.id && BUILTIN_OPS.contains(&msg.op.as_str()) {
+            return self.answer_pod(&msg, deadline).await;
+        }
+        Some(error_reply(
+            &msg,
+            format!(
+                "no responders for {channel:?} in pod {}",
+                self.config.identity.id
+            ),
+        ))
+    }
+
+    /// A request to the pod itself: its hook, else a built-in op of the sidecar.
+    async fn answer_pod(&self, msg: &Msg, deadline: Instant) -> Option<Msg> {
+        if self.hooks.has(&msg.op) {
+            let outcome = self.hooks.on_request(msg, deadline.into()).await;
+            return Some(Msg {
+                op: msg.op.clone(),
+                data: Some(json::to_value(&outcome.data())),
+                error: outcome.error.unwrap_or_default(),
+                sender: self.config.identity.id.clone(),
+                ts_ms: ipc_core::now_ms(),
+                ..Msg::default()
+            });
+        }
+        let node = self.node()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let request = SendMsgRequest {
+            target: String::new(),
+            op: msg.op.clone(),
+            data: msg.data.clone(),
+            headers: msg.headers.clone(),
+            timeout_ms: left.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+        };
+        let caller = Caller {
+            sender: msg.sender.clone(),
+            ..Caller::default()
+        };
+        match node.send_msg(&caller, request, Some(left)).await {
+            Ok(reply) => Some(reply),
+            Err(NodeError::DeadlineExceeded(_)) => None,
+            Err(error) => Some(error_reply(msg, error.to_string())),
+        }
+    }
+
+    /// SendMsg to the control plane with what is left of the deadline.
+    async fn request_upstream(
+        &self,
+        target: &str,
+        request: Msg,
+        deadline: Instant,
+    ) -> Result<Msg, RequestError> {
+        let link = self
+            .link_or_unavailable()
+            .map_err(RequestError::Unavailable)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(RequestError::DeadlineExceeded(target.to_string()));
+        }
+        let mut headers = request.headers;
+        headers.remove(DEADLINE_HEADER);
+        let body = SendMsgRequest {
+            target: target.to_string(),
+            op: request.op,
+            data: request.data,
+            headers,
+            timeout_ms: left.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+        };
+        // The gRPC deadline a little later than timeout_ms, so that the control
+        // plane's DEADLINE_EXCEEDED (with its reason) arrives before tonic cancels.
+        let grpc_timeout = left + (left / 10).min(Duration::from_millis(50));
+        let call = self.request(body, &request.sender, Some(grpc_timeout));
+        match link.client.clone().send_msg(call).await {
+            Ok(response) => response.into_inner().reply.ok_or_else(|| {
+                RequestError::Unavailable("the control plane sent an empty reply".into())
+            }),
+            Err(status) => Err(match status.code() {
+                Code::DeadlineExceeded | Code::Cancelled if Instant::now() >= deadline => {
+                    RequestError::DeadlineExceeded(target.to_string())
+                }
+                Code::DeadlineExceeded => RequestError::DeadlineExceeded(target.to_string()),
+                Code::Unavailable if status.message().starts_with("no responders") => {
+                    RequestError::NoResponders(target.to_string())
+                }
+                _ => RequestError::Unavailable(describe("send_msg", &status)),
+            }),
+        }
+    }
+
+    /// Reads what the control plane still has after `after` for `patterns`, on a
+    /// short-lived stream of its own.
+    async fn fetch(
+        self: &Arc<Self>,
+        after: &Cursor,
+        patterns: &[Pattern],
+    ) -> Result<Replay, String> {
+        let link = self.link_or_unavailable()?;
+        let identity = &self.config.identity;
+        let request = SubscribeRequest {
+            channels: patterns.iter().map(|p| p.as_str().to_string()).collect(),
+            id: format!("{}.replay-{:08x}", identity.id, rand::random::<u32>()),
+            app: identity.app.clone(),
+            labels: HashMap::from([("ipc-replay-for".to_string(), identity.id.clone())]),
+            cursor: after.to_string(),
+            ..SubscribeRequest::default()
+        };
+        let mut client = link.client.clone();
+        let Opened {
+            mut stream,
+            replayed,
+            ..
+        } = self.open(&mut client, request).await?;
+        let reading = async {
+            let mut replay = Replay::default();
+            let mut left = replayed;
+            while left > 0 {
+                let msg = stream
+                    .message()
+                    .await
+                    .map_err(|status| describe("replay", &status))?
+                    .ok_or("the replay stream ended early")?;
+                if !msg.reply_to.is_empty() {
+                    // Routed here because the patterns include role channels.
+                    self.spawn_request(msg);
+                    continue;
+                }
+                left -= 1;
+                if msg.op == "ipc:gap" && msg.cursor.is_empty() {
+                    let data = json::from_optional(msg.data.as_ref());
+                    replay.gap = Some(format!(
+                        "upstream: {}",
+                        data["reason"].as_str().unwrap_or("messages were lost")
+                    ));
+                } else {
+                    replay.messages.push(Arc::new(msg));
+                }
+            }
+            Ok::<_, String>(replay)
+        };
+        tokio::time::timeout(self.config.call_timeout, reading)
+            .await
+            .map_err(|_| "reading the replay timed out".to_string())?
+    }
+}
+
+/// Whether every pattern is included in the acknowledged union.
+fn covers(acked: &[Pattern], patterns: &[Pattern]) -> bool {
+    patterns.iter().all(|q| {
+        acked
+            .iter()
+            .any(|p| p == q || (q.is_exact() && p.matches(q.as_str())))
+    })
+}
+
+async fn next_message(stream: &mut Option<Streaming<Msg>>) -> Result<Option<Msg>, Status> {
+    match stream {
+        Some(stream) => stream.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The deadline a request from upstream carries in `ipc-deadline-ms`, or `default`.
+fn request_deadline(msg: &Msg, default: Duration) -> Instant {
+    let now = Instant::now();
+    match msg
+        .headers
+        .get(DEADLINE_HEADER)
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        Some(epoch_ms) => {
+            let left = (epoch_ms - ipc_core::now_ms()).max(0) as u64;
+            now + Duration::from_millis(left).min(default)
+        }
+        None => now + default,
+    }
+}
+
+fn error_reply(request: &Msg, error: String) -> Msg {
+    Msg {
+        op: request.op.clone(),
+        error,
+        ts_ms: ipc_core::now_ms(),
+        ..Msg::default()
+    }
+}
+
+fn describe(call: &str, status: &Status) -> String {
+    format!("{call}: {:?}: {}", status.code(), status.message())
+}
+
+/// A failure of an upstream call as the local caller should see it: unavailable
+/// when the control plane cannot be reached, else its refusal.
+fn bus_error(call: &str, status: &Status) -> BusError {
+    match status.code() {
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::Aborted => {
+            BusError::Unavailable(format!("control plane {}", describe(call, status)))
+        }
+        _ => BusError::Internal(format!(
+            "the control plane refused it: {}",
+            describe(call, status)
+        )),
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Exponential backoff with "equal jitter": a pause between half and all of the
+/// current step, so that pods of a fleet do not reconnect in lockstep.
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max: max.max(base),
+            step: base,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.step = self.base;
+    }
+
+    fn next(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        let half = step / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_bound_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let pauses: Vec<Duration> = (0..8).map(|_| backoff.next()).collect();
+        assert!(pauses[0] >= Duration::from_millis(50) && pauses[0] <= Duration::from_millis(100));
+        assert!(pauses.iter().all(|p| *p <= Duration::from_secs(1)));
+        assert!(pauses[7] >= Duration::from_millis(500));
+        backoff.reset();
+        assert!(backoff.next() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn coverage_counts_wildcards_for_exact_names() {
+        let p = |t: &str| Pattern::parse(t).unwrap();
+        assert!(covers(&[p("shop:>")], &[p("shop:worker")]));
+        assert!(!covers(&[p("shop:>")], &[p("shop:*")]));
+        assert!(covers(&[p("a"), p("b")], &[p("b")]));
+        assert!(!covers(&[p("a")], &[p("a"), p("c")]));
+    }
+
+    #[test]
+    fn a_request_waits_no_longer_than_its_deadline_header() {
+        let mut msg = Msg::default();
+        let default = Duration::from_secs(300);
+        msg.headers.insert(
+            DEADLINE_HEADER.into(),
+            (ipc_core::now_ms() + 2_000).to_string(),
+        );
+        let left = request_deadline(&msg, default) - Instant::now();
+        assert!(left <= Duration::from_secs(2));
+        msg.headers.insert(DEADLINE_HEADER.into(), "garbage".into());
+        assert!(request_deadline(&msg, default) > Instant::now() + Duration::from_secs(200));
+    }
+}
