@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RedisBusConfig;
 use crate::inbox::{Asked, Body, Exchange, RemoteRequest, outcome};
 use crate::keys::Keys;
-use crate::link::Link;
+use crate::link::{Health, Link};
 use crate::log::{self, Append, SharedPosition};
 use crate::presence::{self, Directory, PresenceSignals};
 
@@ -74,7 +74,8 @@ impl RedisBus {
         }
         let client = redis::Client::open(config.url.as_str())?;
         let keys = Keys::new(&config.prefix);
-        let link = Arc::new(Link::new(client, config.command_timeout));
+        let health = Arc::new(Health::new());
+        let link = Arc::new(Link::new(client, config.command_timeout, health));
         let mut tail_start = None;
         match tokio::time::timeout(config.command_timeout, link.connect()).await {
             Ok(Ok(())) => match link.get() {
@@ -158,6 +159,7 @@ impl Bus for RedisBus {
         }
         runtime.spawn(log::run_tail(
             inner.link.client().clone(),
+            inner.link.health().clone(),
             inner.keys.clone(),
             hub.clone(),
             inner.tail.clone(),
@@ -335,7 +337,7 @@ impl Bus for RedisBus {
     }
 
     fn health(&self) -> watch::Receiver<bool> {
-        self.inner.link.health()
+        self.inner.link.health().subscribe()
     }
 
     async fn shutdown(&self) {

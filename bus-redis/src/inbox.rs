@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
-use crate::link::{Backoff, Link};
+use crate::link::{Backoff, Link, Part};
 
 /// What one replica sends another.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -276,6 +276,7 @@ impl Exchange {
             match subscribed {
                 Ok(Ok(pubsub)) => {
                     backoff.reset();
+                    self.link.health().set(Part::Inbox, true);
                     let mut messages = pubsub.into_on_message();
                     loop {
                         let message = tokio::select! {
@@ -287,6 +288,7 @@ impl Exchange {
                             None => break,
                         }
                     }
+                    self.link.health().set(Part::Inbox, false);
                     tracing::debug!(channel, "inbox connection closed; reconnecting");
                 }
                 Ok(Err(error)) => tracing::debug!(%error, "inbox not subscribed; retrying"),

@@ -4,7 +4,12 @@
 //! Calls never wait for a reconnect: while the link is down they fail at once with
 //! [`BusError::Unavailable`], so a broadcast is refused quickly rather than hanging.
 //! A supervisor task reconnects with jittered exponential backoff and pings the
-//! server; health is `true` only while the last ping was answered.
+//! server.
+//!
+//! [`Health`] is the bus's health: `true` only while every part works — this link
+//! (its last ping answered), the log tail, the inbox, and presence written on the
+//! current connection — so SERVING means broadcasts, deliveries, requests and
+//! members all work.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +28,45 @@ const PING_INTERVAL: Duration = Duration::from_millis(500);
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// The parts the bus's health is made of.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Part {
+    Link = 0,
+    Tail = 1,
+    Inbox = 2,
+    Presence = 3,
+}
+
+/// `true` while every [`Part`] reports itself working.
+pub(crate) struct Health {
+    parts: Mutex<[bool; 4]>,
+    all: watch::Sender<bool>,
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Self {
+            parts: Mutex::new([false; 4]),
+            all: watch::Sender::new(false),
+        }
+    }
+
+    pub fn set(&self, part: Part, ok: bool) {
+        let mut parts = self.parts.lock();
+        if parts[part as usize] != ok {
+            tracing::debug!(?part, ok, "bus health part changed");
+        }
+        parts[part as usize] = ok;
+        let all = parts.iter().all(|p| *p);
+        self.all
+            .send_if_modified(|h| std::mem::replace(h, all) != all);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.all.subscribe()
+    }
+}
+
 /// A connection handed out by the link, tagged with the generation it belongs to so
 /// that a failure on an old connection does not drop a newer one.
 #[derive(Clone)]
@@ -38,11 +82,13 @@ pub(crate) struct Link {
     current: Mutex<Option<Conn>>,
     generation: AtomicU64,
     lost: Notify,
-    healthy: watch::Sender<bool>,
+    health: Arc<Health>,
+    /// The generation of the newest connection: presence is rewritten on each.
+    connected: watch::Sender<u64>,
 }
 
 impl Link {
-    pub fn new(client: redis::Client, timeout: Duration) -> Self {
+    pub fn new(client: redis::Client, timeout: Duration, health: Arc<Health>) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
@@ -53,7 +99,8 @@ impl Link {
             current: Mutex::new(None),
             generation: AtomicU64::new(0),
             lost: Notify::new(),
-            healthy: watch::Sender::new(false),
+            health,
+            connected: watch::Sender::new(0),
         }
     }
 
@@ -66,8 +113,13 @@ impl Link {
         self.timeout
     }
 
-    pub fn health(&self) -> watch::Receiver<bool> {
-        self.healthy.subscribe()
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Changes to the generation of the newest connection.
+    pub fn connections(&self) -> watch::Receiver<u64> {
+        self.connected.subscribe()
     }
 
     /// The current connection, or `Unavailable` at once while reconnecting.
@@ -92,7 +144,7 @@ impl Link {
             tracing::warn!(%error, "Redis connection lost");
             *current = None;
             drop(current);
-            self.healthy.send_replace(false);
+            self.health.set(Part::Link, false);
             self.lost.notify_one();
         }
     }
@@ -105,7 +157,10 @@ impl Link {
             .await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.current.lock() = Some(Conn { generation, conn });
-        self.healthy.send_replace(true);
+        // Presence is not known to be in this Redis until written on it.
+        self.health.set(Part::Presence, false);
+        self.health.set(Part::Link, true);
+        self.connected.send_replace(generation);
         tracing::info!(generation, "connected to Redis");
         Ok(())
     }
@@ -130,13 +185,10 @@ impl Link {
                     let ping = redis::cmd("PING");
                     let ping = ping.query_async::<()>(&mut conn.conn);
                     match tokio::time::timeout(self.timeout, ping).await {
-                        Ok(Ok(())) => {
-                            self.healthy
-                                .send_if_modified(|h| !std::mem::replace(h, true));
-                        }
+                        Ok(Ok(())) => self.health.set(Part::Link, true),
                         Ok(Err(error)) => {
                             // Also server-side refusals (e.g. LOADING after a restart).
-                            self.healthy.send_replace(false);
+                            self.health.set(Part::Link, false);
                             self.failed(&conn, &error);
                         }
                         Err(_) => {

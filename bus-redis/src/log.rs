@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
-use crate::link::{Backoff, Link};
+use crate::link::{Backoff, Health, Link, Part};
 
 /// The stream field holding the encoded message.
 pub(crate) const FIELD: &str = "m";
@@ -320,6 +320,7 @@ pub(crate) type SharedPosition = Arc<parking_lot::Mutex<Option<Position>>>;
 /// backoff and continues from the last entry it dispatched.
 pub(crate) async fn run_tail(
     client: redis::Client,
+    health: Arc<Health>,
     keys: Keys,
     hub: Arc<Hub>,
     position: SharedPosition,
@@ -338,10 +339,11 @@ pub(crate) async fn run_tail(
         let error = match connected {
             Ok(mut conn) => {
                 backoff.reset();
-                tail_connection(&mut conn, &keys, &hub, &position, &cancel).await
+                tail_connection(&mut conn, &keys, &hub, &position, &health, &cancel).await
             }
             Err(e) => crate::link::unavailable(&e),
         };
+        health.set(Part::Tail, false);
         if cancel.is_cancelled() {
             return;
         }
@@ -359,6 +361,7 @@ async fn tail_connection(
     keys: &Keys,
     hub: &Hub,
     shared: &SharedPosition,
+    health: &Health,
     cancel: &CancellationToken,
 ) -> BusError {
     let set = |p: Position| *shared.lock() = Some(p);
@@ -392,6 +395,7 @@ async fn tail_connection(
             Ok(reply) => reply,
             Err(e) => return crate::link::unavailable(&e),
         };
+        health.set(Part::Tail, true);
         let epoch_now = match parse_epoch(&epoch_now) {
             Some(e) => e,
             // The epoch key is gone: Redis lost its data. Draw the new epoch now.

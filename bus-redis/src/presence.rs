@@ -23,7 +23,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
-use crate::link::Link;
+use crate::link::{Link, Part};
 
 /// Pause before retrying a presence write that failed.
 const RETRY: Duration = Duration::from_millis(200);
@@ -129,6 +129,7 @@ pub(crate) async fn run_presence(
     let mut written = Written::default();
     let mut heartbeat = tokio::time::interval(ttl / 3);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut connections = link.connections();
     let mut retry = false;
     loop {
         let pause = async {
@@ -141,6 +142,8 @@ pub(crate) async fn run_presence(
         tokio::select! {
             () = cancel.cancelled() => return,
             () = signals.wake.notified() => {}
+            // A new connection (maybe a Redis that lost everything): write it all.
+            _ = connections.changed() => {}
             _ = heartbeat.tick() => {}
             () = pause => {}
         }
@@ -148,6 +151,7 @@ pub(crate) async fn run_presence(
         let members = hub.members();
         retry = match write(&link, &keys, &node, ttl, &members, &mut written).await {
             Ok(()) => {
+                link.health().set(Part::Presence, true);
                 signals.published.send_if_modified(|p| {
                     let newer = change > *p;
                     *p = (*p).max(change);
@@ -156,6 +160,7 @@ pub(crate) async fn run_presence(
                 false
             }
             Err(error) => {
+                link.health().set(Part::Presence, false);
                 tracing::debug!(%error, "presence not written; retrying");
                 true
             }
