@@ -6,6 +6,7 @@
 //! - [`Config`]: flags and `IPC_*` environment variables.
 //! - [`Server`]: the node on its bus, bound listeners; [`Server::serve`] runs gRPC
 //!   (`ipc.v1.Ipc`, health, reflection v1 and v1alpha) and `/metrics` until shutdown.
+//! - [`security`]: tokens, TLS/mTLS, the loopback-unless-authenticated rule, limits.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +20,8 @@ use ipc_core::service::IpcService;
 use ipc_core::{Bus, Node, NodeConfig};
 use ipc_proto::pb::ipc_server::IpcServer;
 use tokio::net::TcpListener;
+
+pub mod security;
 
 /// The fleet-ipc control plane: one gRPC API to broadcast to a channel, ask one
 /// process and wait for its reply, and subscribe.
@@ -55,6 +58,10 @@ pub struct Config {
     /// Time given to open calls to finish at shutdown, in milliseconds.
     #[arg(long, env = "IPC_GRACE_MS", default_value_t = 5_000)]
     pub grace_ms: u64,
+    #[command(flatten)]
+    pub security: security::SecurityConfig,
+    #[command(flatten)]
+    pub limits: security::LimitConfig,
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long, env = "IPC_LOG_JSON")]
     pub log_json: bool,
@@ -94,7 +101,7 @@ async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
 
 impl Config {
     fn node_config(&self) -> NodeConfig {
-        NodeConfig {
+        let mut node = NodeConfig {
             name: self
                 .node
                 .clone()
@@ -104,7 +111,9 @@ impl Config {
             subscriber_queue: self.subscriber_queue,
             max_timeout: Duration::from_millis(self.max_timeout_ms),
             ..NodeConfig::default()
-        }
+        };
+        self.limits.apply(&mut node);
+        node
     }
 }
 
@@ -129,11 +138,14 @@ pub struct Server {
     grpc: TcpListener,
     metrics: TcpListener,
     grace: Duration,
+    security: security::Security,
+    max_connection_streams: u32,
 }
 
 impl Server {
     /// Builds the node on its bus and binds the listeners.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let security = security::Security::load(&config.security, config.listen)?;
         let bus = build_bus(&config).await?;
         let node = Node::new(config.node_config(), bus);
         let grpc = TcpListener::bind(config.listen)
@@ -147,7 +159,14 @@ impl Server {
             grpc,
             metrics,
             grace: Duration::from_millis(config.grace_ms),
+            security,
+            max_connection_streams: config.limits.max_connection_streams,
         })
+    }
+
+    /// The tokens file's identity (with `--tokens`), for reloading it.
+    pub fn tokens(&self) -> Option<Arc<ipc_core::auth::TokenIdentity>> {
+        self.security.tokens.clone()
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -175,6 +194,8 @@ impl Server {
             grpc,
             metrics,
             grace,
+            security,
+            max_connection_streams,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         tokio::spawn(follow_bus_health(node.bus().health(), health));
@@ -187,13 +208,21 @@ impl Server {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let max_frame = node.config().max_msg_bytes.saturating_mul(2).max(4 << 20);
-        let ipc = IpcServer::new(IpcService::new(node.clone()))
+        let ipc = IpcServer::new(IpcService::with_identity(node.clone(), security.identity))
             .max_decoding_message_size(max_frame)
             .max_encoding_message_size(max_frame);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let grpc_server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(max_connection_streams.max(1));
+        if let Some(tls) = security.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let grpc_server = builder
+            .layer(tower::util::MapResponseLayer::new(
+                security::map_decode_errors::<tonic::body::Body>,
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -1,4 +1,5 @@
-//! `ipc-server`: parses flags, starts the control plane, stops on SIGTERM/SIGINT.
+//! `ipc-server`: parses flags, starts the control plane, reloads the tokens file on
+//! SIGHUP, stops on SIGTERM/SIGINT.
 
 use clap::Parser;
 use ipc_server::{Config, Server, init_logging};
@@ -8,6 +9,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     init_logging(config.log_json);
     let server = Server::start(config).await?;
+    if let Some(tokens) = server.tokens() {
+        ipc_server::security::reload_tokens_on_sighup(tokens, server.node().metrics().clone())?;
+    }
     tracing::info!(grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), node = %server.node().name(), "serving");
     // The readiness line: tests and scripts wait for it instead of sleeping.
     println!(

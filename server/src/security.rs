@@ -1,0 +1,215 @@
+//! Who may connect and what they may send: the `--tokens`, `--tls-*` and
+//! `--insecure` flags (secure by default: no credentials, loopback only), the
+//! limit flags, and the mapping of undecodable requests to INVALID_ARGUMENT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use ipc_core::NodeConfig;
+use ipc_core::auth::TokenIdentity;
+use ipc_core::metrics::Metrics;
+use ipc_core::node::RateLimit;
+use ipc_core::service::{Identify, MetadataIdentity};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+/// Authentication and transport security flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecurityConfig {
+    /// Tokens file (TOML, see docs/security.md): callers must send
+    /// `authorization: Bearer <secret>` and get the grants of its entry. Reloaded on SIGHUP.
+    #[arg(long, env = "IPC_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "IPC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "IPC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mTLS. A certificate's CN or
+    /// DNS name maps to the tokens-file entry with that `cert_name`; without --tokens any
+    /// verified certificate may do everything.
+    #[arg(long, env = "IPC_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Accept unauthenticated clients on a non-loopback --listen address. Without it the
+    /// server refuses to start there unless --tokens or --tls-client-ca is given.
+    #[arg(long, env = "IPC_INSECURE")]
+    pub insecure: bool,
+}
+
+/// Limits on what one request or one identity may use.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitConfig {
+    /// Most headers in one message (and labels in one subscription).
+    #[arg(long, env = "IPC_MAX_HEADERS", default_value_t = 64)]
+    pub max_headers: usize,
+    /// Largest total size of a message's header names and values, in bytes.
+    #[arg(long, env = "IPC_MAX_HEADER_BYTES", default_value_t = 64 << 10)]
+    pub max_header_bytes: usize,
+    /// Most channels in one Subscribe request.
+    #[arg(long, env = "IPC_MAX_CHANNELS", default_value_t = 256)]
+    pub max_channels: usize,
+    /// Most live Subscribe streams on this node.
+    #[arg(long, env = "IPC_MAX_STREAMS", default_value_t = 10_000)]
+    pub max_streams: usize,
+    /// Most live Subscribe streams of one identity (token, certificate or sender) on this node.
+    #[arg(
+        long,
+        env = "IPC_MAX_SUBSCRIPTIONS_PER_IDENTITY",
+        default_value_t = 1_000
+    )]
+    pub max_subscriptions_per_identity: usize,
+    /// Requests per second per identity (token bucket; 0: no limit). Over it: RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IPC_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+    /// Requests one identity may make at once before --rate-limit applies (default: --rate-limit).
+    #[arg(long, env = "IPC_RATE_BURST")]
+    pub rate_burst: Option<u32>,
+    /// Most concurrent calls (HTTP/2 streams) on one connection.
+    #[arg(long, env = "IPC_MAX_CONNECTION_STREAMS", default_value_t = 1024)]
+    pub max_connection_streams: u32,
+}
+
+impl LimitConfig {
+    /// Copies the limits into a node's configuration.
+    pub fn apply(&self, node: &mut NodeConfig) {
+        node.max_headers = self.max_headers;
+        node.max_header_bytes = self.max_header_bytes;
+        node.max_channels = self.max_channels;
+        node.max_streams = self.max_streams;
+        node.max_subscriptions_per_identity = self.max_subscriptions_per_identity;
+        node.rate_limit = (self.rate_limit > 0).then(|| RateLimit {
+            per_second: self.rate_limit,
+            burst: self.rate_burst.unwrap_or(self.rate_limit).max(1),
+        });
+    }
+}
+
+/// How the server authenticates callers and secures its transport, ready to serve.
+#[derive(Clone)]
+pub struct Security {
+    pub identity: Arc<dyn Identify>,
+    /// The tokens file's identity, to reload on SIGHUP.
+    pub tokens: Option<Arc<TokenIdentity>>,
+    pub tls: Option<ServerTlsConfig>,
+}
+
+impl Security {
+    /// Reads the tokens file and TLS material and checks that `listen` is safe to
+    /// bind: anything but loopback needs credentials (tokens or mTLS) or `--insecure`.
+    pub fn load(config: &SecurityConfig, listen: SocketAddr) -> anyhow::Result<Self> {
+        let authenticated = config.tokens.is_some() || config.tls_client_ca.is_some();
+        if !listen.ip().is_loopback() && !authenticated && !config.insecure {
+            bail!(
+                "refusing to listen on {listen} without authentication: anyone who can reach it could \
+                 broadcast to the whole fleet. Give --tokens FILE or --tls-client-ca FILE (mTLS), \
+                 or --insecure to accept unauthenticated clients anyway, or listen on loopback"
+            );
+        }
+        if config.tokens.is_some() && config.tls_cert.is_none() && !listen.ip().is_loopback() {
+            tracing::warn!(%listen, "tokens without --tls-cert: bearer secrets cross the network in clear text");
+        }
+        let tokens = match &config.tokens {
+            Some(path) => Some(Arc::new(TokenIdentity::from_file(path)?)),
+            None => None,
+        };
+        let identity: Arc<dyn Identify> = match (&tokens, &config.tls_client_ca) {
+            (Some(tokens), _) => tokens.clone(),
+            (None, Some(_)) => Arc::new(TokenIdentity::certificates_only()),
+            (None, None) => Arc::new(MetadataIdentity),
+        };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let read = |path: &PathBuf, what: &str| {
+                    std::fs::read(path)
+                        .with_context(|| format!("reading {what} {}", path.display()))
+                };
+                let mut tls = ServerTlsConfig::new()
+                    .identity(Identity::from_pem(
+                        read(cert, "--tls-cert")?,
+                        read(key, "--tls-key")?,
+                    ))
+                    // A client that stalls its handshake does not hold a connection.
+                    .timeout(Duration::from_secs(10));
+                if let Some(ca) = &config.tls_client_ca {
+                    tls = tls
+                        .client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?))
+                        // With tokens, a client may authenticate by secret over plain TLS.
+                        .client_auth_optional(tokens.is_some());
+                }
+                // Fail at start, not at the first connection.
+                tonic::transport::Server::builder()
+                    .tls_config(tls.clone())
+                    .context("TLS set-up (--tls-cert, --tls-key, --tls-client-ca)")?;
+                Some(tls)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            identity,
+            tokens,
+            tls,
+        })
+    }
+}
+
+/// Re-reads the tokens file on every SIGHUP; open connections and streams stay.
+/// A file that does not parse is logged and the previous one stays in force.
+/// Each reload is counted in `ipc_token_reloads_total{result}`.
+pub fn reload_tokens_on_sighup(
+    tokens: Arc<TokenIdentity>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match tokens.reload() {
+                Ok(entries) => {
+                    metrics.token_reloads.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(entries, path = ?tokens.path(), "tokens file reloaded");
+                }
+                Err(error) => {
+                    metrics
+                        .token_reload_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%error, "tokens file not reloaded; the previous one stays in force");
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A request that does not decode (bad protobuf, nesting beyond prost's recursion
+/// limit) is the client's mistake: tonic reports it as INTERNAL, this layer turns
+/// it into INVALID_ARGUMENT so that clients and alerts tell it from a server bug.
+/// A request larger than the frame limit is RESOURCE_EXHAUSTED, like any other
+/// size limit, rather than tonic's OUT_OF_RANGE.
+pub fn map_decode_errors<B>(mut response: http::Response<B>) -> http::Response<B> {
+    const DECODE_ERROR: &str = "failed to decode Protobuf message";
+    const TOO_LARGE: &str = "Error, decoded message length too large";
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let replacement = match status.code() {
+        tonic::Code::Internal if status.message().starts_with(DECODE_ERROR) => {
+            tonic::Status::invalid_argument(format!(
+                "the request could not be decoded: {}",
+                status.message()[DECODE_ERROR.len()..].trim_start_matches(": ")
+            ))
+        }
+        tonic::Code::OutOfRange if status.message().starts_with(TOO_LARGE) => {
+            tonic::Status::resource_exhausted(format!(
+                "request too large ({}); see --max-msg-bytes",
+                status.message()[TOO_LARGE.len()..].trim_start_matches(": ")
+            ))
+        }
+        _ => return response,
+    };
+    let _ = replacement.add_header(response.headers_mut());
+    response
+}
