@@ -21,7 +21,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(follow(bus.health(), reporter));
+    // Both services are known before the first probe can arrive.
+    let healthy = bus.health();
+    let serving = *healthy.borrow();
+    report(&reporter, serving).await;
+    tokio::spawn(follow(healthy, reporter));
 
     let ready_bus = bus.clone();
     let metrics_node = node.clone();
@@ -68,15 +72,20 @@ async fn follow(
     reporter: tonic_health::server::HealthReporter,
 ) {
     loop {
-        let status = if *healthy.borrow_and_update() {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        reporter.set_service_status("", status).await;
-        reporter.set_service_status("ipc.v1.Ipc", status).await;
+        let serving = *healthy.borrow_and_update();
+        report(&reporter, serving).await;
         if healthy.changed().await.is_err() {
             return;
         }
     }
+}
+
+async fn report(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status("ipc.v1.Ipc", status).await;
 }

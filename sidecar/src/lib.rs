@@ -193,12 +193,22 @@ impl Sidecar {
             .max_decoding_message_size(max_frame)
             .max_encoding_message_size(max_frame);
 
+        // Reflection, so that `grpcurl -plaintext -unix SOCKET list` works in the pod.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(ipc_proto::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let local = tonic::transport::Server::builder()
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(ipc)
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
         let health = tokio::spawn(health::serve(
