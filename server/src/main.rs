@@ -9,6 +9,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     init_logging(config.log_json);
     let server = Server::start(config).await?;
+    // Installed before the readiness line, so a SIGTERM sent right after it is
+    // handled (graceful stop, exit 0) rather than killing the process.
+    let shutdown = shutdown_signal()?;
     if let Some(tokens) = server.tokens() {
         ipc_server::security::reload_tokens_on_sighup(tokens, server.node().metrics().clone())?;
     }
@@ -19,16 +22,18 @@ async fn main() -> anyhow::Result<()> {
         server.grpc_addr(),
         server.metrics_addr()
     );
-    server.serve(shutdown_signal()).await
+    server.serve(shutdown).await
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers; the future completes on the first.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    })
 }
