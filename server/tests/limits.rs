@@ -143,7 +143,7 @@ async fn subscriptions_per_identity_count_live_streams_of_that_identity_only() {
     // Reconnecting under an id alice already holds replaces it: no new slot needed.
     let (_again, _) = subscribe(&mut client, as_sender(named("a2"), "alice")).await;
     // Others are not affected.
-    subscribe(&mut client, as_sender(named("b1"), "bob")).await;
+    let (_bob, _) = subscribe(&mut client, as_sender(named("b1"), "bob")).await;
 
     // A closed stream frees its slot (the server learns of it asynchronously):
     // a1, the new a2 and b1 are live, then a2 and b1.
