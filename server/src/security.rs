@@ -158,15 +158,20 @@ impl Security {
 
 /// Re-reads the tokens file on every SIGHUP; open connections and streams stay.
 /// A file that does not parse is logged and the previous one stays in force.
-/// Each reload is counted in `ipc_token_reloads_total{result}`.
+/// Each reload is counted in `ipc_token_reloads_total{result}`. Without a tokens
+/// file SIGHUP is only logged: it must not stop the server (its default action).
 pub fn reload_tokens_on_sighup(
-    tokens: Arc<TokenIdentity>,
+    tokens: Option<Arc<TokenIdentity>>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
+            let Some(tokens) = &tokens else {
+                tracing::info!("SIGHUP: no --tokens file to reload");
+                continue;
+            };
             match tokens.reload() {
                 Ok(entries) => {
                     metrics.token_reloads.fetch_add(1, Ordering::Relaxed);

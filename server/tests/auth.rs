@@ -414,6 +414,28 @@ async fn sighup_reloads_the_tokens_file_without_dropping_streams() {
 }
 
 #[tokio::test]
+async fn sighup_without_a_tokens_file_does_not_stop_the_server() {
+    let server = server(&[]);
+    let mut client = server.client().await;
+    // Signal disposition is set before the readiness line, so SIGHUP's default
+    // action (terminate) never applies; the signal is delivered at once.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        client
+            .send_msg(SendMsgRequest {
+                op: "ping".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_non_loopback_address_needs_credentials_or_insecure() {
     let output = Command::new(env!("CARGO_BIN_EXE_ipc-server"))
         .args(["--listen", "0.0.0.0:0", "--metrics-listen", "127.0.0.1:0"])
