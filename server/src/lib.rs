@@ -77,6 +77,32 @@ pub struct Config {
     /// How long a replica's members outlive its last heartbeat in Redis, in milliseconds.
     #[arg(long, env = "IPC_PRESENCE_TTL_MS", default_value_t = 15_000)]
     pub presence_ttl_ms: u64,
+    #[command(flatten)]
+    pub injector: InjectorConfig,
+}
+
+/// The Kubernetes sidecar-injection webhook (`POST /inject` over HTTPS), off unless
+/// `--injector-listen` is given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectorConfig {
+    /// Address of the HTTPS admission webhook (e.g. 0.0.0.0:8443); off when absent.
+    #[arg(long, env = "IPC_INJECTOR_LISTEN", requires_all = ["injector_cert", "injector_key"])]
+    pub injector_listen: Option<SocketAddr>,
+    /// PEM certificate (chain) of the webhook; re-read when it changes.
+    #[arg(long, env = "IPC_INJECTOR_CERT")]
+    pub injector_cert: Option<std::path::PathBuf>,
+    /// PEM private key of the webhook.
+    #[arg(long, env = "IPC_INJECTOR_KEY")]
+    pub injector_key: Option<std::path::PathBuf>,
+    /// What the injected sidecar looks like.
+    #[command(flatten)]
+    pub sidecar: ipc_inject::InjectConfig,
+}
+
+/// The injector's listener and what it serves, once bound.
+struct Injector {
+    listener: TcpListener,
+    config: InjectorConfig,
 }
 
 /// The bus under the node: Redis with `--redis`, else the memory bus.
@@ -140,6 +166,7 @@ pub struct Server {
     grace: Duration,
     security: security::Security,
     max_connection_streams: u32,
+    injector: Option<Injector>,
 }
 
 impl Server {
@@ -154,6 +181,15 @@ impl Server {
         let metrics = TcpListener::bind(config.metrics_listen)
             .await
             .with_context(|| format!("binding metrics listener {}", config.metrics_listen))?;
+        let injector = match config.injector.injector_listen {
+            Some(addr) => Some(Injector {
+                listener: TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding injector listener {addr}"))?,
+                config: config.injector.clone(),
+            }),
+            None => None,
+        };
         Ok(Self {
             node,
             grpc,
@@ -161,6 +197,7 @@ impl Server {
             grace: Duration::from_millis(config.grace_ms),
             security,
             max_connection_streams: config.limits.max_connection_streams,
+            injector,
         })
     }
 
@@ -185,6 +222,13 @@ impl Server {
         &self.node
     }
 
+    /// The injector webhook's address, when `--injector-listen` is given.
+    pub fn injector_addr(&self) -> Option<SocketAddr> {
+        self.injector
+            .as_ref()
+            .and_then(|i| i.listener.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, ends subscriber
     /// streams with UNAVAILABLE (clients reconnect elsewhere with their cursor) and
     /// waits at most the grace period for open calls.
@@ -196,6 +240,7 @@ impl Server {
             grace,
             security,
             max_connection_streams,
+            injector,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         tokio::spawn(follow_bus_health(node.bus().health(), health));
@@ -248,9 +293,39 @@ impl Server {
                 .await
         });
 
+        let (injector_stop_tx, injector_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut injector_server = injector.map(|Injector { listener, config }| {
+            let (cert, key) = (
+                config.injector_cert.unwrap_or_default(),
+                config.injector_key.unwrap_or_default(),
+            );
+            tokio::spawn(ipc_inject::serve_https(
+                listener,
+                ipc_inject::router(config.sidecar),
+                cert,
+                key,
+                async {
+                    let _ = injector_stop_rx.await;
+                },
+            ))
+        });
+        // A webhook that cannot serve (unreadable certificate) stops the server: a
+        // silently missing injector would leave pods without their sidecar.
+        let injector_failed = async {
+            match injector_server.as_mut() {
+                Some(task) => match task.await {
+                    Ok(Ok(())) => std::future::pending().await,
+                    Ok(Err(e)) => anyhow::anyhow!("sidecar injector: {e}"),
+                    Err(e) => anyhow::anyhow!("sidecar injector task: {e}"),
+                },
+                None => std::future::pending().await,
+            }
+        };
+
         tokio::pin!(grpc_server);
         tokio::select! {
             result = &mut grpc_server => result?,
+            error = injector_failed => return Err(error),
             () = shutdown => {
                 tracing::info!(node = %node.name(), "shutting down");
                 let _ = stop_tx.send(());
@@ -261,7 +336,11 @@ impl Server {
             }
         }
         let _ = metrics_stop_tx.send(());
+        let _ = injector_stop_tx.send(());
         let _ = metrics_server.await;
+        if let Some(task) = injector_server {
+            let _ = task.await;
+        }
         node.bus().shutdown().await;
         Ok(())
     }

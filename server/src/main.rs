@@ -18,8 +18,12 @@ async fn main() -> anyhow::Result<()> {
     )?;
     tracing::info!(grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), node = %server.node().name(), "serving");
     // The readiness line: tests and scripts wait for it instead of sleeping.
+    let injector = server
+        .injector_addr()
+        .map(|addr| format!(" injector={addr}"))
+        .unwrap_or_default();
     println!(
-        "listening grpc={} metrics={}",
+        "listening grpc={} metrics={}{injector}",
         server.grpc_addr(),
         server.metrics_addr()
     );

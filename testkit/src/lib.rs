@@ -47,6 +47,8 @@ pub struct ServerProcess {
     child: Child,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    /// The whole readiness line, for optional listeners (`injector=ADDR`).
+    pub ready_line: String,
     /// Lines the server printed on stdout after the readiness line.
     _stdout: std::thread::JoinHandle<()>,
 }
@@ -108,6 +110,7 @@ impl ServerProcess {
         Self {
             grpc: field("grpc="),
             metrics: field("metrics="),
+            ready_line: line.clone(),
             child,
             _stdout: reader,
         }
