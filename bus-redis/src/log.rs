@@ -5,6 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+
 use ipc_core::bus::{BusError, Replay};
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
@@ -22,6 +24,8 @@ use crate::link::{Backoff, Health, Link, Part};
 pub(crate) const FIELD: &str = "m";
 /// Most appends in one pipeline.
 const MAX_BATCH: usize = 1024;
+/// Most pipelines of appends waiting for Redis at once.
+const MAX_IN_FLIGHT: usize = 4;
 /// Most payload bytes in one pipeline (messages may be up to a few MiB each).
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Entries read per tail or replay round trip.
@@ -187,10 +191,15 @@ pub(crate) struct Append {
     pub done: oneshot::Sender<Result<Cursor, BusError>>,
 }
 
-/// Drains pending appends into one pipeline per round trip, in arrival order:
-/// `SET epoch NX`, `GET epoch`, then one `XADD` per message. Each append learns its
-/// entry id (its cursor) or the failure; nothing is acknowledged that Redis did not
-/// answer.
+/// Drains pending appends into pipelines, in arrival order: `SET epoch NX`,
+/// `GET epoch`, then one `XADD` per message. Up to [`MAX_IN_FLIGHT`] pipelines are
+/// on the wire at once, so Redis is kept busy while answers travel back. Each
+/// append learns its entry id (its cursor) or the failure; nothing is acknowledged
+/// that Redis did not answer.
+///
+/// Pipelines in flight together hold appends that were concurrent, so their
+/// relative order is free; an append made after another was acknowledged always
+/// goes in a later pipeline, after it in the log.
 pub(crate) async fn run_writer(
     link: Arc<Link>,
     keys: Keys,
@@ -198,16 +207,19 @@ pub(crate) async fn run_writer(
     mut pending: mpsc::Receiver<Append>,
     cancel: CancellationToken,
 ) {
-    let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
+    let keys = Arc::new(keys);
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     loop {
         let first = tokio::select! {
             () = cancel.cancelled() => return,
-            next = pending.recv() => match next {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+            next = pending.recv(), if in_flight.len() < MAX_IN_FLIGHT => match next {
                 Some(append) => append,
                 None => return,
             },
         };
         let mut bytes = first.payload.len();
+        let mut batch = Vec::with_capacity(MAX_BATCH);
         batch.push(first);
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match pending.try_recv() {
@@ -218,19 +230,21 @@ pub(crate) async fn run_writer(
                 Err(_) => break,
             }
         }
-        let result = write_batch(&link, &keys, retention, &batch).await;
-        match result {
-            Ok((epoch, ids)) => {
-                for (append, id) in batch.drain(..).zip(ids) {
-                    let _ = append.done.send(Ok(id.cursor(epoch)));
+        let (link, keys) = (link.clone(), keys.clone());
+        in_flight.push(async move {
+            match write_batch(&link, &keys, retention, &batch).await {
+                Ok((epoch, ids)) => {
+                    for (append, id) in batch.into_iter().zip(ids) {
+                        let _ = append.done.send(Ok(id.cursor(epoch)));
+                    }
+                }
+                Err(error) => {
+                    for append in batch {
+                        let _ = append.done.send(Err(error.clone()));
+                    }
                 }
             }
-            Err(error) => {
-                for append in batch.drain(..) {
-                    let _ = append.done.send(Err(error.clone()));
-                }
-            }
-        }
+        });
     }
 }
 

@@ -6,8 +6,11 @@
 //! cargo test -p ipc-bus-redis --release --test throughput -- --ignored --nocapture
 //! ```
 //!
-//! Prints raw pipelined `XADD` throughput, Broadcast throughput through one replica
-//! on the same Redis, and cross-replica publish→deliver latency at 1,000 msg/s.
+//! Prints raw pipelined `XADD` throughput, Broadcast throughput of a server alone
+//! (memory bus) and through one replica on the same Redis, and cross-replica
+//! publish→deliver latency at 1,000 msg/s. Redis runs without persistence here, so
+//! the numbers show the bus, not the disk (with `appendfsync always` every round trip
+//! waits for an fsync).
 
 mod common;
 
@@ -21,18 +24,16 @@ use ipc_testkit::ServerProcess;
 const RAW_MESSAGES: usize = 200_000;
 const BROADCASTS: usize = 100_000;
 const PUBLISHERS: usize = 128;
+const APPENDERS: usize = 1000;
 const LATENCY_SAMPLES: usize = 2_000;
 
-fn server(redis_url: &str, node: &str) -> ServerProcess {
+/// A replica on `redis_url`, or alone on the memory bus when `None`.
+fn server(redis_url: Option<&str>, node: &str) -> ServerProcess {
     let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/ipc-server");
-    let args = [
-        "--redis",
-        redis_url,
-        "--node",
-        node,
-        "--retention",
-        "100000",
-    ];
+    let mut args = vec!["--node", node, "--retention", "100000"];
+    if let Some(url) = redis_url {
+        args.extend(["--redis", url]);
+    }
     if release.exists() {
         ServerProcess::start_binary(&release, &args)
     } else {
@@ -41,10 +42,71 @@ fn server(redis_url: &str, node: &str) -> ServerProcess {
     }
 }
 
+/// Broadcasts per second through `server` from [`PUBLISHERS`] concurrent callers.
+async fn broadcast_rate(server: &ServerProcess) -> f64 {
+    let client = server.client().await;
+    let body = "x".repeat(200);
+    let started = Instant::now();
+    let publishers = (0..PUBLISHERS).map(|_| {
+        let mut client = client.clone();
+        let body = body.clone();
+        async move {
+            for _ in 0..BROADCASTS / PUBLISHERS {
+                broadcast(&mut client, "bench", &body)
+                    .await
+                    .expect("broadcast");
+            }
+        }
+    });
+    join_all(publishers).await;
+    (BROADCASTS / PUBLISHERS * PUBLISHERS) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A redis-server without persistence on a free port, killed on drop.
+struct VolatileRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl VolatileRedis {
+    fn start() -> Self {
+        let port = ipc_testkit::redis::free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("starting redis-server");
+        let redis = Self { child, port };
+        // Ready once it answers PING.
+        let client = redis::Client::open(redis.url()).expect("redis url");
+        for _ in 0..200 {
+            if let Ok(mut conn) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return redis;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not answer PING");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for VolatileRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement to run by hand"]
 async fn throughput_against_raw_redis() {
-    let redis = redis();
+    let redis = VolatileRedis::start();
     let payload = vec![b'x'; 200];
 
     // Raw Redis: pipelined XADD, 1,000 per round trip, like a tuned client would.
@@ -72,28 +134,56 @@ async fn throughput_against_raw_redis() {
     let raw = RAW_MESSAGES as f64 / started.elapsed().as_secs_f64();
     println!("raw pipelined XADD:            {raw:>10.0} msg/s");
 
-    // Broadcast through one replica, many concurrent callers.
-    let a = server(&redis.url(), "a");
-    let b = server(&redis.url(), "b");
-    let client = a.client().await;
-    let body = "x".repeat(200);
+    // The bus itself, in process, without gRPC: concurrent appends batched by the writer.
+    let bus = ipc_bus_redis::RedisBus::connect(ipc_bus_redis::RedisBusConfig {
+        retention: 100_000,
+        ..ipc_bus_redis::RedisBusConfig::new(redis.url())
+    })
+    .await
+    .expect("redis bus");
+    let hub = ipc_core::hub::Hub::new("inproc".into(), 16, Default::default());
+    ipc_core::Bus::attach(&bus, hub);
+    let bus = std::sync::Arc::new(bus);
     let started = Instant::now();
-    let publishers = (0..PUBLISHERS).map(|_| {
-        let mut client = client.clone();
-        let body = body.clone();
+    let appenders = (0..APPENDERS).map(|_| {
+        let bus = bus.clone();
+        let payload = payload.clone();
         async move {
-            for _ in 0..BROADCASTS / PUBLISHERS {
-                broadcast(&mut client, "bench", &body)
-                    .await
-                    .expect("broadcast");
+            for _ in 0..RAW_MESSAGES / APPENDERS {
+                let msg = ipc_proto::pb::Msg {
+                    op: "note".into(),
+                    channel: "bench".into(),
+                    headers: [(
+                        "p".to_string(),
+                        String::from_utf8_lossy(&payload).into_owned(),
+                    )]
+                    .into(),
+                    ..Default::default()
+                };
+                ipc_core::Bus::append(&*bus, msg).await.expect("append");
             }
         }
     });
-    join_all(publishers).await;
-    let through = (BROADCASTS / PUBLISHERS * PUBLISHERS) as f64 / started.elapsed().as_secs_f64();
+    join_all(appenders).await;
+    let appended = (RAW_MESSAGES / APPENDERS * APPENDERS) as f64 / started.elapsed().as_secs_f64();
     println!(
-        "Broadcast via one replica:     {through:>10.0} msg/s ({:.0}% of raw XADD, {PUBLISHERS} callers)",
-        100.0 * through / raw
+        "RedisBus::append in process:   {appended:>10.0} msg/s ({:.0}% of raw XADD, {APPENDERS} tasks)",
+        100.0 * appended / raw
+    );
+    drop(bus);
+
+    // The same load on a server alone (memory bus): the cost of gRPC and the node.
+    let alone = broadcast_rate(&server(None, "alone")).await;
+    println!("Broadcast, memory bus:         {alone:>10.0} msg/s ({PUBLISHERS} callers)");
+
+    // Broadcast through one replica, many concurrent callers.
+    let a = server(Some(&redis.url()), "a");
+    let b = server(Some(&redis.url()), "b");
+    let through = broadcast_rate(&a).await;
+    println!(
+        "Broadcast via one replica:     {through:>10.0} msg/s ({:.0}% of raw XADD, {:.0}% of the memory bus)",
+        100.0 * through / raw,
+        100.0 * through / alone
     );
 
     // Cross-replica latency: publish on B at 1,000 msg/s, receive on A.
