@@ -81,10 +81,10 @@ impl VolatileRedis {
         // Ready once it answers PING.
         let client = redis::Client::open(redis.url()).expect("redis url");
         for _ in 0..200 {
-            if let Ok(mut conn) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return redis;
-                }
+            if let Ok(mut conn) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return redis;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
