@@ -288,3 +288,56 @@ async fn per_channel_order_is_the_same_on_every_replica_under_concurrent_publish
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_with_sigterm_withdraws_its_members_at_once() {
+    let redis = redis();
+    let mut a = replica(&redis.url(), "a");
+    let b = replica(&redis.url(), "b");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let _on_a = subscribe(&mut ca, channels("leaving", &["news"])).await;
+    let _on_b = subscribe(&mut cb, channels("staying", &["news"])).await;
+    assert_eq!(members(&mut cb).await.len(), 2);
+
+    assert!(a.terminate().success(), "replica a did not exit cleanly");
+    assert_eq!(
+        member_ids(&members(&mut cb).await),
+        [("staying".to_string(), "b".to_string())],
+        "without waiting for the presence TTL"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_the_retention_gets_a_gap_then_what_is_kept() {
+    let redis = redis();
+    let a = replica_with(&redis.url(), "a", &["--retention", "10"]);
+    let mut ca = a.client().await;
+    let first = broadcast(&mut ca, "news", "first")
+        .await
+        .expect("broadcast");
+    // Redis trims whole stream nodes (100 entries by default): go well past one.
+    for n in 0..300 {
+        broadcast(&mut ca, "news", &n.to_string())
+            .await
+            .expect("broadcast");
+    }
+    let mut resumed = subscribe(
+        &mut ca,
+        SubscribeRequest {
+            cursor: first.cursor.clone(),
+            ..channels("late", &["news"])
+        },
+    )
+    .await;
+    let gap = next(&mut resumed).await;
+    assert_eq!(gap.op, "ipc:gap", "{gap:?}");
+    let kept = next(&mut resumed).await;
+    assert_ne!(
+        text_of(&kept),
+        "0",
+        "the oldest messages should have been trimmed"
+    );
+    let kept: usize = text_of(&kept).parse().expect("a numbered message");
+    let rest = texts(&mut resumed, 299 - kept).await;
+    assert_eq!(rest.last().map(String::as_str), Some("299"));
+}
