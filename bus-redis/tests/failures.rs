@@ -253,3 +253,25 @@ async fn delayed_copy(
     drop(tx);
     let _ = writer.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_redis_is_down_serves_once_redis_is_up() {
+    let mut redis = redis();
+    redis.stop();
+    let a = replica(&redis.url(), "a");
+    wait_health(&a, ServingStatus::NotServing).await;
+    let mut ca = a.client().await;
+    assert_code(
+        broadcast(&mut ca, "news", "too early").await,
+        Code::Unavailable,
+        "",
+    );
+
+    redis.restart();
+    wait_health(&a, ServingStatus::Serving).await;
+    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await;
+    broadcast(&mut ca, "news", "hello")
+        .await
+        .expect("broadcast");
+    assert_eq!(texts(&mut stream, 1).await, ["hello"]);
+}
