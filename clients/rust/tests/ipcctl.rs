@@ -324,3 +324,55 @@ async fn help_documents_exit_codes_and_completions_are_generated() {
         "{script}"
     );
 }
+
+/// `ipcctl token new` makes a working token; without it the server refuses (exit 7),
+/// and a token is confined to its grants (exit 7 again).
+#[tokio::test]
+async fn issued_tokens_authenticate_and_refusals_exit_7() {
+    let made = ipcctl_command("http://unused", None, &["token", "new", "ops"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(made.status.code(), Some(0), "{made:?}");
+    let stderr = String::from_utf8(made.stderr).unwrap();
+    let secret = stderr.rsplit(' ').next().unwrap().trim().to_string();
+    let entry = String::from_utf8(made.stdout).unwrap();
+    assert!(
+        !entry.contains(&secret),
+        "the secret must not reach the tokens file"
+    );
+    // Fill in the grants, as the operator would.
+    let entry = entry
+        .replace("broadcast = []", r#"broadcast = ["shop:>"]"#)
+        .replace("# app = \"shop\"", "app = \"shop\"");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(&tokens, entry).unwrap();
+    let server = Server::start_with("127.0.0.1:0", &["--tokens", tokens.to_str().unwrap()]);
+    let addr = server.url();
+
+    let anonymous = ipcctl(&addr, None, &["broadcast", "shop:worker", "x"]).await;
+    assert_fails(&anonymous, 7, "");
+    let with = |args: &[&str]| {
+        let mut all = vec!["--token", secret.as_str()];
+        all.extend_from_slice(args);
+        all.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let args = with(&["broadcast", ":worker", "worker:restart"]);
+    let granted = ipcctl(
+        &addr,
+        None,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(granted.status.code(), Some(0), "{granted:?}");
+    assert_eq!(stdout_json(&granted)["channel"], "shop:worker");
+    let args = with(&["broadcast", "billing:worker", "x"]);
+    let denied = ipcctl(
+        &addr,
+        None,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    assert_fails(&denied, 7, "billing:worker");
+}

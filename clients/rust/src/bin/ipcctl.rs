@@ -138,10 +138,25 @@ enum Command {
         #[command(flatten)]
         sidecar: ipc_inject::InjectConfig,
     },
+    /// Manage access tokens for `ipc-server --tokens FILE`.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Print a shell completion script: `ipcctl completions bash > /etc/bash_completion.d/ipcctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a new token: the secret (shown once) on stderr, its tokens-file entry on
+    /// stdout — `ipcctl token new ops >> tokens.toml`, then fill in its grants.
+    New {
+        /// Token name: the `sender` of what its holder sends.
+        name: String,
     },
 }
 
@@ -191,6 +206,21 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("bad duration {text:?}: {e}"))
+}
+
+/// `ipcctl token new NAME`: the secret goes to stderr so that redirecting stdout
+/// into the tokens file never writes it there.
+fn new_token(name: &str) -> ExitCode {
+    match ipc_core::auth::new_token(name) {
+        Ok((secret, entry)) => {
+            eprintln!(
+                "secret (shown once; clients send `authorization: Bearer <secret>`): {secret}"
+            );
+            print!("{entry}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(exit::BAD_INPUT, &err.to_string()),
+    }
 }
 
 /// `ipcctl inject`: reads the manifest, prints it injected; warnings on stderr.
@@ -254,6 +284,9 @@ async fn run(cli: Cli) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Inject { file, sidecar } => return inject(&file, &sidecar),
+        Command::Token {
+            command: TokenCommand::New { name },
+        } => return new_token(&name),
         _ => {}
     }
     let mut builder = Client::builder(&addr);
@@ -321,7 +354,7 @@ async fn run(cli: Cli) -> ExitCode {
             payload,
             error,
         } => reply(&client, reply_to, op, payload, error).await,
-        Command::Completions { .. } | Command::Inject { .. } => Ok(()),
+        Command::Completions { .. } | Command::Inject { .. } | Command::Token { .. } => Ok(()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
