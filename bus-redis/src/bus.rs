@@ -158,8 +158,7 @@ impl Bus for RedisBus {
             ));
         }
         runtime.spawn(log::run_tail(
-            inner.link.client().clone(),
-            inner.link.health().clone(),
+            inner.link.clone(),
             inner.keys.clone(),
             hub.clone(),
             inner.tail.clone(),

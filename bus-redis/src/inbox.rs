@@ -289,6 +289,7 @@ impl Exchange {
                         }
                     }
                     self.link.health().set(Part::Inbox, false);
+                    self.link.probe();
                     tracing::debug!(channel, "inbox connection closed; reconnecting");
                 }
                 Ok(Err(error)) => tracing::debug!(%error, "inbox not subscribed; retrying"),

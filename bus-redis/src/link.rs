@@ -149,6 +149,13 @@ impl Link {
         }
     }
 
+    /// Asks the supervisor to check the connection now: another connection to the
+    /// same Redis just broke, so this one probably did too, and calls should learn
+    /// it from a ping rather than from a failed broadcast.
+    pub fn probe(&self) {
+        self.lost.notify_one();
+    }
+
     /// One connection attempt; on success it becomes the current connection.
     pub async fn connect(&self) -> Result<(), RedisError> {
         let conn = self

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
-use crate::link::{Backoff, Health, Link, Part};
+use crate::link::{Backoff, Link, Part};
 
 /// The stream field holding the encoded message.
 pub(crate) const FIELD: &str = "m";
@@ -331,10 +331,10 @@ pub(crate) type SharedPosition = Arc<parking_lot::Mutex<Option<Position>>>;
 
 /// Follows the log from `position` (or from its end when `None`) on a dedicated
 /// connection, dispatching every entry to the hub in stream order; reconnects with
-/// backoff and continues from the last entry it dispatched.
+/// backoff and continues from the last entry it dispatched. `probe` is the command
+/// link, told to check itself when the tail's connection breaks.
 pub(crate) async fn run_tail(
-    client: redis::Client,
-    health: Arc<Health>,
+    probe: Arc<Link>,
     keys: Keys,
     hub: Arc<Hub>,
     position: SharedPosition,
@@ -344,6 +344,8 @@ pub(crate) async fn run_tail(
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(TAIL_BLOCK + timeout));
+    let client = probe.client().clone();
+    let health = probe.health().clone();
     let mut backoff = Backoff::default();
     loop {
         let connected = tokio::select! {
@@ -353,11 +355,13 @@ pub(crate) async fn run_tail(
         let error = match connected {
             Ok(mut conn) => {
                 backoff.reset();
-                tail_connection(&mut conn, &keys, &hub, &position, &health, &cancel).await
+                health.set(Part::Tail, true);
+                tail_connection(&mut conn, &keys, &hub, &position, &cancel).await
             }
             Err(e) => crate::link::unavailable(&e),
         };
         health.set(Part::Tail, false);
+        probe.probe();
         if cancel.is_cancelled() {
             return;
         }
@@ -375,7 +379,6 @@ async fn tail_connection(
     keys: &Keys,
     hub: &Hub,
     shared: &SharedPosition,
-    health: &Health,
     cancel: &CancellationToken,
 ) -> BusError {
     let set = |p: Position| *shared.lock() = Some(p);
@@ -409,7 +412,6 @@ async fn tail_connection(
             Ok(reply) => reply,
             Err(e) => return crate::link::unavailable(&e),
         };
-        health.set(Part::Tail, true);
         let epoch_now = match parse_epoch(&epoch_now) {
             Some(e) => e,
             // The epoch key is gone: Redis lost its data. Draw the new epoch now.
