@@ -86,10 +86,10 @@ impl RedisBus {
                 Err(error) => tracing::warn!(%error, "Redis connection lost at start"),
             },
             Ok(Err(error)) => {
-                tracing::warn!(%error, url = %config.url, "Redis unreachable at start; will keep trying")
+                tracing::warn!(%error, url = %redacted(&config.url), "Redis unreachable at start; will keep trying")
             }
             Err(_) => {
-                tracing::warn!(url = %config.url, "Redis did not answer at start; will keep trying")
+                tracing::warn!(url = %redacted(&config.url), "Redis did not answer at start; will keep trying")
             }
         }
         let (appends, appends_rx) = mpsc::channel(APPEND_QUEUE);
@@ -120,6 +120,19 @@ impl RedisBus {
 
     fn exchange(&self) -> Option<&Arc<Exchange>> {
         self.inner.exchange.get()
+    }
+}
+
+/// `url` without its password, for logs.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) if at > scheme.len() => {
+            let host = &url[at + 1..];
+            let user = rest.split_once('@').map_or("", |(info, _)| info);
+            let user = user.split_once(':').map_or(user, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -349,5 +362,24 @@ impl Bus for RedisBus {
                 tracing::warn!(%error, "could not remove this replica's presence from Redis");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn urls_are_logged_without_passwords() {
+        assert_eq!(
+            redacted("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
+        assert_eq!(
+            redacted("redis://app:s3cret@redis:6379/0"),
+            "redis://app:***@redis:6379/0"
+        );
+        assert_eq!(redacted("redis://:s3cret@redis/"), "redis://:***@redis/");
+        assert!(!redacted("redis://u:p@ss@h/").contains("p@ss"));
     }
 }

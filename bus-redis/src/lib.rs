@@ -13,15 +13,19 @@
 //!   them fleet-wide in one script call.
 //! - **Requests** cross replicas through per-replica pub/sub inboxes, carrying the
 //!   remaining deadline; replies and their acknowledgements come back the same way.
+//! - **Health** is SERVING only while the command link, the tail, the inbox and the
+//!   presence all work; every connection reconnects by itself with backoff.
 //!
 //! # Layout
 //! - [`config`]: [`RedisBusConfig`], what the server's flags set.
 //! - `keys`: names of everything stored in Redis under the prefix.
-//! - `link`: the shared command connection, reconnection with backoff, health.
+//! - `link`: the shared command connection, reconnection with backoff, the bus's
+//!   health made of its parts.
 //! - `log`: entry ids and encoding, the batching writer, the tail, replay, the epoch.
 //! - `presence`: publishing this replica's subscribers; fleet-wide members and routes.
 //! - `inbox`: the wire format between replicas and the inbox listener.
-//! - [`bus`]: [`RedisBus`], the [`ipc_core::Bus`] tying them together.
+//! - [`bus`]: [`RedisBus`], the [`ipc_core::Bus`] tying them together, and
+//!   [`bus::ConfigError`].
 
 pub mod bus;
 pub mod config;
