@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use ipc_core::grpc::IpcServer;
 use ipc_core::memory::{MemoryBus, Retention};
 use ipc_core::service::IpcService;
 use ipc_core::{Bus, Node, NodeConfig};
-use ipc_proto::pb::ipc_server::IpcServer;
 use tokio::net::TcpListener;
 
 pub mod security;
@@ -259,8 +259,12 @@ impl Server {
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        // HTTP/2 pings find clients that vanished without closing their connection
+        // (a killed pod, a cut network), so their subscriptions and presence go away.
         let mut builder = tonic::transport::Server::builder()
-            .max_concurrent_streams(max_connection_streams.max(1));
+            .max_concurrent_streams(max_connection_streams.max(1))
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
         if let Some(tls) = security.tls {
             builder = builder.tls_config(tls)?;
         }
