@@ -1,7 +1,6 @@
 //! The rules of DESIGN.md, checked against a real `ipc-server` process over real
 //! gRPC on loopback.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -10,18 +9,10 @@ use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::{
     BroadcastRequest, MembersRequest, Msg, ReplyRequest, SendMsgRequest, SubscribeRequest,
 };
-use ipc_testkit::ServerProcess;
 use serde_json::json;
+use support::{PATIENCE, broadcast, http_get, next, server, subscribe, subscription};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Streaming};
-
-/// Upper bound on waiting for a message that should arrive: a failure guard, not
-/// synchronisation.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-fn server(args: &[&str]) -> ServerProcess {
-    ServerProcess::start_binary(std::path::Path::new(env!("CARGO_BIN_EXE_ipc-server")), args)
-}
 
 fn with_app<T>(message: T, app: &str) -> Request<T> {
     let mut request = Request::new(message);
@@ -29,50 +20,6 @@ fn with_app<T>(message: T, app: &str) -> Request<T> {
         .metadata_mut()
         .insert("ipc-app", app.parse().unwrap());
     request
-}
-
-fn broadcast(channel: &str, op: &str, data: serde_json::Value) -> BroadcastRequest {
-    BroadcastRequest {
-        channel: channel.into(),
-        op: op.into(),
-        data: Some(to_value(&data)),
-        headers: HashMap::new(),
-    }
-}
-
-fn subscription(channels: &[&str]) -> SubscribeRequest {
-    SubscribeRequest {
-        channels: channels.iter().map(|c| c.to_string()).collect(),
-        ..SubscribeRequest::default()
-    }
-}
-
-/// Opens a stream and consumes its `ipc:subscribed` greeting; returns the stream
-/// and the subscriber id.
-async fn subscribe(
-    client: &mut IpcClient<Channel>,
-    request: impl tonic::IntoRequest<SubscribeRequest>,
-) -> (Streaming<Msg>, String) {
-    let mut stream = client
-        .subscribe(request)
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let hello = next(&mut stream).await;
-    assert_eq!(hello.op, "ipc:subscribed");
-    let id = from_optional(hello.data.as_ref())["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    (stream, id)
-}
-
-async fn next(stream: &mut Streaming<Msg>) -> Msg {
-    tokio::time::timeout(PATIENCE, stream.next())
-        .await
-        .expect("no message within the patience bound")
-        .expect("stream ended")
-        .expect("stream failed")
 }
 
 /// Reads until the stream ends with an error status and returns it.
@@ -819,15 +766,4 @@ async fn metrics_count_accepted_and_delivered_messages() {
     );
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
-}
+mod support;
