@@ -1,6 +1,8 @@
 //! The rules of DESIGN.md, checked against a real `ipc-server` process over real
 //! gRPC on loopback.
 
+mod support;
+
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -765,5 +767,3 @@ async fn metrics_count_accepted_and_delivered_messages() {
         "{text}"
     );
 }
-
-mod support;
