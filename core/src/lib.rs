@@ -10,6 +10,8 @@
 //! - [`bus`]: the bus trait; [`memory`]: the in-memory bus of a node alone.
 //! - [`node`]: the five operations with their input rules and deadline rule.
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
+//! - [`grpc`]: that service as servers mount it, Subscribe streams sending each
+//!   message encoded once for all subscribers.
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities.
 //! - [`limits`]: the per-identity request rate limit.
@@ -18,6 +20,7 @@ pub mod auth;
 pub mod bus;
 pub mod channel;
 pub mod cursor;
+pub mod grpc;
 pub mod hub;
 pub mod limits;
 pub mod memory;

@@ -110,6 +110,21 @@ impl IpcService {
         self.node.admit(&caller).map_err(status)?;
         Ok(caller)
     }
+
+    /// Opens a Subscribe stream whose messages are the node's shared `Arc<Msg>`s:
+    /// [`crate::grpc::IpcServer`] sends them without copying them per subscriber.
+    pub async fn subscribe_shared(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<SharedMsgStream, Status> {
+        let caller = self.caller(&request)?;
+        let stream = self
+            .node
+            .subscribe(&caller, request.into_inner())
+            .await
+            .map_err(status)?;
+        Ok(Box::pin(stream.map(|item| item.map_err(closed_status))))
+    }
 }
 
 /// Maps a node error to the status a client sees.
@@ -156,6 +171,8 @@ pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
 }
 
 type MsgStream = Pin<Box<dyn Stream<Item = Result<Msg, Status>> + Send>>;
+/// A Subscribe stream of shared messages, or the status that ended it.
+pub type SharedMsgStream = Pin<Box<dyn Stream<Item = Result<Arc<Msg>, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Ipc for IpcService {
@@ -192,16 +209,8 @@ impl Ipc for IpcService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<MsgStream>, Status> {
-        let caller = self.caller(&request)?;
-        let stream = self
-            .node
-            .subscribe(&caller, request.into_inner())
-            .await
-            .map_err(status)?;
-        let stream = stream.map(|item| match item {
-            Ok(msg) => Ok(Arc::unwrap_or_clone(msg)),
-            Err(reason) => Err(closed_status(reason)),
-        });
+        let stream = self.subscribe_shared(request).await?;
+        let stream = stream.map(|item| item.map(Arc::unwrap_or_clone));
         Ok(Response::new(Box::pin(stream)))
     }
 
