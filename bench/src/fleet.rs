@@ -90,6 +90,8 @@ fn data(payload: Bytes) -> Option<prost_types::Value> {
 pub struct Fleet {
     pub subscribe_to: Vec<Target>,
     pub publish_to: Target,
+    /// The `ipc-server` (and sidecar) processes behind the targets.
+    pub pids: Vec<u32>,
 }
 
 struct FleetConnection(IpcClient<Channel>);
@@ -104,6 +106,10 @@ impl PubSub for Fleet {
 
     async fn publisher(&self) -> anyhow::Result<Arc<dyn Publisher>> {
         Ok(Arc::new(FleetPublisher(connect(&self.publish_to).await?)))
+    }
+
+    fn processes(&self) -> Vec<u32> {
+        self.pids.clone()
     }
 }
 

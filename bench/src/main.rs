@@ -59,6 +59,19 @@ struct Args {
     /// Subscribers in the fan-out workload [default: 10000, or 1000 with --quick].
     #[arg(long)]
     fanout: Option<usize>,
+    /// Only these subscriber counts in the throughput workload (of 1, 10, 100).
+    #[arg(long, value_delimiter = ',')]
+    subscribers: Vec<usize>,
+    /// The ipc-server binary to measure [default: target/release/ipc-server, else
+    /// target/debug/ipc-server].
+    #[arg(long)]
+    server: Option<PathBuf>,
+    /// The ipc-sidecar binary [default: target/release/ipc-sidecar, else debug].
+    #[arg(long)]
+    sidecar: Option<PathBuf>,
+    /// Multiplies message counts and durations (e.g. 5 to profile a longer run).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
 }
 
 /// Counts and durations of one run.
@@ -72,10 +85,24 @@ struct Sizes {
     fanout_rounds: usize,
     memory_counts: Vec<usize>,
     deadline: Duration,
+    throughput_only: Vec<usize>,
 }
 
 impl Sizes {
     fn new(args: &Args) -> Self {
+        let mut sizes = Self::unscaled(args);
+        let scale = |n: usize| ((n as f64 * args.scale) as usize).max(1);
+        for (_, messages) in &mut sizes.throughput_messages {
+            *messages = scale(*messages);
+        }
+        sizes.latency_duration = sizes.latency_duration.mul_f64(args.scale);
+        sizes.sequential_requests = scale(sizes.sequential_requests);
+        sizes.concurrent_requests = scale(sizes.concurrent_requests);
+        sizes.deadline = sizes.deadline.mul_f64(args.scale.max(1.0));
+        sizes
+    }
+
+    fn unscaled(args: &Args) -> Self {
         if args.quick {
             Self {
                 throughput_messages: [(1, 10_000), (10, 3_000), (100, 500)],
@@ -87,6 +114,7 @@ impl Sizes {
                 fanout_rounds: 3,
                 memory_counts: vec![1_000],
                 deadline: Duration::from_secs(15),
+                throughput_only: args.subscribers.clone(),
             }
         } else {
             Self {
@@ -99,6 +127,7 @@ impl Sizes {
                 fanout_rounds: 5,
                 memory_counts: vec![1_000, 10_000],
                 deadline: Duration::from_secs(90),
+                throughput_only: args.subscribers.clone(),
             }
         }
     }
@@ -116,8 +145,15 @@ struct Systems {
 }
 
 impl Systems {
-    fn start() -> Self {
-        let server = procs::find_binary("ipc-server", "ipc-server");
+    fn start(args: &Args) -> Self {
+        let given = |path: &PathBuf| Binary {
+            path: path.clone(),
+            profile: "given",
+        };
+        let server = match &args.server {
+            Some(path) => Ok(given(path)),
+            None => procs::find_binary("ipc-server", "ipc-server"),
+        };
         match &server {
             Ok(b) if b.profile == "debug" => eprintln!(
                 "ipc-bench: WARNING: using a DEBUG ipc-server ({}): its numbers mean nothing; \
@@ -127,7 +163,18 @@ impl Systems {
             Ok(b) => eprintln!("ipc-bench: ipc-server: {} (release)", b.path.display()),
             Err(e) => eprintln!("ipc-bench: {e}"),
         }
-        let sidecar = procs::find_binary("ipc-sidecar", "ipc-sidecar");
+        let sidecar = match &args.sidecar {
+            Some(path) => Ok(given(path)),
+            None => procs::find_binary("ipc-sidecar", "ipc-sidecar"),
+        };
+        if let Ok(b) = &sidecar
+            && b.profile == "debug"
+        {
+            eprintln!(
+                "ipc-bench: WARNING: using a DEBUG ipc-sidecar ({}): build it with `cargo build --release -p ipc-sidecar`",
+                b.path.display()
+            );
+        }
         Self {
             server,
             sidecar,
@@ -165,14 +212,15 @@ fn fleet_on(server: &IpcServer) -> Fleet {
     Fleet {
         subscribe_to: vec![Target::Tcp(server.grpc)],
         publish_to: Target::Tcp(server.grpc),
+        pids: vec![server.process.pid()],
     }
 }
 
-/// The pub/sub peers of workloads 1 and 2, in table order: each a system or the
-/// reason it is not there. Processes live as long as the returned guard.
 /// A system under test, or why it is not there.
 type Available<T> = Result<T, String>;
 
+/// The pub/sub peers of workloads 1 and 2, in table order: each a system or the
+/// reason it is not there. Processes live as long as the returned guard.
 struct PubSubPeers {
     peers: Vec<(String, Available<Box<dyn PubSub>>)>,
     _servers: Vec<IpcServer>,
@@ -197,6 +245,11 @@ fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
                 Ok(Box::new(Fleet {
                     subscribe_to: vec![Target::Tcp(a.grpc), Target::Tcp(b.grpc)],
                     publish_to: Target::Tcp(a.grpc),
+                    // The replicas and the Redis they share.
+                    pids: [a.process.pid(), b.process.pid()]
+                        .into_iter()
+                        .chain(systems.redis.as_ref().map(|r| r.process.pid()))
+                        .collect(),
                 })),
             ));
             servers.extend([a, b]);
@@ -208,23 +261,31 @@ fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
         systems
             .nats
             .as_ref()
-            .map(|n| Box::new(nats::Nats { url: n.url() }) as Box<dyn PubSub>)
+            .map(|n| {
+                Box::new(nats::Nats {
+                    url: n.url(),
+                    pid: n.process.pid(),
+                }) as Box<dyn PubSub>
+            })
             .map_err(Clone::clone),
     ));
-    let redis_client = || -> Result<redis::Client, String> {
+    let redis_client = || -> Result<(redis::Client, u32), String> {
         let server = systems.redis.as_ref().map_err(Clone::clone)?;
-        redis::Client::open(server.url()).map_err(|e| e.to_string())
+        let client = redis::Client::open(server.url()).map_err(|e| e.to_string())?;
+        Ok((client, server.process.pid()))
     };
     peers_out.push((
         peers::REDIS_PUBSUB.into(),
-        redis_client()
-            .map(|client| Box::new(redis_peers::RedisPubSub { client }) as Box<dyn PubSub>),
+        redis_client().map(|(client, pid)| {
+            Box::new(redis_peers::RedisPubSub { client, pid }) as Box<dyn PubSub>
+        }),
     ));
     if with_streams {
         peers_out.push((
             peers::REDIS_XADD.into(),
-            redis_client()
-                .map(|client| Box::new(redis_peers::RedisStream { client }) as Box<dyn PubSub>),
+            redis_client().map(|(client, pid)| {
+                Box::new(redis_peers::RedisStream { client, pid }) as Box<dyn PubSub>
+            }),
         ));
     }
     PubSubPeers {
@@ -245,6 +306,9 @@ fn note(incomplete: &Option<String>) -> Option<String> {
 async fn run_throughput(report: &mut Report, systems: &Systems, sizes: &Sizes) {
     let peers_now = pubsub_peers(systems, true);
     for (subscribers, messages) in sizes.throughput_messages {
+        if !sizes.throughput_only.is_empty() && !sizes.throughput_only.contains(&subscribers) {
+            continue;
+        }
         let case = if subscribers == 1 {
             "1 subscriber".to_string()
         } else {
@@ -268,16 +332,16 @@ async fn run_throughput(report: &mut Report, systems: &Systems, sizes: &Sizes) {
             )
             .await
             {
-                Ok(t) => report.add(
-                    names::THROUGHPUT,
-                    &case,
-                    name,
-                    vec![
+                Ok(t) => {
+                    let mut figures = vec![
                         ("deliveries/s", t.deliveries_per_s, "/s"),
                         ("publishes/s", t.publishes_per_s, "/s"),
-                    ],
-                    note(&t.incomplete),
-                ),
+                    ];
+                    if let Some(cpu) = t.server_cpu_us_per_delivery {
+                        figures.push(("server CPU/delivery", cpu, "µs"));
+                    }
+                    report.add(names::THROUGHPUT, &case, name, figures, note(&t.incomplete))
+                }
                 Err(e) => report.skip(names::THROUGHPUT, &case, name, format!("failed: {e:#}")),
             }
         }
@@ -429,7 +493,12 @@ async fn run_fanout(report: &mut Report, systems: &Systems, sizes: &Sizes) {
     let nats_peer = systems
         .nats
         .as_ref()
-        .map(|n| Box::new(nats::Nats { url: n.url() }) as Box<dyn PubSub>)
+        .map(|n| {
+            Box::new(nats::Nats {
+                url: n.url(),
+                pid: n.process.pid(),
+            }) as Box<dyn PubSub>
+        })
         .map_err(Clone::clone);
     for (name, peer) in [(peers::FLEET, fleet_peer), (peers::NATS, nats_peer)] {
         let peer = match peer {
@@ -500,7 +569,10 @@ async fn run_memory(report: &mut Report, systems: &Systems, sizes: &Sizes) {
                 .as_ref()
                 .map(|n| {
                     (
-                        Box::new(nats::Nats { url: n.url() }) as Box<dyn PubSub>,
+                        Box::new(nats::Nats {
+                            url: n.url(),
+                            pid: n.process.pid(),
+                        }) as Box<dyn PubSub>,
                         n.process.pid(),
                     )
                 })
@@ -614,6 +686,7 @@ async fn run_sidecar(report: &mut Report, systems: &Systems, sizes: &Sizes) {
         let peer = Fleet {
             subscribe_to: vec![target],
             publish_to: direct.clone(),
+            pids: vec![server.process.pid()],
         };
         eprintln!("ipc-bench: sidecar {latency_case}, {name}");
         match workloads::latency(
@@ -686,12 +759,16 @@ async fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     payload::now_ns();
 
-    let systems = Systems::start();
+    let systems = Systems::start(&args);
     let mut report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         quick: args.quick,
         machine: machine(),
         server_binary: match &systems.server {
+            Ok(b) => format!("{} ({})", b.path.display(), b.profile),
+            Err(e) => e.clone(),
+        },
+        sidecar_binary: match &systems.sidecar {
             Ok(b) => format!("{} ({})", b.path.display(), b.profile),
             Err(e) => e.clone(),
         },
@@ -718,10 +795,11 @@ async fn main() -> anyhow::Result<()> {
     report.check_targets();
 
     println!(
-        "ipc-bench{}: {} — ipc-server {}",
+        "ipc-bench{}: {}\nipc-server: {}\nipc-sidecar: {}",
         if args.quick { " --quick" } else { "" },
         report.machine,
-        report.server_binary
+        report.server_binary,
+        report.sidecar_binary
     );
     println!(
         "1 publisher with {} publishes in flight, at most {} messages ahead of the slowest subscriber; payloads of {} bytes; ratios are fleet-ipc's figure ÷ the peer's, same run.\n",

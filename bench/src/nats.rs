@@ -12,6 +12,7 @@ use crate::peer::{Deliveries, PubSub, Publisher, RequestReply, Requester, Subscr
 
 pub struct Nats {
     pub url: String,
+    pub pid: u32,
 }
 
 async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
@@ -48,6 +49,10 @@ impl PubSub for Nats {
 
     async fn publisher(&self) -> anyhow::Result<Arc<dyn Publisher>> {
         Ok(Arc::new(NatsPublisher(connect(&self.url).await?)))
+    }
+
+    fn processes(&self) -> Vec<u32> {
+        vec![self.pid]
     }
 }
 

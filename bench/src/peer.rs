@@ -21,6 +21,9 @@ pub trait PubSub: Send + Sync {
     /// One publisher connection; clones of the returned handle share it, so
     /// concurrent `publish` calls are in flight together on it.
     async fn publisher(&self) -> anyhow::Result<Arc<dyn Publisher>>;
+
+    /// The server processes doing the work, whose CPU time is measured.
+    fn processes(&self) -> Vec<u32>;
 }
 
 /// A connection that can carry subscriptions.

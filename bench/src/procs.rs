@@ -75,6 +75,36 @@ impl Drop for Process {
     }
 }
 
+/// CPU time (user + system, all threads) a process has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // utime and stime are the 14th and 15th fields of the line.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/PID/stat")?
+            .parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks_per_second())
+}
+
+/// `CLK_TCK`, the unit of /proc CPU times (from `getconf`; 100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
 /// `VmRSS` of a process, in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -235,7 +265,7 @@ impl NatsServer {
 /// AOF): the same server serves fleet-ipc's Redis bus and the raw Redis peers, so
 /// the ratios compare like with like.
 pub struct RedisServer {
-    _process: Process,
+    pub process: Process,
     pub port: u16,
     _dir: tempfile::TempDir,
 }
@@ -261,7 +291,7 @@ impl RedisServer {
         };
         wait_for_greeting(port, b"+PONG", "redis-server", Some(b"PING\r\n"))?;
         Ok(Self {
-            _process: process,
+            process,
             port,
             _dir: dir,
         })

@@ -27,6 +27,7 @@ async fn connection(client: &redis::Client) -> anyhow::Result<MultiplexedConnect
 
 pub struct RedisPubSub {
     pub client: redis::Client,
+    pub pid: u32,
 }
 
 struct PubSubConnection(redis::Client);
@@ -41,6 +42,10 @@ impl PubSub for RedisPubSub {
 
     async fn publisher(&self) -> anyhow::Result<Arc<dyn Publisher>> {
         Ok(Arc::new(CommandPublisher(connection(&self.client).await?)))
+    }
+
+    fn processes(&self) -> Vec<u32> {
+        vec![self.pid]
     }
 }
 
@@ -76,6 +81,7 @@ const XREAD_COUNT: usize = 512;
 
 pub struct RedisStream {
     pub client: redis::Client,
+    pub pid: u32,
 }
 
 struct StreamConnection(redis::Client);
@@ -89,6 +95,10 @@ impl PubSub for RedisStream {
 
     async fn publisher(&self) -> anyhow::Result<Arc<dyn Publisher>> {
         Ok(Arc::new(XaddPublisher(connection(&self.client).await?)))
+    }
+
+    fn processes(&self) -> Vec<u32> {
+        vec![self.pid]
     }
 }
 

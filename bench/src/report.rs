@@ -70,6 +70,7 @@ pub struct Report {
     pub quick: bool,
     pub machine: String,
     pub server_binary: String,
+    pub sidecar_binary: String,
     pub rows: Vec<Row>,
     pub targets: Vec<Target>,
 }
@@ -330,6 +331,7 @@ impl Report {
 pub fn human(value: f64, unit: &str) -> String {
     match unit {
         "µs" if value >= 10_000.0 => format!("{:.1} ms", value / 1000.0),
+        "µs" if value < 10.0 => format!("{value:.2} µs"),
         "µs" => format!("{value:.0} µs"),
         "/s" if value >= 1_000_000.0 => format!("{:.2} M/s", value / 1e6),
         "/s" if value >= 1_000.0 => format!("{:.1} k/s", value / 1e3),

@@ -39,6 +39,9 @@ const PROGRESS_EVERY: u64 = 128;
 pub struct Throughput {
     pub deliveries_per_s: f64,
     pub publishes_per_s: f64,
+    /// CPU time the system's server processes spent per delivery, in µs: what the
+    /// system costs, less sensitive than rates to a busy machine.
+    pub server_cpu_us_per_delivery: Option<f64>,
     /// Set when not every subscriber got every message before the deadline.
     pub incomplete: Option<String>,
 }
@@ -84,6 +87,7 @@ pub async fn throughput(
     }
 
     let publisher = peer.publisher().await?;
+    let cpu_before = server_cpu(peer);
     let payload = stamped(0);
     let next = Arc::new(AtomicUsize::new(0));
     let slowest = Arc::new(AtomicU64::new(0));
@@ -149,6 +153,9 @@ pub async fn throughput(
     .is_ok();
     readers.abort_all();
     let delivered: u64 = received.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    let cpu = cpu_before
+        .zip(server_cpu(peer))
+        .map(|(before, after)| (after - before) * 1e6 / delivered.max(1) as f64);
     let expected = (messages * subscribers) as u64;
     if !all_received {
         failure.get_or_insert(format!(
@@ -164,8 +171,20 @@ pub async fn throughput(
     Ok(Throughput {
         deliveries_per_s: delivered as f64 / seconds,
         publishes_per_s: messages as f64 / (published_ns.max(1) as f64 / 1e9),
+        server_cpu_us_per_delivery: cpu,
         incomplete: failure,
     })
+}
+
+/// CPU seconds used so far by the peer's server processes.
+fn server_cpu(peer: &dyn PubSub) -> Option<f64> {
+    let pids = peer.processes();
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .map(|pid| crate::procs::cpu_seconds(*pid).ok())
+        .sum()
 }
 
 #[derive(Debug)]
