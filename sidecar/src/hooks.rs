@@ -12,15 +12,19 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ipc_proto::pb::Msg;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+/// Broadcast runs of one hook accepted at once: the running one and one waiting.
+const MAX_ACCEPTED: usize = 2;
 
 /// Bytes of output kept for the reply: the end of stdout and stderr, interleaved.
 pub const OUTPUT_TAIL: usize = 4096;
@@ -56,8 +60,11 @@ struct Hook {
     command: String,
     /// Held by the run in progress.
     running: tokio::sync::Mutex<()>,
-    /// Broadcast runs queued behind the running one (at most one).
-    queued: AtomicUsize,
+    /// Broadcasts for their runs, in order.
+    queue: mpsc::Sender<Arc<Msg>>,
+    /// Broadcast runs accepted and not finished: the running one and at most one
+    /// waiting behind it.
+    accepted: AtomicUsize,
 }
 
 /// The configured hooks, by op.
@@ -67,16 +74,21 @@ pub struct Hooks {
 }
 
 impl Hooks {
+    /// Builds the hooks and starts, for each, the task that runs its broadcasts
+    /// (call within a Tokio runtime).
     pub fn new(specs: &[(String, String)], timeout: Duration) -> Self {
         let hooks = specs
             .iter()
             .map(|(op, command)| {
-                let hook = Hook {
+                let (queue, runs) = mpsc::channel(MAX_ACCEPTED);
+                let hook = Arc::new(Hook {
                     command: command.clone(),
                     running: tokio::sync::Mutex::new(()),
-                    queued: AtomicUsize::new(0),
-                };
-                (op.clone(), Arc::new(hook))
+                    queue,
+                    accepted: AtomicUsize::new(0),
+                });
+                tokio::spawn(run_broadcasts(Arc::downgrade(&hook), runs, timeout));
+                (op.clone(), hook)
             })
             .collect();
         Self { hooks, timeout }
@@ -87,29 +99,21 @@ impl Hooks {
         self.hooks.contains_key(op)
     }
 
-    /// Runs the hook of a broadcast in the background (see the module doc for
-    /// overlapping runs). Does nothing for an op without a hook.
+    /// Queues the hook of a broadcast (see the module doc for overlapping runs).
+    /// Does nothing for an op without a hook.
     pub fn on_broadcast(&self, msg: Arc<Msg>) {
-        let Some(hook) = self.hooks.get(&msg.op).cloned() else {
+        let Some(hook) = self.hooks.get(&msg.op) else {
             return;
         };
-        if hook.queued.fetch_add(1, Ordering::AcqRel) >= 1 {
-            hook.queued.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!(op = %msg.op, id = %msg.id, "hook already running with one run queued; skipped");
+        if hook.accepted.fetch_add(1, Ordering::AcqRel) >= MAX_ACCEPTED {
+            hook.accepted.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(op = %msg.op, id = %msg.id, "hook busy with one run waiting; this one skipped");
             return;
         }
-        let timeout = self.timeout;
-        tokio::spawn(async move {
-            let _turn = hook.running.lock().await;
-            hook.queued.fetch_sub(1, Ordering::AcqRel);
-            let outcome = run(&hook.command, &msg, timeout).await;
-            match &outcome.error {
-                None => tracing::info!(op = %msg.op, id = %msg.id, "hook ran"),
-                Some(error) => {
-                    tracing::warn!(op = %msg.op, id = %msg.id, %error, output = %outcome.output, "hook failed")
-                }
-            }
-        });
+        // Never full: `accepted` bounds what is in the queue.
+        if hook.queue.try_send(msg).is_err() {
+            hook.accepted.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Runs the hook of a request and returns how it ended; waits for a running
@@ -132,6 +136,24 @@ impl Hooks {
         };
         let left = deadline.saturating_duration_since(Instant::now());
         run(&hook.command, msg, self.timeout.min(left)).await
+    }
+}
+
+/// Runs a hook's broadcasts one after the other until the hook is dropped.
+async fn run_broadcasts(hook: Weak<Hook>, mut queue: mpsc::Receiver<Arc<Msg>>, timeout: Duration) {
+    while let Some(msg) = queue.recv().await {
+        let Some(hook) = hook.upgrade() else { return };
+        let outcome = {
+            let _turn = hook.running.lock().await;
+            run(&hook.command, &msg, timeout).await
+        };
+        hook.accepted.fetch_sub(1, Ordering::AcqRel);
+        match &outcome.error {
+            None => tracing::info!(op = %msg.op, id = %msg.id, "hook ran"),
+            Some(error) => {
+                tracing::warn!(op = %msg.op, id = %msg.id, %error, output = %outcome.output, "hook failed")
+            }
+        }
     }
 }
 

@@ -29,9 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use ipc_core::grpc::IpcServer;
 use ipc_core::service::IpcService;
 use ipc_core::{Bus, Node, NodeConfig};
-use ipc_core::grpc::IpcServer;
 use tokio::net::{TcpListener, UnixListener};
 
 pub use config::{Config, PodIdentity};

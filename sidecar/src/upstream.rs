@@ -469,8 +469,14 @@ impl Inner {
                 return;
             }
             let Some(error) = end.error else { return };
-            tracing::warn!(upstream = %address, %error, "upstream lost; reconnecting");
-            *self.last_error.lock() = format!("{address}: {error}");
+            let error = format!("{address}: {error}");
+            // Once per distinct failure, not at every attempt of a long outage.
+            if end.acknowledged || *self.last_error.lock() != error {
+                tracing::warn!(%error, "upstream unavailable; reconnecting");
+            } else {
+                tracing::debug!(%error, "upstream still unavailable");
+            }
+            *self.last_error.lock() = error;
             if end.acknowledged {
                 backoff.reset();
             }
@@ -797,11 +803,13 @@ impl Inner {
             }
             ring.push(cursor, msg.clone());
         }
+        // The hook is started (or queued, or skipped) before local subscribers can see
+        // the message: whoever saw it can count on the hook's decision being made.
+        if self.pod_channels.contains(&msg.channel) && self.hooks.has(&msg.op) {
+            self.hooks.on_broadcast(msg.clone());
+        }
         if let Some(hub) = self.hub() {
             hub.dispatch(&msg);
-        }
-        if self.pod_channels.contains(&msg.channel) && self.hooks.has(&msg.op) {
-            self.hooks.on_broadcast(msg);
         }
     }
 

@@ -1,0 +1,89 @@
+//! The socket file: created with its directory and mode, a stale one replaced, a live
+//! one or a file that is not a socket refused with a clear error, removed at exit.
+//! The sidecar serves its pod even with no control plane to reach.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::*;
+
+/// Nothing listens there: the sidecar keeps trying in the background.
+const NO_UPSTREAM: &str = "127.0.0.1:1";
+
+fn start(socket: &Path, extra: &[&str]) -> Result<SidecarProcess, String> {
+    let mut args = pod_args();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    SidecarProcess::start_at(socket, NO_UPSTREAM, &args)
+}
+
+async fn pings(socket: &Path) -> bool {
+    let mut client = uds_client(socket).await;
+    send(&mut client, "", "ping", 5_000)
+        .await
+        .is_ok_and(|m| m.op == "pong")
+}
+
+#[tokio::test]
+async fn the_socket_gets_its_directory_and_mode_and_goes_away_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a/b/ipc.sock");
+    let sidecar = start(&socket, &[]).unwrap();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    assert!(pings(&socket).await);
+    // Waiting in a blocking task lets this runtime close the client's connection.
+    let status = tokio::task::spawn_blocking(move || {
+        let mut sidecar = sidecar;
+        sidecar.terminate()
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "socket file left behind");
+
+    let other = dir.path().join("private.sock");
+    let _sidecar = start(&other, &["--socket-mode", "0600"]).unwrap();
+    let mode = std::fs::metadata(&other).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[tokio::test]
+async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ipc.sock");
+    // What a killed sidecar leaves: the file, with nobody accepting on it.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let first = start(&socket, &[]).unwrap();
+    assert!(pings(&socket).await);
+
+    let error = start(&socket, &[])
+        .err()
+        .expect("a second sidecar on a live socket");
+    assert!(error.contains("served by a live process"), "{error}");
+    assert!(pings(&socket).await, "the first sidecar still serves");
+    drop(first);
+}
+
+#[tokio::test]
+async fn bad_socket_paths_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let error = start(&file, &[]).err().expect("a regular file as socket");
+    assert!(error.contains("is not a socket"), "{error}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    let long = dir.path().join("x".repeat(120)).join("ipc.sock");
+    let error = start(&long, &[])
+        .err()
+        .expect("a path too long for a socket");
+    assert!(error.contains("longer than"), "{error}");
+
+    let blocked = file.join("ipc.sock");
+    let error = start(&blocked, &[])
+        .err()
+        .expect("a directory that cannot exist");
+    assert!(error.contains("creating the socket's directory"), "{error}");
+}
