@@ -17,7 +17,7 @@ use ipc_proto::pb::ipc_server;
 use ipc_proto::pb::{Msg, SubscribeRequest};
 use parking_lot::Mutex;
 use prost::Message as _;
-use prost::bytes::{BufMut as _, Bytes};
+use prost::bytes::BufMut;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::{Request, Response, Status};
@@ -147,12 +147,7 @@ impl Encoder for SharedMsgEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: Arc<Msg>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        match self.0.encoded(&item) {
-            Some(bytes) => dst.put_slice(&bytes),
-            None => item
-                .encode(dst)
-                .expect("an EncodeBuf grows: encoding cannot run out of space"),
-        }
+        self.0.write(&item, dst);
         Ok(())
     }
 }
@@ -176,7 +171,9 @@ const CACHE_SLOTS: usize = 256;
 const CACHE_MAX_BYTES: usize = 16 << 10;
 
 /// Encodings of recently sent messages, keyed by the address of their `Arc`
-/// allocation (direct-mapped, one small lock per slot).
+/// allocation (direct-mapped, one small lock per slot). A hit is copied out under
+/// the slot's lock: cheaper than sharing a reference-counted buffer whose count
+/// every stream of every core would bounce.
 ///
 /// A slot holds a `Weak` to the message it encodes, which keeps that allocation
 /// from being freed and reused: a live `Arc<Msg>` at the same address is therefore
@@ -187,7 +184,7 @@ pub(crate) struct EncodedCache {
 }
 
 /// A message (by its allocation) and its encoding.
-type Encoded = (Weak<Msg>, Bytes);
+type Encoded = (Weak<Msg>, Vec<u8>);
 
 impl EncodedCache {
     fn new() -> Self {
@@ -196,9 +193,8 @@ impl EncodedCache {
         }
     }
 
-    /// The encoding of `msg`, computed once; `None` for a message too large to
-    /// cache (the caller encodes it).
-    fn encoded(&self, msg: &Arc<Msg>) -> Option<Bytes> {
+    /// Writes the encoding of `msg` to `dst`, encoding it only if it is not cached.
+    fn write(&self, msg: &Arc<Msg>, dst: &mut impl BufMut) {
         let address = Arc::as_ptr(msg) as usize;
         // Fibonacci hashing of the address (allocations are 16-byte aligned).
         let index = ((address >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % CACHE_SLOTS;
@@ -206,14 +202,16 @@ impl EncodedCache {
         if let Some((cached, bytes)) = &*slot.lock()
             && std::ptr::eq(cached.as_ptr(), Arc::as_ptr(msg))
         {
-            return Some(bytes.clone());
+            dst.put_slice(bytes);
+            return;
         }
         if msg.encoded_len() > CACHE_MAX_BYTES {
-            return None;
+            msg.encode_raw(dst);
+            return;
         }
-        let bytes = Bytes::from(msg.encode_to_vec());
-        *slot.lock() = Some((Arc::downgrade(msg), bytes.clone()));
-        Some(bytes)
+        let bytes = msg.encode_to_vec();
+        dst.put_slice(&bytes);
+        *slot.lock() = Some((Arc::downgrade(msg), bytes));
     }
 }
 
@@ -229,18 +227,27 @@ mod tests {
         })
     }
 
+    fn written(cache: &EncodedCache, msg: &Arc<Msg>) -> Vec<u8> {
+        let mut out = Vec::new();
+        cache.write(msg, &mut out);
+        out
+    }
+
+    fn cached(cache: &EncodedCache, msg: &Arc<Msg>) -> bool {
+        cache.slots.iter().any(|slot| {
+            slot.lock()
+                .as_ref()
+                .is_some_and(|(weak, _)| std::ptr::eq(weak.as_ptr(), Arc::as_ptr(msg)))
+        })
+    }
+
     #[test]
-    fn cached_bytes_are_the_message_encoding() {
+    fn writes_the_message_encoding_from_the_cache_after_the_first_time() {
         let cache = EncodedCache::new();
         let a = msg("a");
-        let first = cache.encoded(&a).unwrap();
-        assert_eq!(first, a.encode_to_vec());
-        let again = cache.encoded(&a).unwrap();
-        assert_eq!(
-            again.as_ptr(),
-            first.as_ptr(),
-            "second lookup hits the cache"
-        );
+        assert_eq!(written(&cache, &a), a.encode_to_vec());
+        assert!(cached(&cache, &a));
+        assert_eq!(written(&cache, &a), a.encode_to_vec());
     }
 
     #[test]
@@ -248,17 +255,19 @@ mod tests {
         let cache = EncodedCache::new();
         for i in 0..10_000 {
             let m = msg(&format!("op-{i}"));
-            assert_eq!(cache.encoded(&m).unwrap(), m.encode_to_vec());
+            assert_eq!(written(&cache, &m), m.encode_to_vec());
+            assert_eq!(written(&cache, &m), m.encode_to_vec());
         }
     }
 
     #[test]
-    fn large_messages_are_not_cached() {
+    fn large_messages_are_written_but_not_cached() {
         let cache = EncodedCache::new();
         let big = Arc::new(Msg {
             op: "x".repeat(CACHE_MAX_BYTES + 1),
             ..Msg::default()
         });
-        assert!(cache.encoded(&big).is_none());
+        assert_eq!(written(&cache, &big), big.encode_to_vec());
+        assert!(!cached(&cache, &big));
     }
 }
