@@ -197,6 +197,35 @@ impl RequestReply for FleetRequests {
     }
 }
 
+/// SendMsg `ping` with an empty target, answered by the node itself: one unary
+/// gRPC round trip, the floor under a SendMsg that goes to a subscriber and back.
+pub struct FleetPing {
+    pub target: Target,
+}
+
+struct FleetPinger(IpcClient<Channel>);
+
+#[async_trait]
+impl RequestReply for FleetPing {
+    async fn start(&self) -> anyhow::Result<Arc<dyn Requester>> {
+        Ok(Arc::new(FleetPinger(connect(&self.target).await?)))
+    }
+}
+
+#[async_trait]
+impl Requester for FleetPinger {
+    async fn request(&self, _payload: Bytes) -> anyhow::Result<()> {
+        self.0
+            .clone()
+            .send_msg(SendMsgRequest {
+                op: "ping".into(),
+                ..SendMsgRequest::default()
+            })
+            .await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Requester for FleetRequester {
     async fn request(&self, payload: Bytes) -> anyhow::Result<()> {

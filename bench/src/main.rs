@@ -443,8 +443,24 @@ async fn run_requests(report: &mut Report, systems: &Systems, sizes: &Sizes) {
                 respond_on: Target::Tcp(server.grpc),
             };
             request_cases(report, names::REQUEST, "", peers::FLEET, Ok(&system), sizes).await;
+            let ping = fleet::FleetPing {
+                target: Target::Tcp(server.grpc),
+            };
+            request_cases(
+                report,
+                names::REQUEST,
+                "",
+                peers::FLEET_PING,
+                Ok(&ping),
+                sizes,
+            )
+            .await;
         }
-        Err(e) => request_cases(report, names::REQUEST, "", peers::FLEET, Err(e), sizes).await,
+        Err(e) => {
+            for name in [peers::FLEET, peers::FLEET_PING] {
+                request_cases(report, names::REQUEST, "", name, Err(e.clone()), sizes).await;
+            }
+        }
     }
     match systems.replicas() {
         Ok([a, b]) => {

@@ -14,6 +14,7 @@ pub mod peers {
     pub const REDIS_PUBSUB: &str = "Redis PUBLISH/SUBSCRIBE";
     pub const REDIS_XADD: &str = "Redis XADD+XREAD";
     pub const NATS_REQUEST: &str = "NATS request/reply";
+    pub const FLEET_PING: &str = "fleet-ipc ping (node answers; 1 RPC)";
     pub const DIRECT: &str = "fleet-ipc direct (TCP)";
     pub const SIDECAR: &str = "fleet-ipc via sidecar";
 }
