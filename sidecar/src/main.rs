@@ -4,7 +4,9 @@ use clap::Parser;
 use ipc_sidecar::{Config, Sidecar, init_logging};
 use tokio::signal::unix::{SignalKind, signal};
 
-#[tokio::main]
+// One thread: the sidecar relays small messages for one pod; a single-threaded
+// runtime keeps its memory small and saves cross-thread wake-ups on every hop.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     init_logging(config.log_json);
