@@ -122,3 +122,24 @@ async fn the_pod_moves_to_the_next_replica_and_is_reachable_through_any() {
         .expect("the pod in the fleet's members");
     assert_eq!(pod.labels.get("pod").map(String::as_str), Some("web-1"));
 }
+
+#[tokio::test]
+async fn a_subscriber_that_joins_during_an_outage_gets_what_was_published_meanwhile() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let mut a = replica(&redis, "a", Some(port));
+    let b = replica(&redis, "b", None);
+    let sidecar = SidecarProcess::start(&a.url(), &[]);
+    sidecar.wait_upstream(true).await;
+
+    a.kill();
+    sidecar.wait_upstream(false).await;
+    // Answered at once: the pod was connected before and resumes from where it stood.
+    let mut local = sidecar.client().await;
+    let mut stream = subscribe_to(&mut local, &[":news"]).await;
+    publish(&b, 0..5).await;
+    let _a = replica(&redis, "a", Some(port));
+    sidecar.wait_upstream(true).await;
+    publish(&b, 5..10).await;
+    assert_eq!(numbers(&mut stream, 10).await, (0..10).collect::<Vec<_>>());
+}

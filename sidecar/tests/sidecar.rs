@@ -379,6 +379,44 @@ async fn a_resuming_local_subscriber_gets_what_it_missed() {
 }
 
 #[tokio::test]
+async fn a_subscriber_resumes_across_a_sidecar_restart() {
+    let server = server();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ipc.sock");
+    let sidecar = SidecarProcess::start_at(&socket, &server.url(), &pod_args()).unwrap();
+    let mut local = sidecar.client().await;
+    let resumer = |cursor: &str| SubscribeRequest {
+        id: "resumer".into(),
+        channels: vec![":feed".into()],
+        cursor: cursor.into(),
+        ..Default::default()
+    };
+    let (mut stream, _) = subscribe(&mut local, resumer("")).await;
+    let mut operator = server.client().await;
+    broadcast(&mut operator, ":feed", "f1", json!({}))
+        .await
+        .unwrap();
+    let cursor = next(&mut stream).await.cursor;
+
+    drop(sidecar); // SIGKILL: the socket file stays behind
+    broadcast(&mut operator, ":feed", "f2", json!({}))
+        .await
+        .unwrap();
+    let sidecar = SidecarProcess::start_at(&socket, &server.url(), &pod_args()).unwrap();
+    let mut local = sidecar.client().await;
+    let (mut stream, _) = subscribe(&mut local, resumer(&cursor)).await;
+    assert_eq!(
+        next(&mut stream).await.op,
+        "f2",
+        "from the control plane's log"
+    );
+    broadcast(&mut operator, ":feed", "f3", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut stream).await.op, "f3");
+}
+
+#[tokio::test]
 async fn grpcurl_works_over_the_socket() {
     let server = server();
     let sidecar = SidecarProcess::start(&server.url(), &[]);
