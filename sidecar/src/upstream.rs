@@ -398,6 +398,13 @@ impl Inner {
         request
     }
 
+    /// Every pattern of the local subscribers, as text.
+    fn local_patterns(&self) -> HashSet<String> {
+        self.hub()
+            .map(|hub| hub.members().into_iter().flat_map(|m| m.channels).collect())
+            .unwrap_or_default()
+    }
+
     /// The pod's identity channels plus every local subscriber's patterns; exact
     /// names that a wildcard of the union already matches are left out.
     fn union(&self) -> Vec<Pattern> {
@@ -718,13 +725,23 @@ impl Inner {
             let now = ring.last;
             ring.cover(&active.union, &continued, active.resumed_from, now);
         }
-        let kept_promises = {
+        let local = self.local_patterns();
+        let settled = {
             let mut promised = self.promised.lock();
-            let before = promised.len();
-            promised.retain(|key, _| !active.union.iter().any(|p| p.as_str() == key));
-            before != promised.len()
+            let mut settled = false;
+            // Kept: what this stream does not cover yet and a local subscriber still
+            // wants (the next stream will); dropped: what nobody wants any more.
+            promised.retain(|key, p| {
+                if !local.contains(key) {
+                    return false;
+                }
+                let covered = covers(&active.union, std::slice::from_ref(p));
+                settled |= covered;
+                !covered
+            });
+            settled
         };
-        if kept_promises && active.resumed_from.is_none() && !active.gap_notified {
+        if settled && active.resumed_from.is_none() && !active.gap_notified {
             // Subscribers were answered while the pod had no position in the log to
             // resume from: what was published before now may be missing for them.
             self.notify_gap(
