@@ -269,8 +269,16 @@ async fn a_local_subscriber_keeps_its_stream_across_a_control_plane_restart() {
 
     server.kill();
     sidecar.wait_upstream(false).await;
+    // Probes: alive, not ready.
+    assert_eq!(http_get(sidecar.health, "/healthz").await.0, 200);
+    let (status, reason) = http_get(sidecar.health, "/readyz").await;
+    assert_eq!(status, 503, "{reason}");
     let server = server_on(Some(port), &[]);
     sidecar.wait_upstream(true).await;
+    assert_eq!(http_get(sidecar.health, "/readyz").await.0, 200);
+    let (status, metrics) = http_get(sidecar.health, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("ipc_subscribers 1"), "{metrics}");
     // The restarted server's memory log is a new one: the loss is reported.
     let gap = next(&mut stream).await;
     assert_eq!(gap.op, "ipc:gap");
