@@ -463,12 +463,19 @@ impl Inner {
         let mut index = 0usize;
         loop {
             let address = self.config.addresses[index % self.config.addresses.len()].clone();
-            let end = match self.connect(&address).await {
-                Ok(link) => self.session(link, &mut wanted).await,
-                Err(error) => SessionEnd {
-                    acknowledged: false,
-                    error: Some(error),
-                },
+            let attempt = async {
+                match self.connect(&address).await {
+                    Ok(link) => self.session(link, &mut wanted).await,
+                    Err(error) => SessionEnd {
+                        acknowledged: false,
+                        error: Some(error),
+                    },
+                }
+            };
+            // Stopping does not wait for a connection attempt or a subscribe to time out.
+            let end = tokio::select! {
+                () = self.stop.cancelled() => SessionEnd { acknowledged: false, error: None },
+                end = attempt => end,
             };
             self.link.send_replace(None);
             self.health.send_replace(false);
