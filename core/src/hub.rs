@@ -7,6 +7,7 @@
 //! scanned per message.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -81,7 +82,7 @@ struct Subscriber {
 
 #[derive(Default)]
 struct Registry {
-    subs: HashMap<u64, Subscriber>,
+    subs: HashMap<u64, Subscriber, BuildHasherDefault<KeyHasher>>,
     by_id: HashMap<String, u64>,
     exact: HashMap<String, Vec<u64>>,
     wildcard: Vec<(Pattern, u64)>,
@@ -107,6 +108,31 @@ impl Registry {
         keys
     }
 }
+
+/// Hashes the hub's subscriber keys (its own counter, never client input) with one
+/// multiplication. Fan-out looks a key up per subscriber per message, and the
+/// default SipHash was a tenth of the fan-out path's instructions.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(FIBONACCI);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(FIBONACCI);
+    }
+}
+
+/// 2^64 / φ: multiplying by it spreads consecutive keys over high and low bits.
+const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
 
 struct Pending {
     tx: oneshot::Sender<Msg>,
