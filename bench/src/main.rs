@@ -63,12 +63,17 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     subscribers: Vec<usize>,
     /// The ipc-server binary to measure [default: target/release/ipc-server, else
-    /// target/debug/ipc-server].
-    #[arg(long)]
+    /// target/debug/ipc-server]. scripts/test sets IPC_SERVER_BIN to the debug build
+    /// it just made, so the smoke run never measures a stale release binary.
+    #[arg(long, env = "IPC_SERVER_BIN")]
     server: Option<PathBuf>,
     /// The ipc-sidecar binary [default: target/release/ipc-sidecar, else debug].
-    #[arg(long)]
+    #[arg(long, env = "IPC_SIDECAR_BIN")]
     sidecar: Option<PathBuf>,
+    /// Only these pub/sub peers in workloads 1 and 2 (comma separated): fleet,
+    /// fleet-redis, nats, redis-pubsub, redis-xadd. For profiling one system.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
     /// Multiplies message counts and durations (e.g. 5 to profile a longer run).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
@@ -142,16 +147,14 @@ struct Systems {
     sidecar: Result<Binary, String>,
     nats: Result<NatsServer, String>,
     redis: Result<RedisServer, String>,
+    /// `--peers`: empty for all.
+    peers: Vec<String>,
 }
 
 impl Systems {
     fn start(args: &Args) -> Self {
-        let given = |path: &PathBuf| Binary {
-            path: path.clone(),
-            profile: "given",
-        };
         let server = match &args.server {
-            Some(path) => Ok(given(path)),
+            Some(path) => Binary::given(path),
             None => procs::find_binary("ipc-server", "ipc-server"),
         };
         match &server {
@@ -160,11 +163,15 @@ impl Systems {
                  build with `cargo build --release -p ipc-server -p ipc-bench`",
                 b.path.display()
             ),
-            Ok(b) => eprintln!("ipc-bench: ipc-server: {} (release)", b.path.display()),
+            Ok(b) => eprintln!(
+                "ipc-bench: ipc-server: {} ({})",
+                b.path.display(),
+                b.profile
+            ),
             Err(e) => eprintln!("ipc-bench: {e}"),
         }
         let sidecar = match &args.sidecar {
-            Some(path) => Ok(given(path)),
+            Some(path) => Binary::given(path),
             None => procs::find_binary("ipc-sidecar", "ipc-sidecar"),
         };
         if let Ok(b) = &sidecar
@@ -178,6 +185,7 @@ impl Systems {
         Self {
             server,
             sidecar,
+            peers: args.peers.clone(),
             nats: NatsServer::start().map_err(|e| format!("{e:#}")),
             redis: RedisServer::start().map_err(|e| format!("{e:#}")),
         }
@@ -229,15 +237,18 @@ struct PubSubPeers {
 fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
     let mut peers_out: Vec<(String, Available<Box<dyn PubSub>>)> = Vec::new();
     let mut servers = Vec::new();
-    match systems.embedded() {
-        Ok(server) => {
+    let wanted = |key: &str| systems.peers.is_empty() || systems.peers.iter().any(|p| p == key);
+    match wanted("fleet").then(|| systems.embedded()) {
+        None => {}
+        Some(Ok(server)) => {
             peers_out.push((peers::FLEET.into(), Ok(Box::new(fleet_on(&server)))));
             servers.push(server);
         }
-        Err(e) => peers_out.push((peers::FLEET.into(), Err(e))),
+        Some(Err(e)) => peers_out.push((peers::FLEET.into(), Err(e))),
     }
-    match systems.replicas() {
-        Ok([a, b]) => {
+    match wanted("fleet-redis").then(|| systems.replicas()) {
+        None => {}
+        Some(Ok([a, b])) => {
             // The publisher on replica a; subscribers alternate between a and b, so
             // half of the deliveries cross Redis to the other replica.
             peers_out.push((
@@ -254,7 +265,7 @@ fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
             ));
             servers.extend([a, b]);
         }
-        Err(e) => peers_out.push((peers::FLEET_REDIS.into(), Err(e))),
+        Some(Err(e)) => peers_out.push((peers::FLEET_REDIS.into(), Err(e))),
     }
     peers_out.push((
         peers::NATS.into(),
@@ -288,6 +299,14 @@ fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
             }),
         ));
     }
+    let keys = [
+        (peers::FLEET, "fleet"),
+        (peers::FLEET_REDIS, "fleet-redis"),
+        (peers::NATS, "nats"),
+        (peers::REDIS_PUBSUB, "redis-pubsub"),
+        (peers::REDIS_XADD, "redis-xadd"),
+    ];
+    peers_out.retain(|(name, _)| keys.iter().any(|(n, key)| n == name && wanted(key)));
     PubSubPeers {
         peers: peers_out,
         _servers: servers,

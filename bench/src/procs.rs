@@ -22,6 +22,27 @@ pub struct Binary {
     pub profile: &'static str,
 }
 
+impl Binary {
+    /// A binary named on the command line; its profile read from its path
+    /// (`…/debug/…` or `…/release/…`).
+    pub fn given(path: &Path) -> Result<Self, String> {
+        if !path.is_file() {
+            return Err(format!("{} not found", path.display()));
+        }
+        let profile = if path.components().any(|c| c.as_os_str() == "debug") {
+            "debug"
+        } else if path.components().any(|c| c.as_os_str() == "release") {
+            "release"
+        } else {
+            "unknown profile"
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            profile,
+        })
+    }
+}
+
 /// The workspace's target directory (`CARGO_TARGET_DIR`, else `<workspace>/target`).
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
