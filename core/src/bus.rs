@@ -28,6 +28,10 @@ pub enum BusError {
     BadCursor(String),
     #[error("bus error: {0}")]
     Internal(String),
+    /// The node behind the bus (a sidecar's control plane) refused the request
+    /// itself; the caller sees that refusal, with its status.
+    #[error("{0}")]
+    Refused(crate::node::NodeError),
 }
 
 /// Why a request could not be answered.

@@ -156,6 +156,7 @@ impl From<BusError> for NodeError {
             BusError::Unavailable(m) => NodeError::Unavailable(m),
             BusError::BadCursor(m) => NodeError::InvalidArgument(m),
             BusError::Internal(m) => NodeError::Internal(m),
+            BusError::Refused(e) => e,
         }
     }
 }

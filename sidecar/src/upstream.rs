@@ -1110,10 +1110,23 @@ fn bus_error(call: &str, status: &Status) -> BusError {
         | Code::Aborted => {
             BusError::Unavailable(format!("control plane {}", describe(call, status)))
         }
-        _ => BusError::Internal(format!(
-            "the control plane refused it: {}",
+        // The pod's own credentials were refused: the sidecar's problem, not the caller's.
+        Code::Unauthenticated => BusError::Unavailable(format!(
+            "the control plane did not accept the sidecar's token (--token-file): {}",
             describe(call, status)
         )),
+        code => {
+            let refusal = format!("control plane refused {call}: {}", status.message());
+            BusError::Refused(match code {
+                Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+                    NodeError::InvalidArgument(refusal)
+                }
+                Code::PermissionDenied => NodeError::PermissionDenied(refusal),
+                Code::ResourceExhausted => NodeError::TooLarge(refusal),
+                Code::NotFound => NodeError::NotFound(refusal),
+                _ => NodeError::Internal(refusal),
+            })
+        }
     }
 }
 
