@@ -191,6 +191,12 @@ def _target(addr: str) -> str:
     return addr
 
 
+def _channel_options(target: str) -> list[tuple[str, str]]:
+    """grpc-core sends a Unix socket's path as the HTTP/2 ``:authority``, which the
+    Rust (hyper/h2) server rejects; a socket is local, so name it ``localhost``."""
+    return [("grpc.default_authority", "localhost")] if target.startswith("unix:") else []
+
+
 class Client:
     """A connection to an ipc-server or a sidecar.
 
@@ -209,7 +215,8 @@ class Client:
     ):
         self.addr = addr
         self.app = app
-        self._channel = channel or grpc.insecure_channel(_target(addr))
+        target = _target(addr)
+        self._channel = channel or grpc.insecure_channel(target, options=_channel_options(target))
         self._stub = ipc_pb2_grpc.IpcStub(self._channel)
         self._metadata: list[tuple[str, str]] = []
         if app:

@@ -174,3 +174,32 @@ class IpcServer(Process):
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def sidecar_binary() -> Path:
+    configured = os.environ.get("IPC_SIDECAR_BIN")
+    binary = Path(configured) if configured else repo_root() / "target" / "debug" / "ipc-sidecar"
+    if not os.access(binary, os.X_OK):
+        raise FileNotFoundError(f"{binary} not found or not executable: build it with `cargo build -p ipc-sidecar`")
+    return binary
+
+
+class IpcSidecar(Process):
+    """A real ``ipc-sidecar`` serving ``socket`` for a pod, relaying to ``upstream``;
+    ready once constructed (it printed ``listening socket=… health=…``)."""
+
+    def __init__(self, socket: str | Path, upstream: str, app: str = "app", args: Sequence[str] = ()):
+        argv = [str(sidecar_binary()), "--socket", str(socket), "--upstream", upstream, "--app", app, *args]
+        super().__init__(argv, env=dict(os.environ))
+        try:
+            self.wait_for(lambda line: line.startswith("listening socket="), "listening socket=PATH health=ADDR")
+        except BaseException:
+            self.kill()
+            raise
+        self.socket = str(socket)
+
+    def __enter__(self) -> IpcSidecar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
