@@ -572,6 +572,7 @@ members = true
         let by_cert = Peer {
             addr: None,
             cert_names: vec!["other".into(), "edge.shop".into()],
+            ..Peer::default()
         };
         assert_eq!(
             identity
@@ -583,6 +584,7 @@ members = true
         let unknown_cert = Peer {
             addr: None,
             cert_names: vec!["stranger".into()],
+            ..Peer::default()
         };
         assert_eq!(
             identity

@@ -33,6 +33,25 @@ pub struct Peer {
     /// Names of the client certificate verified by mTLS (see
     /// [`crate::auth::certificate_names`]); empty without one.
     pub cert_names: Vec<String>,
+    /// The calling process on a Unix socket (SO_PEERCRED), e.g. in a sidecar's pod.
+    pub process: Option<LocalProcess>,
+}
+
+/// Credentials of a local process connected over a Unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalProcess {
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for LocalProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "pid {pid} uid {} gid {}", self.uid, self.gid),
+            None => write!(f, "uid {} gid {}", self.uid, self.gid),
+        }
+    }
 }
 
 /// Works out who is calling from a request's metadata and transport.
@@ -67,6 +86,7 @@ impl Identify for MetadataIdentity {
         let app = app_metadata(metadata)?;
         let sender = metadata_text(metadata, SENDER_METADATA)
             .or_else(|| peer.addr.map(|a| a.to_string()))
+            .or_else(|| peer.process.map(|p| p.to_string()))
             .unwrap_or_else(|| "anonymous".into());
         Ok(Caller {
             app,
@@ -98,7 +118,19 @@ impl IpcService {
                 .peer_certs()
                 .and_then(|chain| chain.first().map(|c| crate::auth::certificate_names(c)))
                 .unwrap_or_default(),
+            process: request
+                .extensions()
+                .get::<tonic::transport::server::UdsConnectInfo>()
+                .and_then(|info| info.peer_cred)
+                .map(|cred| LocalProcess {
+                    pid: cred.pid(),
+                    uid: cred.uid(),
+                    gid: cred.gid(),
+                }),
         };
+        if let Some(process) = &peer.process {
+            tracing::debug!(pid = ?process.pid, uid = process.uid, gid = process.gid, "local request");
+        }
         let caller = self
             .identity
             .identify(request.metadata(), &peer)

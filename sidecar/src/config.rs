@@ -25,6 +25,10 @@ pub struct Config {
     /// Permissions of the socket file, in octal.
     #[arg(long, env = "IPC_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Owner of the socket file, `UID[:GID]` or `:GID` (numeric), so that app
+    /// containers running as another user can connect; default: the sidecar's user.
+    #[arg(long, env = "IPC_SOCKET_OWNER", value_parser = parse_owner)]
+    pub socket_owner: Option<SocketOwner>,
     /// Control-plane address, `host:port` or `http(s)://host:port`. Repeat the flag or
     /// separate with commas: tried in turn.
     #[arg(
@@ -209,6 +213,33 @@ fn hostname() -> String {
 }
 
 /// `0660`, `660` or `0o660`.
+/// Numeric owner and group of the socket file; either may be left unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+fn parse_owner(text: &str) -> Result<SocketOwner, String> {
+    let number = |part: &str| -> Result<Option<u32>, String> {
+        if part.is_empty() {
+            return Ok(None);
+        }
+        part.parse()
+            .map(Some)
+            .map_err(|_| format!("{text:?}: owner must be numeric UID[:GID] or :GID"))
+    };
+    let (uid, gid) = text.split_once(':').unwrap_or((text, ""));
+    let owner = SocketOwner {
+        uid: number(uid)?,
+        gid: number(gid)?,
+    };
+    if owner.uid.is_none() && owner.gid.is_none() {
+        return Err(format!("{text:?}: give UID, UID:GID or :GID"));
+    }
+    Ok(owner)
+}
+
 fn parse_mode(text: &str) -> Result<u32, String> {
     let digits = text.trim_start_matches("0o");
     let mode = u32::from_str_radix(digits, 8)

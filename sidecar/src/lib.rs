@@ -75,6 +75,7 @@ impl Sidecar {
         let Config {
             socket,
             socket_mode,
+            socket_owner,
             upstream,
             app,
             role: _,
@@ -107,7 +108,7 @@ impl Sidecar {
             !node_name.is_empty() && !node_name.contains('#'),
             "--node {node_name:?}: a node name must be non-empty and without '#'"
         );
-        let (listener, socket) = socket::bind(&socket, socket_mode)?;
+        let (listener, socket) = socket::bind(&socket, socket_mode, socket_owner)?;
         let health = TcpListener::bind(health_listen)
             .await
             .with_context(|| format!("binding the health listener {health_listen}"))?;

@@ -57,8 +57,13 @@ impl Drop for BoundSocket {
     }
 }
 
-/// Binds `path` with permissions `mode`, replacing a stale socket file.
-pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, BoundSocket), SocketError> {
+/// Binds `path` with permissions `mode` (and `owner`, if given), replacing a stale
+/// socket file.
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    owner: Option<crate::config::SocketOwner>,
+) -> Result<(UnixListener, BoundSocket), SocketError> {
     if path.as_os_str().len() > 107 {
         return Err(SocketError::TooLong(path.to_path_buf()));
     }
@@ -118,6 +123,14 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, BoundSocket), Socke
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("setting permissions of"))?;
+    if let Some(owner) = owner {
+        nix::unistd::chown(
+            path,
+            owner.uid.map(nix::unistd::Uid::from_raw),
+            owner.gid.map(nix::unistd::Gid::from_raw),
+        )
+        .map_err(|errno| io("changing the owner of")(std::io::Error::from(errno)))?;
+    }
     let inode = std::fs::symlink_metadata(path)
         .map_err(io("reading"))?
         .ino();

@@ -87,3 +87,43 @@ async fn bad_socket_paths_are_refused_with_a_reason() {
         .expect("a directory that cannot exist");
     assert!(error.contains("creating the socket's directory"), "{error}");
 }
+
+#[tokio::test]
+async fn the_socket_owner_can_be_set_for_apps_running_as_another_user() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ipc.sock");
+    let me = std::fs::metadata(dir.path()).unwrap();
+    // Changing the owner to another user needs privileges; the group of our own
+    // user is always allowed.
+    let (uid, gid) = if me.uid() == 0 {
+        (1234, 5678)
+    } else {
+        (me.uid(), me.gid())
+    };
+    let _sidecar = start(&socket, &["--socket-owner", &format!("{uid}:{gid}")]).unwrap();
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid));
+    assert!(start(&dir.path().join("x.sock"), &["--socket-owner", "alice"]).is_err());
+}
+
+#[tokio::test]
+async fn local_requests_carry_the_calling_process_as_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ipc.sock");
+    let _sidecar = start(&socket, &[]).unwrap();
+    let mut worker = uds_client(&socket).await;
+    let mut stream = subscribe_to(&mut worker, &["jobs"]).await;
+    let mut caller = uds_client(&socket).await;
+    let asking = tokio::spawn(async move { send(&mut caller, "jobs", "job:run", 5_000).await });
+    let request = next(&mut stream).await;
+    // SO_PEERCRED of this test process, as the sidecar saw it.
+    let expected = format!("pid {} uid ", std::process::id());
+    assert!(
+        request.sender.starts_with(&expected),
+        "{:?}",
+        request.sender
+    );
+    reply(&mut worker, &request, "done", serde_json::json!(null)).await;
+    assert_eq!(asking.await.unwrap().unwrap().op, "done");
+}
