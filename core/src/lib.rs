@@ -12,6 +12,7 @@
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
 //! - [`grpc`]: that service as servers mount it, Subscribe streams sending each
 //!   message encoded once for all subscribers.
+//! - [`logging`]: the binaries' `tracing` set-up.
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities.
 //! - [`limits`]: the per-identity request rate limit.
@@ -23,6 +24,7 @@ pub mod cursor;
 pub mod grpc;
 pub mod hub;
 pub mod limits;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod node;

@@ -82,12 +82,15 @@ impl Default for NodeConfig {
 
 /// `<hostname>-<4 hex>`: readable, and unique among replicas sharing a host name.
 pub fn default_node_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "node".into());
-    let host: String = host
+    format!("{}-{:04x}", hostname(), rand::random::<u16>())
+}
+
+/// This machine's host name, reduced to characters valid in a channel segment
+/// (`local` if it cannot be read).
+pub fn hostname() -> String {
+    let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
@@ -97,7 +100,11 @@ pub fn default_node_name() -> String {
             }
         })
         .collect();
-    format!("{host}-{:04x}", rand::random::<u16>())
+    if host.is_empty() {
+        "local".into()
+    } else {
+        host
+    }
 }
 
 /// Who is calling, as the transport established it.

@@ -143,20 +143,7 @@ impl Config {
     }
 }
 
-/// Installs the `tracing` subscriber: `RUST_LOG` filter (default `info`), text or JSON, on stderr.
-pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
+pub use ipc_core::logging::init as init_logging;
 
 /// A started control-plane node with its listeners bound.
 pub struct Server {

@@ -172,7 +172,7 @@ impl Config {
                 Some(ns) => format!("pod-{ns}-{pod}"),
                 None => format!("pod-{pod}"),
             },
-            (None, None) => format!("pod-{}", hostname()),
+            (None, None) => format!("pod-{}", ipc_core::node::hostname()),
         };
         channel::parse_name(&id, None)
             .map_err(|e| anyhow::anyhow!("the pod's id (--id, or from --pod/--namespace): {e}"))?;
@@ -189,26 +189,6 @@ impl Config {
             tag: self.tag.clone(),
             labels,
         })
-    }
-}
-
-fn hostname() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let host: String = host
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    if host.is_empty() {
-        "local".into()
-    } else {
-        host
     }
 }
 
