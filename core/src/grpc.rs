@@ -18,13 +18,19 @@ use ipc_proto::pb::{Msg, SubscribeRequest};
 use parking_lot::Mutex;
 use prost::Message as _;
 use prost::bytes::BufMut;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::{Request, Response, Status};
 
 use crate::service::IpcService;
 
 const SUBSCRIBE_PATH: &str = "/ipc.v1.Ipc/Subscribe";
+/// The write buffer a Subscribe stream starts with and grows by. tonic's 8 KiB
+/// default stays allocated for the life of every stream, idle or not: most of an
+/// idle subscriber's memory. Messages are small; a burst grows the buffer.
+const STREAM_BUFFER_BYTES: usize = 1024;
+/// Messages ready at once are sent together up to this many bytes (tonic's default).
+const STREAM_YIELD_BYTES: usize = 32 << 10;
 
 /// `ipc.v1.Ipc` for `tonic::transport::Server::add_service`, a drop-in for the
 /// generated `IpcServer<IpcService>`.
@@ -149,6 +155,10 @@ impl Encoder for SharedMsgEncoder {
     fn encode(&mut self, item: Arc<Msg>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         self.0.write(&item, dst);
         Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER_BYTES, STREAM_YIELD_BYTES)
     }
 }
 
