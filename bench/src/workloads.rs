@@ -415,14 +415,31 @@ pub async fn fanout(
 
 /// Resident memory of `pid` after opening idle subscriptions, per subscription:
 /// for each count in `counts` (ascending), `(count, KiB per subscription, total
-/// KiB growth)` measured from a baseline with one warm subscription.
+/// KiB growth)` measured from a baseline with one warm subscription. A failure
+/// part-way keeps the points measured before it, with the reason.
 pub async fn idle_memory(
     peer: &dyn PubSub,
     pid: u32,
     subject: &str,
     counts: &[usize],
     per_connection: usize,
-) -> anyhow::Result<Vec<(usize, f64, f64)>> {
+) -> (Vec<(usize, f64, f64)>, Option<String>) {
+    let mut out = Vec::new();
+    let failure = idle_memory_points(peer, pid, subject, counts, per_connection, &mut out)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"));
+    (out, failure)
+}
+
+async fn idle_memory_points(
+    peer: &dyn PubSub,
+    pid: u32,
+    subject: &str,
+    counts: &[usize],
+    per_connection: usize,
+    out: &mut Vec<(usize, f64, f64)>,
+) -> anyhow::Result<()> {
     // Warm the server's lazily allocated parts (runtime, first connection, one
     // delivery) so the baseline is a serving server.
     let warm = peer.connect(usize::MAX / 2).await?;
@@ -436,18 +453,18 @@ pub async fn idle_memory(
     let baseline = settled_rss(pid).await?;
     let mut held = Vec::new();
     let mut opened = 0;
-    let mut out = Vec::new();
     for &count in counts {
         let more = count.saturating_sub(opened);
         let (connections, subscriptions) =
             open_subscriptions(peer, subject, opened / per_connection, more, per_connection)
-                .await?;
+                .await
+                .with_context(|| format!("opening subscriptions {opened}..{count}"))?;
         opened = count;
         held.push((connections, subscriptions));
         let grown = settled_rss(pid).await?.saturating_sub(baseline) as f64;
         out.push((count, grown / count as f64, grown));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// RSS once the process has had a moment to finish what the last requests started
