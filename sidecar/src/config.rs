@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -85,6 +85,16 @@ pub struct Config {
     /// every connection, so a rotated token is picked up.
     #[arg(long, env = "IPC_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// PEM certificate authority that signed the control plane's certificate, for
+    /// `https://` upstreams (default: the system's roots).
+    #[arg(long, env = "IPC_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// PEM client certificate presented upstream (mTLS); needs --upstream-key.
+    #[arg(long, env = "IPC_UPSTREAM_CERT", requires = "upstream_key")]
+    pub upstream_cert: Option<PathBuf>,
+    /// PEM private key of --upstream-cert.
+    #[arg(long, env = "IPC_UPSTREAM_KEY", requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
     /// Upstream messages kept for local subscribers that resume with a cursor.
     #[arg(long, env = "IPC_BUFFER", default_value_t = 10_000)]
     pub buffer: usize,
@@ -192,6 +202,35 @@ impl Config {
     }
 }
 
+/// The client TLS set-up for `https://` upstreams: the given CA (else the system's
+/// roots) and, for mTLS, a client certificate. Files are read now, so a missing one
+/// stops the sidecar at start with its name.
+pub fn upstream_tls(
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    use anyhow::Context as _;
+    let read = |path: &Path, what: &str| {
+        std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    tls = match ca {
+        Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(read(
+            ca,
+            "--upstream-ca",
+        )?)),
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (cert, key) {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            read(cert, "--upstream-cert")?,
+            read(key, "--upstream-key")?,
+        ));
+    }
+    Ok(tls)
+}
+
 /// `0660`, `660` or `0o660`.
 /// Numeric owner and group of the socket file; either may be left unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,12 +285,7 @@ fn parse_upstream(text: &str) -> Result<String, String> {
     })?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") if cfg!(feature = "tls") => {}
-        Some("https") => {
-            return Err(format!(
-                "{text:?}: this build has no TLS; build ipc-sidecar with `--features tls`"
-            ));
-        }
+        Some("https") => {}
         _ => return Err(format!("{text:?}: the scheme must be http or https")),
     }
     if uri.host().is_none() || uri.port_u16().is_none() {

@@ -76,6 +76,9 @@ impl Sidecar {
             hooks,
             hook_timeout,
             token_file,
+            upstream_ca,
+            upstream_cert,
+            upstream_key,
             buffer,
             buffer_bytes,
             connect_timeout,
@@ -94,6 +97,11 @@ impl Sidecar {
             !node_name.is_empty() && !node_name.contains('#'),
             "--node {node_name:?}: a node name must be non-empty and without '#'"
         );
+        let tls = config::upstream_tls(
+            upstream_ca.as_deref(),
+            upstream_cert.as_deref(),
+            upstream_key.as_deref(),
+        )?;
         let (listener, socket) = socket::bind(&socket, socket_mode, socket_owner)?;
         let health = TcpListener::bind(health_listen)
             .await
@@ -116,6 +124,7 @@ impl Sidecar {
                     bytes: buffer_bytes,
                 },
                 token_file,
+                tls,
                 max_frame,
                 default_request_wait: max_timeout,
             },

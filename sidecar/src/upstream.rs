@@ -65,6 +65,8 @@ pub struct UpstreamConfig {
     pub cover_wait: Duration,
     pub buffer: RingLimits,
     pub token_file: Option<std::path::PathBuf>,
+    /// TLS for `https://` addresses.
+    pub tls: tonic::transport::ClientTlsConfig,
     pub max_frame: usize,
     /// Wait for a request from upstream that carries no `ipc-deadline-ms`.
     pub default_request_wait: Duration,
@@ -510,10 +512,9 @@ impl Inner {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        #[cfg(feature = "tls")]
         let endpoint = if address.starts_with("https://") {
             endpoint
-                .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+                .tls_config(self.config.tls.clone())
                 .map_err(|e| format!("TLS: {e}"))?
         } else {
             endpoint

@@ -8,6 +8,7 @@
 //!   `listening grpc=… metrics=…` line (no sleeping).
 //! - [`redis`]: a private `redis-server` on a free port that can be stopped and
 //!   restarted.
+//! - [`tls`]: a test certificate authority and the certificates it signs.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod redis;
+pub mod tls;
 
 /// How long a process may take to become ready before the test fails.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
