@@ -128,4 +128,25 @@ async function startServer({ app = 'shop', args = [], listen = '127.0.0.1:0' } =
   return server;
 }
 
-module.exports = { Child, startServer, WAIT_LIMIT_MS, ROOT };
+/**
+ * Start a real ipc-sidecar serving `socket` for a pod and relaying to `upstream`;
+ * resolves once it prints `listening socket=... health=...`.
+ */
+async function startSidecar({ socket, upstream, app = 'shop', args = [] }) {
+  const binary = process.env.IPC_SIDECAR_BIN || path.join(ROOT, 'target/debug/ipc-sidecar');
+  if (!fs.existsSync(binary)) {
+    throw new Error(`${binary} not found: build it with \`cargo build -p ipc-sidecar\``);
+  }
+  const sidecar = new Child(binary, ['--socket', socket, '--upstream', upstream, '--app', app, ...args], {
+    env: { RUST_LOG: 'info', ...process.env },
+  });
+  try {
+    await sidecar.waitFor(/^listening socket=/, 'listening socket=PATH health=ADDR');
+  } catch (error) {
+    sidecar.kill();
+    throw error;
+  }
+  return sidecar;
+}
+
+module.exports = { Child, startServer, startSidecar, WAIT_LIMIT_MS, ROOT };
