@@ -129,7 +129,7 @@ impl Sizes {
                 sequential_requests: 5_000,
                 concurrent_requests: 50_000,
                 fanout_subscribers: args.fanout.unwrap_or(10_000),
-                fanout_rounds: 5,
+                fanout_rounds: 10,
                 memory_counts: vec![1_000, 10_000],
                 deadline: Duration::from_secs(90),
                 throughput_only: args.subscribers.clone(),
@@ -575,17 +575,15 @@ async fn run_fanout(report: &mut Report, systems: &Systems, sizes: &Sizes) {
                 if let Some(e) = &f.incomplete {
                     text = format!("INCOMPLETE: {e}; {text}");
                 }
-                report.add(
-                    names::FANOUT,
-                    &case,
-                    name,
-                    vec![
-                        ("p50", percentile_us(&f.histogram, 50.0), "µs"),
-                        ("p99", percentile_us(&f.histogram, 99.0), "µs"),
-                        ("max", f.histogram.max() as f64 / 1000.0, "µs"),
-                    ],
-                    Some(text),
-                );
+                let mut figures = vec![
+                    ("p50", percentile_us(&f.histogram, 50.0), "µs"),
+                    ("p99", percentile_us(&f.histogram, 99.0), "µs"),
+                    ("max", f.histogram.max() as f64 / 1000.0, "µs"),
+                ];
+                if let Some(cpu) = f.server_cpu_us_per_round {
+                    figures.push(("server CPU/fan-out", cpu, "µs"));
+                }
+                report.add(names::FANOUT, &case, name, figures, Some(text));
             }
             Err(e) => report.skip(names::FANOUT, &case, name, format!("failed: {e:#}")),
         }

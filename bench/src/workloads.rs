@@ -353,6 +353,10 @@ pub struct Fanout {
     /// Time from the publish call to each subscriber's receipt, all rounds.
     pub histogram: Histogram<u64>,
     pub open_seconds: f64,
+    /// CPU time of the server processes per round, in µs: the server's share of the
+    /// time until all have it (the rest is the subscribers' clients, on the same
+    /// cores).
+    pub server_cpu_us_per_round: Option<f64>,
     pub incomplete: Option<String>,
 }
 
@@ -389,6 +393,8 @@ pub async fn fanout(
     let publisher = peer.publisher().await?;
     let mut histogram = histogram();
     let mut incomplete = None;
+    let cpu_before = server_cpu(peer);
+    let mut completed = 0;
     'rounds: for round in 0..rounds {
         publisher.publish(subject, stamped(now_ns())).await?;
         publisher.flush().await?;
@@ -404,11 +410,17 @@ pub async fn fanout(
                 }
             }
         }
+        completed += 1;
     }
+    let server_cpu_us_per_round = cpu_before
+        .zip(server_cpu(peer))
+        .filter(|_| completed > 0)
+        .map(|(before, after)| (after - before) * 1e6 / completed as f64);
     readers.abort_all();
     Ok(Fanout {
         histogram,
         open_seconds,
+        server_cpu_us_per_round,
         incomplete,
     })
 }
