@@ -337,8 +337,13 @@ impl Bus for RedisBus {
             .directory
             .members(&self.inner.link, &self.inner.keys)
             .await?;
-        // This replica's own members are fresher locally than in Redis.
-        all.retain(|m| m.node != me);
+        // This replica's own members, and those its subscribers relay, are fresher
+        // locally than in Redis.
+        let here: std::collections::HashSet<(&str, &str)> = local
+            .iter()
+            .map(|m| (m.id.as_str(), m.node.as_str()))
+            .collect();
+        all.retain(|m| m.node != me && !here.contains(&(m.id.as_str(), m.node.as_str())));
         all.extend(local);
         all.sort_by(|a, b| (&a.id, &a.node).cmp(&(&b.id, &b.node)));
         Ok(all)

@@ -179,11 +179,23 @@ async fn write(
     written: &mut Written,
 ) -> Result<(), BusError> {
     let generation = link.get()?.generation;
+    // Members relayed by a subscriber (a sidecar's local ones) carry their own node
+    // and may share an id with a member of another node: keyed by both.
     let encoded: HashMap<String, Vec<u8>> = members
         .iter()
-        .map(|m| (m.id.clone(), m.encode_to_vec()))
+        .map(|m| {
+            let field = if m.node == node {
+                m.id.clone()
+            } else {
+                format!("{}#{}", m.id, m.node)
+            };
+            (field, m.encode_to_vec())
+        })
         .collect();
-    let (exact, wild) = routes(members);
+    // Routes come from this replica's own subscribers: a relayed member is reached
+    // through the channels of the subscriber that relays it.
+    let own: Vec<&Member> = members.iter().filter(|m| m.node == node).collect();
+    let (exact, wild) = routes(&own);
     let mut full = written.generation != Some(generation);
     loop {
         let previous = if full {
@@ -256,7 +268,7 @@ async fn write(
 }
 
 /// Exact channels and wildcard patterns of `members`, each with its subscriber count.
-fn routes(members: &[Member]) -> (HashMap<String, usize>, HashMap<String, usize>) {
+fn routes(members: &[&Member]) -> (HashMap<String, usize>, HashMap<String, usize>) {
     let mut exact = HashMap::new();
     let mut wild = HashMap::new();
     for member in members {
@@ -413,10 +425,11 @@ mod tests {
 
     #[test]
     fn routes_split_exact_channels_from_wildcards() {
-        let (exact, wild) = routes(&[
+        let (a, b) = (
             member("a", &["shop:worker", "a", "shop:>"]),
             member("b", &["shop:worker", "b"]),
-        ]);
+        );
+        let (exact, wild) = routes(&[&a, &b]);
         assert_eq!(exact.get("shop:worker"), Some(&2));
         assert_eq!(exact.get("a"), Some(&1));
         assert_eq!(wild.get("shop:>"), Some(&1));

@@ -46,6 +46,10 @@ pub struct SubscriberSpec {
     /// Whether `owner` was authenticated: then only that identity may answer the
     /// requests handed to this subscriber.
     pub verified_owner: bool,
+    /// Members this subscriber relays (a sidecar's local subscribers, validated by
+    /// the node): listed by [`Hub::members`] after it while its stream lasts. Only
+    /// listed: requests reach them through this subscriber's own channels.
+    pub relayed: Vec<Member>,
 }
 
 /// Limits checked when a subscriber registers.
@@ -129,6 +133,12 @@ impl Hasher for KeyHasher {
     fn write_u64(&mut self, n: u64) {
         self.0 = (self.0 ^ n).wrapping_mul(FIBONACCI);
     }
+}
+
+fn sorted_subscribers(reg: &Registry) -> Vec<&Subscriber> {
+    let mut subs: Vec<&Subscriber> = reg.subs.values().collect();
+    subs.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
+    subs
 }
 
 /// 2^64 / φ: multiplying by it spreads consecutive keys over high and low bits.
@@ -489,25 +499,47 @@ impl Hub {
             .map(|(node, _)| node)
     }
 
-    /// This node's subscribers as members.
+    /// This node's subscribers as members, each followed by the members it relays
+    /// (sorted by id). A relayed member is listed once per `(id, node)`: the first
+    /// relay of it wins.
     pub fn members(&self) -> Vec<Member> {
         let reg = self.registry.read();
-        let mut members: Vec<Member> = reg
-            .subs
-            .values()
-            .map(|sub| Member {
-                id: sub.spec.id.clone(),
-                app: sub.spec.app.clone(),
-                role: sub.spec.role.clone(),
-                tag: sub.spec.tag.clone(),
-                labels: sub.spec.labels.clone(),
-                channels: sub.spec.patterns.iter().map(|p| p.to_string()).collect(),
-                node: self.node.clone(),
-                connected_ms: sub.connected_ms,
-            })
-            .collect();
-        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let subs = sorted_subscribers(&reg);
+        let mut seen = std::collections::HashSet::new();
+        let mut members = Vec::with_capacity(subs.len());
+        for sub in subs {
+            members.push(self.member(sub));
+            let mut relayed: Vec<&Member> = sub.spec.relayed.iter().collect();
+            relayed.sort_by(|a, b| a.id.cmp(&b.id));
+            for member in relayed {
+                if seen.insert((member.id.as_str(), member.node.as_str())) {
+                    members.push(member.clone());
+                }
+            }
+        }
         members
+    }
+
+    /// This node's own subscribers as members, without the members they relay.
+    pub fn subscribers(&self) -> Vec<Member> {
+        let reg = self.registry.read();
+        sorted_subscribers(&reg)
+            .into_iter()
+            .map(|sub| self.member(sub))
+            .collect()
+    }
+
+    fn member(&self, sub: &Subscriber) -> Member {
+        Member {
+            id: sub.spec.id.clone(),
+            app: sub.spec.app.clone(),
+            role: sub.spec.role.clone(),
+            tag: sub.spec.tag.clone(),
+            labels: sub.spec.labels.clone(),
+            channels: sub.spec.patterns.iter().map(|p| p.to_string()).collect(),
+            node: self.node.clone(),
+            connected_ms: sub.connected_ms,
+        }
     }
 
     /// Number of live subscribers.

@@ -663,6 +663,7 @@ impl Node {
         patterns.push(id_pattern);
         let mut seen = std::collections::HashSet::new();
         patterns.retain(|p| seen.insert(p.as_str().to_string()));
+        let relayed = self.relayed_members(caller, &id, &req.members)?;
         Ok(SubscriberSpec {
             id,
             app,
@@ -672,7 +673,85 @@ impl Node {
             patterns,
             owner: caller.sender.clone(),
             verified_owner: caller.is_authenticated(),
+            relayed,
         })
+    }
+
+    /// Checks the members a subscriber relays (a sidecar's local subscribers). Each
+    /// is listed fleet-wide under its id, so it needs what a subscriber choosing that
+    /// id needs: a valid channel name and, for an authenticated caller, a grant to
+    /// subscribe to it. `node` defaults to the relaying subscriber's id.
+    fn relayed_members(
+        &self,
+        caller: &Caller,
+        relayer: &str,
+        members: &[Member],
+    ) -> Result<Vec<Member>, NodeError> {
+        if members.len() > self.config.max_channels {
+            self.metrics.refuse(Refusal::Channels);
+            return Err(NodeError::TooLarge(format!(
+                "{} relayed members in one subscription; at most {}",
+                members.len(),
+                self.config.max_channels
+            )));
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut relayed = Vec::with_capacity(members.len());
+        for member in members {
+            let bad = |what: String| {
+                let shown: String = member.id.chars().take(64).collect();
+                NodeError::InvalidArgument(format!("relayed member {shown:?}: {what}"))
+            };
+            let id = channel::parse_name(&member.id, None).map_err(|e| bad(format!("id: {e}")))?;
+            let node = match member.node.as_str() {
+                "" => relayer.to_string(),
+                node if node == self.config.name => {
+                    return Err(bad(format!(
+                        "node {node:?} is this node's name; give the relaying node's"
+                    )));
+                }
+                node => channel::parse_name(node, None).map_err(|e| bad(format!("node: {e}")))?,
+            };
+            if !ids.insert((id.clone(), node.clone())) {
+                return Err(bad(format!("listed twice for node {node:?}")));
+            }
+            for (what, value) in [
+                ("app", &member.app),
+                ("role", &member.role),
+                ("tag", &member.tag),
+            ] {
+                if !value.is_empty() {
+                    channel::check_segment(what, value).map_err(|e| bad(e.to_string()))?;
+                }
+            }
+            self.check_map("labels", &member.labels)
+                .map_err(|e| bad(e.to_string()))?;
+            if member.channels.len() > self.config.max_channels {
+                return Err(bad(format!(
+                    "{} channels; at most {}",
+                    member.channels.len(),
+                    self.config.max_channels
+                )));
+            }
+            for raw in &member.channels {
+                Pattern::parse(raw).map_err(|e| bad(format!("channel: {e}")))?;
+            }
+            let id_pattern = Pattern::parse(&id).map_err(|e| bad(format!("id: {e}")))?;
+            self.authorize(caller, "relay a member with id", &id, |g| {
+                g.may_subscribe(&id_pattern)
+            })?;
+            relayed.push(Member {
+                id,
+                node,
+                connected_ms: if member.connected_ms > 0 {
+                    member.connected_ms
+                } else {
+                    crate::now_ms()
+                },
+                ..member.clone()
+            });
+        }
+        Ok(relayed)
     }
 
     /// Delivers a reply to the request it answers, here or on its node.

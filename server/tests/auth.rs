@@ -200,6 +200,19 @@ async fn grants_allow_what_they_name_and_refuse_the_rest() {
             "subscribe to",
             "shop:worker:*:x",
         ),
+        // Relaying a member lists it fleet-wide under its id: the id needs a grant.
+        (
+            SubscribeRequest {
+                id: "shop:w:2".into(),
+                members: vec![ipc_proto::pb::Member {
+                    id: "ops-console".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            "relay a member with id",
+            "ops-console",
+        ),
     ];
     for (request, verb, what) in refusals {
         let status = client
@@ -343,7 +356,7 @@ async fn grants_allow_what_they_name_and_refuse_the_rest() {
     assert_eq!(members[0].id, "shop:w:1");
     assert_eq!(
         metric(&server, "ipc_refusals_total{reason=\"permission_denied\"}").await,
-        10
+        11
     );
 }
 

@@ -291,20 +291,17 @@ impl Bus for UpstreamBus {
             .map_err(|status| bus_error("members", &status))?
             .into_inner()
             .members;
-        let mut all: BTreeMap<String, Member> =
-            upstream.into_iter().map(|m| (m.id.clone(), m)).collect();
-        for mut member in local {
-            for (key, value) in &self.inner.config.identity.labels {
-                member
-                    .labels
-                    .entry(key.clone())
-                    .or_insert_with(|| value.clone());
-            }
-            member
-                .labels
-                .entry("pod-id".into())
-                .or_insert_with(|| self.inner.config.identity.id.clone());
-            all.insert(member.id.clone(), member);
+        // The control plane lists this pod's local subscribers too (relayed by the
+        // upstream subscription): the local list is the fresher one.
+        let node = self.inner.config.node_name.as_str();
+        let mut all: BTreeMap<(String, String), Member> = upstream
+            .into_iter()
+            .filter(|m| m.node != node)
+            .map(|m| ((m.id.clone(), m.node.clone()), m))
+            .collect();
+        for member in local {
+            let member = self.inner.with_pod_labels(member);
+            all.insert((member.id.clone(), member.node.clone()), member);
         }
         Ok(all.into_values().collect())
     }
@@ -330,6 +327,8 @@ impl Bus for UpstreamBus {
 struct Active {
     stream: Streaming<Msg>,
     union: Vec<Pattern>,
+    /// The local members the stream relays to the control plane's Members.
+    relayed: Vec<Member>,
     /// Messages of the head still to come.
     head_left: usize,
     /// The union acknowledged when the stream was opened: head entries of these
@@ -403,8 +402,44 @@ impl Inner {
     /// Every pattern of the local subscribers, as text.
     fn local_patterns(&self) -> HashSet<String> {
         self.hub()
-            .map(|hub| hub.members().into_iter().flat_map(|m| m.channels).collect())
+            .map(|hub| {
+                hub.subscribers()
+                    .into_iter()
+                    .flat_map(|m| m.channels)
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// The local members (subscribers, and what they relay) with the pod's labels:
+    /// the upstream subscription relays them, so that the fleet's Members lists
+    /// each of the pod's processes. Every local subscriber's id is in the union, so
+    /// a local subscriber coming or going re-opens the stream with the new list.
+    fn relayed(&self) -> Vec<Member> {
+        self.hub()
+            .map(|hub| {
+                hub.members()
+                    .into_iter()
+                    .map(|m| self.with_pod_labels(m))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A local member with the pod's labels (`pod`, `namespace`, `node`, `--label`s,
+    /// `pod-id`) added; its own labels win.
+    fn with_pod_labels(&self, mut member: Member) -> Member {
+        for (key, value) in &self.config.identity.labels {
+            member
+                .labels
+                .entry(key.clone())
+                .or_insert_with(|| value.clone());
+        }
+        member
+            .labels
+            .entry("pod-id".into())
+            .or_insert_with(|| self.config.identity.id.clone());
+        member
     }
 
     /// The pod's identity channels plus every local subscriber's patterns; exact
@@ -416,7 +451,7 @@ impl Inner {
             .map(|p| (p.as_str().to_string(), p.clone()))
             .collect();
         if let Some(hub) = self.hub() {
-            for member in hub.members() {
+            for member in hub.subscribers() {
                 for channel in member.channels {
                     if let Ok(pattern) = Pattern::parse(&channel) {
                         all.entry(channel).or_insert(pattern);
@@ -593,7 +628,7 @@ impl Inner {
                         return SessionEnd { acknowledged, error: None };
                     }
                     let union = self.union();
-                    if union == active.union {
+                    if union == active.union && self.relayed() == active.relayed {
                         continue;
                     }
                     match self.switch(&mut client, active, union).await {
@@ -614,6 +649,7 @@ impl Inner {
         let resumed_from = self.ring.lock().last;
         let acked_at_open = self.acked.borrow().as_ref().clone();
         let identity = &self.config.identity;
+        let relayed = self.relayed();
         let request = SubscribeRequest {
             channels: union.iter().map(|p| p.as_str().to_string()).collect(),
             id: identity.id.clone(),
@@ -622,11 +658,13 @@ impl Inner {
             tag: identity.tag.clone().unwrap_or_default(),
             labels: identity.labels.clone(),
             cursor: resumed_from.map(|c| c.to_string()).unwrap_or_default(),
+            members: relayed.clone(),
         };
         let opened = self.open(client, request).await?;
         Ok(Active {
             stream: opened.stream,
             union,
+            relayed,
             head_left: opened.replayed,
             acked_at_open,
             resumed_from,

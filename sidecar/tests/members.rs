@@ -1,0 +1,190 @@
+//! The fleet view: each local subscriber of a pod is a member of the control plane,
+//! with the pod's identity, for as long as it is connected — on a single server and
+//! on any replica of a Redis-backed control plane.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ipc_proto::pb::{Member, MembersRequest, SubscribeRequest};
+use ipc_testkit::ServerProcess;
+use ipc_testkit::redis::RedisServer;
+
+/// Members asked of `server` until `done` holds for them; fails after [`PATIENCE`].
+async fn wait_members(
+    server: &ServerProcess,
+    what: &str,
+    done: impl Fn(&[Member]) -> bool,
+) -> Vec<Member> {
+    let mut operator = server.client().await;
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let members = operator
+            .members(with_app(MembersRequest::default()))
+            .await
+            .expect("members")
+            .into_inner()
+            .members;
+        if done(&members) {
+            return members;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{what}: not within {PATIENCE:?}; members are {members:?}"
+        );
+        // Polling: presence is written in the background, there is no event to await.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn worker(id: &str) -> SubscribeRequest {
+    SubscribeRequest {
+        id: id.into(),
+        role: "worker".into(),
+        labels: [("version".to_string(), "7".to_string())].into(),
+        ..Default::default()
+    }
+}
+
+/// The pod's identity on a member relayed by the test pod's sidecar.
+fn assert_pod_identity(member: &Member) {
+    assert_eq!(
+        (member.app.as_str(), member.role.as_str()),
+        ("shop", "worker")
+    );
+    for (key, value) in [
+        ("version", "7"),
+        ("pod", "web-1"),
+        ("namespace", "prod"),
+        ("node", "n1"),
+        ("zone", "eu-1"),
+        ("pod-id", POD_ID),
+    ] {
+        assert_eq!(
+            member.labels.get(key).map(String::as_str),
+            Some(value),
+            "label {key} of {member:?}"
+        );
+    }
+    // Where it is connected: the sidecar, whose node name is the pod id by default.
+    assert_eq!(member.node, POD_ID);
+    assert!(
+        member.channels.iter().any(|c| c == "shop:worker"),
+        "{member:?}"
+    );
+    assert!(member.connected_ms > 0);
+}
+
+#[tokio::test]
+async fn a_local_subscriber_is_a_member_of_the_control_plane_while_connected() {
+    let server = server();
+    let sidecar = SidecarProcess::start(&server.url(), &["--label", "zone=eu-1"]);
+    sidecar.wait_upstream(true).await;
+    let mut local = sidecar.client().await;
+    let (w1, _) = subscribe(&mut local, worker("w1")).await;
+    let mut other = sidecar.client().await;
+    let (_w2, _) = subscribe(&mut other, worker("w2")).await;
+
+    let members = wait_members(&server, "w1 and w2 listed", |members| {
+        ["w1", "w2"]
+            .iter()
+            .all(|id| members.iter().any(|m| m.id == *id))
+    })
+    .await;
+    for id in ["w1", "w2"] {
+        let member = members.iter().find(|m| m.id == id).unwrap();
+        assert_pod_identity(member);
+    }
+    let pod = members.iter().find(|m| m.id == POD_ID).expect("the pod");
+    assert_ne!(pod.node, POD_ID, "the pod itself is on the server's node");
+    // Filters apply to relayed members like to any other.
+    let mut operator = server.client().await;
+    let filtered = operator
+        .members(with_app(MembersRequest {
+            labels: [("namespace".to_string(), "prod".to_string())].into(),
+            role: "worker".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    let mut ids: Vec<&str> = filtered.iter().map(|m| m.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["w1", "w2"]);
+
+    // w1 disconnects: it leaves the fleet's members; w2 and the pod stay.
+    drop(w1);
+    drop(local);
+    let members = wait_members(&server, "w1 gone", |members| {
+        !members.iter().any(|m| m.id == "w1")
+    })
+    .await;
+    assert!(members.iter().any(|m| m.id == "w2"), "{members:?}");
+    assert!(members.iter().any(|m| m.id == POD_ID), "{members:?}");
+
+    // Asked of the sidecar, each local subscriber is listed once.
+    let mut asked_locally = sidecar.client().await;
+    let members = asked_locally
+        .members(with_app(MembersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(
+        members.iter().filter(|m| m.id == "w2").count(),
+        1,
+        "{members:?}"
+    );
+    assert!(!members.iter().any(|m| m.id == "w1"), "{members:?}");
+}
+
+fn replica(redis: &RedisServer, node: &str) -> ServerProcess {
+    let url = redis.url();
+    server_on(
+        None,
+        &[
+            "--redis",
+            &url,
+            "--redis-prefix",
+            "members",
+            "--node",
+            node,
+            "--presence-ttl-ms",
+            "1500",
+        ],
+    )
+}
+
+#[tokio::test]
+async fn another_replica_lists_the_local_subscribers_of_a_pod() {
+    let redis = RedisServer::start();
+    let a = replica(&redis, "a");
+    let b = replica(&redis, "b");
+    let sidecar = SidecarProcess::start(&a.url(), &["--label", "zone=eu-1"]);
+    sidecar.wait_upstream(true).await;
+    let mut local = sidecar.client().await;
+    let (w1, _) = subscribe(&mut local, worker("w1")).await;
+
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        let members = wait_members(replica, &format!("w1 listed on replica {name}"), |m| {
+            m.iter().any(|m| m.id == "w1")
+        })
+        .await;
+        let listed: Vec<&Member> = members.iter().filter(|m| m.id == "w1").collect();
+        assert_eq!(listed.len(), 1, "once on replica {name}: {members:?}");
+        assert_pod_identity(listed[0]);
+        let pod = members.iter().find(|m| m.id == POD_ID).expect("the pod");
+        assert_eq!(pod.node, "a");
+    }
+
+    drop(w1);
+    drop(local);
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        wait_members(replica, &format!("w1 gone from replica {name}"), |m| {
+            !m.iter().any(|m| m.id == "w1") && m.iter().any(|m| m.id == POD_ID)
+        })
+        .await;
+    }
+}
