@@ -45,8 +45,20 @@ pub struct LocalProcess {
     pub gid: u32,
 }
 
+impl LocalProcess {
+    /// How a local process's `sender` starts: `local pid 12 uid 1000 gid 1000`.
+    pub const SENDER_PREFIX: &str = "local ";
+
+    /// Whether `sender` names a local process (meaningful only on its node: a relay
+    /// such as the sidecar replaces it with its own identity upstream).
+    pub fn is_sender(sender: &str) -> bool {
+        sender.starts_with(Self::SENDER_PREFIX)
+    }
+}
+
 impl std::fmt::Display for LocalProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Self::SENDER_PREFIX)?;
         match self.pid {
             Some(pid) => write!(f, "pid {pid} uid {} gid {}", self.uid, self.gid),
             None => write!(f, "uid {} gid {}", self.uid, self.gid),

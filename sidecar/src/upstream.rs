@@ -381,7 +381,11 @@ impl Inner {
             request.set_timeout(timeout);
         }
         let identity = &self.config.identity;
-        let sender = if sender.is_empty() || sender == "anonymous" {
+        // The fleet knows the pod, not the pid of one of its processes.
+        let sender = if sender.is_empty()
+            || sender == "anonymous"
+            || ipc_core::service::LocalProcess::is_sender(sender)
+        {
             identity.id.as_str()
         } else {
             sender

@@ -118,7 +118,7 @@ async fn local_requests_carry_the_calling_process_as_sender() {
     let asking = tokio::spawn(async move { send(&mut caller, "jobs", "job:run", 5_000).await });
     let request = next(&mut stream).await;
     // SO_PEERCRED of this test process, as the sidecar saw it.
-    let expected = format!("pid {} uid ", std::process::id());
+    let expected = format!("local pid {} uid ", std::process::id());
     assert!(
         request.sender.starts_with(&expected),
         "{:?}",
