@@ -202,6 +202,7 @@ impl Resumer {
                 tag,
                 labels: labels.into_iter().collect(),
                 cursor,
+                members: Vec::new(),
             },
             backoff,
             failures: 0,
