@@ -410,7 +410,7 @@ impl Node {
             // Finish a little before the gRPC deadline: at the deadline itself tonic
             // cancels the call (CANCELLED), and the caller should see our
             // DEADLINE_EXCEEDED instead.
-            let margin = (grpc / 10).min(Duration::from_millis(50));
+            let margin = (grpc / 5).min(Duration::from_millis(100));
             timeout = timeout.min(grpc.saturating_sub(margin));
         }
         let deadline = Instant::now() + timeout;

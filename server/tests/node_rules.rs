@@ -503,7 +503,7 @@ async fn send_msg_waits_for_the_smaller_of_timeout_ms_and_the_grpc_deadline() {
         timeout_ms: 60_000,
         ..Default::default()
     });
-    request.set_timeout(Duration::from_millis(300));
+    request.set_timeout(Duration::from_millis(1000));
     let status = client.send_msg(request).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
     let second = next(&mut worker).await;
