@@ -6,6 +6,7 @@
 //! memory. Exact channel names are indexed by a hash map; only wildcard patterns are
 //! scanned per message.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -95,21 +96,24 @@ struct Registry {
 }
 
 impl Registry {
-    /// Keys of the subscribers whose patterns match `channel`, each once.
-    fn matching(&self, channel: &str) -> Vec<u64> {
-        let mut keys: Vec<u64> = self.exact.get(channel).cloned().unwrap_or_default();
-        let before = keys.len();
-        keys.extend(
-            self.wildcard
-                .iter()
-                .filter(|(p, _)| p.matches(channel))
-                .map(|(_, k)| *k),
-        );
-        if keys.len() != before {
-            keys.sort_unstable();
-            keys.dedup();
+    /// Keys of the subscribers whose patterns match `channel`, each once. Borrows
+    /// the exact-channel index when no wildcard matches (the usual case), so a
+    /// fan-out to many subscribers copies no key list.
+    fn matching(&self, channel: &str) -> Cow<'_, [u64]> {
+        let exact: &[u64] = self.exact.get(channel).map_or(&[], Vec::as_slice);
+        let mut wild = self
+            .wildcard
+            .iter()
+            .filter(|(p, _)| p.matches(channel))
+            .map(|(_, k)| *k)
+            .peekable();
+        if wild.peek().is_none() {
+            return Cow::Borrowed(exact);
         }
-        keys
+        let mut keys: Vec<u64> = exact.iter().copied().chain(wild).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        Cow::Owned(keys)
     }
 }
 
@@ -364,7 +368,7 @@ impl Hub {
         let mut slow = Vec::new();
         {
             let reg = self.registry.read();
-            for key in reg.matching(&msg.channel) {
+            for &key in reg.matching(&msg.channel).iter() {
                 let Some(sub) = reg.subs.get(&key) else {
                     continue;
                 };
