@@ -543,6 +543,7 @@ impl Hub {
             channels: sub.spec.patterns.iter().map(|p| p.to_string()).collect(),
             node: self.node.clone(),
             connected_ms: sub.connected_ms,
+            ..Member::default()
         }
     }
 

@@ -356,6 +356,7 @@ impl Node {
             id: stored.id.clone(),
             channel: stored.channel.clone(),
             cursor: stored.cursor.clone(),
+            ..BroadcastResponse::default()
         })
     }
 

@@ -10,8 +10,10 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use ipc_proto::pb::ipc_server::Ipc;
 use ipc_proto::pb::{
-    BroadcastRequest, BroadcastResponse, MembersRequest, MembersResponse, Msg, ReplyRequest,
-    ReplyResponse, SendMsgRequest, SendMsgResponse, SubscribeRequest,
+    BroadcastRequest, BroadcastResponse, GatherRequest, Ledger, LimitRequest, LimitResponse,
+    LockRequest, LockResponse, MembersRequest, MembersResponse, Msg, ReplyRequest, ReplyResponse,
+    RolloutEvent, RolloutRequest, SendMsgRequest, SendMsgResponse, ServeRequest, SubscribeRequest,
+    UnlockRequest, UnlockResponse,
 };
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -280,7 +282,66 @@ impl Ipc for IpcService {
             .members(&caller, request.into_inner())
             .await
             .map_err(status)?;
-        Ok(Response::new(MembersResponse { members }))
+        Ok(Response::new(MembersResponse {
+            members,
+            truncated: false,
+        }))
+    }
+
+    type PublishStream = Pin<Box<dyn Stream<Item = Result<BroadcastResponse, Status>> + Send>>;
+
+    async fn publish(
+        &self,
+        request: Request<tonic::Streaming<BroadcastRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        let _caller = self.caller(&request)?;
+        Err(Status::unimplemented("Publish is not implemented yet"))
+    }
+
+    async fn gather(&self, request: Request<GatherRequest>) -> Result<Response<Ledger>, Status> {
+        let _caller = self.caller(&request)?;
+        Err(Status::unimplemented("Gather is not implemented yet"))
+    }
+
+    type RolloutStream = Pin<Box<dyn Stream<Item = Result<RolloutEvent, Status>> + Send>>;
+
+    async fn rollout(
+        &self,
+        request: Request<RolloutRequest>,
+    ) -> Result<Response<Self::RolloutStream>, Status> {
+        let _caller = self.caller(&request)?;
+        Err(Status::unimplemented("Rollout is not implemented yet"))
+    }
+
+    async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let _caller = self.caller(&request)?;
+        Err(Status::unimplemented("Lock is not implemented yet"))
+    }
+
+    async fn unlock(
+        &self,
+        request: Request<UnlockRequest>,
+    ) -> Result<Response<UnlockResponse>, Status> {
+        let _caller = self.caller(&request)?;
+        Err(Status::unimplemented("Unlock is not implemented yet"))
+    }
+
+    async fn limit(
+        &self,
+        request: Request<LimitRequest>,
+    ) -> Result<Response<LimitResponse>, Status> {
+        let _caller = self.caller(&request)?;
+        Err(Status::unimplemented("Limit is not implemented yet"))
+    }
+
+    type ServeStream = MsgStream;
+
+    async fn serve(
+        &self,
+        request: Request<tonic::Streaming<ServeRequest>>,
+    ) -> Result<Response<MsgStream>, Status> {
+        let _caller = self.caller(&request)?;
+        Err(Status::unimplemented("Serve is not implemented yet"))
     }
 }
 

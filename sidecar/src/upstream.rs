@@ -181,6 +181,7 @@ impl Bus for UpstreamBus {
             op: msg.op.clone(),
             data: msg.data.clone(),
             headers: msg.headers.clone(),
+            ..BroadcastRequest::default()
         };
         let request =
             self.inner

@@ -247,6 +247,7 @@ impl Client {
                 op: op.into(),
                 data: payload(&data),
                 headers: Default::default(),
+                ..Default::default()
             },
         }
     }
@@ -303,6 +304,7 @@ impl Client {
             app,
             role,
             labels: labels.into_iter().collect(),
+            ..Default::default()
         };
         let mut rpc = self.rpc.clone();
         let timeout = self.settings.timeout;

@@ -73,6 +73,7 @@ pub fn broadcast(channel: &str, op: &str, data: serde_json::Value) -> BroadcastR
         op: op.into(),
         data: Some(to_value(&data)),
         headers: HashMap::new(),
+        ..BroadcastRequest::default()
     }
 }
 
