@@ -1,5 +1,5 @@
 //! The node: the five operations of `ipc.v1.Ipc` over a hub and a bus, with the
-//! input rules of DESIGN.md. Transport-free: the gRPC service maps its errors to
+//! input rules of docs/design.md. Transport-free: the gRPC service maps its errors to
 //! status codes.
 
 use std::collections::HashMap;

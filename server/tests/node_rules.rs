@@ -1,4 +1,4 @@
-//! The rules of DESIGN.md, checked against a real `ipc-server` process over real
+//! The rules of docs/design.md, checked against a real `ipc-server` process over real
 //! gRPC on loopback.
 
 mod support;

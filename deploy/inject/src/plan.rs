@@ -335,7 +335,7 @@ fn read_identity(
     })
 }
 
-/// A channel segment as DESIGN.md defines names: letters, digits and `_ . - /`.
+/// A channel segment as docs/design.md defines names: letters, digits and `_ . - /`.
 fn validate_segment(value: &str) -> Result<(), &'static str> {
     if value.len() > 256 {
         return Err("longer than 256 bytes");
