@@ -102,6 +102,10 @@ impl Sidecar {
             upstream_cert.as_deref(),
             upstream_key.as_deref(),
         )?;
+        // gRPC clients on a Unix socket (grpcio, grpcurl, grpc-java) send its path as
+        // `:authority`, which plain h2 refuses; the vendored h2 takes it as no authority.
+        // Process-wide, and only here: the server binary keeps h2's check unchanged.
+        h2::server::accept_socket_path_authority(true);
         let (listener, socket) = socket::bind(&socket, socket_mode, socket_owner)?;
         let health = TcpListener::bind(health_listen)
             .await

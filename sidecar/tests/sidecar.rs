@@ -430,19 +430,10 @@ async fn grpcurl_works_over_the_socket() {
     let sidecar = SidecarProcess::start(&server.url(), &[]);
     sidecar.wait_upstream(true).await;
     let socket = sidecar.socket.to_str().unwrap().to_string();
-    let services = run_grpcurl(&[
-        "-plaintext",
-        "-authority",
-        "localhost",
-        "-unix",
-        &socket,
-        "list",
-    ]);
+    let services = run_grpcurl(&["-plaintext", "-unix", &socket, "list"]);
     assert!(services.contains("ipc.v1.Ipc"), "{services}");
     let pong = run_grpcurl(&[
         "-plaintext",
-        "-authority",
-        "localhost",
         "-unix",
         "-d",
         r#"{"op":"ping"}"#,

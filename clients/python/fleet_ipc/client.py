@@ -191,12 +191,6 @@ def _target(addr: str) -> str:
     return addr
 
 
-def _channel_options(target: str) -> list[tuple[str, str]]:
-    """grpc-core sends a Unix socket's path as the HTTP/2 ``:authority``, which the
-    Rust (hyper/h2) server rejects; a socket is local, so name it ``localhost``."""
-    return [("grpc.default_authority", "localhost")] if target.startswith("unix:") else []
-
-
 class Client:
     """A connection to an ipc-server or a sidecar.
 
@@ -216,7 +210,7 @@ class Client:
         self.addr = addr
         self.app = app
         target = _target(addr)
-        self._channel = channel or grpc.insecure_channel(target, options=_channel_options(target))
+        self._channel = channel or grpc.insecure_channel(target)
         self._stub = ipc_pb2_grpc.IpcStub(self._channel)
         self._metadata: list[tuple[str, str]] = []
         if app:

@@ -16,9 +16,9 @@ def say(**fields):
 
 
 def main(socket_path):
-    # grpc-core sends the socket path as :authority, which HTTP/2 servers built on
-    # the h2 crate (tonic) refuse: name the peer `localhost` as grpc-go does.
-    channel = grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.default_authority", "localhost")])
+    # A stock channel, with its defaults: grpc-core sends the socket path as
+    # :authority, which the sidecar accepts.
+    channel = grpc.insecure_channel(f"unix:{socket_path}")
     client = Client(socket_path, app="shop", channel=channel)
     say(pong=client.send_msg("", "ping").op)
     subscription = client.subscribe([":py"], id="py-1", role="pyworker")

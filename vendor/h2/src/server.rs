@@ -130,6 +130,33 @@ use std::{fmt, io};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::instrument::{Instrument, Instrumented};
 
+// ===== fleet-ipc patch (vendor/h2/PATCH.md): a Unix socket path as :authority =====
+
+static ACCEPT_SOCKET_PATH_AUTHORITY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every server connection of this process accept a request whose
+/// `:authority` is the path of a Unix socket — what grpcio >= 1.57, grpcurl `-unix`,
+/// grpc-java and older grpc-go send on a Unix socket — as a request without
+/// `:authority`, instead of resetting the stream with `PROTOCOL_ERROR`.
+///
+/// A socket path is an authority that fails URI authority parsing and holds a `/`,
+/// as is or percent-encoded: `/run/app.sock` (grpcurl), `run%2Fapp.sock` (grpcio),
+/// `unix:///run/app.sock`. No host name contains one. Any other malformed authority
+/// is still refused. Off by default, so that a process that does not call this keeps
+/// h2's validation unchanged.
+pub fn accept_socket_path_authority(accept: bool) {
+    ACCEPT_SOCKET_PATH_AUTHORITY.store(accept, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn socket_path_authority(authority: &crate::hpack::BytesStr) -> bool {
+    if !ACCEPT_SOCKET_PATH_AUTHORITY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    let value = authority.as_str().as_bytes();
+    value.contains(&b'/') || value.windows(3).any(|w| w.eq_ignore_ascii_case(b"%2F"))
+}
+
 /// In progress HTTP/2 connection handshake future.
 ///
 /// This type implements `Future`, yielding a `Connection` instance once the
@@ -1702,13 +1729,22 @@ impl proto::Peer for Peer {
         // header
         if let Some(authority) = pseudo.authority {
             let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
+            match maybe_authority {
+                Ok(authority) => parts.authority = Some(authority),
+                // fleet-ipc patch: see `accept_socket_path_authority`.
+                Err(why) if socket_path_authority(&authority) => {
+                    tracing::trace!(
+                        "socket path as authority ({:?}, {}): request taken without one",
+                        authority,
+                        why,
+                    );
+                }
+                Err(why) => malformed!(
                     "malformed headers: malformed authority ({:?}): {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
