@@ -16,10 +16,16 @@
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities.
 //! - [`limits`]: the per-identity request rate limit.
+//! - [`connections`]: TCP connections capped per peer and in total, closed when
+//!   they start no call in time or stay idle.
+//! - [`admission`]: the layer before the service: credentials from the headers
+//!   before any body is read, a deadline and a budget for request bodies.
 
+pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod channel;
+pub mod connections;
 pub mod cursor;
 pub mod grpc;
 pub mod hub;

@@ -45,10 +45,18 @@ pub enum Refusal {
     Unauthenticated,
     /// Authenticated, but the token's grants do not cover the request.
     PermissionDenied,
+    /// A connection over `--max-connections`.
+    Connections,
+    /// A connection over `--max-connections-per-peer`.
+    ConnectionsPerPeer,
+    /// A request body not received within `--body-timeout-ms`.
+    BodyTimeout,
+    /// Request bodies being received over `--max-request-buffer-bytes`.
+    RequestBuffer,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 10] = [
+    pub const ALL: [Refusal; 14] = [
         Refusal::MsgBytes,
         Refusal::Headers,
         Refusal::HeaderBytes,
@@ -59,6 +67,10 @@ impl Refusal {
         Refusal::Timeout,
         Refusal::Unauthenticated,
         Refusal::PermissionDenied,
+        Refusal::Connections,
+        Refusal::ConnectionsPerPeer,
+        Refusal::BodyTimeout,
+        Refusal::RequestBuffer,
     ];
 
     /// The label value.
@@ -74,6 +86,10 @@ impl Refusal {
             Refusal::Timeout => "timeout",
             Refusal::Unauthenticated => "unauthenticated",
             Refusal::PermissionDenied => "permission_denied",
+            Refusal::Connections => "connections",
+            Refusal::ConnectionsPerPeer => "connections_per_peer",
+            Refusal::BodyTimeout => "body_timeout",
+            Refusal::RequestBuffer => "request_buffer",
         }
     }
 }
@@ -97,6 +113,12 @@ pub struct Metrics {
     pub token_reloads: AtomicU64,
     /// Tokens-file reloads refused (the previous file stays in force).
     pub token_reload_failures: AtomicU64,
+    /// Open client connections (TCP listeners guarded by [`crate::connections`]).
+    pub connections: AtomicI64,
+    /// Connections closed because they were idle past their deadline.
+    pub idle_closes: AtomicU64,
+    /// Streams ended because their token was removed or changed (SIGHUP).
+    pub revoked_streams: AtomicU64,
 }
 
 impl Metrics {
@@ -159,6 +181,16 @@ impl Metrics {
             "Requests refused for bad input or limits.",
             get(&self.rejected),
         );
+        counter(
+            "ipc_idle_connections_closed_total",
+            "Connections closed with no call in progress past --handshake-timeout-ms or --idle-timeout-ms.",
+            get(&self.idle_closes),
+        );
+        counter(
+            "ipc_revoked_streams_total",
+            "Streams ended because their token was removed or changed in the tokens file.",
+            get(&self.revoked_streams),
+        );
         let _ = writeln!(
             out,
             "# HELP ipc_refusals_total Requests refused by a limit or by authorization, by reason.\n# TYPE ipc_refusals_total counter"
@@ -176,6 +208,11 @@ impl Metrics {
             "# HELP ipc_token_reloads_total Tokens-file reloads (SIGHUP) by result.\n# TYPE ipc_token_reloads_total counter\nipc_token_reloads_total{{result=\"ok\"}} {}\nipc_token_reloads_total{{result=\"error\"}} {}",
             get(&self.token_reloads),
             get(&self.token_reload_failures)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ipc_connections Open client connections.\n# TYPE ipc_connections gauge\nipc_connections {}",
+            self.connections.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

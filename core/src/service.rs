@@ -39,6 +39,33 @@ pub struct Peer {
     pub process: Option<LocalProcess>,
 }
 
+impl Peer {
+    /// What tonic's transport recorded about the connection of a request (its
+    /// request extensions): address, verified client certificate, local process.
+    pub fn of(extensions: &http::Extensions) -> Self {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
+        Self {
+            addr: extensions
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+                .or_else(|| tls.and_then(|t| t.get_ref().remote_addr())),
+            cert_names: tls
+                .and_then(TlsConnectInfo::peer_certs)
+                .and_then(|chain| chain.first().map(|c| crate::auth::certificate_names(c)))
+                .unwrap_or_default(),
+            process: extensions
+                .get::<UdsConnectInfo>()
+                .and_then(|info| info.peer_cred)
+                .map(|cred| LocalProcess {
+                    pid: cred.pid(),
+                    uid: cred.uid(),
+                    gid: cred.gid(),
+                }),
+        }
+    }
+}
+
 /// Credentials of a local process connected over a Unix socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalProcess {
@@ -126,22 +153,7 @@ impl IpcService {
 
     /// Who is calling, once authenticated and within its rate limit.
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let peer = Peer {
-            addr: request.remote_addr(),
-            cert_names: request
-                .peer_certs()
-                .and_then(|chain| chain.first().map(|c| crate::auth::certificate_names(c)))
-                .unwrap_or_default(),
-            process: request
-                .extensions()
-                .get::<tonic::transport::server::UdsConnectInfo>()
-                .and_then(|info| info.peer_cred)
-                .map(|cred| LocalProcess {
-                    pid: cred.pid(),
-                    uid: cred.uid(),
-                    gid: cred.gid(),
-                }),
-        };
+        let peer = Peer::of(request.extensions());
         if let Some(process) = &peer.process {
             tracing::debug!(pid = ?process.pid, uid = process.uid, gid = process.gid, "local request");
         }

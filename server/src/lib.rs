@@ -7,6 +7,7 @@
 //! - [`Server`]: the node on its bus, bound listeners; [`Server::serve`] runs gRPC
 //!   (`ipc.v1.Ipc`, health, reflection v1 and v1alpha) and `/metrics` until shutdown.
 //! - [`security`]: tokens, TLS/mTLS, the loopback-unless-authenticated rule, limits.
+//! - [`transport`]: connection caps and deadlines, request-body limits, HTTP/2 bounds.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use ipc_core::{Bus, Node, NodeConfig};
 use tokio::net::TcpListener;
 
 pub mod security;
+pub mod transport;
 
 /// The fleet-ipc control plane: one gRPC API to broadcast to a channel, ask one
 /// process and wait for its reply, and subscribe.
@@ -62,6 +64,8 @@ pub struct Config {
     pub security: security::SecurityConfig,
     #[command(flatten)]
     pub limits: security::LimitConfig,
+    #[command(flatten)]
+    pub transport: transport::TransportConfig,
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long, env = "IPC_LOG_JSON")]
     pub log_json: bool,
@@ -153,6 +157,7 @@ pub struct Server {
     grace: Duration,
     security: security::Security,
     max_connection_streams: u32,
+    transport: transport::TransportConfig,
     injector: Option<Injector>,
 }
 
@@ -184,6 +189,7 @@ impl Server {
             grace: Duration::from_millis(config.grace_ms),
             security,
             max_connection_streams: config.limits.max_connection_streams,
+            transport: config.transport.clone(),
             injector,
         })
     }
@@ -227,6 +233,7 @@ impl Server {
             grace,
             security,
             max_connection_streams,
+            transport,
             injector,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -240,22 +247,41 @@ impl Server {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let max_frame = node.config().max_msg_bytes.saturating_mul(2).max(4 << 20);
-        let ipc = IpcServer::new(IpcService::with_identity(node.clone(), security.identity))
-            .max_decoding_message_size(max_frame)
-            .max_encoding_message_size(max_frame);
+        let ipc = IpcServer::new(IpcService::with_identity(
+            node.clone(),
+            security.identity.clone(),
+        ))
+        .max_decoding_message_size(max_frame)
+        .max_encoding_message_size(max_frame);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let connections = ipc_core::connections::Connections::new(
+            transport.connection_limits(),
+            node.metrics().clone(),
+        );
+        let admission = ipc_core::admission::Admission::new(
+            security.identity.clone(),
+            node.metrics().clone(),
+            Some(connections.clone()),
+            Duration::from_millis(transport.body_timeout_ms.max(1)),
+            max_frame.saturating_add(5),
+            transport.max_request_buffer_bytes,
+        );
+        let incoming = connections.incoming(grpc, security.tls.is_none());
         // HTTP/2 pings find clients that vanished without closing their connection
         // (a killed pod, a cut network), so their subscriptions and presence go away.
         let mut builder = tonic::transport::Server::builder()
             .max_concurrent_streams(max_connection_streams.max(1))
+            .http2_max_header_list_size(transport::MAX_HEADER_LIST_BYTES)
+            .initial_stream_window_size(transport::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(transport::CONNECTION_WINDOW_BYTES)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)));
         if let Some(tls) = security.tls {
             builder = builder.tls_config(tls)?;
         }
         let grpc_server = builder
+            .layer(admission)
             .layer(tower::util::MapResponseLayer::new(
                 security::map_decode_errors::<tonic::body::Body>,
             ))
