@@ -5,7 +5,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use ipc_core::bus::{Bus, BusError, Replay, ReplyError, RequestError};
+use ipc_core::bus::{
+    Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
+};
 use ipc_core::channel::Pattern;
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
@@ -16,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisBusConfig;
+use crate::dedup::{Keyed, Written};
 use crate::inbox::{Asked, Body, Exchange, RemoteRequest, outcome};
 use crate::keys::Keys;
 use crate::link::{Health, Link};
@@ -123,6 +126,16 @@ impl RedisBus {
     }
 }
 
+fn unconfirmed() -> BusError {
+    BusError::Unavailable(
+        "Redis did not confirm the message in time; it was not acknowledged".into(),
+    )
+}
+
+fn shutting_down() -> BusError {
+    BusError::Unavailable("the Redis bus is shutting down".into())
+}
+
 /// `url` without its password, for logs.
 fn redacted(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {
@@ -189,7 +202,22 @@ impl Bus for RedisBus {
         runtime.spawn(exchange.listen(cancel.clone()));
     }
 
-    async fn append(&self, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
+    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
+        match self.submit(msg, None).await?.await? {
+            Appended::Stored(stored) => Ok(stored),
+            Appended::Duplicate { .. } => Err(BusError::Internal(
+                "an append without a key was taken for a repeat".into(),
+            )),
+        }
+    }
+
+    /// Queues the append for the writer (its place in the order) and returns the
+    /// wait for Redis's answer; both bounded by the command timeout.
+    async fn submit(
+        &self,
+        mut msg: Msg,
+        key: Option<IdempotencyKey>,
+    ) -> Result<PendingAppend, BusError> {
         let deadline = Instant::now() + self.inner.config.command_timeout;
         // Refuse at once while Redis is known to be unreachable.
         self.inner.link.get()?;
@@ -197,23 +225,39 @@ impl Bus for RedisBus {
         let (done, stored) = oneshot::channel();
         let append = Append {
             payload: msg.encode_to_vec(),
+            keyed: key.map(|key| Keyed {
+                scoped: key.scoped,
+                window_ms: key.window.as_millis() as u64,
+                msg_id: msg.id.clone(),
+                channel: msg.channel.clone(),
+            }),
             done,
-        };
-        let unconfirmed = || {
-            BusError::Unavailable(
-                "Redis did not confirm the message in time; it was not acknowledged".into(),
-            )
         };
         tokio::time::timeout_at(deadline.into(), self.inner.appends.send(append))
             .await
             .map_err(|_| unconfirmed())?
-            .map_err(|_| BusError::Unavailable("the Redis bus is shutting down".into()))?;
-        let cursor = tokio::time::timeout_at(deadline.into(), stored)
-            .await
-            .map_err(|_| unconfirmed())?
-            .map_err(|_| BusError::Unavailable("the Redis bus is shutting down".into()))??;
-        msg.cursor = cursor.to_string();
-        Ok(Arc::new(msg))
+            .map_err(|_| shutting_down())?;
+        Ok(Box::pin(async move {
+            let written = tokio::time::timeout_at(deadline.into(), stored)
+                .await
+                .map_err(|_| unconfirmed())?
+                .map_err(|_| shutting_down())??;
+            Ok(match written {
+                Written::Stored(cursor) => {
+                    msg.cursor = cursor.to_string();
+                    Appended::Stored(Arc::new(msg))
+                }
+                Written::Duplicate {
+                    id,
+                    channel,
+                    cursor,
+                } => Appended::Duplicate {
+                    id,
+                    channel,
+                    cursor,
+                },
+            })
+        }))
     }
 
     async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {

@@ -10,6 +10,7 @@
 //! | `P:node:N:exact` | hash, expires | exact channel → number of N's subscribers on it |
 //! | `P:node:N:wild` | hash, expires | wildcard pattern → number of N's subscribers on it |
 //! | `P:inbox:N` | pub/sub channel | requests, replies and acks for replica N |
+//! | `P:dedup:APP:KEY` | string, expires | a Broadcast key seen: the first message's id, channel, entry, epoch |
 
 /// Key and channel names for one prefix.
 #[derive(Debug, Clone)]
@@ -48,6 +49,11 @@ impl Keys {
 
     pub fn node_wild(&self, node: &str) -> String {
         format!("{}:node:{node}:wild", self.prefix)
+    }
+
+    /// `scoped` is `app:key`.
+    pub fn dedup(&self, scoped: &str) -> String {
+        format!("{}:dedup:{scoped}", self.prefix)
     }
 
     pub fn inbox(&self, node: &str) -> String {

@@ -22,6 +22,7 @@
 //! - `link`: the shared command connection, reconnection with backoff, the bus's
 //!   health made of its parts.
 //! - `log`: entry ids and encoding, the batching writer, the tail, replay, the epoch.
+//! - `dedup`: idempotency keys, checked and recorded with the append in one script.
 //! - `presence`: publishing this replica's subscribers; fleet-wide members and routes.
 //! - `inbox`: the wire format between replicas and the inbox listener.
 //! - [`bus`]: [`RedisBus`], the [`ipc_core::Bus`] tying them together, and
@@ -29,6 +30,7 @@
 
 pub mod bus;
 pub mod config;
+mod dedup;
 mod inbox;
 mod keys;
 mod link;

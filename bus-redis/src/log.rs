@@ -17,6 +17,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::dedup::{self, Keyed, Written};
 use crate::keys::Keys;
 use crate::link::{Backoff, Link, Part};
 
@@ -185,10 +186,11 @@ fn decode(epoch: u64, id: EntryId, payload: Option<Vec<u8>>) -> Option<Arc<Msg>>
 // ---------------------------------------------------------------------------------
 // Writer
 
-/// An append waiting for its `XADD`.
+/// An append waiting for its `XADD` (or, with a key, its script).
 pub(crate) struct Append {
     pub payload: Vec<u8>,
-    pub done: oneshot::Sender<Result<Cursor, BusError>>,
+    pub keyed: Option<Keyed>,
+    pub done: oneshot::Sender<Result<Written, BusError>>,
 }
 
 /// Drains pending appends into pipelines, in arrival order: `SET epoch NX`,
@@ -197,9 +199,9 @@ pub(crate) struct Append {
 /// append learns its entry id (its cursor) or the failure; nothing is acknowledged
 /// that Redis did not answer.
 ///
-/// Pipelines in flight together hold appends that were concurrent, so their
-/// relative order is free; an append made after another was acknowledged always
-/// goes in a later pipeline, after it in the log.
+/// Pipelines go out on one connection in the order their appends were queued, so
+/// appends are stored in queue order even when several pipelines are in flight (a
+/// Publish stream queues its next messages before the first is confirmed).
 pub(crate) async fn run_writer(
     link: Arc<Link>,
     keys: Keys,
@@ -233,9 +235,9 @@ pub(crate) async fn run_writer(
         let (link, keys) = (link.clone(), keys.clone());
         in_flight.push(async move {
             match write_batch(&link, &keys, retention, &batch).await {
-                Ok((epoch, ids)) => {
-                    for (append, id) in batch.into_iter().zip(ids) {
-                        let _ = append.done.send(Ok(id.cursor(epoch)));
+                Ok(written) => {
+                    for (append, written) in batch.into_iter().zip(written) {
+                        let _ = append.done.send(Ok(written));
                     }
                 }
                 Err(error) => {
@@ -245,6 +247,10 @@ pub(crate) async fn run_writer(
                 }
             }
         });
+        // Put it on the wire now: Redis must get pipelines in the order their appends
+        // came (a Publish stream has several in flight), and a pipeline is sent when
+        // first polled.
+        while let std::task::Poll::Ready(Some(())) = futures::poll!(in_flight.next()) {}
     }
 }
 
@@ -253,10 +259,14 @@ async fn write_batch(
     keys: &Keys,
     retention: usize,
     batch: &[Append],
-) -> Result<(u64, Vec<EntryId>), BusError> {
+) -> Result<Vec<Written>, BusError> {
     let mut pipe = redis::pipe();
     push_epoch(&mut pipe, keys);
     for append in batch {
+        if let Some(keyed) = &append.keyed {
+            dedup::push(&mut pipe, keys, retention, &append.payload, keyed);
+            continue;
+        }
         pipe.cmd("XADD")
             .arg(&keys.log)
             .arg("MAXLEN")
@@ -275,18 +285,25 @@ async fn write_batch(
         .as_ref()
         .and_then(parse_epoch)
         .ok_or_else(|| bad_reply("GET epoch"))?;
-    let ids: Vec<EntryId> = replies
-        .map(|reply| match reply {
-            Value::BulkString(id) => EntryId::parse(&id),
-            Value::SimpleString(id) => EntryId::parse(id.as_bytes()),
-            _ => None,
+    let written: Vec<Written> = replies
+        .zip(batch)
+        .map(|(reply, append)| {
+            if append.keyed.is_some() {
+                return dedup::parse(&reply, epoch);
+            }
+            match reply {
+                Value::BulkString(id) => EntryId::parse(&id),
+                Value::SimpleString(id) => EntryId::parse(id.as_bytes()),
+                _ => None,
+            }
+            .map(|id| Written::Stored(id.cursor(epoch)))
+            .ok_or_else(|| bad_reply("XADD"))
         })
-        .collect::<Option<_>>()
-        .ok_or_else(|| bad_reply("XADD"))?;
-    if ids.len() != batch.len() {
+        .collect::<Result<_, _>>()?;
+    if written.len() != batch.len() {
         return Err(bad_reply("XADD"));
     }
-    Ok((epoch, ids))
+    Ok(written)
 }
 
 // ---------------------------------------------------------------------------------

@@ -7,9 +7,10 @@
 //! node's [`Hub`] in log order, and routes requests and replies to other nodes.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use ipc_proto::pb::{Member, Msg};
 use tokio::sync::watch;
 
@@ -56,6 +57,34 @@ pub enum ReplyError {
     Unavailable(String),
 }
 
+/// A Broadcast's idempotency key as a bus stores it: `scoped` is the app id and the
+/// caller's key (`app:key`, keys are per app), remembered for `window`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// The key as given by the caller (a relay passes this one on).
+    pub key: String,
+    /// `app:key`: what the bus de-duplicates on.
+    pub scoped: String,
+    pub window: Duration,
+}
+
+/// What became of an append.
+#[derive(Debug, Clone)]
+pub enum Appended {
+    /// Stored now, with its cursor.
+    Stored(Arc<Msg>),
+    /// Its key was seen within the window: nothing was stored; these are the first
+    /// message's id, channel and cursor.
+    Duplicate {
+        id: String,
+        channel: String,
+        cursor: String,
+    },
+}
+
+/// An append that has its place in the log order and completes once stored.
+pub type PendingAppend = BoxFuture<'static, Result<Appended, BusError>>;
+
 /// What a subscriber missed since its cursor.
 #[derive(Debug, Default)]
 pub struct Replay {
@@ -77,6 +106,28 @@ pub trait Bus: Send + Sync + 'static {
     /// durable in the bus, with `cursor` set. The entry reaches every node's hub,
     /// this one included, through the bus.
     async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError>;
+
+    /// Takes a message's place in the log order and returns a future that completes
+    /// once it is stored, so that a caller may submit the next one before the first
+    /// is confirmed (Publish): entries submitted one after the other are stored in
+    /// that order. With `key`, a key seen within its window stores nothing and
+    /// answers [`Appended::Duplicate`]; the check and the append are one atomic step.
+    ///
+    /// The default stores the message before returning (no pipelining) and has no
+    /// de-duplication: a key is refused.
+    async fn submit(
+        &self,
+        msg: Msg,
+        key: Option<IdempotencyKey>,
+    ) -> Result<PendingAppend, BusError> {
+        if key.is_some() {
+            return Err(BusError::Internal(
+                "this bus does not support idempotency keys".into(),
+            ));
+        }
+        let stored = self.append(msg).await?;
+        Ok(Box::pin(std::future::ready(Ok(Appended::Stored(stored)))))
+    }
 
     /// Entries after `cursor`, up to the current end of the log.
     async fn replay(&self, after: &Cursor) -> Result<Replay, BusError>;

@@ -9,6 +9,7 @@
 //! - [`hub`]: live subscribers, fan-out with bounded queues, pending requests.
 //! - [`bus`]: the bus trait; [`memory`]: the in-memory bus of a node alone.
 //! - [`node`]: the five operations with their input rules and deadline rule.
+//! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
 //! - [`grpc`]: that service as servers mount it, Subscribe streams sending each
 //!   message encoded once for all subscribers.
@@ -34,6 +35,7 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod node;
+pub mod publish;
 pub mod service;
 
 pub use bus::Bus;

@@ -2,9 +2,10 @@
 //!
 //! Appending and fan-out happen under one lock, so every subscriber sees entries in
 //! log order. The epoch is drawn at start: cursors from a previous run of the node
-//! are recognised as stale and answered with `ipc:gap`.
+//! are recognised as stale and answered with `ipc:gap`. Idempotency keys live under
+//! the same lock, so a key's check and its entry's append are one step.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -14,7 +15,9 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::sync::watch;
 
-use crate::bus::{Bus, BusError, Replay, ReplyError, RequestError};
+use crate::bus::{
+    Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
+};
 use crate::cursor::Cursor;
 use crate::hub::Hub;
 
@@ -36,10 +39,33 @@ impl Default for Retention {
     }
 }
 
+/// Most idempotency keys remembered at once; past this the oldest are forgotten
+/// before their window ends (a bound on memory).
+const MAX_KEYS: usize = 1_000_000;
+
 struct Log {
     entries: VecDeque<(u64, Arc<Msg>, usize)>,
     next_seq: u64,
     bytes: usize,
+    /// Keys seen within their window, with the first message stored under each.
+    keys: HashMap<String, (Instant, Arc<Msg>)>,
+    /// Keys in the order they expire (every key of a node has the same window).
+    expiry: VecDeque<(Instant, String)>,
+}
+
+impl Log {
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some((expires, _)) = self.expiry.front() {
+            if *expires > now && self.expiry.len() < MAX_KEYS {
+                break;
+            }
+            if let Some((expires, key)) = self.expiry.pop_front()
+                && self.keys.get(&key).is_some_and(|(e, _)| *e == expires)
+            {
+                self.keys.remove(&key);
+            }
+        }
+    }
 }
 
 pub struct MemoryBus {
@@ -59,6 +85,8 @@ impl MemoryBus {
                 entries: VecDeque::new(),
                 next_seq: 1,
                 bytes: 0,
+                keys: HashMap::new(),
+                expiry: VecDeque::new(),
             }),
             hub: OnceLock::new(),
             health: watch::Sender::new(true),
@@ -66,18 +94,13 @@ impl MemoryBus {
     }
 }
 
-#[async_trait]
-impl Bus for MemoryBus {
-    fn attach(&self, hub: Arc<Hub>) {
-        let _ = self.hub.set(hub);
-    }
-
-    async fn append(&self, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
+impl MemoryBus {
+    /// Appends under the log lock (held by the caller) and fans the entry out.
+    fn append_locked(&self, log: &mut Log, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
         let hub = self
             .hub
             .get()
             .ok_or_else(|| BusError::Internal("memory bus used before attach".into()))?;
-        let mut log = self.log.lock();
         let seq = log.next_seq;
         log.next_seq += 1;
         msg.cursor = Cursor {
@@ -100,6 +123,48 @@ impl Bus for MemoryBus {
         // Fan-out under the log lock: concurrent appends reach subscribers in log order.
         hub.dispatch(&msg);
         Ok(msg)
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    fn attach(&self, hub: Arc<Hub>) {
+        let _ = self.hub.set(hub);
+    }
+
+    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
+        let mut log = self.log.lock();
+        self.append_locked(&mut log, msg)
+    }
+
+    async fn submit(
+        &self,
+        msg: Msg,
+        key: Option<IdempotencyKey>,
+    ) -> Result<PendingAppend, BusError> {
+        let mut log = self.log.lock();
+        let appended = match key {
+            None => Appended::Stored(self.append_locked(&mut log, msg)?),
+            Some(key) => {
+                let now = Instant::now();
+                log.forget_expired(now);
+                match log.keys.get(&key.scoped) {
+                    Some((_, first)) => Appended::Duplicate {
+                        id: first.id.clone(),
+                        channel: first.channel.clone(),
+                        cursor: first.cursor.clone(),
+                    },
+                    None => {
+                        let stored = self.append_locked(&mut log, msg)?;
+                        let expires = now + key.window;
+                        log.expiry.push_back((expires, key.scoped.clone()));
+                        log.keys.insert(key.scoped, (expires, stored.clone()));
+                        Appended::Stored(stored)
+                    }
+                }
+            }
+        };
+        Ok(Box::pin(std::future::ready(Ok(appended))))
     }
 
     async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {

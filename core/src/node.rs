@@ -52,6 +52,8 @@ pub struct NodeConfig {
     pub max_subscriptions_per_identity: usize,
     /// Requests per second per identity (token bucket); `None`: no limit.
     pub rate_limit: Option<RateLimit>,
+    /// How long a Broadcast's idempotency `key` is remembered (`--dedup-window`).
+    pub dedup_window: Duration,
 }
 
 /// A token bucket per identity: `per_second` on average, `burst` at once.
@@ -76,6 +78,7 @@ impl Default for NodeConfig {
             max_streams: 10_000,
             max_subscriptions_per_identity: 1_000,
             rate_limit: None,
+            dedup_window: Duration::from_secs(600),
         }
     }
 }
@@ -285,7 +288,7 @@ impl Node {
     }
 
     /// Refuses what an authenticated caller's grants do not cover.
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         caller: &Caller,
         verb: &str,
@@ -304,7 +307,7 @@ impl Node {
         }
     }
 
-    fn app<'a>(&'a self, caller: &'a Caller) -> Option<&'a str> {
+    pub(crate) fn app<'a>(&'a self, caller: &'a Caller) -> Option<&'a str> {
         caller
             .app
             .as_deref()
@@ -313,51 +316,14 @@ impl Node {
     }
 
     /// Stores a message in the log; every matching subscriber fleet-wide gets it.
+    /// With a `key` seen within the dedup window, stores nothing and answers the
+    /// first message's id and cursor with `duplicate` set.
     pub async fn broadcast(
         &self,
         caller: &Caller,
         req: BroadcastRequest,
     ) -> Result<BroadcastResponse, NodeError> {
-        let result = self.broadcast_inner(caller, req).await;
-        if matches!(
-            result,
-            Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))
-        ) {
-            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-        }
-        result
-    }
-
-    async fn broadcast_inner(
-        &self,
-        caller: &Caller,
-        req: BroadcastRequest,
-    ) -> Result<BroadcastResponse, NodeError> {
-        self.check_size(req.encoded_len())?;
-        check_op(&req.op)?;
-        self.check_headers(&req.headers)?;
-        let channel = channel::parse_name(&req.channel, self.app(caller))?;
-        self.authorize(caller, "broadcast to", &channel, |g| {
-            g.may_broadcast(&channel)
-        })?;
-        let msg = Msg {
-            op: req.op,
-            data: req.data,
-            headers: req.headers,
-            id: self.new_id(),
-            channel,
-            sender: caller.sender.clone(),
-            ts_ms: crate::now_ms(),
-            ..Msg::default()
-        };
-        let stored = self.bus.append(msg).await?;
-        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-        Ok(BroadcastResponse {
-            id: stored.id.clone(),
-            channel: stored.channel.clone(),
-            cursor: stored.cursor.clone(),
-            ..BroadcastResponse::default()
-        })
+        self.submit_broadcast(caller, req).await?.await
     }
 
     /// Asks one subscriber of `target` (or the node itself) and waits for the reply.
@@ -810,7 +776,7 @@ impl Node {
         self.hub.close_all(Closed::Shutdown);
     }
 
-    fn system_msg(&self, op: &str, data: serde_json::Value) -> Msg {
+    pub(crate) fn system_msg(&self, op: &str, data: serde_json::Value) -> Msg {
         Msg {
             op: op.to_string(),
             data: Some(json::to_value(&data)),
@@ -821,7 +787,7 @@ impl Node {
         }
     }
 
-    fn check_size(&self, size: usize) -> Result<(), NodeError> {
+    pub(crate) fn check_size(&self, size: usize) -> Result<(), NodeError> {
         if size > self.config.max_msg_bytes {
             self.metrics.refuse(Refusal::MsgBytes);
             return Err(NodeError::TooLarge(format!(
@@ -832,7 +798,7 @@ impl Node {
         Ok(())
     }
 
-    fn check_headers(&self, headers: &HashMap<String, String>) -> Result<(), NodeError> {
+    pub(crate) fn check_headers(&self, headers: &HashMap<String, String>) -> Result<(), NodeError> {
         self.check_map("headers", headers)
     }
 
@@ -864,7 +830,7 @@ impl Node {
     }
 }
 
-fn check_op(op: &str) -> Result<(), NodeError> {
+pub(crate) fn check_op(op: &str) -> Result<(), NodeError> {
     if op.is_empty() {
         return Err(NodeError::InvalidArgument(
             "op is empty: every message needs an op, like \"worker:restart\"".into(),

@@ -306,8 +306,13 @@ impl Ipc for IpcService {
         &self,
         request: Request<tonic::Streaming<BroadcastRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
-        let _caller = self.caller(&request)?;
-        Err(Status::unimplemented("Publish is not implemented yet"))
+        let caller = self.caller(&request)?;
+        let requests = request.into_inner();
+        Ok(Response::new(Box::pin(crate::publish::publish_stream(
+            self.node.clone(),
+            caller,
+            requests,
+        ))))
     }
 
     async fn gather(&self, request: Request<GatherRequest>) -> Result<Response<Ledger>, Status> {

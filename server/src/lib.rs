@@ -57,6 +57,9 @@ pub struct Config {
     /// Largest SendMsg timeout_ms accepted, in milliseconds.
     #[arg(long, env = "IPC_MAX_TIMEOUT_MS", default_value_t = 300_000)]
     pub max_timeout_ms: u64,
+    /// How long a Broadcast's idempotency `key` is remembered (fleet-wide with Redis, per app): `600s`, `10m`, `1h`, `500ms`.
+    #[arg(long, env = "IPC_DEDUP_WINDOW", default_value = "10m", value_parser = ipc_core::publish::parse_window)]
+    pub dedup_window: Duration,
     /// Time given to open calls to finish at shutdown, in milliseconds.
     #[arg(long, env = "IPC_GRACE_MS", default_value_t = 5_000)]
     pub grace_ms: u64,
@@ -140,6 +143,7 @@ impl Config {
             max_msg_bytes: self.max_msg_bytes,
             subscriber_queue: self.subscriber_queue,
             max_timeout: Duration::from_millis(self.max_timeout_ms),
+            dedup_window: self.dedup_window,
             ..NodeConfig::default()
         };
         self.limits.apply(&mut node);

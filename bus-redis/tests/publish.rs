@@ -1,0 +1,141 @@
+//! Publish streams and idempotent Broadcast through replicas on one real Redis:
+//! a stream's messages are stored in order and seen in that order on every
+//! replica; a key repeated on any replica, even concurrently, is stored once.
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use futures::future::join_all;
+use ipc_proto::pb::BroadcastRequest;
+
+fn keyed(key: &str, body: &str) -> BroadcastRequest {
+    BroadcastRequest {
+        channel: "jobs".into(),
+        op: "job:run".into(),
+        data: Some(text(body)),
+        key: key.into(),
+        ..BroadcastRequest::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_is_stored_in_order_and_read_in_order_on_every_replica() {
+    let redis = redis();
+    let a = replica(&redis.url(), "a");
+    let b = replica(&redis.url(), "b");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut on_b = subscribe(&mut cb, channels("reader", &["news"])).await;
+    let bodies: Vec<String> = (0..500).map(|n| format!("m{n}")).collect();
+    let requests: Vec<_> = bodies
+        .iter()
+        .map(|body| BroadcastRequest {
+            channel: "news".into(),
+            op: "note".into(),
+            data: Some(text(body)),
+            ..BroadcastRequest::default()
+        })
+        .collect();
+    let mut answers = ca
+        .publish(futures::stream::iter(requests))
+        .await
+        .expect("publish opens")
+        .into_inner();
+    let mut acked = Vec::new();
+    while let Some(answer) = tokio::time::timeout(PATIENCE, answers.next())
+        .await
+        .expect("answers come")
+    {
+        let answer = answer.expect("the stream goes on");
+        assert!(answer.code == 0 && !answer.cursor.is_empty(), "{answer:?}");
+        acked.push(answer);
+    }
+    assert_eq!(acked.len(), bodies.len());
+    for (answer, body) in acked.iter().zip(&bodies) {
+        let msg = next(&mut on_b).await;
+        assert_eq!(
+            (&text_of(&msg), &msg.id, &msg.cursor),
+            (body, &answer.id, &answer.cursor)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_repeated_on_any_replica_even_at_once_is_delivered_once() {
+    let redis = redis();
+    let a = replica(&redis.url(), "a");
+    let b = replica(&redis.url(), "b");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut on_a = subscribe(&mut ca, channels("reader", &["jobs"])).await;
+
+    let first = ca
+        .broadcast(keyed("restart-1", "first"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.duplicate);
+    let repeat = cb
+        .broadcast(keyed("restart-1", "again"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(repeat.duplicate, "{repeat:?}");
+    assert_eq!(
+        (&repeat.id, &repeat.cursor, &repeat.channel),
+        (&first.id, &first.cursor, &first.channel)
+    );
+
+    // Twenty callers race with one new key through both replicas.
+    let racers = (0..20).map(|n| {
+        let mut client = if n % 2 == 0 { ca.clone() } else { cb.clone() };
+        async move {
+            client
+                .broadcast(keyed("restart-2", &format!("racer {n}")))
+                .await
+                .expect("broadcast")
+                .into_inner()
+        }
+    });
+    let answers = join_all(racers).await;
+    let stored: Vec<_> = answers.iter().filter(|a| !a.duplicate).collect();
+    assert_eq!(stored.len(), 1, "exactly one stored: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.id == stored[0].id && a.cursor == stored[0].cursor)
+    );
+
+    // A Publish stream honours keys as well.
+    let mut publish = ca
+        .publish(futures::stream::iter(vec![keyed("restart-1", "streamed")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let streamed = publish.next().await.unwrap().unwrap();
+    assert!(streamed.duplicate && streamed.id == first.id);
+
+    cb.broadcast(BroadcastRequest {
+        key: String::new(),
+        ..keyed("", "marker")
+    })
+    .await
+    .unwrap();
+    let winner = text_of(&stored_msg(&answers, stored[0].id.as_str()));
+    assert_eq!(
+        texts(&mut on_a, 3).await,
+        ["first".to_string(), winner, "marker".to_string()],
+        "each key delivered once, then the marker"
+    );
+}
+
+/// The racer whose message was stored, by its answer's id (racers' bodies differ).
+fn stored_msg(answers: &[ipc_proto::pb::BroadcastResponse], id: &str) -> ipc_proto::pb::Msg {
+    let n = answers
+        .iter()
+        .position(|a| a.id == id && !a.duplicate)
+        .unwrap();
+    ipc_proto::pb::Msg {
+        data: Some(text(&format!("racer {n}"))),
+        ..Default::default()
+    }
+}
