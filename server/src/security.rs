@@ -156,6 +156,29 @@ impl Security {
     }
 }
 
+/// The rule of the gRPC port, for the admin console: beyond loopback, people must
+/// log in with a token (--tokens), or --insecure says anyone reaching it may act.
+/// A client certificate alone cannot log in to the console.
+pub fn check_admin_listen(config: &SecurityConfig, admin: SocketAddr) -> anyhow::Result<()> {
+    if config.tokens.is_none() && config.tls_client_ca.is_some() {
+        bail!(
+            "--admin-listen with --tls-client-ca but no --tokens: people log in to the console with \
+             a token, so give --tokens FILE as well"
+        );
+    }
+    if !admin.ip().is_loopback() && config.tokens.is_none() && !config.insecure {
+        bail!(
+            "refusing to serve the admin console on {admin} without authentication: anyone who \
+             can reach it could broadcast to the whole fleet. Give --tokens FILE (people log in \
+             with a token), or --insecure, or listen on loopback"
+        );
+    }
+    if config.tokens.is_some() && config.tls_cert.is_none() && !admin.ip().is_loopback() {
+        tracing::warn!(%admin, "admin console without --tls-cert: tokens and session cookies cross the network in clear text");
+    }
+    Ok(())
+}
+
 /// Re-reads the tokens file on every SIGHUP; open connections and streams stay.
 /// A file that does not parse is logged and the previous one stays in force.
 /// Each reload is counted in `ipc_token_reloads_total{result}`. Without a tokens

@@ -27,7 +27,8 @@ from pathlib import Path
 #: fails. A bound on failure, never a way to wait: success returns at once.
 WAIT_LIMIT = 30.0
 
-READY_LINE = re.compile(r"^listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)$")
+# Optional listeners follow as more `name=ADDR` fields (injector=…, admin=…).
+READY_LINE = re.compile(r"^listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)(?P<more>(?: \S+=\S+)*)$")
 
 
 def repo_root() -> Path:
@@ -168,6 +169,9 @@ class IpcServer(Process):
         self.app = app
         self.grpc_addr: str = ready["grpc"]
         self.metrics_addr: str = ready["metrics"]
+        more = dict(field.split("=", 1) for field in ready["more"].split())
+        #: The admin console's address, with ``--admin-listen``.
+        self.admin_addr: str | None = more.get("admin")
 
     def __enter__(self) -> IpcServer:
         return self

@@ -1,0 +1,91 @@
+//! `--admin-listen`, the admin console, against a real `ipc-server`: the rule of
+//! the gRPC port (loopback unless people authenticate), the readiness line, the
+//! security headers, and a console call refused with the gRPC API's own status.
+//! The page itself is tested in a real browser by tests/e2e/test_console.py.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use ipc_testkit::ServerProcess;
+use support::*;
+
+fn refused(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_ipc-server"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "started with {args:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).is_empty());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn admin_addr(server: &ServerProcess) -> std::net::SocketAddr {
+    server
+        .ready_line
+        .split_whitespace()
+        .find_map(|part| part.strip_prefix("admin="))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no admin= in {:?}", server.ready_line))
+}
+
+#[tokio::test]
+async fn a_console_beyond_loopback_needs_tokens_or_insecure() {
+    let stderr = refused(&["--admin-listen", "0.0.0.0:0"]);
+    assert!(
+        stderr.contains("refusing to serve the admin console on 0.0.0.0:0 without authentication")
+            && stderr.contains("--tokens")
+            && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    // A client certificate cannot log in to a web page.
+    let ca = TestCa::new("test-ca");
+    let cert = ca.server_cert();
+    let stderr = refused(&[
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.cert.to_str().unwrap(),
+        "--tls-key",
+        cert.key.to_str().unwrap(),
+        "--tls-client-ca",
+        ca.cert_path().to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("give --tokens FILE as well"), "{stderr}");
+
+    let (_, entry) = token("ops", "shop", "members = true");
+    let tokens = TokensFile::new(&entry);
+    let with_tokens = server(&["--admin-listen", "0.0.0.0:0", "--tokens", tokens.arg()]);
+    assert!(admin_addr(&with_tokens).ip().is_unspecified());
+    let insecure = server(&["--admin-listen", "0.0.0.0:0", "--insecure"]);
+    assert!(admin_addr(&insecure).ip().is_unspecified());
+}
+
+#[tokio::test]
+async fn the_console_page_is_served_with_a_strict_policy_and_asks_for_a_login() {
+    let (_, entry) = token("ops", "shop", "members = true");
+    let tokens = TokensFile::new(&entry);
+    let server = server(&["--admin-listen", "127.0.0.1:0", "--tokens", tokens.arg()]);
+    let addr = admin_addr(&server);
+    let page = http_get(addr, "/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let lower = page.to_ascii_lowercase();
+    assert!(lower.contains("content-security-policy: default-src 'none'; script-src 'self'"));
+    assert!(!lower.contains("unsafe-inline") && !lower.contains("unsafe-eval"));
+    assert!(lower.contains("x-frame-options: deny"));
+    // The page loads its script from the console itself, never inline.
+    assert!(page.contains(r#"<script src="/app.js" defer></script>"#));
+    assert!(!page.contains("<script>"));
+
+    let session = http_get(addr, "/api/session").await;
+    assert!(
+        session.contains(r#"{"logged_in":false,"requires_token":true}"#),
+        "{session}"
+    );
+    let members = http_get(addr, "/api/members").await;
+    assert!(members.starts_with("HTTP/1.1 401"), "{members}");
+    assert!(members.contains(r#""code":"UNAUTHENTICATED""#), "{members}");
+}
