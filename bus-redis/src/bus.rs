@@ -264,8 +264,19 @@ impl Bus for RedisBus {
         log::replay(&self.inner.link, &self.inner.keys, after).await
     }
 
+    /// Where the tail stands. Unknown only until this replica first reached Redis:
+    /// a subscription then is refused, because the tail would start wherever the
+    /// log's end is when it connects, and a subscriber registered before would
+    /// silently miss what other replicas appended in between.
     async fn head(&self) -> Result<Option<Cursor>, BusError> {
-        Ok(self.inner.tail.lock().map(|p| p.last.cursor(p.epoch)))
+        match *self.inner.tail.lock() {
+            Some(p) => Ok(Some(p.last.cursor(p.epoch))),
+            None => Err(BusError::Unavailable(
+                "this replica has not reached Redis since it started, so it cannot tell \
+                 where the log stands; subscribe again shortly or to another replica"
+                    .into(),
+            )),
+        }
     }
 
     /// Waits (bounded) until the new subscriber is in this replica's presence in

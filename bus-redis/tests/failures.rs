@@ -161,6 +161,71 @@ async fn a_slow_redis_slows_broadcasts_but_loses_and_reorders_nothing() {
     );
 }
 
+/// Issue 14: a replica that cannot reach Redis when it starts has no position in the
+/// log. It must not serve a subscription from an unknown position: either it refuses
+/// (UNAVAILABLE, retryable) or every entry acknowledged after `ipc:subscribed`
+/// reaches the subscriber. Redis stays up for the rest of the fleet, so entries are
+/// appended (through B) while A is still cut off: today's tail started at "the end
+/// of the stream" when it first got through, and those entries were lost silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_never_reached_redis_serves_no_subscription_from_an_unknown_position() {
+    let redis = redis();
+    let b = replica(&redis.url(), "b");
+    let mut cb = b.client().await;
+    // A reaches Redis only through a proxy that does not listen yet.
+    let gate = ipc_testkit::redis::free_port();
+    let a = replica(&format!("redis://127.0.0.1:{gate}/"), "a");
+    wait_health(&a, ServingStatus::NotServing).await;
+    let mut ca = a.client().await;
+
+    let early = ca.subscribe(channels("early", &["news"])).await;
+    let mut early = match early {
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            assert_eq!(next(&mut stream).await.op, "ipc:subscribed");
+            Some(stream)
+        }
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status}");
+            None
+        }
+    };
+    let mut sent = Vec::new();
+    for n in 0..5 {
+        let body = format!("while A is cut off {n}");
+        broadcast(&mut cb, "news", &body).await.expect("broadcast");
+        sent.push(body);
+    }
+    let _proxy = LatencyProxy::start_on(gate, redis.port(), Duration::ZERO).await;
+    wait_health(&a, ServingStatus::Serving).await;
+    broadcast(&mut cb, "news", "after")
+        .await
+        .expect("broadcast");
+    sent.push("after".into());
+    if let Some(stream) = early.as_mut() {
+        let mut seen = Vec::new();
+        while seen.last().is_none_or(|last| last != "after") {
+            seen.push(text_of(&next(stream).await));
+        }
+        assert_eq!(
+            seen, sent,
+            "acknowledged entries lost by a stream served from an unknown position"
+        );
+    }
+    // Once A knows where the log stands, it serves, and misses nothing either (its
+    // tail may not have passed "after" yet: then that comes too, as its cursor says).
+    let mut late = subscribe(&mut ca, channels("late", &["news"])).await;
+    broadcast(&mut cb, "news", "later")
+        .await
+        .expect("broadcast");
+    let first = text_of(&next(&mut late).await);
+    if first == "after" {
+        assert_eq!(texts(&mut late, 1).await, ["later"]);
+    } else {
+        assert_eq!(first, "later");
+    }
+}
+
 /// A TCP proxy to a local port that delays every chunk by a fixed latency in each
 /// direction, keeping the byte order.
 struct LatencyProxy {
@@ -171,7 +236,12 @@ struct LatencyProxy {
 
 impl LatencyProxy {
     async fn start(upstream: u16, latency: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on(0, upstream, latency).await
+    }
+
+    /// A proxy listening on `port` (0: any free port).
+    async fn start_on(port: u16, upstream: u16, latency: Duration) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("proxy listener");
         let port = listener.local_addr().expect("proxy address").port();

@@ -143,6 +143,10 @@ pub trait Bus: Send + Sync + 'static {
     /// The position of the newest entry of the log, if the bus can tell. A fresh
     /// subscriber is told it in `ipc:subscribed` (`cursor`), so that it can resume
     /// without loss even before it received a message.
+    ///
+    /// `Err(Unavailable)` when the bus does not know yet from where it would deliver
+    /// (a Redis replica that has not reached Redis since it started): the node then
+    /// refuses subscriptions rather than serve them from an unknown position.
     async fn head(&self) -> Result<Option<Cursor>, BusError> {
         Ok(None)
     }

@@ -521,6 +521,10 @@ impl Node {
             })
         })?;
         self.bus.cover(&subscription.patterns).await;
+        // A bus that cannot tell where its log stands (a replica that has not reached
+        // Redis yet) could only serve this stream from an unknown position, losing
+        // whatever lies between: refuse (UNAVAILABLE), the client retries.
+        let log_head = self.bus.head().await?;
         let mut head = Vec::new();
         let mut floor = None;
         // Where the stream stands in the log once the head is sent: every matching
@@ -548,7 +552,7 @@ impl Node {
             }
         }
         if position.is_none() {
-            position = self.bus.head().await.ok().flatten();
+            position = log_head;
         }
         // `replayed` tells a client where the head ends (a sidecar relies on it).
         let mut subscribed = serde_json::json!({
