@@ -107,6 +107,11 @@ pub struct Config {
     /// Longest an upstream Broadcast, Reply or Members call may take.
     #[arg(long, env = "IPC_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
+    /// How often the upstream connection is pinged (HTTP/2 PING). A replica that
+    /// leaves a ping unanswered for three such periods is given up (it hangs, or
+    /// the network does) and the pod resumes on the next address with its cursor.
+    #[arg(long, env = "IPC_UPSTREAM_KEEPALIVE", default_value = "1s", value_parser = parse_duration)]
+    pub upstream_keepalive: Duration,
     /// Largest pause between reconnection attempts (exponential backoff with jitter).
     #[arg(long, env = "IPC_RECONNECT_MAX", default_value = "5s", value_parser = parse_duration)]
     pub reconnect_max: Duration,

@@ -83,6 +83,7 @@ impl Sidecar {
             buffer_bytes,
             connect_timeout,
             upstream_timeout,
+            upstream_keepalive,
             reconnect_max,
             cover_wait,
             max_msg_bytes,
@@ -121,6 +122,7 @@ impl Sidecar {
                 node_name: node_name.clone(),
                 connect_timeout,
                 call_timeout: upstream_timeout,
+                keepalive: upstream_keepalive.max(Duration::from_millis(100)),
                 reconnect_max,
                 cover_wait,
                 buffer: RingLimits {

@@ -161,16 +161,6 @@ impl Ring {
                 .collect(),
         )
     }
-
-    /// What the ring has after `after` (everything if `after` is of another epoch),
-    /// for a replay that must report a gap anyway.
-    pub fn best_effort(&self, after: &Cursor) -> Vec<Arc<Msg>> {
-        self.entries
-            .iter()
-            .filter(|(cursor, _, _)| cursor.epoch != after.epoch || is_after(cursor, after))
-            .map(|(_, msg, _)| msg.clone())
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -253,6 +243,5 @@ mod tests {
             lo: 0,
         };
         assert!(ring.replay(&other, &[p("a")]).is_none());
-        assert_eq!(ring.best_effort(&other).len(), 3);
     }
 }

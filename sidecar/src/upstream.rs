@@ -60,6 +60,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Bound of a unary call (Broadcast, Reply, Members) and of opening a stream.
     pub call_timeout: Duration,
+    /// HTTP/2 PING period on the upstream connection; three periods unanswered
+    /// end it, so a hung replica is left within seconds.
+    pub keepalive: Duration,
     pub reconnect_max: Duration,
     /// How long a local Subscribe waits for the upstream to cover its channels.
     pub cover_wait: Duration,
@@ -211,15 +214,16 @@ impl Bus for UpstreamBus {
                 gap: None,
             });
         }
-        match self.inner.fetch(after, patterns).await {
-            Ok(replay) => Ok(replay),
-            Err(reason) => Ok(Replay {
-                messages: self.inner.ring.lock().best_effort(after),
-                gap: Some(format!(
-                    "the sidecar's buffer does not reach back to cursor {after} and the control plane could not be asked: {reason}"
-                )),
-            }),
-        }
+        // What the buffer lacks may well still be in the control plane's log: a
+        // failure to ask it now is no loss, so the resume is refused (retryable)
+        // rather than answered with `ipc:gap` and newer messages. A gap comes only
+        // from the control plane itself, when the log no longer has the entries.
+        self.inner.fetch(after, patterns).await.map_err(|reason| {
+            BusError::Unavailable(format!(
+                "the sidecar cannot fetch what was published after cursor {after} yet \
+                 ({reason}); nothing was skipped: subscribe again with the same cursor"
+            ))
+        })
     }
 
     async fn head(&self) -> Result<Option<Cursor>, BusError> {
@@ -549,8 +553,8 @@ impl Inner {
             .map_err(|e| format!("bad address: {e}"))?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(self.config.keepalive)
+            .keep_alive_timeout(self.config.keepalive * 3)
             .keep_alive_while_idle(true);
         let endpoint = if address.starts_with("https://") {
             endpoint
