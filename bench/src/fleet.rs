@@ -78,7 +78,7 @@ pub fn payload_of(msg: Msg) -> Bytes {
     }
 }
 
-fn data(payload: Bytes) -> Option<prost_types::Value> {
+pub(crate) fn data(payload: Bytes) -> Option<prost_types::Value> {
     // Payloads are made by `payload::stamped`: ASCII.
     let text = String::from_utf8_lossy(&payload).into_owned();
     Some(prost_types::Value {
@@ -92,6 +92,8 @@ pub struct Fleet {
     pub publish_to: Target,
     /// The `ipc-server` (and sidecar) processes behind the targets.
     pub pids: Vec<u32>,
+    /// Publish on one Publish stream instead of one unary Broadcast each.
+    pub publish_stream: bool,
 }
 
 struct FleetConnection(IpcClient<Channel>);
@@ -105,6 +107,11 @@ impl PubSub for Fleet {
     }
 
     async fn publisher(&self) -> anyhow::Result<Arc<dyn Publisher>> {
+        if self.publish_stream {
+            return Ok(Arc::new(
+                crate::streams::StreamPublisher::open(&self.publish_to).await?,
+            ));
+        }
         Ok(Arc::new(FleetPublisher(connect(&self.publish_to).await?)))
     }
 
@@ -150,6 +157,8 @@ impl Publisher for FleetPublisher {
 pub struct FleetRequests {
     pub request_from: Target,
     pub respond_on: Target,
+    /// The responder answers on its Serve stream instead of with unary Replies.
+    pub serve: bool,
 }
 
 struct FleetRequester {
@@ -160,8 +169,15 @@ struct FleetRequester {
 #[async_trait]
 impl RequestReply for FleetRequests {
     async fn start(&self) -> anyhow::Result<Arc<dyn Requester>> {
-        let responder = connect(&self.respond_on).await?;
         let id = format!("bench-responder-{}", crate::payload::now_ns());
+        if self.serve {
+            crate::streams::serve_echo(&self.respond_on, &id).await?;
+            return Ok(Arc::new(FleetRequester {
+                client: connect(&self.request_from).await?,
+                target: id,
+            }));
+        }
+        let responder = connect(&self.respond_on).await?;
         let mut requests = subscribe(
             &responder,
             SubscribeRequest {

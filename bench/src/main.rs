@@ -29,6 +29,7 @@ mod peer;
 mod procs;
 mod redis_peers;
 mod report;
+mod streams;
 mod workloads;
 
 use std::path::PathBuf;
@@ -71,7 +72,8 @@ struct Args {
     #[arg(long, env = "IPC_SIDECAR_BIN")]
     sidecar: Option<PathBuf>,
     /// Only these pub/sub peers in workloads 1 and 2 (comma separated): fleet,
-    /// fleet-redis, nats, redis-pubsub, redis-xadd. For profiling one system.
+    /// fleet-publish, fleet-redis, fleet-redis-publish, nats, redis-pubsub,
+    /// redis-xadd. For profiling one system.
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
     /// Multiplies message counts and durations (e.g. 5 to profile a longer run).
@@ -234,6 +236,7 @@ fn fleet_on(server: &IpcServer) -> Fleet {
         subscribe_to: vec![Target::Tcp(server.grpc)],
         publish_to: Target::Tcp(server.grpc),
         pids: vec![server.process.pid()],
+        publish_stream: false,
     }
 }
 
@@ -251,34 +254,51 @@ fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
     let mut peers_out: Vec<(String, Available<Box<dyn PubSub>>)> = Vec::new();
     let mut servers = Vec::new();
     let wanted = |key: &str| systems.peers.is_empty() || systems.peers.iter().any(|p| p == key);
-    match wanted("fleet").then(|| systems.embedded()) {
+    let any_of = |keys: &[&str]| keys.iter().any(|k| wanted(k));
+    match any_of(&["fleet", "fleet-publish"]).then(|| systems.embedded()) {
         None => {}
         Some(Ok(server)) => {
             peers_out.push((peers::FLEET.into(), Ok(Box::new(fleet_on(&server)))));
+            peers_out.push((
+                peers::FLEET_PUBLISH.into(),
+                Ok(Box::new(Fleet {
+                    publish_stream: true,
+                    ..fleet_on(&server)
+                })),
+            ));
             servers.push(server);
         }
-        Some(Err(e)) => peers_out.push((peers::FLEET.into(), Err(e))),
+        Some(Err(e)) => {
+            peers_out.push((peers::FLEET_PUBLISH.into(), Err(e.clone())));
+            peers_out.push((peers::FLEET.into(), Err(e)));
+        }
     }
-    match wanted("fleet-redis").then(|| systems.replicas()) {
+    match any_of(&["fleet-redis", "fleet-redis-publish"]).then(|| systems.replicas()) {
         None => {}
         Some(Ok([a, b])) => {
             // The publisher on replica a; subscribers alternate between a and b, so
             // half of the deliveries cross Redis to the other replica.
+            let on_replicas = |publish_stream| Fleet {
+                subscribe_to: vec![Target::Tcp(a.grpc), Target::Tcp(b.grpc)],
+                publish_to: Target::Tcp(a.grpc),
+                // The replicas and the Redis they share.
+                pids: [a.process.pid(), b.process.pid()]
+                    .into_iter()
+                    .chain(systems.redis.as_ref().map(|r| r.process.pid()))
+                    .collect(),
+                publish_stream,
+            };
+            peers_out.push((peers::FLEET_REDIS.into(), Ok(Box::new(on_replicas(false)))));
             peers_out.push((
-                peers::FLEET_REDIS.into(),
-                Ok(Box::new(Fleet {
-                    subscribe_to: vec![Target::Tcp(a.grpc), Target::Tcp(b.grpc)],
-                    publish_to: Target::Tcp(a.grpc),
-                    // The replicas and the Redis they share.
-                    pids: [a.process.pid(), b.process.pid()]
-                        .into_iter()
-                        .chain(systems.redis.as_ref().map(|r| r.process.pid()))
-                        .collect(),
-                })),
+                peers::FLEET_REDIS_PUBLISH.into(),
+                Ok(Box::new(on_replicas(true))),
             ));
             servers.extend([a, b]);
         }
-        Some(Err(e)) => peers_out.push((peers::FLEET_REDIS.into(), Err(e))),
+        Some(Err(e)) => {
+            peers_out.push((peers::FLEET_REDIS_PUBLISH.into(), Err(e.clone())));
+            peers_out.push((peers::FLEET_REDIS.into(), Err(e)));
+        }
     }
     peers_out.push((
         peers::NATS.into(),
@@ -314,7 +334,9 @@ fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
     }
     let keys = [
         (peers::FLEET, "fleet"),
+        (peers::FLEET_PUBLISH, "fleet-publish"),
         (peers::FLEET_REDIS, "fleet-redis"),
+        (peers::FLEET_REDIS_PUBLISH, "fleet-redis-publish"),
         (peers::NATS, "nats"),
         (peers::REDIS_PUBSUB, "redis-pubsub"),
         (peers::REDIS_XADD, "redis-xadd"),
@@ -473,8 +495,15 @@ async fn run_requests(report: &mut Report, systems: &Systems, sizes: &Sizes) {
             let system = FleetRequests {
                 request_from: Target::Tcp(server.grpc),
                 respond_on: Target::Tcp(server.grpc),
+                serve: false,
             };
             request_cases(report, names::REQUEST, "", peers::FLEET, Ok(&system), sizes).await;
+            let serve = FleetRequests {
+                serve: true,
+                ..system
+            };
+            let name = peers::FLEET_SERVE;
+            request_cases(report, names::REQUEST, "", name, Ok(&serve), sizes).await;
             let ping = fleet::FleetPing {
                 target: Target::Tcp(server.grpc),
             };
@@ -489,7 +518,7 @@ async fn run_requests(report: &mut Report, systems: &Systems, sizes: &Sizes) {
             .await;
         }
         Err(e) => {
-            for name in [peers::FLEET, peers::FLEET_PING] {
+            for name in [peers::FLEET, peers::FLEET_SERVE, peers::FLEET_PING] {
                 request_cases(report, names::REQUEST, "", name, Err(e.clone()), sizes).await;
             }
         }
@@ -499,6 +528,7 @@ async fn run_requests(report: &mut Report, systems: &Systems, sizes: &Sizes) {
             let system = FleetRequests {
                 request_from: Target::Tcp(a.grpc),
                 respond_on: Target::Tcp(b.grpc),
+                serve: false,
             };
             let name = "fleet-ipc+Redis (across replicas)";
             request_cases(report, names::REQUEST, "", name, Ok(&system), sizes).await;
@@ -716,6 +746,7 @@ async fn run_sidecar(report: &mut Report, systems: &Systems, sizes: &Sizes) {
         let system = FleetRequests {
             request_from: target.clone(),
             respond_on: direct.clone(),
+            serve: false,
         };
         request_cases(
             report,
@@ -730,6 +761,7 @@ async fn run_sidecar(report: &mut Report, systems: &Systems, sizes: &Sizes) {
             subscribe_to: vec![target],
             publish_to: direct.clone(),
             pids: vec![server.process.pid()],
+            publish_stream: false,
         };
         eprintln!("ipc-bench: sidecar {latency_case}, {name}");
         match workloads::latency(

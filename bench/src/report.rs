@@ -10,6 +10,11 @@ use serde::Serialize;
 pub mod peers {
     pub const FLEET: &str = "fleet-ipc";
     pub const FLEET_REDIS: &str = "fleet-ipc+Redis";
+    /// The same systems with the publisher on one Publish stream.
+    pub const FLEET_PUBLISH: &str = "fleet-ipc Publish stream";
+    pub const FLEET_REDIS_PUBLISH: &str = "fleet-ipc+Redis Publish stream";
+    /// SendMsg to a responder that answers on its Serve stream.
+    pub const FLEET_SERVE: &str = "fleet-ipc, replies on Serve";
     pub const NATS: &str = "NATS core";
     pub const REDIS_PUBSUB: &str = "Redis PUBLISH/SUBSCRIBE";
     pub const REDIS_XADD: &str = "Redis XADD+XREAD";
@@ -165,7 +170,20 @@ impl Report {
             peers::SIDECAR => compare(peers::DIRECT, "added by the hop", true),
             peers::REDIS_PUBSUB | peers::REDIS_XADD => {
                 compare(peers::FLEET_REDIS, "fleet-ipc+Redis ÷ this", false);
+                compare(
+                    peers::FLEET_REDIS_PUBLISH,
+                    "fleet-ipc+Redis Publish ÷ this",
+                    false,
+                );
                 compare(peers::FLEET, "fleet-ipc ÷ this", false);
+            }
+            peers::NATS => {
+                compare(peers::FLEET, "fleet-ipc ÷ this", false);
+                compare(peers::FLEET_PUBLISH, "fleet-ipc Publish ÷ this", false);
+            }
+            peers::NATS_REQUEST => {
+                compare(peers::FLEET, "fleet-ipc ÷ this", false);
+                compare(peers::FLEET_SERVE, "fleet-ipc Serve ÷ this", false);
             }
             _ => compare(peers::FLEET, "fleet-ipc ÷ this", false),
         }
@@ -266,6 +284,34 @@ impl Report {
                 ),
                 None,
                 Some(2.0),
+            );
+        }
+        // Issue 18: the streams.
+        for (case, at_least) in [("1 subscriber", 0.5), ("100 subscribers", 0.7)] {
+            ratio_target(
+                &format!("Publish stream ≥ {at_least} × NATS core, {case}"),
+                both(tp(FLEET_PUBLISH, case), tp(NATS, case)),
+                Some(at_least),
+                None,
+            );
+        }
+        for case in ["1 subscriber", "10 subscribers", "100 subscribers"] {
+            ratio_target(
+                &format!("fleet-ipc+Redis Publish stream ≥ 1.0 × Redis PUBLISH, {case}"),
+                both(tp(FLEET_REDIS_PUBLISH, case), tp(REDIS_PUBSUB, case)),
+                Some(1.0),
+                None,
+            );
+        }
+        for (case, at_most) in [("sequential", 1.5), ("64 in flight", 2.0)] {
+            ratio_target(
+                &format!("SendMsg, replies on Serve, p50 ≤ {at_most} × NATS request/reply, {case}"),
+                both(
+                    self.figure(REQUEST, case, FLEET_SERVE, "p50"),
+                    self.figure(REQUEST, case, NATS_REQUEST, "p50"),
+                ),
+                None,
+                Some(at_most),
             );
         }
         ratio_target(

@@ -1,6 +1,6 @@
 //! The `ipc.v1.Ipc` gRPC service as the server and the sidecar mount it: the
-//! generated [`ipc_server::IpcServer`] for every method but Subscribe, whose
-//! streams send each message encoded once for all its subscribers.
+//! generated [`ipc_server::IpcServer`] for every method but Subscribe and Serve,
+//! whose streams send each message encoded once for all its subscribers.
 //!
 //! The generated Subscribe handler needs an owned `Msg` per stream item, so every
 //! delivery would deep-copy the shared `Arc<Msg>` (strings, headers, data) and
@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 
 use futures::Stream;
 use ipc_proto::pb::ipc_server;
-use ipc_proto::pb::{Msg, SubscribeRequest};
+use ipc_proto::pb::{Msg, ServeRequest, SubscribeRequest};
 use parking_lot::Mutex;
 use prost::Message as _;
 use prost::bytes::BufMut;
@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 use crate::service::IpcService;
 
 const SUBSCRIBE_PATH: &str = "/ipc.v1.Ipc/Subscribe";
+const SERVE_PATH: &str = "/ipc.v1.Ipc/Serve";
 /// The write buffer a Subscribe stream starts with and grows by. tonic's 8 KiB
 /// default stays allocated for the life of every stream, idle or not: most of an
 /// idle subscriber's memory. Messages are small; a burst grows the buffer.
@@ -90,19 +91,27 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != SUBSCRIBE_PATH {
+        let path = req.uri().path();
+        if path != SUBSCRIBE_PATH && path != SERVE_PATH {
             return self.generated.call(req);
         }
-        let method = SubscribeMethod(self.service.clone());
-        let codec = SubscribeCodec(self.encoded.clone());
         let limits = (
             self.max_decoding_message_size,
             self.max_encoding_message_size,
         );
+        let service = self.service.clone();
+        let encoded = self.encoded.clone();
+        if path == SERVE_PATH {
+            return Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(SharedCodec::<ServeRequest>::new(encoded))
+                    .apply_max_message_size_config(limits.0, limits.1);
+                Ok(grpc.streaming(ServeMethod(service), req).await)
+            });
+        }
         Box::pin(async move {
-            let mut grpc =
-                tonic::server::Grpc::new(codec).apply_max_message_size_config(limits.0, limits.1);
-            Ok(grpc.server_streaming(method, req).await)
+            let mut grpc = tonic::server::Grpc::new(SharedCodec::<SubscribeRequest>::new(encoded))
+                .apply_max_message_size_config(limits.0, limits.1);
+            Ok(grpc.server_streaming(SubscribeMethod(service), req).await)
         })
     }
 }
@@ -125,26 +134,54 @@ impl tonic::server::ServerStreamingService<SubscribeRequest> for SubscribeMethod
     }
 }
 
-/// Decodes `SubscribeRequest` as the generated codec does; encodes `Arc<Msg>`
+struct ServeMethod(Arc<IpcService>);
+
+impl tonic::server::StreamingService<ServeRequest> for ServeMethod {
+    type Response = Arc<Msg>;
+    type ResponseStream = SharedStream;
+    type Future = BoxFuture<Response<SharedStream>, Status>;
+
+    fn call(&mut self, request: Request<tonic::Streaming<ServeRequest>>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move {
+            let stream = service.serve_shared(request).await?;
+            Ok(Response::new(stream))
+        })
+    }
+}
+
+/// Decodes the request type `D` as the generated codec does; encodes `Arc<Msg>`
 /// through the [`EncodedCache`].
-struct SubscribeCodec(Arc<EncodedCache>);
+struct SharedCodec<D> {
+    encoded: Arc<EncodedCache>,
+    request: std::marker::PhantomData<fn() -> D>,
+}
+
+impl<D> SharedCodec<D> {
+    fn new(encoded: Arc<EncodedCache>) -> Self {
+        Self {
+            encoded,
+            request: std::marker::PhantomData,
+        }
+    }
+}
 
 struct SharedMsgEncoder(Arc<EncodedCache>);
 
-struct SubscribeRequestDecoder;
+struct RequestDecoder<D>(std::marker::PhantomData<fn() -> D>);
 
-impl Codec for SubscribeCodec {
+impl<D: prost::Message + Default + Send + 'static> Codec for SharedCodec<D> {
     type Encode = Arc<Msg>;
-    type Decode = SubscribeRequest;
+    type Decode = D;
     type Encoder = SharedMsgEncoder;
-    type Decoder = SubscribeRequestDecoder;
+    type Decoder = RequestDecoder<D>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        SharedMsgEncoder(self.0.clone())
+        SharedMsgEncoder(self.encoded.clone())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        SubscribeRequestDecoder
+        RequestDecoder(std::marker::PhantomData)
     }
 }
 
@@ -162,13 +199,13 @@ impl Encoder for SharedMsgEncoder {
     }
 }
 
-impl Decoder for SubscribeRequestDecoder {
-    type Item = SubscribeRequest;
+impl<D: prost::Message + Default + Send + 'static> Decoder for RequestDecoder<D> {
+    type Item = D;
     type Error = Status;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SubscribeRequest>, Status> {
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
         // As tonic-prost: a request that does not parse is INTERNAL.
-        SubscribeRequest::decode(src)
+        D::decode(src)
             .map(Some)
             .map_err(|e| Status::internal(e.to_string()))
     }

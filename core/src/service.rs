@@ -13,7 +13,7 @@ use ipc_proto::pb::{
     BroadcastRequest, BroadcastResponse, GatherRequest, Ledger, LimitRequest, LimitResponse,
     LockRequest, LockResponse, MembersRequest, MembersResponse, Msg, ReplyRequest, ReplyResponse,
     RolloutEvent, RolloutRequest, SendMsgRequest, SendMsgResponse, ServeRequest, SubscribeRequest,
-    UnlockRequest, UnlockResponse,
+    UnlockRequest, UnlockResponse, serve_request,
 };
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -183,6 +183,127 @@ impl IpcService {
             .map_err(status)?;
         Ok(Box::pin(stream.map(|item| item.map_err(closed_status))))
     }
+
+    /// Opens a Serve stream: [`IpcService::subscribe_shared`] for its first message,
+    /// then every later message's reply delivered as Reply would be; a reply that
+    /// cannot be delivered comes back on the stream as `ipc:reply-error`.
+    pub async fn serve_shared(
+        &self,
+        request: Request<tonic::Streaming<ServeRequest>>,
+    ) -> Result<SharedMsgStream, Status> {
+        let caller = self.caller(&request)?;
+        let mut requests = request.into_inner();
+        let subscribe = match requests.message().await? {
+            Some(ServeRequest {
+                kind: Some(serve_request::Kind::Subscribe(subscribe)),
+            }) => subscribe,
+            None => {
+                return Err(Status::invalid_argument(
+                    "Serve: the stream ended before its first message, which must carry `subscribe`",
+                ));
+            }
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "Serve: the first message must carry `subscribe`; replies come after it",
+                ));
+            }
+        };
+        let messages = self
+            .node
+            .subscribe(&caller, subscribe)
+            .await
+            .map_err(status)?
+            .map(|item| Some(item.map_err(closed_status)));
+        let (notices, notices_rx) = tokio::sync::mpsc::channel(SERVE_NOTICES);
+        tokio::spawn(relay_replies(self.node.clone(), caller, requests, notices));
+        // The stream lasts as long as the subscription: the replies' side may end
+        // first (a client that only subscribes closes its side).
+        let messages = messages.chain(futures::stream::once(async { None }));
+        let notices = tokio_stream::wrappers::ReceiverStream::new(notices_rx).map(Some);
+        let merged = futures::stream::select(messages, notices)
+            .take_while(|item| std::future::ready(item.is_some()))
+            .filter_map(std::future::ready);
+        Ok(Box::pin(merged))
+    }
+}
+
+/// Notices (`ipc:reply-error`) a Serve stream may have waiting to be sent; a
+/// responder whose replies keep failing faster than it reads waits.
+const SERVE_NOTICES: usize = 64;
+
+/// Delivers the replies of a Serve stream; reports each failure on the stream.
+/// A message that cannot be decoded ends the stream with its status.
+async fn relay_replies(
+    node: Arc<Node>,
+    caller: Caller,
+    mut requests: tonic::Streaming<ServeRequest>,
+    notices: tokio::sync::mpsc::Sender<Result<Arc<Msg>, Status>>,
+) {
+    loop {
+        let next = tokio::select! {
+            () = notices.closed() => return,
+            next = requests.message() => next,
+        };
+        let reply = match next {
+            Ok(None) => return,
+            Err(status) => {
+                let _ = notices.send(Err(status)).await;
+                return;
+            }
+            Ok(Some(ServeRequest {
+                kind: Some(serve_request::Kind::Reply(reply)),
+            })) => reply,
+            Ok(Some(_)) => {
+                let error = NodeError::InvalidArgument(
+                    "Serve: after the first message, every message must carry `reply`".into(),
+                );
+                let _ = notices.send(Ok(reply_error(&node, "", error))).await;
+                continue;
+            }
+        };
+        let reply_to = reply.reply_to.clone();
+        let delivered = match node.admit(&caller) {
+            Ok(()) => node.reply(&caller, reply).await,
+            Err(e) => Err(e),
+        };
+        if let Err(error) = delivered
+            && notices
+                .send(Ok(reply_error(&node, &reply_to, error)))
+                .await
+                .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// `ipc:reply-error`: `{"reply_to", "code", "error"}`, the status the unary Reply
+/// would have answered (`code` as its name, e.g. `NOT_FOUND`).
+fn reply_error(node: &Node, reply_to: &str, error: NodeError) -> Arc<Msg> {
+    let status = status(error);
+    Arc::new(node.system_msg(
+        REPLY_ERROR_OP,
+        serde_json::json!({
+            "reply_to": reply_to,
+            "code": code_name(status.code()),
+            "error": status.message(),
+        }),
+    ))
+}
+
+/// The op of a Serve stream's notice that a reply was not delivered.
+pub const REPLY_ERROR_OP: &str = "ipc:reply-error";
+
+/// A status code's name as gRPC spells it (`NOT_FOUND`).
+pub fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
 }
 
 /// Maps a node error to the status a client sees.
@@ -357,8 +478,9 @@ impl Ipc for IpcService {
         &self,
         request: Request<tonic::Streaming<ServeRequest>>,
     ) -> Result<Response<MsgStream>, Status> {
-        let _caller = self.caller(&request)?;
-        Err(Status::unimplemented("Serve is not implemented yet"))
+        let stream = self.serve_shared(request).await?;
+        let stream = stream.map(|item| item.map(Arc::unwrap_or_clone));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -375,5 +497,12 @@ mod tests {
         assert_eq!(grpc_timeout(&md), Some(Duration::from_secs(3)));
         md.insert("grpc-timeout", "x".parse().unwrap());
         assert_eq!(grpc_timeout(&md), None);
+    }
+
+    #[test]
+    fn code_names_as_grpc_spells_them() {
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
     }
 }

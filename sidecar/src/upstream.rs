@@ -27,7 +27,9 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use ipc_core::bus::{Bus, BusError, Replay, ReplyError, RequestError};
+use ipc_core::bus::{
+    Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
+};
 use ipc_core::channel::Pattern;
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
@@ -174,7 +176,21 @@ impl Bus for UpstreamBus {
         let _ = self.inner.hub.set(hub);
     }
 
-    async fn append(&self, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
+    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
+        match self.submit(msg, None).await?.await? {
+            Appended::Stored(stored) => Ok(stored),
+            Appended::Duplicate { .. } => Err(BusError::Internal(
+                "the control plane took a broadcast without a key for a repeat".into(),
+            )),
+        }
+    }
+
+    /// Relays the broadcast, with its key: the control plane de-duplicates.
+    async fn submit(
+        &self,
+        mut msg: Msg,
+        key: Option<IdempotencyKey>,
+    ) -> Result<PendingAppend, BusError> {
         let link = self
             .inner
             .link_or_unavailable()
@@ -184,7 +200,7 @@ impl Bus for UpstreamBus {
             op: msg.op.clone(),
             data: msg.data.clone(),
             headers: msg.headers.clone(),
-            ..BroadcastRequest::default()
+            key: key.map(|k| k.key).unwrap_or_default(),
         };
         let request =
             self.inner
@@ -196,10 +212,19 @@ impl Bus for UpstreamBus {
             .await
             .map_err(|status| bus_error("broadcast", &status))?
             .into_inner();
-        msg.id = response.id;
-        msg.channel = response.channel;
-        msg.cursor = response.cursor;
-        Ok(Arc::new(msg))
+        let appended = if response.duplicate {
+            Appended::Duplicate {
+                id: response.id,
+                channel: response.channel,
+                cursor: response.cursor,
+            }
+        } else {
+            msg.id = response.id;
+            msg.channel = response.channel;
+            msg.cursor = response.cursor;
+            Appended::Stored(Arc::new(msg))
+        };
+        Ok(Box::pin(std::future::ready(Ok(appended))))
     }
 
     async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {
