@@ -13,6 +13,8 @@
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
 //! - [`grpc`]: that service as servers mount it, Subscribe streams sending each
 //!   message encoded once for all subscribers.
+//! - [`mount`]: what every node serves (`ipc.v1.Ipc`, health, reflection), on TCP
+//!   and Unix listeners, with the same limits, status mapping and drain.
 //! - [`logging`]: the binaries' `tracing` set-up.
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities.
@@ -34,6 +36,7 @@ pub mod limits;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod mount;
 pub mod node;
 pub mod publish;
 pub mod service;

@@ -4,8 +4,9 @@
 //!
 //! # Layout
 //! - [`Config`]: flags and `IPC_*` environment variables.
-//! - [`Server`]: the node on its bus, bound listeners; [`Server::serve`] runs gRPC
-//!   (`ipc.v1.Ipc`, health, reflection v1 and v1alpha) and `/metrics` until shutdown.
+//! - [`Server`]: the node on its bus, bound listeners; [`Server::serve`] runs the
+//!   core's [`Mount`] (`ipc.v1.Ipc`, health, reflection v1 and v1alpha, as every node
+//!   serves them) on TCP and `/metrics` until shutdown.
 //! - [`security`]: tokens, TLS/mTLS, the loopback-unless-authenticated rule, limits.
 //! - [`transport`]: connection caps and deadlines, request-body limits, HTTP/2 bounds.
 
@@ -16,9 +17,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use ipc_core::grpc::IpcServer;
 use ipc_core::memory::{MemoryBus, Retention};
-use ipc_core::service::IpcService;
+use ipc_core::mount::{Listener, Mount, MountOptions};
 use ipc_core::{Bus, Node, NodeConfig};
 use tokio::net::TcpListener;
 
@@ -285,17 +285,6 @@ impl Server {
             injector,
             admin,
         } = self;
-        let (health, health_service) = tonic_health::server::health_reporter();
-        tokio::spawn(follow_bus_health(node.bus().health(), health));
-
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(ipc_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
-        let max_frame = node.config().max_msg_bytes.saturating_mul(2).max(4 << 20);
         let console = admin.map(|admin| {
             let console = ipc_console::Console::new(
                 node.clone(),
@@ -309,51 +298,20 @@ impl Server {
             let task = tokio::spawn(serve_console(console.clone(), admin));
             (console, task)
         });
-        let ipc = IpcServer::new(IpcService::with_identity(
+        let mount = Mount::new(
             node.clone(),
-            security.identity.clone(),
-        ))
-        .max_decoding_message_size(max_frame)
-        .max_encoding_message_size(max_frame);
-
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let connections = ipc_core::connections::Connections::new(
-            transport.connection_limits(),
-            node.metrics().clone(),
-        );
-        let admission = ipc_core::admission::Admission::new(
-            security.identity.clone(),
-            node.metrics().clone(),
-            Some(connections.clone()),
-            Duration::from_millis(transport.body_timeout_ms.max(1)),
-            max_frame.saturating_add(5),
-            transport.max_request_buffer_bytes,
-        );
-        let incoming = connections.incoming(grpc, security.tls.is_none());
-        // HTTP/2 pings find clients that vanished without closing their connection
-        // (a killed pod, a cut network), so their subscriptions and presence go away.
-        let mut builder = tonic::transport::Server::builder()
-            .max_concurrent_streams(max_connection_streams.max(1))
-            .http2_max_header_list_size(transport::MAX_HEADER_LIST_BYTES)
-            .initial_stream_window_size(transport::STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(transport::CONNECTION_WINDOW_BYTES)
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-        if let Some(tls) = security.tls {
-            builder = builder.tls_config(tls)?;
-        }
-        let grpc_server = builder
-            .layer(admission)
-            .layer(tower::util::MapResponseLayer::new(
-                security::map_decode_errors::<tonic::body::Body>,
-            ))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(ipc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            });
+            MountOptions {
+                identity: security.identity,
+                tls: security.tls,
+                max_connection_streams,
+                grace,
+                connections: transport.connection_limits(),
+                body_timeout: Duration::from_millis(transport.body_timeout_ms),
+                max_request_buffer_bytes: transport.max_request_buffer_bytes,
+            },
+        )?;
+        // Stops accepting at `shutdown`, ends the streams and drains open calls.
+        let grpc_server = mount.serve(vec![Listener::Tcp(grpc)], shutdown);
 
         let metrics_node = node.clone();
         let router = axum::Router::new().route(
@@ -401,18 +359,9 @@ impl Server {
             }
         };
 
-        tokio::pin!(grpc_server);
         tokio::select! {
-            result = &mut grpc_server => result?,
+            result = grpc_server => result?,
             error = injector_failed => return Err(error),
-            () = shutdown => {
-                tracing::info!(node = %node.name(), "shutting down");
-                let _ = stop_tx.send(());
-                node.shutdown();
-                if tokio::time::timeout(grace, &mut grpc_server).await.is_err() {
-                    tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; dropping open calls");
-                }
-            }
         }
         let _ = metrics_stop_tx.send(());
         let _ = injector_stop_tx.send(());
@@ -447,24 +396,5 @@ async fn serve_console(console: Arc<ipc_console::Console>, admin: Admin) {
     };
     if let Err(error) = result {
         tracing::error!(%error, "admin console stopped");
-    }
-}
-
-/// Reports the bus's health as the gRPC health of the server and of `ipc.v1.Ipc`.
-async fn follow_bus_health(
-    mut healthy: tokio::sync::watch::Receiver<bool>,
-    reporter: tonic_health::server::HealthReporter,
-) {
-    loop {
-        let status = if *healthy.borrow_and_update() {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        reporter.set_service_status("", status).await;
-        reporter.set_service_status("ipc.v1.Ipc", status).await;
-        if healthy.changed().await.is_err() {
-            return;
-        }
     }
 }

@@ -1,6 +1,6 @@
 //! Who may connect and what they may send: the `--tokens`, `--tls-*` and
-//! `--insecure` flags (secure by default: no credentials, loopback only), the
-//! limit flags, and the mapping of undecodable requests to INVALID_ARGUMENT.
+//! `--insecure` flags (secure by default: no credentials, loopback only), and the
+//! limit flags.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -210,34 +210,4 @@ pub fn reload_tokens_on_sighup(
         }
     });
     Ok(())
-}
-
-/// A request that does not decode (bad protobuf, nesting beyond prost's recursion
-/// limit) is the client's mistake: tonic reports it as INTERNAL, this layer turns
-/// it into INVALID_ARGUMENT so that clients and alerts tell it from a server bug.
-/// A request larger than the frame limit is RESOURCE_EXHAUSTED, like any other
-/// size limit, rather than tonic's OUT_OF_RANGE.
-pub fn map_decode_errors<B>(mut response: http::Response<B>) -> http::Response<B> {
-    const DECODE_ERROR: &str = "failed to decode Protobuf message";
-    const TOO_LARGE: &str = "Error, decoded message length too large";
-    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
-        return response;
-    };
-    let replacement = match status.code() {
-        tonic::Code::Internal if status.message().starts_with(DECODE_ERROR) => {
-            tonic::Status::invalid_argument(format!(
-                "the request could not be decoded: {}",
-                status.message()[DECODE_ERROR.len()..].trim_start_matches(": ")
-            ))
-        }
-        tonic::Code::OutOfRange if status.message().starts_with(TOO_LARGE) => {
-            tonic::Status::resource_exhausted(format!(
-                "request too large ({}); see --max-msg-bytes",
-                status.message()[TOO_LARGE.len()..].trim_start_matches(": ")
-            ))
-        }
-        _ => return response,
-    };
-    let _ = replacement.add_header(response.headers_mut());
-    response
 }

@@ -7,14 +7,8 @@ use std::time::Duration;
 
 use ipc_core::connections::ConnectionLimits;
 
-/// Largest header list (all headers of one call) a client may send: gRPC metadata
-/// is small, and hyper's default (16 MiB) times the streams of a connection would
-/// let one connection pin gigabytes.
-pub const MAX_HEADER_LIST_BYTES: u32 = 32 << 10;
-/// Per-stream and per-connection HTTP/2 receive windows: what a client may send
-/// that the server has not read yet.
-pub const STREAM_WINDOW_BYTES: u32 = 1 << 20;
-pub const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
+/// The HTTP/2 bounds of every node's listeners (the sidecar's socket too).
+pub use ipc_core::mount::{CONNECTION_WINDOW_BYTES, MAX_HEADER_LIST_BYTES, STREAM_WINDOW_BYTES};
 
 /// Connection and request-body limits.
 #[derive(Debug, Clone, clap::Args)]

@@ -10,7 +10,6 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use ipc_core::{Bus, Node};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::upstream::UpstreamBus;
 
@@ -20,13 +19,7 @@ pub async fn serve(
     bus: Arc<UpstreamBus>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    // Both services are known before the first probe can arrive.
-    let healthy = bus.health();
-    let serving = *healthy.borrow();
-    report(&reporter, serving).await;
-    tokio::spawn(follow(healthy, reporter));
-
+    let health_service = ipc_core::mount::health_service(&node);
     let ready_bus = bus.clone();
     let metrics_node = node.clone();
     let router = tonic::service::Routes::new(health_service)
@@ -64,28 +57,4 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
-}
-
-/// Reports the upstream subscription's state as the gRPC health of the sidecar.
-async fn follow(
-    mut healthy: watch::Receiver<bool>,
-    reporter: tonic_health::server::HealthReporter,
-) {
-    loop {
-        let serving = *healthy.borrow_and_update();
-        report(&reporter, serving).await;
-        if healthy.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn report(reporter: &tonic_health::server::HealthReporter, serving: bool) {
-    let status = if serving {
-        tonic_health::ServingStatus::Serving
-    } else {
-        tonic_health::ServingStatus::NotServing
-    };
-    reporter.set_service_status("", status).await;
-    reporter.set_service_status("ipc.v1.Ipc", status).await;
 }

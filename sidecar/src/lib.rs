@@ -14,6 +14,9 @@
 //! - [`ring`]: the recent upstream entries, for local subscribers that resume.
 //! - [`hooks`]: shell commands run for ops.
 //! - [`health`]: gRPC health and `/healthz`, `/readyz`, `/metrics` on TCP.
+//!
+//! The socket serves the core's [`Mount`]: the routes, limits, status mapping and
+//! drain of the control plane's port.
 
 pub mod config;
 pub mod health;
@@ -29,8 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ipc_core::grpc::IpcServer;
-use ipc_core::service::IpcService;
+use ipc_core::mount::{Listener, Mount, MountOptions};
 use ipc_core::{Bus, Node, NodeConfig};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -113,7 +115,7 @@ impl Sidecar {
             .with_context(|| format!("binding the health listener {health_listen}"))?;
 
         let max_timeout = Duration::from_millis(max_timeout_ms);
-        let max_frame = max_msg_bytes.saturating_mul(2).max(4 << 20);
+        let max_frame = ipc_core::mount::max_frame_bytes(max_msg_bytes);
         let hooks = Arc::new(Hooks::new(&hooks, hook_timeout));
         let bus = Arc::new(UpstreamBus::new(
             UpstreamConfig {
@@ -190,54 +192,32 @@ impl Sidecar {
             health,
             grace,
         } = self;
-        let max_frame = node.config().max_msg_bytes.saturating_mul(2).max(4 << 20);
-        let ipc = IpcServer::new(IpcService::new(node.clone()))
-            .max_decoding_message_size(max_frame)
-            .max_encoding_message_size(max_frame);
-
-        // Reflection, so that `grpcurl -plaintext -unix SOCKET list` works in the pod.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(ipc_proto::FILE_DESCRIPTOR_SET)
-        };
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
-
+        // The same routes, limits, status mapping and drain as the control plane's port.
+        let mount = Mount::new(
+            node.clone(),
+            MountOptions {
+                grace,
+                ..MountOptions::default()
+            },
+        )?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        let local = tonic::transport::Server::builder()
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(ipc)
-            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
         let health = tokio::spawn(health::serve(
             health,
             node.clone(),
             bus.clone(),
-            stopped(stop_rx),
+            async move {
+                let mut stop = stop_rx;
+                let _ = stop.wait_for(|stop| *stop).await;
+            },
         ));
-
-        tokio::pin!(local);
-        tokio::select! {
-            result = &mut local => result?,
-            () = shutdown => {
-                tracing::info!(node = %node.name(), "shutting down");
-                let _ = stop_tx.send(true);
-                node.shutdown();
-                if tokio::time::timeout(grace, &mut local).await.is_err() {
-                    tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; dropping open calls");
-                }
-            }
-        }
+        let served = mount.serve(vec![Listener::Unix(listener)], shutdown).await;
         let _ = stop_tx.send(true);
         match health.await {
             Ok(Err(error)) => tracing::warn!(%error, "health endpoint failed"),
             Err(error) => tracing::warn!(%error, "health endpoint panicked"),
             Ok(Ok(())) => {}
         }
+        served?;
         bus.shutdown().await;
         drop(socket);
         Ok(())
