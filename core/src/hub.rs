@@ -14,11 +14,12 @@ use std::sync::{Arc, Weak};
 
 use ipc_proto::pb::{Member, Msg};
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::bus::ReplyError;
 use crate::channel::Pattern;
 use crate::metrics::Metrics;
+use crate::queue::{Charge, Delivery, PushError, Queue, QueueLimits};
 
 /// Why the node ended a subscriber's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,8 @@ pub enum Closed {
     Replaced,
     /// The node is shutting down.
     Shutdown,
+    /// The token that opened it was removed from (or changed in) the tokens file.
+    Revoked,
 }
 
 /// Who a subscriber is and what it listens to (channels already expanded,
@@ -81,8 +84,7 @@ pub enum RegisterError {
 struct Subscriber {
     spec: SubscriberSpec,
     connected_ms: i64,
-    tx: mpsc::Sender<Arc<Msg>>,
-    closed: Arc<Mutex<Option<Closed>>>,
+    queue: Arc<Queue>,
 }
 
 #[derive(Default)]
@@ -159,7 +161,9 @@ struct Pending {
 /// The live subscribers of one node.
 pub struct Hub {
     node: String,
-    queue_capacity: usize,
+    queue_limits: QueueLimits,
+    /// Bytes of memory held by all subscriber queues, each message once.
+    queued_bytes: Arc<AtomicUsize>,
     registry: RwLock<Registry>,
     pending: Mutex<HashMap<String, Pending>>,
     next_key: AtomicU64,
@@ -174,8 +178,7 @@ pub struct Subscription {
     pub key: u64,
     pub id: String,
     pub patterns: Vec<Pattern>,
-    rx: mpsc::Receiver<Arc<Msg>>,
-    closed: Arc<Mutex<Option<Closed>>>,
+    queue: Arc<Queue>,
     hub: Weak<Hub>,
 }
 
@@ -183,13 +186,7 @@ impl Subscription {
     /// The next message; `Err` when the node ended the stream, `Ok(None)` when the
     /// subscription was removed without a reason.
     pub async fn recv(&mut self) -> Result<Option<Arc<Msg>>, Closed> {
-        match self.rx.recv().await {
-            Some(msg) => Ok(Some(msg)),
-            None => match *self.closed.lock() {
-                Some(reason) => Err(reason),
-                None => Ok(None),
-            },
-        }
+        self.queue.recv().await
     }
 
     /// Whether this subscription receives messages of `channel`.
@@ -207,10 +204,24 @@ impl Drop for Subscription {
 }
 
 impl Hub {
+    /// A hub whose subscriber queues hold `queue_capacity` messages and the
+    /// default byte bounds.
     pub fn new(node: String, queue_capacity: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::with_queue_limits(node, QueueLimits::messages(queue_capacity), metrics)
+    }
+
+    pub fn with_queue_limits(
+        node: String,
+        queue_limits: QueueLimits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             node,
-            queue_capacity: queue_capacity.max(1),
+            queue_limits: QueueLimits {
+                messages: queue_limits.messages.max(1),
+                ..queue_limits
+            },
+            queued_bytes: Arc::default(),
             registry: RwLock::default(),
             pending: Mutex::default(),
             next_key: AtomicU64::new(1),
@@ -247,8 +258,7 @@ impl Hub {
         limits: StreamLimits,
     ) -> Result<Subscription, RegisterError> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.queue_capacity);
-        let closed = Arc::new(Mutex::new(None));
+        let queue = Arc::new(Queue::new(self.queue_limits));
         let previous = {
             let mut reg = self.registry.write();
             let replaced = reg
@@ -282,8 +292,7 @@ impl Hub {
                 Subscriber {
                     spec: spec.clone(),
                     connected_ms: crate::now_ms(),
-                    tx,
-                    closed: closed.clone(),
+                    queue: queue.clone(),
                 },
             );
             previous
@@ -305,8 +314,7 @@ impl Hub {
             key,
             id: spec.id,
             patterns: spec.patterns,
-            rx,
-            closed,
+            queue,
             hub: Arc::downgrade(self),
         })
     }
@@ -340,11 +348,15 @@ impl Hub {
             }
             sub
         };
-        if let Some(reason) = reason {
-            *removed.closed.lock() = Some(reason);
-            if reason == Closed::SlowConsumer {
+        removed.queue.close(reason);
+        match reason {
+            Some(Closed::SlowConsumer) => {
                 self.metrics.slow_cutoffs.fetch_add(1, Ordering::Relaxed);
             }
+            Some(Closed::Revoked) => {
+                self.metrics.revoked_streams.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
         // Requests waiting on this subscriber fail now rather than at their deadline.
         self.pending.lock().retain(|_, p| p.subscriber != key);
@@ -368,14 +380,20 @@ impl Hub {
         let mut slow = Vec::new();
         {
             let reg = self.registry.read();
-            for &key in reg.matching(&msg.channel).iter() {
+            let keys = reg.matching(&msg.channel);
+            let mut charge = None;
+            for &key in keys.iter() {
                 let Some(sub) = reg.subs.get(&key) else {
                     continue;
                 };
-                match sub.tx.try_send(msg.clone()) {
+                let charge = charge.get_or_insert_with(|| self.charge(msg));
+                match sub.queue.push(Delivery {
+                    msg: msg.clone(),
+                    charge: Arc::clone(charge),
+                }) {
                     Ok(()) => delivered += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(key),
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(PushError::Full) => slow.push(key),
+                    Err(PushError::Closed) => {}
                 }
             }
         }
@@ -383,6 +401,7 @@ impl Hub {
             tracing::warn!(node = %self.node, subscriber = key, channel = %msg.channel, "subscriber too slow, cut off");
             self.remove(key, Some(Closed::SlowConsumer));
         }
+        self.enforce_total_bytes();
         self.metrics
             .delivered
             .fetch_add(delivered as u64, Ordering::Relaxed);
@@ -396,11 +415,15 @@ impl Hub {
         let mut slow = Vec::new();
         {
             let reg = self.registry.read();
+            let charge = self.charge(msg);
             for (key, sub) in &reg.subs {
-                match sub.tx.try_send(msg.clone()) {
+                match sub.queue.push(Delivery {
+                    msg: msg.clone(),
+                    charge: charge.clone(),
+                }) {
                     Ok(()) => reached += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*key),
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(PushError::Full) => slow.push(*key),
+                    Err(PushError::Closed) => {}
                 }
             }
         }
@@ -408,6 +431,53 @@ impl Hub {
             self.remove(key, Some(Closed::SlowConsumer));
         }
         reached
+    }
+
+    /// What `msg` costs while queued, counted in the node's total.
+    fn charge(&self, msg: &Msg) -> Arc<Charge> {
+        Charge::new(crate::msg_size::memory_size(msg), &self.queued_bytes)
+    }
+
+    /// Bytes of memory held by the subscriber queues now (each message once).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
+    }
+
+    /// Cuts off the subscribers holding the most bytes until the queues together
+    /// hold no more than the node's bound: the slowest readers pay, not the node.
+    fn enforce_total_bytes(&self) {
+        while self.queued_bytes() > self.queue_limits.total_bytes {
+            let largest = {
+                let reg = self.registry.read();
+                reg.subs
+                    .iter()
+                    .map(|(key, sub)| (sub.queue.bytes(), *key))
+                    .filter(|(bytes, _)| *bytes > 0)
+                    .max()
+            };
+            let Some((bytes, key)) = largest else {
+                return;
+            };
+            tracing::warn!(node = %self.node, subscriber = key, queued_bytes = bytes, "subscriber queues over their node-wide bound; the largest is cut off");
+            self.remove(key, Some(Closed::SlowConsumer));
+        }
+    }
+
+    /// Ends the streams opened by `owner` (a token removed from the tokens file).
+    /// Returns how many were ended.
+    pub fn close_owner(&self, owner: &str, reason: Closed) -> usize {
+        let keys: Vec<u64> = self
+            .registry
+            .read()
+            .subs
+            .iter()
+            .filter(|(_, sub)| sub.spec.verified_owner && sub.spec.owner == owner)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &keys {
+            self.remove(*key, Some(reason));
+        }
+        keys.len()
     }
 
     /// Whether any local subscriber listens to `target`.
@@ -449,7 +519,12 @@ impl Hub {
                     owner: sub.spec.verified_owner.then(|| sub.spec.owner.clone()),
                 },
             );
-            match sub.tx.try_send(Arc::new(request.clone())) {
+            let request = Arc::new(request.clone());
+            let charge = self.charge(&request);
+            match sub.queue.push(Delivery {
+                msg: request,
+                charge,
+            }) {
                 Ok(()) => return Some((reply_to, rx)),
                 Err(_) => {
                     self.pending.lock().remove(&reply_to);

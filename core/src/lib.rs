@@ -7,6 +7,8 @@
 //! - [`channel`]: channel names, the `:` app prefix, patterns with `*` and `>`.
 //! - [`cursor`]: positions in the bus log, handed out for resume.
 //! - [`hub`]: live subscribers, fan-out with bounded queues, pending requests.
+//! - [`queue`]: a subscriber's queue, bounded in messages and bytes of memory;
+//!   [`msg_size`]: the memory a message really takes.
 //! - [`bus`]: the bus trait; [`memory`]: the in-memory bus of a node alone.
 //! - [`node`]: the five operations with their input rules and deadline rule.
 //! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
@@ -37,8 +39,10 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod mount;
+pub mod msg_size;
 pub mod node;
 pub mod publish;
+pub mod queue;
 pub mod service;
 
 pub use bus::Bus;

@@ -12,7 +12,6 @@ use std::time::Instant;
 use async_trait::async_trait;
 use ipc_proto::pb::{Member, Msg};
 use parking_lot::Mutex;
-use prost::Message as _;
 use tokio::sync::watch;
 
 use crate::bus::{
@@ -26,7 +25,8 @@ use crate::hub::Hub;
 pub struct Retention {
     /// Entries kept for resume.
     pub messages: usize,
-    /// Encoded bytes kept for resume; the oldest entries go first past this.
+    /// Bytes of memory kept for resume ([`crate::msg_size::memory_size`]); the
+    /// oldest entries go first past this.
     pub bytes: usize,
 }
 
@@ -109,7 +109,7 @@ impl MemoryBus {
             lo: 0,
         }
         .to_string();
-        let size = msg.encoded_len();
+        let size = crate::msg_size::memory_size(&msg);
         let msg = Arc::new(msg);
         log.entries.push_back((seq, msg.clone(), size));
         log.bytes += size;

@@ -35,6 +35,11 @@ pub struct NodeConfig {
     pub max_msg_bytes: usize,
     /// Messages queued per subscriber before it is cut off as too slow.
     pub subscriber_queue: usize,
+    /// Bytes of memory queued per subscriber before it is cut off as too slow.
+    pub subscriber_queue_bytes: usize,
+    /// Bytes of memory all subscriber queues may hold together; over it the
+    /// subscriber holding the most is cut off.
+    pub max_queued_bytes: usize,
     /// SendMsg wait when the caller gives no `timeout_ms`.
     pub default_timeout: Duration,
     /// Largest `timeout_ms` accepted.
@@ -70,6 +75,8 @@ impl Default for NodeConfig {
             default_app: None,
             max_msg_bytes: 1 << 20,
             subscriber_queue: 4096,
+            subscriber_queue_bytes: crate::queue::QueueLimits::DEFAULT_BYTES,
+            max_queued_bytes: crate::queue::QueueLimits::DEFAULT_TOTAL_BYTES,
             default_timeout: Duration::from_secs(5),
             max_timeout: Duration::from_secs(300),
             max_channels: 256,
@@ -215,9 +222,13 @@ pub struct Node {
 impl Node {
     pub fn new(config: NodeConfig, bus: Arc<dyn Bus>) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
-        let hub = Hub::new(
+        let hub = Hub::with_queue_limits(
             config.name.clone(),
-            config.subscriber_queue,
+            crate::queue::QueueLimits {
+                messages: config.subscriber_queue,
+                bytes: config.subscriber_queue_bytes,
+                total_bytes: config.max_queued_bytes,
+            },
             metrics.clone(),
         );
         bus.attach(hub.clone());

@@ -327,6 +327,9 @@ pub fn closed_status(reason: Closed) -> Status {
             "subscriber too slow: its queue is full; resubscribe with the cursor of the last message received",
         ),
         Closed::Replaced => Status::aborted("replaced by a newer subscription with the same id"),
+        Closed::Revoked => Status::unauthenticated(
+            "the token of this stream was removed from the tokens file (or changed); reconnect with valid credentials",
+        ),
         Closed::Shutdown => Status::unavailable(
             "node shutting down; reconnect (to another replica) with your cursor",
         ),

@@ -49,7 +49,8 @@ pub struct Config {
     /// Messages kept in the log for subscribers that resume with a cursor.
     #[arg(long, env = "IPC_RETENTION", default_value_t = 10_000)]
     pub retention: usize,
-    /// Bytes kept in the memory log at most (the oldest messages go first).
+    /// Bytes of memory the memory log keeps at most (the oldest messages go first);
+    /// a message counts what it takes in memory, not its encoded size.
     #[arg(long, env = "IPC_RETENTION_BYTES", default_value_t = 64 << 20)]
     pub retention_bytes: usize,
     /// Largest message accepted (op, data and headers, encoded), in bytes.
@@ -58,6 +59,13 @@ pub struct Config {
     /// Messages queued per subscriber before it is cut off as too slow (it can resume).
     #[arg(long, env = "IPC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
     pub subscriber_queue: usize,
+    /// Bytes of memory queued per subscriber before it is cut off as too slow (it can resume).
+    #[arg(long, env = "IPC_SUBSCRIBER_QUEUE_BYTES", default_value_t = 16 << 20)]
+    pub subscriber_queue_bytes: usize,
+    /// Bytes of memory all subscriber queues may hold together (each message once);
+    /// over it the subscriber holding the most is cut off.
+    #[arg(long, env = "IPC_MAX_QUEUED_BYTES", default_value_t = 256 << 20)]
+    pub max_queued_bytes: usize,
     /// Largest SendMsg timeout_ms accepted, in milliseconds.
     #[arg(long, env = "IPC_MAX_TIMEOUT_MS", default_value_t = 300_000)]
     pub max_timeout_ms: u64,
@@ -155,6 +163,8 @@ impl Config {
             default_app: Some(self.app.clone()).filter(|a| !a.is_empty()),
             max_msg_bytes: self.max_msg_bytes,
             subscriber_queue: self.subscriber_queue,
+            subscriber_queue_bytes: self.subscriber_queue_bytes,
+            max_queued_bytes: self.max_queued_bytes,
             max_timeout: Duration::from_millis(self.max_timeout_ms),
             dedup_window: self.dedup_window,
             ..NodeConfig::default()

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use ipc_core::channel::Pattern;
 use ipc_core::cursor::Cursor;
 use ipc_proto::pb::Msg;
-use prost::Message as _;
 
 /// `a` is strictly after `b` in the same log.
 pub fn is_after(a: &Cursor, b: &Cursor) -> bool {
@@ -60,7 +59,7 @@ impl Ring {
 
     /// Records an entry handed to the hub.
     pub fn push(&mut self, cursor: Cursor, msg: Arc<Msg>) {
-        let size = msg.encoded_len();
+        let size = ipc_core::msg_size::memory_size(&msg);
         self.entries.push_back((cursor, msg, size));
         self.bytes += size;
         self.last = Some(cursor);

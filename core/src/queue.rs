@@ -1,0 +1,211 @@
+//! A subscriber's queue, bounded by what it really costs: messages *and* bytes of
+//! memory ([`crate::msg_size::memory_size`]), with a node-wide count of the
+//! distinct bytes every queue holds.
+//!
+//! The hub pushes without ever waiting; a push over a bound fails and the hub
+//! cuts the subscriber off. A cut-off queue drops what it holds at once: a
+//! subscriber that never reads (its stream is never polled) does not keep its
+//! messages alive until it disconnects.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ipc_proto::pb::Msg;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::hub::Closed;
+
+/// Bounds of every subscriber queue of a hub.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Messages queued per subscriber.
+    pub messages: usize,
+    /// Bytes of memory queued per subscriber (each message counted whole).
+    pub bytes: usize,
+    /// Bytes of memory held by all the queues of the node together (a message
+    /// queued for many subscribers counted once).
+    pub total_bytes: usize,
+}
+
+impl QueueLimits {
+    pub const DEFAULT_BYTES: usize = 16 << 20;
+    pub const DEFAULT_TOTAL_BYTES: usize = 256 << 20;
+
+    pub fn messages(messages: usize) -> Self {
+        Self {
+            messages,
+            bytes: Self::DEFAULT_BYTES,
+            total_bytes: Self::DEFAULT_TOTAL_BYTES,
+        }
+    }
+}
+
+/// The memory of one message while some queue holds it: counted in the node's
+/// total once, however many queues hold it, until the last one lets it go.
+pub(crate) struct Charge {
+    size: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl Charge {
+    pub(crate) fn new(size: usize, total: &Arc<AtomicUsize>) -> Arc<Self> {
+        total.fetch_add(size, Ordering::AcqRel);
+        Arc::new(Self {
+            size,
+            total: total.clone(),
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.size, Ordering::AcqRel);
+    }
+}
+
+/// A message in a queue, with what it costs.
+pub(crate) struct Delivery {
+    pub msg: Arc<Msg>,
+    pub charge: Arc<Charge>,
+}
+
+/// Why a push failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PushError {
+    /// Over the queue's message or byte bound.
+    Full,
+    /// The queue was closed.
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    items: VecDeque<Delivery>,
+    bytes: usize,
+    /// Set once the hub removed the subscriber; with the reason, if any.
+    ended: Option<Option<Closed>>,
+}
+
+/// One subscriber's queue, shared by the hub (pushes) and its subscription (reads).
+pub(crate) struct Queue {
+    state: Mutex<State>,
+    ready: Notify,
+    limits: QueueLimits,
+}
+
+impl Queue {
+    pub(crate) fn new(limits: QueueLimits) -> Self {
+        Self {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            limits,
+        }
+    }
+
+    pub(crate) fn push(&self, delivery: Delivery) -> Result<(), PushError> {
+        let mut state = self.state.lock();
+        if state.ended.is_some() {
+            return Err(PushError::Closed);
+        }
+        let size = delivery.charge.size;
+        // One message alone may exceed the byte bound: an empty queue takes it.
+        if state.items.len() >= self.limits.messages
+            || (!state.items.is_empty() && state.bytes + size > self.limits.bytes)
+        {
+            return Err(PushError::Full);
+        }
+        state.bytes += size;
+        state.items.push_back(delivery);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Bytes queued now.
+    pub(crate) fn bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    /// Ends the queue. A slow or revoked subscriber loses what is queued now
+    /// (it resumes from its cursor); otherwise the queue is read to its end first.
+    pub(crate) fn close(&self, reason: Option<Closed>) {
+        let dropped = {
+            let mut state = self.state.lock();
+            if state.ended.is_some() {
+                return;
+            }
+            state.ended = Some(reason);
+            if matches!(reason, Some(Closed::SlowConsumer | Closed::Revoked)) {
+                state.bytes = 0;
+                std::mem::take(&mut state.items)
+            } else {
+                VecDeque::new()
+            }
+        };
+        drop(dropped);
+        self.ready.notify_one();
+    }
+
+    /// The next message; `Err` with the reason once the queue is ended and read,
+    /// `Ok(None)` if it ended without one.
+    pub(crate) async fn recv(&self) -> Result<Option<Arc<Msg>>, Closed> {
+        loop {
+            {
+                let mut state = self.state.lock();
+                if let Some(delivery) = state.items.pop_front() {
+                    state.bytes -= delivery.charge.size;
+                    return Ok(Some(delivery.msg));
+                }
+                if let Some(reason) = state.ended {
+                    return reason.map_or(Ok(None), Err);
+                }
+            }
+            // One reader: a push between the check and here leaves a permit.
+            self.ready.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(size: usize, total: &Arc<AtomicUsize>) -> Delivery {
+        Delivery {
+            msg: Arc::new(Msg::default()),
+            charge: Charge::new(size, total),
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_in_bytes_and_a_cut_off_queue_frees_its_messages() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let queue = Queue::new(QueueLimits {
+            messages: 100,
+            bytes: 1000,
+            total_bytes: usize::MAX,
+        });
+        queue.push(delivery(600, &total)).unwrap();
+        assert_eq!(queue.push(delivery(600, &total)), Err(PushError::Full));
+        queue.push(delivery(400, &total)).unwrap();
+        assert_eq!(total.load(Ordering::Relaxed), 1000);
+        assert!(queue.recv().await.unwrap().is_some());
+        assert_eq!(queue.bytes(), 400);
+        queue.close(Some(Closed::SlowConsumer));
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+        assert_eq!(queue.recv().await, Err(Closed::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_queue_is_read_to_its_end() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let queue = Queue::new(QueueLimits::messages(10));
+        queue.push(delivery(10, &total)).unwrap();
+        queue.close(Some(Closed::Replaced));
+        assert!(queue.recv().await.unwrap().is_some());
+        assert_eq!(queue.recv().await, Err(Closed::Replaced));
+        assert_eq!(queue.push(delivery(10, &total)), Err(PushError::Closed));
+    }
+}
