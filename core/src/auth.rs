@@ -197,6 +197,24 @@ impl TokenTable {
         found
     }
 
+    /// Names of this table's entries that `next` removes or changes (secret,
+    /// certificate name, app or grants): their open streams must end.
+    pub fn revoked_by(&self, next: &TokenTable) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|old| {
+                !next.entries.iter().any(|new| {
+                    new.name == old.name
+                        && new.sha256 == old.sha256
+                        && new.cert_name == old.cert_name
+                        && new.app == old.app
+                        && new.grants == old.grants
+                })
+            })
+            .map(|old| old.name.clone())
+            .collect()
+    }
+
     /// The entry mapped to one of a verified client certificate's names.
     pub fn by_certificate(&self, names: &[String]) -> Option<&TokenEntry> {
         names.iter().find_map(|name| {
@@ -387,13 +405,20 @@ impl TokenIdentity {
     /// Re-reads the tokens file. On error the previous table stays in force.
     /// Returns the number of entries now in force.
     pub fn reload(&self) -> Result<usize, AuthError> {
+        self.reload_revoking().map(|(entries, _)| entries)
+    }
+
+    /// As [`Self::reload`], and names the tokens the new file removed or changed
+    /// (see [`TokenTable::revoked_by`]).
+    pub fn reload_revoking(&self) -> Result<(usize, Vec<String>), AuthError> {
         let Some(path) = &self.path else {
-            return Ok(self.table.read().len());
+            return Ok((self.table.read().len(), Vec::new()));
         };
         let table = TokenTable::load(path)?;
         let entries = table.len();
-        *self.table.write() = Arc::new(table);
-        Ok(entries)
+        let previous = std::mem::replace(&mut *self.table.write(), Arc::new(table));
+        let revoked = previous.revoked_by(&self.table());
+        Ok((entries, revoked))
     }
 
     /// The file reloads read, if any.

@@ -503,11 +503,7 @@ impl Hub {
             let Some(sub) = reg.subs.get(&key) else {
                 continue;
             };
-            let reply_to = format!(
-                "{}#{}",
-                self.node,
-                self.next_request.fetch_add(1, Ordering::Relaxed)
-            );
+            let reply_to = self.new_reply_to();
             request.reply_to = reply_to.clone();
             let (tx, rx) = oneshot::channel();
             // Registered before sending so that even an instant reply finds it.
@@ -570,12 +566,28 @@ impl Hub {
             .is_some_and(|(node, _)| node == self.node)
     }
 
+    /// A new `reply_to`: `<node>#<counter>.<16 hex digits>`. The node routes the
+    /// reply; the counter keeps it unique; the 64 random bits make it impossible
+    /// to guess, so one process cannot answer a request handed to another one
+    /// sharing its token.
+    fn new_reply_to(&self) -> String {
+        format!(
+            "{}#{}.{:016x}",
+            self.node,
+            self.next_request.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u64>()
+        )
+    }
+
     /// The node of a `reply_to`, if it has the expected shape.
     pub fn reply_to_node(reply_to: &str) -> Option<&str> {
-        reply_to
-            .rsplit_once('#')
-            .filter(|(node, n)| !node.is_empty() && n.parse::<u64>().is_ok())
-            .map(|(node, _)| node)
+        let (node, rest) = reply_to.rsplit_once('#')?;
+        let (counter, secret) = rest.split_once('.')?;
+        let well_formed = !node.is_empty()
+            && counter.parse::<u64>().is_ok()
+            && secret.len() == 16
+            && secret.bytes().all(|b| b.is_ascii_hexdigit());
+        well_formed.then_some(node)
     }
 
     /// This node's subscribers as members, each followed by the members it relays

@@ -21,6 +21,8 @@
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities.
 //! - [`limits`]: the per-identity request rate limit.
+//! - [`text`]: control and direction-override characters refused in client text.
+//! - [`members`]: Members answers capped to what a response may hold.
 //! - [`connections`]: TCP connections capped per peer and in total, closed when
 //!   they start no call in time or stay idle.
 //! - [`admission`]: the layer before the service: credentials from the headers
@@ -36,6 +38,7 @@ pub mod grpc;
 pub mod hub;
 pub mod limits;
 pub mod logging;
+pub mod members;
 pub mod memory;
 pub mod metrics;
 pub mod mount;
@@ -44,6 +47,7 @@ pub mod node;
 pub mod publish;
 pub mod queue;
 pub mod service;
+pub mod text;
 
 pub use bus::Bus;
 pub use node::{Caller, Node, NodeConfig, NodeError};

@@ -450,14 +450,19 @@ impl Node {
             "ping" => serde_json::json!({"node": self.config.name, "ts_ms": crate::now_ms()}),
             "members" => {
                 let members = self.members(caller, MembersRequest::default()).await?;
+                let budget = crate::members::max_frame_bytes(self.config.max_msg_bytes) / 2;
+                let (members, _) = crate::members::cap(members, budget);
                 serde_json::Value::Array(members.iter().map(member_json).collect())
             }
-            "info" => serde_json::json!({
+            "info" => {
+                self.authorize(caller, "call", "info", |g| g.members)?;
+                serde_json::json!({
                 "node": self.config.name,
                 "version": env!("CARGO_PKG_VERSION"),
                 "started_ms": self.started_ms,
                 "subscribers": self.hub.len(),
-            }),
+                })
+            }
             other => {
                 return Err(NodeError::InvalidArgument(format!(
                     "unknown built-in op {other:?} for an empty target; the node answers {}",
@@ -584,6 +589,7 @@ impl Node {
         req: &SubscribeRequest,
     ) -> Result<SubscriberSpec, NodeError> {
         let invalid = NodeError::InvalidArgument;
+        self.check_size(req.encoded_len())?;
         if req.channels.len() > self.config.max_channels {
             self.metrics.refuse(Refusal::Channels);
             return Err(NodeError::TooLarge(format!(
@@ -722,6 +728,13 @@ impl Node {
             self.authorize(caller, "relay a member with id", &id, |g| {
                 g.may_subscribe(&id_pattern)
             })?;
+            self.authorize_relayed(caller, relayer, member, &node)
+                .map_err(|e| match e {
+                    NodeError::PermissionDenied(m) => {
+                        NodeError::PermissionDenied(format!("relayed member {:?}: {m}", id))
+                    }
+                    other => other,
+                })?;
             relayed.push(Member {
                 id,
                 node,
@@ -736,6 +749,48 @@ impl Node {
         Ok(relayed)
     }
 
+    /// What a relayed member claims must be within the relaying token's grants:
+    /// its app is the caller's, its role and tag channels, its channels, and a
+    /// node other than the relayer's own id are ones the token may subscribe to.
+    /// Unauthenticated relayers (a pod's socket, loopback) are trusted.
+    fn authorize_relayed(
+        &self,
+        caller: &Caller,
+        relayer: &str,
+        member: &Member,
+        node: &str,
+    ) -> Result<(), NodeError> {
+        if !caller.is_authenticated() {
+            return Ok(());
+        }
+        let caller_app = self.app(caller).unwrap_or_default();
+        if !member.app.is_empty() && member.app != caller_app {
+            self.metrics.refuse(Refusal::PermissionDenied);
+            return Err(NodeError::PermissionDenied(format!(
+                "{} may only relay members of its own app {caller_app:?}, not {:?}",
+                caller.sender, member.app
+            )));
+        }
+        let mut claimed = Vec::new();
+        if !member.role.is_empty() {
+            claimed.push(format!("{caller_app}:{}", member.role));
+            if !member.tag.is_empty() {
+                claimed.push(format!("{caller_app}:{}:{}", member.role, member.tag));
+            }
+        }
+        claimed.extend(member.channels.iter().cloned());
+        if node != relayer {
+            claimed.push(node.to_string());
+        }
+        for channel in claimed {
+            let pattern = Pattern::parse(&channel)?;
+            self.authorize(caller, "relay a member of", &channel, |g| {
+                g.may_subscribe(&pattern)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Delivers a reply to the request it answers, here or on its node.
     pub async fn reply(&self, caller: &Caller, req: ReplyRequest) -> Result<(), NodeError> {
         if req.reply_to.is_empty() {
@@ -748,7 +803,7 @@ impl Node {
         if Hub::reply_to_node(&req.reply_to).is_none() {
             return Err(NodeError::NotFound(format!(
                 "no pending request {:?}: not a reply_to this fleet issued",
-                req.reply_to
+                crate::text::shorten(&req.reply_to, 128)
             )));
         }
         let reply = Msg {
@@ -835,6 +890,12 @@ impl Node {
                 self.config.max_header_bytes
             )));
         }
+        for (key, value) in map {
+            let shown = crate::text::shorten(key, 40);
+            crate::text::check_text(&format!("{what} name {shown:?}"), key)
+                .and_then(|()| crate::text::check_text(&format!("{what} {shown:?} value"), value))
+                .map_err(NodeError::InvalidArgument)?;
+        }
         if let Some(key) = map.keys().find(|k| k.is_empty() || k.len() > 128) {
             let shown: String = key.chars().take(40).collect();
             return Err(NodeError::InvalidArgument(format!(
@@ -857,11 +918,7 @@ pub(crate) fn check_op(op: &str) -> Result<(), NodeError> {
             op.len()
         )));
     }
-    if op.chars().any(char::is_control) {
-        return Err(NodeError::InvalidArgument(
-            "op has control characters".into(),
-        ));
-    }
+    crate::text::check_text("op", op).map_err(NodeError::InvalidArgument)?;
     Ok(())
 }
 

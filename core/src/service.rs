@@ -418,10 +418,9 @@ impl Ipc for IpcService {
             .members(&caller, request.into_inner())
             .await
             .map_err(status)?;
-        Ok(Response::new(MembersResponse {
-            members,
-            truncated: false,
-        }))
+        let budget = crate::members::max_frame_bytes(self.node.config().max_msg_bytes);
+        let (members, truncated) = crate::members::cap(members, budget);
+        Ok(Response::new(MembersResponse { members, truncated }))
     }
 
     type PublishStream = Pin<Box<dyn Stream<Item = Result<BroadcastResponse, Status>> + Send>>;

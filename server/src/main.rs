@@ -12,10 +12,7 @@ async fn main() -> anyhow::Result<()> {
     // Installed before the readiness line, so a SIGTERM sent right after it is
     // handled (graceful stop, exit 0) rather than killing the process.
     let shutdown = shutdown_signal()?;
-    ipc_server::security::reload_tokens_on_sighup(
-        server.tokens(),
-        server.node().metrics().clone(),
-    )?;
+    ipc_server::security::reload_tokens_on_sighup(server.tokens(), server.node().clone())?;
     tracing::info!(grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), node = %server.node().name(), "serving");
     // The readiness line: tests and scripts wait for it instead of sleeping.
     let injector = server

@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use ipc_core::NodeConfig;
 use ipc_core::auth::TokenIdentity;
-use ipc_core::metrics::Metrics;
 use ipc_core::node::RateLimit;
 use ipc_core::service::{Identify, MetadataIdentity};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -179,14 +178,17 @@ pub fn check_admin_listen(config: &SecurityConfig, admin: SocketAddr) -> anyhow:
     Ok(())
 }
 
-/// Re-reads the tokens file on every SIGHUP; open connections and streams stay.
+/// Re-reads the tokens file on every SIGHUP. Streams opened with a token the new
+/// file removes or changes end (UNAUTHENTICATED, counted in
+/// `ipc_revoked_streams_total`); every other stream and connection stays.
 /// A file that does not parse is logged and the previous one stays in force.
 /// Each reload is counted in `ipc_token_reloads_total{result}`. Without a tokens
 /// file SIGHUP is only logged: it must not stop the server (its default action).
 pub fn reload_tokens_on_sighup(
     tokens: Option<Arc<TokenIdentity>>,
-    metrics: Arc<Metrics>,
+    node: Arc<ipc_core::Node>,
 ) -> anyhow::Result<()> {
+    let metrics = node.metrics().clone();
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
@@ -195,10 +197,14 @@ pub fn reload_tokens_on_sighup(
                 tracing::info!("SIGHUP: no --tokens file to reload");
                 continue;
             };
-            match tokens.reload() {
-                Ok(entries) => {
+            match tokens.reload_revoking() {
+                Ok((entries, revoked)) => {
                     metrics.token_reloads.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(entries, path = ?tokens.path(), "tokens file reloaded");
+                    let ended: usize = revoked
+                        .iter()
+                        .map(|name| node.hub().close_owner(name, ipc_core::hub::Closed::Revoked))
+                        .sum();
+                    tracing::info!(entries, ?revoked, streams_ended = ended, path = ?tokens.path(), "tokens file reloaded");
                 }
                 Err(error) => {
                     metrics

@@ -518,12 +518,13 @@ async fn garbage_on_every_rpc_harms_no_one_and_loses_no_acknowledged_message() {
             Code::InvalidArgument,
         ),
         (
+            // Over --max-msg-bytes before the id is even read (issue 15).
             "huge id",
             SubscribeRequest {
                 id: "i".repeat(100_000),
                 ..Default::default()
             },
-            Code::InvalidArgument,
+            Code::ResourceExhausted,
         ),
         (
             "bad app",
@@ -555,7 +556,7 @@ async fn garbage_on_every_rpc_harms_no_one_and_loses_no_acknowledged_message() {
                 cursor: "9".repeat(100_000),
                 ..Default::default()
             },
-            Code::InvalidArgument,
+            Code::ResourceExhausted,
         ),
         (
             "cursor ahead of the log",
