@@ -187,6 +187,30 @@ ensure_node() {
     printf '%s' "$want" >"$stamp"
 }
 
+# --- Go -----------------------------------------------------------------------
+
+# The Go client of sidecar/tests/any_client.rs is generated with protoc-gen-go and
+# protoc-gen-go-grpc and built offline in GOPATH mode against Debian's Go sources
+# (/usr/share/gocode): nothing is fetched from the Go module proxy.
+GO_PACKAGES=(golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev
+    protoc-gen-go protoc-gen-go-grpc protobuf-compiler)
+GOCODE=/usr/share/gocode/src
+
+go_ready() {
+    command -v go >/dev/null 2>&1 && command -v protoc >/dev/null 2>&1 &&
+        command -v protoc-gen-go >/dev/null 2>&1 && command -v protoc-gen-go-grpc >/dev/null 2>&1 &&
+        [[ -d "$GOCODE/google.golang.org/grpc" && -d "$GOCODE/google.golang.org/protobuf/types/known/structpb" ]]
+}
+
+ensure_go() {
+    if ! go_ready; then
+        say "installing Go, grpc-go and the protoc plugins from Debian"
+        apt_install "${GO_PACKAGES[@]}"
+        go_ready || die "installed ${GO_PACKAGES[*]} but the Go toolchain or grpc-go sources are still missing"
+    fi
+    note "$(go version), $(protoc --version), grpc-go in $GOCODE"
+}
+
 # --- cargo metadata -----------------------------------------------------------
 
 # target_dir — where cargo puts binaries (honours CARGO_TARGET_DIR and config).
