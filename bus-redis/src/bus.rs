@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use ipc_core::bus::{
-    Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
+    Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, Replica, ReplyError,
+    RequestError,
 };
 use ipc_core::channel::Pattern;
 use ipc_core::cursor::Cursor;
@@ -402,6 +403,17 @@ impl Bus for RedisBus {
         all.extend(local);
         all.sort_by(|a, b| (&a.id, &a.node).cmp(&(&b.id, &b.node)));
         Ok(all)
+    }
+
+    async fn replicas(&self) -> Result<Vec<Replica>, BusError> {
+        self.inner
+            .directory
+            .replicas(
+                &self.inner.link,
+                &self.inner.keys,
+                self.inner.config.presence_ttl,
+            )
+            .await
     }
 
     fn subscribers_changed(&self) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ipc_core::bus::BusError;
+use ipc_core::bus::{BusError, Replica};
 use ipc_core::channel::Pattern;
 use ipc_core::hub::Hub;
 use ipc_proto::pb::Member;
@@ -64,6 +64,21 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         out[#out + 1] = entry
       end
     end
+  end
+end
+return out
+";
+
+/// `{name, milliseconds its presence still lives, number of members}` for every
+/// live replica. Read-only. KEYS[1] = nodes set, ARGV[1] = prefix.
+const REPLICAS_SCRIPT: &str = r"
+local prefix = ARGV[1]
+local out = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local base = prefix .. ':node:' .. name
+  local left = redis.call('PTTL', base .. ':alive')
+  if left > 0 then
+    out[#out + 1] = {name, left, redis.call('HLEN', base .. ':members')}
   end
 end
 return out
@@ -330,6 +345,7 @@ pub(crate) async fn withdraw(link: &Link, keys: &Keys, node: &str) -> Result<(),
 pub(crate) struct Directory {
     members: Script,
     route: Script,
+    replicas: Script,
 }
 
 impl Directory {
@@ -337,7 +353,38 @@ impl Directory {
         Self {
             members: Script::new(MEMBERS_SCRIPT),
             route: Script::new(ROUTE_SCRIPT),
+            replicas: Script::new(REPLICAS_SCRIPT),
         }
+    }
+
+    /// Every live replica. Its heartbeat age is reckoned with this replica's `ttl`
+    /// (replicas of one deployment share `--presence-ttl-ms`).
+    pub async fn replicas(
+        &self,
+        link: &Link,
+        keys: &Keys,
+        ttl: Duration,
+    ) -> Result<Vec<Replica>, BusError> {
+        let script = &self.replicas;
+        let raw: Vec<(String, i64, i64)> = link
+            .call(|mut conn| async move {
+                script
+                    .key(&keys.nodes)
+                    .arg(keys.prefix())
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let mut replicas: Vec<Replica> = raw
+            .into_iter()
+            .map(|(name, left_ms, members)| Replica {
+                name,
+                members: members.max(0) as u64,
+                heartbeat_age_ms: (ttl.as_millis() as i64 - left_ms).max(0) as u64,
+            })
+            .collect();
+        replicas.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(replicas)
     }
 
     /// Members of every live replica.

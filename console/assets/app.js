@@ -704,7 +704,8 @@ function healthCard(title, name, rows, ok) {
   return card;
 }
 
-// Replicas fleet-wide: those the bus lists, and every node members are connected to.
+// Replicas fleet-wide: those whose presence the bus shows (Redis), and every other
+// node members are connected to (sidecars relaying their pod's processes).
 function renderReplicas(health, members) {
   const list = $("health-replicas");
   clear(list);
@@ -719,15 +720,20 @@ function renderReplicas(health, members) {
     const { replica, members: count } = nodes.get(name);
     const row = el("div", "replica");
     row.dataset.node = name;
+    row.dataset.kind = replica ? "replica" : "relay";
     const ok = name === health.node ? health.bus_healthy : true;
     row.append(el("span", "dot " + (ok ? "ok" : "fail")), el("b", null, name));
     row.append(chip(replica ? "replica" : "sidecar or relay", replica ? "role" : "watch"));
     if (name === health.node) row.append(chip("serving this page"));
-    row.append(el("span", "muted", count + " member(s)"));
-    if (replica && replica.heartbeat_ms) row.append(el("span", "muted", "heartbeat " + ago(replica.heartbeat_ms)));
+    const published = replica && replica.members !== undefined ? replica.members : count;
+    row.append(el("span", "muted", published + " member(s)"));
+    if (replica && replica.heartbeat_age_ms !== undefined) {
+      row.append(el("span", "muted", "heartbeat " + (replica.heartbeat_age_ms / 1000).toFixed(1) + " s ago"));
+    }
     list.append(row);
   }
-  if (members === null) list.append(el("p", "muted", "Your token may not list members: only this replica is shown."));
+  if (health.replicas_error) list.append(el("p", "error", "Replicas unknown: " + health.replicas_error));
+  if (members === null) list.append(el("p", "muted", "Your token may not list members: sidecars are not shown."));
 }
 
 // --- start ---------------------------------------------------------------------

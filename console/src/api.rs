@@ -148,12 +148,30 @@ pub async fn health(State(console): State<Arc<Console>>, headers: HeaderMap) -> 
     console.authenticate(&headers, false)?;
     let node = &console.node;
     let bus_healthy = *node.bus().health().borrow();
+    // The replicas sharing the bus, from their presence (Redis): each one listed
+    // heartbeats, whatever replica serves this page.
+    let (replicas, replicas_error) = match node.bus().replicas().await {
+        Ok(replicas) => (replicas, None),
+        Err(error) => (Vec::new(), Some(error.to_string())),
+    };
+    let replicas: Vec<Value> = replicas
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "members": r.members,
+                "heartbeat_age_ms": r.heartbeat_age_ms,
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "node": node.name(),
         "version": env!("CARGO_PKG_VERSION"),
         "bus": console.bus,
         "bus_healthy": bus_healthy,
         "subscribers": node.hub().len(),
+        "replicas": replicas,
+        "replicas_error": replicas_error,
     }))
     .into_response())
 }

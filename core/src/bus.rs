@@ -96,6 +96,17 @@ pub struct Replay {
     pub gap: Option<String>,
 }
 
+/// A control-plane replica sharing the bus, as its presence shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Its node name.
+    pub name: String,
+    /// Members it publishes: its subscribers and those they relay.
+    pub members: u64,
+    /// Milliseconds since its last heartbeat (as far as the bus can tell).
+    pub heartbeat_age_ms: u64,
+}
+
 /// The transport under a node.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -173,6 +184,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Members of the whole fleet, given this node's own.
     async fn members(&self, local: Vec<Member>) -> Result<Vec<Member>, BusError>;
+
+    /// Every live replica sharing this bus, this one included; empty when the bus
+    /// knows of no other node (the memory bus, a sidecar's upstream).
+    async fn replicas(&self) -> Result<Vec<Replica>, BusError> {
+        Ok(Vec::new())
+    }
 
     /// The hub's subscribers changed (presence may need an update).
     fn subscribers_changed(&self) {}

@@ -89,3 +89,91 @@ async fn the_console_page_is_served_with_a_strict_policy_and_asks_for_a_login() 
     assert!(members.starts_with("HTTP/1.1 401"), "{members}");
     assert!(members.contains(r#""code":"UNAUTHENTICATED""#), "{members}");
 }
+
+/// One HTTP/1.1 exchange on a fresh connection: the whole answer as text.
+async fn http(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+/// Logs in to a console without tokens and returns the session cookie.
+async fn log_in(addr: std::net::SocketAddr) -> String {
+    let body = r#"{"token":""}"#;
+    let answer = http(
+        addr,
+        &format!(
+            "POST /api/login HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_health_view_lists_every_replica_sharing_redis() {
+    let redis = ipc_testkit::redis::RedisServer::start();
+    let replica = |node: &str| {
+        server(&[
+            "--redis",
+            &redis.url(),
+            "--node",
+            node,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+    };
+    let a = replica("replica-a");
+    let b = replica("replica-b");
+    let mut on_a = a.client().await;
+    let _worker = subscribe(&mut on_a, subscription(&["news"])).await;
+
+    let addr = admin_addr(&b);
+    let cookie = log_in(addr).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let answer = http(
+            addr,
+            &format!(
+                "GET /api/health HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let health: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let replicas: Vec<(String, u64)> = health["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap_or_default().to_string(),
+                    r["members"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        // replica-a publishes its one subscriber; replica-b serves the page.
+        if replicas == [("replica-a".to_string(), 1), ("replica-b".to_string(), 0)] {
+            assert_eq!(health["bus"], "redis");
+            assert_eq!(health["bus_healthy"], true);
+            assert_eq!(health["node"], "replica-b");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replicas never listed: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

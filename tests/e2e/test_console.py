@@ -409,6 +409,9 @@ def test_health_view_shows_every_replica_and_the_bus(browser, fleet: Fleet):
         "both replicas in the health view",
     )
     assert nodes
+    # Both are replicas by their presence in Redis, not only nodes members name.
+    kinds = {e.get_attribute("data-node"): e.get_attribute("data-kind") for e in browser.find_elements(By.CSS_SELECTOR, ".replica")}
+    assert kinds["replica-a"] == kinds["replica-b"] == "replica", kinds
     cards = browser.find_element(By.ID, "health-cards").text
     assert "redis" in cards and "healthy" in cards
     screenshot(browser, "health")
