@@ -242,6 +242,7 @@ impl Client {
     ) -> Broadcast<'_> {
         Broadcast {
             client: self,
+            retry: true,
             request: pb::BroadcastRequest {
                 channel: channel.into(),
                 op: op.into(),
@@ -320,6 +321,20 @@ impl Client {
         Subscription::new(self.clone(), options)
     }
 
+    /// Opens a Publish stream over `requests`, without a deadline.
+    pub(crate) async fn open_publish(
+        &self,
+        requests: impl futures::Stream<Item = pb::BroadcastRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<pb::BroadcastResponse>, Error> {
+        let mut rpc = self.rpc.clone();
+        let mut request = tonic::Request::new(requests);
+        self.add_metadata(request.metadata_mut());
+        rpc.publish(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| Error::from_status(status, ""))
+    }
+
     /// Opens one Subscribe stream, without any reconnection.
     pub(crate) async fn open_subscription(
         &self,
@@ -379,7 +394,7 @@ impl std::fmt::Debug for Client {
 }
 
 /// `null` is sent as an absent payload, which subscribers read back as `null`.
-fn payload(data: &serde_json::Value) -> Option<ipc_proto::prost_types::Value> {
+pub(crate) fn payload(data: &serde_json::Value) -> Option<ipc_proto::prost_types::Value> {
     (!data.is_null()).then(|| json::to_value(data))
 }
 
@@ -420,16 +435,40 @@ impl MembersFilter {
 }
 
 /// A pending [`Client::broadcast`]; `.await` it.
+///
+/// A broadcast that fails with UNAVAILABLE (node unreachable, Redis down, a
+/// replica shutting down) is retried, within the client's timeout, up to
+/// [`BROADCAST_ATTEMPTS`] times in all. So that a retry never delivers twice, it
+/// carries an idempotency key from the first attempt (a random one unless
+/// [`Broadcast::key`] gave one): the node stores a repeat of the key only once.
 #[must_use = "a broadcast is sent only when awaited"]
 pub struct Broadcast<'a> {
     client: &'a Client,
     request: pb::BroadcastRequest,
+    retry: bool,
 }
+
+/// Attempts of a [`Client::broadcast`] that keeps failing with UNAVAILABLE.
+pub const BROADCAST_ATTEMPTS: u32 = 3;
 
 impl Broadcast<'_> {
     /// Adds a header.
     pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.request.headers.insert(key.into(), value.into());
+        self
+    }
+
+    /// The idempotency key: a broadcast with a key the node saw within its window
+    /// (10 minutes by default) is not stored again, and answers the first one's id
+    /// and cursor with `duplicate` set — also from another replica.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.request.key = key.into();
+        self
+    }
+
+    /// One attempt only, and no automatic key.
+    pub fn no_retry(mut self) -> Self {
+        self.retry = false;
         self
     }
 }
@@ -440,13 +479,41 @@ impl<'a> IntoFuture for Broadcast<'a> {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let Broadcast { client, request } = self;
+            let Broadcast {
+                client,
+                mut request,
+                retry,
+            } = self;
+            if retry && request.key.is_empty() {
+                request.key = format!("auto-{:016x}", rand::random::<u64>());
+            }
             let timeout = client.settings.timeout;
-            let mut rpc = client.rpc.clone();
-            let response = client
-                .unary(timeout, "", rpc.broadcast(client.request(request, timeout)))
-                .await?;
-            Ok(Broadcasted::from(response))
+            let started = tokio::time::Instant::now();
+            let mut attempt = 1;
+            loop {
+                let left = timeout.saturating_sub(started.elapsed());
+                let mut rpc = client.rpc.clone();
+                let result = client
+                    .unary(
+                        left,
+                        "",
+                        rpc.broadcast(client.request(request.clone(), left)),
+                    )
+                    .await;
+                let pause = Duration::from_millis(100 << attempt);
+                match result {
+                    Err(Error::Unreachable(why))
+                        if retry
+                            && attempt < BROADCAST_ATTEMPTS
+                            && started.elapsed() + pause < timeout =>
+                    {
+                        tracing::debug!(%why, attempt, "broadcast unavailable; retrying with its key");
+                        tokio::time::sleep(pause).await;
+                        attempt += 1;
+                    }
+                    result => return result.map(Broadcasted::from),
+                }
+            }
         })
     }
 }

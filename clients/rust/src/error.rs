@@ -119,7 +119,7 @@ fn transport_message(status: &Status, cause: &(dyn std::error::Error + 'static))
 }
 
 /// Names as in the gRPC spec (`NOT_FOUND`), which is how operators search for them.
-fn code_name(code: Code) -> &'static str {
+pub fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",

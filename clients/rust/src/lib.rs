@@ -40,13 +40,16 @@ mod client;
 mod error;
 mod handlers;
 mod msg;
+mod publish;
 mod subscribe;
 
 pub use addr::Address;
 pub use client::{
-    Broadcast, Client, ClientBuilder, DEFAULT_TIMEOUT, MembersFilter, Reply, SendMsg,
+    BROADCAST_ATTEMPTS, Broadcast, Client, ClientBuilder, DEFAULT_TIMEOUT, MembersFilter, Reply,
+    SendMsg,
 };
-pub use error::Error;
+pub use error::{Error, code_name};
 pub use handlers::{HandlerResult, Handlers};
 pub use msg::{Broadcasted, Member, Msg, OP_GAP, OP_SUBSCRIBED};
+pub use publish::Publication;
 pub use subscribe::{Backoff, SubscribeOptions, Subscription};

@@ -125,6 +125,10 @@ pub struct Broadcasted {
     pub channel: String,
     /// The message's position in the log.
     pub cursor: String,
+    /// Its key was seen within the node's window: nothing was stored, and `id` and
+    /// `cursor` are the first message's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 impl From<pb::BroadcastResponse> for Broadcasted {
@@ -133,6 +137,7 @@ impl From<pb::BroadcastResponse> for Broadcasted {
             id: response.id,
             channel: response.channel,
             cursor: response.cursor,
+            duplicate: response.duplicate,
         }
     }
 }

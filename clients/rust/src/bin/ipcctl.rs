@@ -11,6 +11,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 use futures::StreamExt;
 use ipc_client::{Client, Error, Member, MembersFilter, SubscribeOptions};
 
+#[path = "ipcctl/publish.rs"]
+mod publish;
+
 /// The exit statuses, shown by `ipcctl --help` and documented in the README.
 const EXIT_CODES: &str = "\
 Exit status:
@@ -58,7 +61,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Publish a message on a channel; prints {"id","channel","cursor"}.
+    /// Publish a message on a channel; prints {"id","channel","cursor"}. Retried on
+    /// UNAVAILABLE with an idempotency key, so it is never stored twice.
     Broadcast {
         /// Channel, e.g. `shop:worker` or `:worker` (your app's).
         channel: String,
@@ -66,6 +70,21 @@ enum Command {
         op: String,
         #[command(flatten)]
         payload: Payload,
+        /// Idempotency key: a repeat within the server's window (10 minutes by
+        /// default) is not stored again and prints the first id with "duplicate":true.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Publish JSON lines from stdin on one stream ({"channel","op","data","headers","key"}
+    /// a line); prints one answer a line, in order. Exits 2 at a line that is not a
+    /// message (after the answers before it), else with the first refusal's status.
+    Publish {
+        /// Channel of lines that give none.
+        #[arg(long)]
+        channel: Option<String>,
+        /// Op of lines that give none.
+        #[arg(long)]
+        op: Option<String>,
     },
     /// Ask one subscriber of TARGET and print its reply.
     Send {
@@ -305,7 +324,23 @@ async fn run(cli: Cli) -> ExitCode {
             channel,
             op,
             payload,
-        } => broadcast(&client, channel, op, payload).await,
+            key,
+        } => broadcast(&client, channel, op, payload, key).await,
+        Command::Publish { channel, op } => match publish::run(&client, channel, op).await {
+            Ok((_, _, publish::Input::Bad(line, why))) => {
+                return fail(exit::BAD_INPUT, &format!("stdin line {line}: {why}"));
+            }
+            Ok((0, _, publish::Input::Done)) => Ok(()),
+            Ok((refused, first, publish::Input::Done)) => {
+                let code = first.as_ref().map_or(exit::OTHER, exit_code);
+                let first = first.map(|e| e.to_string()).unwrap_or_default();
+                return fail(
+                    code,
+                    &format!("{refused} message(s) refused; the first: {first}"),
+                );
+            }
+            Err(err) => Err(Failure::Call(err)),
+        },
         Command::Send {
             target,
             op,
@@ -396,8 +431,12 @@ async fn broadcast(
     channel: String,
     op: String,
     payload: Payload,
+    key: Option<String>,
 ) -> Result<(), Failure> {
     let mut call = client.broadcast(channel, op, payload.data());
+    if let Some(key) = key {
+        call = call.key(key);
+    }
     for (key, value) in payload.headers {
         call = call.header(key, value);
     }
