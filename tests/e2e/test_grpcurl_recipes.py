@@ -144,6 +144,28 @@ def check_broadcast(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     )
 
 
+def check_idempotent_broadcast(shell: Shell, blocks: list[str], stub, subscribe) -> None:
+    worker = subscribe(app="shop", role="worker")
+    first = shell.json(blocks[0])
+    again = shell.json(blocks[0])
+    assert not first.get("duplicate") and again.get("duplicate") is True
+    assert (again["id"], again["cursor"]) == (first["id"], first["cursor"])
+    stub.Broadcast(ipc_pb2.BroadcastRequest(channel="shop:worker", op="marker"))
+    assert worker.next().id == first["id"]
+    assert worker.next().op == "marker", "the repeat was not delivered"
+
+
+def check_publish(shell: Shell, blocks: list[str], stub, subscribe) -> None:
+    reader = subscribe(channels=["shop:metrics"])
+    printed = shell.ok(blocks[0]).stdout
+    answers = [json.loads(part) for part in re.split(r"(?<=\})\s*(?=\{)", printed.strip())]
+    assert len(answers) == 3, printed
+    for n, answer in enumerate(answers, start=1):
+        assert answer["cursor"] and not answer.get("error"), answer
+        received = reader.next()
+        assert (received.id, json_format.MessageToDict(received.data)) == (answer["id"], n)
+
+
 def check_ping(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     reply = shell.json(blocks[0])["reply"]
     assert reply["op"] == "pong"
@@ -224,6 +246,8 @@ CHECKS = {
     "Describe the API": check_describe,
     "Check health": check_health,
     "Restart every worker (Broadcast)": check_broadcast,
+    "Broadcast at most once (idempotency key)": check_idempotent_broadcast,
+    "Publish many messages on one stream (Publish)": check_publish,
     "Ping the server (SendMsg with no target)": check_ping,
     "Ask one worker (SendMsg)": check_ask_one_worker,
     "When nobody listens (no responders)": check_no_responders,
