@@ -8,16 +8,13 @@
 
 mod support;
 
-use std::collections::HashMap;
-
-use bytes::{Buf, BufMut};
-use futures::StreamExt;
-use ipc_proto::json::{from_optional, to_value};
+use ipc_proto::json::from_optional;
 use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::{
     BroadcastRequest, BroadcastResponse, MembersRequest, ReplyRequest, SendMsgRequest,
     SubscribeRequest,
 };
+use ipc_testkit::bad_input::{self, nested, noise};
 use serde_json::json;
 use support::*;
 use tonic::transport::Channel;
@@ -44,63 +41,6 @@ fn assert_code(what: &str, result: Result<impl std::fmt::Debug, Status>, code: C
     status
 }
 
-/// A `google.protobuf.Value` of lists nested `depth` deep.
-fn nested(depth: usize) -> prost_types::Value {
-    let mut value = to_value(&json!("bottom"));
-    for _ in 0..depth {
-        value = prost_types::Value {
-            kind: Some(prost_types::value::Kind::ListValue(
-                prost_types::ListValue {
-                    values: vec![value],
-                },
-            )),
-        };
-    }
-    value
-}
-
-/// Sends raw bytes as the request message of `method`: whatever protobuf or not.
-#[derive(Clone, Default)]
-struct RawCodec;
-
-struct RawEncoder;
-struct RawDecoder;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        Ok(Some(bytes.to_vec()))
-    }
-}
-
 /// Calls `method` with `payload` as its request bytes; the first response item.
 async fn raw_call(
     channel: &Channel,
@@ -108,38 +48,7 @@ async fn raw_call(
     payload: Vec<u8>,
     secret: &str,
 ) -> Result<Vec<u8>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel.clone());
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let response = grpc
-        .server_streaming(
-            authed(payload, secret),
-            http::uri::PathAndQuery::from_static(method),
-            RawCodec,
-        )
-        .await?;
-    let mut stream = response.into_inner();
-    match tokio::time::timeout(PATIENCE, stream.next()).await {
-        Ok(Some(item)) => item,
-        Ok(None) => Ok(Vec::new()),
-        Err(_) => panic!("{method}: no answer within the patience bound"),
-    }
-}
-
-/// Pseudo-random bytes from a fixed seed (reproducible runs).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u8
-        })
-        .collect()
+    bad_input::raw_call(channel, method, authed(payload, secret)).await
 }
 
 struct Campaign {
@@ -223,76 +132,11 @@ async fn garbage_on_every_rpc_harms_no_one_and_loses_no_acknowledged_message() {
     campaign.publish().await;
 
     // --- Broadcast ---------------------------------------------------------------
-    let mut many_headers = broadcast("junk:a", "x", json!(null));
-    many_headers.headers = (0..10_000).map(|i| (format!("h{i}"), "v".into())).collect();
-    let mut empty_header = broadcast("junk:a", "x", json!(null));
-    empty_header.headers = HashMap::from([(String::new(), "v".into())]);
-    let broadcasts: Vec<(&str, BroadcastRequest, Code)> = vec![
-        (
-            "empty request",
-            BroadcastRequest::default(),
-            Code::InvalidArgument,
-        ),
-        (
-            "empty op",
-            broadcast("junk:a", "", json!(null)),
-            Code::InvalidArgument,
-        ),
-        (
-            "long op",
-            broadcast("junk:a", &"o".repeat(300), json!(null)),
-            Code::InvalidArgument,
-        ),
-        (
-            "control op",
-            broadcast("junk:a", "x\u{0}y", json!(null)),
-            Code::InvalidArgument,
-        ),
-        (
-            "huge channel",
-            broadcast(&"c".repeat(60_000), "x", json!(null)),
-            Code::InvalidArgument,
-        ),
-        (
-            "unicode channel",
-            broadcast("jünk:ä", "x", json!(null)),
-            Code::InvalidArgument,
-        ),
-        (
-            "bare colon",
-            broadcast(":", "x", json!(null)),
-            Code::InvalidArgument,
-        ),
-        (
-            "pattern channel",
-            broadcast("junk:>", "x", json!(null)),
-            Code::InvalidArgument,
-        ),
-        (
-            "over --max-msg-bytes",
-            broadcast("junk:a", "x", json!("d".repeat(100_000))),
-            Code::ResourceExhausted,
-        ),
-        (
-            "over the frame limit",
-            broadcast("junk:a", "x", json!("d".repeat(5 << 20))),
-            Code::ResourceExhausted,
-        ),
-        ("10000 headers", many_headers, Code::ResourceExhausted),
-        ("empty header name", empty_header, Code::InvalidArgument),
-        (
-            "outside its grants",
-            broadcast("keep:n", "forged", json!(null)),
-            Code::PermissionDenied,
-        ),
-    ];
+    let broadcasts = bad_input::broadcasts();
     for (what, request, code) in broadcasts {
         assert_code(what, bad.broadcast(authed(request, &mallory)).await, code);
     }
-    let deep = BroadcastRequest {
-        data: Some(nested(200)),
-        ..broadcast("junk:a", "x", json!(null))
-    };
+    let deep = bad_input::too_deep();
     let status = assert_code(
         "nested 200 deep",
         bad.broadcast(authed(deep, &mallory)).await,
@@ -321,22 +165,8 @@ async fn garbage_on_every_rpc_harms_no_one_and_loses_no_acknowledged_message() {
         .connect()
         .await
         .unwrap();
-    let methods = [
-        "/ipc.v1.Ipc/Broadcast",
-        "/ipc.v1.Ipc/SendMsg",
-        "/ipc.v1.Ipc/Subscribe",
-        "/ipc.v1.Ipc/Reply",
-        "/ipc.v1.Ipc/Members",
-    ];
-    let undecodable: Vec<(&str, Vec<u8>)> = vec![
-        ("bad wire type", vec![0x0f, 0xff, 0xff]),
-        ("truncated field", vec![0x0a, 0x10, b'a']),
-        ("invalid UTF-8", vec![0x0a, 0x02, 0xff, 0xfe]),
-        (
-            "overlong varint",
-            vec![0x08; 1].into_iter().chain([0xff; 11]).collect(),
-        ),
-    ];
+    let methods = bad_input::METHODS;
+    let undecodable = bad_input::undecodable();
     for method in methods {
         for (what, payload) in &undecodable {
             let status = raw_call(&channel, method, payload.clone(), &ops)
@@ -361,75 +191,7 @@ async fn garbage_on_every_rpc_harms_no_one_and_loses_no_acknowledged_message() {
     campaign.publish().await;
 
     // --- SendMsg ----------------------------------------------------------------
-    let sends: Vec<(&str, SendMsgRequest, Code)> = vec![
-        (
-            "empty request",
-            SendMsgRequest::default(),
-            Code::InvalidArgument,
-        ),
-        (
-            "bad target",
-            SendMsgRequest {
-                target: "a b".into(),
-                op: "x".into(),
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            "pattern target",
-            SendMsgRequest {
-                target: "junk:*".into(),
-                op: "x".into(),
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            "huge timeout",
-            SendMsgRequest {
-                target: "junk:a".into(),
-                op: "x".into(),
-                timeout_ms: u32::MAX,
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            "no responders",
-            SendMsgRequest {
-                target: "junk:nobody".into(),
-                op: "x".into(),
-                ..Default::default()
-            },
-            Code::Unavailable,
-        ),
-        (
-            "unknown built-in",
-            SendMsgRequest {
-                op: "reboot".into(),
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            "members without the grant",
-            SendMsgRequest {
-                op: "members".into(),
-                ..Default::default()
-            },
-            Code::PermissionDenied,
-        ),
-        (
-            "outside its grants",
-            SendMsgRequest {
-                target: "shop:w:1".into(),
-                op: "x".into(),
-                ..Default::default()
-            },
-            Code::PermissionDenied,
-        ),
-    ];
+    let sends = bad_input::sends();
     for (what, request, code) in sends {
         assert_code(what, bad.send_msg(authed(request, &mallory)).await, code);
     }
@@ -465,130 +227,9 @@ async fn garbage_on_every_rpc_harms_no_one_and_loses_no_acknowledged_message() {
     campaign.publish().await;
 
     // --- Subscribe --------------------------------------------------------------
-    let thousands: Vec<String> = (0..5000).map(|i| format!("junk:c{i}")).collect();
-    let labels: HashMap<String, String> =
-        (0..10_000).map(|i| (format!("l{i}"), "v".into())).collect();
     let head = campaign.acked.last().unwrap().cursor.clone();
     let epoch = head.split('.').next().unwrap().to_string();
-    let subscribes: Vec<(&str, SubscribeRequest, Code)> = vec![
-        (
-            "5000 channels",
-            SubscribeRequest {
-                channels: thousands,
-                ..Default::default()
-            },
-            Code::ResourceExhausted,
-        ),
-        (
-            "10000 labels",
-            SubscribeRequest {
-                labels,
-                ..Default::default()
-            },
-            Code::ResourceExhausted,
-        ),
-        ("empty pattern", subscription(&[""]), Code::InvalidArgument),
-        (
-            "empty segment",
-            subscription(&["junk::a"]),
-            Code::InvalidArgument,
-        ),
-        (
-            "tail not last",
-            subscription(&["junk:>:a"]),
-            Code::InvalidArgument,
-        ),
-        (
-            "partial wildcard",
-            subscription(&["junk:a*"]),
-            Code::InvalidArgument,
-        ),
-        ("unicode", subscription(&["jünk"]), Code::InvalidArgument),
-        (
-            "long pattern",
-            subscription(&[&"p".repeat(300)]),
-            Code::InvalidArgument,
-        ),
-        (
-            "pattern as id",
-            SubscribeRequest {
-                id: "junk:*".into(),
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            // Over --max-msg-bytes before the id is even read (issue 15).
-            "huge id",
-            SubscribeRequest {
-                id: "i".repeat(100_000),
-                ..Default::default()
-            },
-            Code::ResourceExhausted,
-        ),
-        (
-            "bad app",
-            SubscribeRequest {
-                app: "a:b".into(),
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            "tag without role",
-            SubscribeRequest {
-                tag: "t".into(),
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            "malformed cursor",
-            SubscribeRequest {
-                cursor: "zzz".into(),
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            "huge cursor",
-            SubscribeRequest {
-                cursor: "9".repeat(100_000),
-                ..Default::default()
-            },
-            Code::ResourceExhausted,
-        ),
-        (
-            "cursor ahead of the log",
-            SubscribeRequest {
-                cursor: format!("{epoch}.999999999-0"),
-                ..Default::default()
-            },
-            Code::InvalidArgument,
-        ),
-        (
-            "channels outside its grants",
-            subscription(&["keep:>"]),
-            Code::PermissionDenied,
-        ),
-        ("everything", subscription(&[">"]), Code::PermissionDenied),
-        (
-            "the witness's id, to take it over",
-            SubscribeRequest {
-                id: "keep:witness".into(),
-                ..Default::default()
-            },
-            Code::PermissionDenied,
-        ),
-        (
-            "a role outside its grants",
-            SubscribeRequest {
-                role: "worker".into(),
-                ..Default::default()
-            },
-            Code::PermissionDenied,
-        ),
-    ];
+    let subscribes = bad_input::subscribes(&epoch);
     for (what, request, code) in subscribes {
         assert_code(what, bad.subscribe(authed(request, &mallory)).await, code);
     }
@@ -610,38 +251,7 @@ async fn garbage_on_every_rpc_harms_no_one_and_loses_no_acknowledged_message() {
     campaign.publish().await;
 
     // --- Reply ------------------------------------------------------------------
-    let replies: Vec<(&str, ReplyRequest, Code)> = vec![
-        (
-            "empty request",
-            ReplyRequest::default(),
-            Code::InvalidArgument,
-        ),
-        (
-            "unknown node",
-            ReplyRequest {
-                reply_to: "someone#42".into(),
-                op: "x".into(),
-                ..Default::default()
-            },
-            Code::NotFound,
-        ),
-        (
-            "garbage reply_to",
-            ReplyRequest {
-                reply_to: "garbage".into(),
-                ..Default::default()
-            },
-            Code::NotFound,
-        ),
-        (
-            "huge reply_to",
-            ReplyRequest {
-                reply_to: "r".repeat(100_000),
-                ..Default::default()
-            },
-            Code::ResourceExhausted,
-        ),
-    ];
+    let replies = bad_input::replies();
     for (what, request, code) in replies {
         assert_code(what, bad.reply(authed(request, &mallory)).await, code);
     }

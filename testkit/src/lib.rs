@@ -9,6 +9,7 @@
 //! - [`redis`]: a private `redis-server` on a free port that can be stopped and
 //!   restarted.
 //! - [`tls`]: a test certificate authority and the certificates it signs.
+//! - [`bad_input`]: the bad-input campaign's requests and the codes they get.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+pub mod bad_input;
 pub mod redis;
 pub mod tls;
 
