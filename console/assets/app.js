@@ -138,20 +138,23 @@ function showApp(session) {
 }
 
 // A token without a grant sees the action disabled (the server refuses it anyway).
+// Gather and Rollout ask members as SendMsg does: they need the send grant.
 function applyGrants(grants) {
   const rules = [
-    ["broadcast-submit", "broadcast-grant", grants && grants.broadcast, "Broadcast to"],
-    ["send-submit", "send-grant", grants && grants.send, "SendMsg to"],
+    [["broadcast-submit"], "broadcast-grant", grants && grants.broadcast, "Broadcast to"],
+    [["send-submit", "gather-preview", "rollout-preview"], "send-grant", grants && grants.send, "SendMsg, Gather and Rollout to"],
   ];
-  for (const [button, hint, list, verb] of rules) {
+  for (const [buttons, hint, list, verb] of rules) {
+    const denied = !!grants && (!list || list.length === 0);
+    for (const button of buttons) {
+      $(button).disabled = denied;
+      $(button).dataset.denied = denied ? "1" : "";
+    }
     if (!grants) {
-      $(button).disabled = false;
       $(hint).textContent = "Unauthenticated server: every action is allowed.";
-    } else if (!list || list.length === 0) {
-      $(button).disabled = true;
-      $(hint).textContent = "Your token has no grant to " + verb.split(" ")[0] + ".";
+    } else if (denied) {
+      $(hint).textContent = "Your token has no grant to " + verb.split(" ")[0].replace(",", "") + ".";
     } else {
-      $(button).disabled = false;
       $(hint).textContent = verb + ": " + list.join(", ");
     }
   }
@@ -471,7 +474,7 @@ function renderCapabilities() {
   for (const name of ["gather", "rollout"]) {
     const off = caps[name] === false;
     $(name + "-form").classList.toggle("unavailable", off);
-    $(name + "-preview").disabled = off;
+    $(name + "-preview").disabled = off || $(name + "-preview").dataset.denied === "1";
     if (off) $(name + "-submit").disabled = true;
   }
   const locks = caps.lock || caps.limit;

@@ -375,6 +375,9 @@ def test_a_token_without_the_broadcast_grant_cannot_send(browser, fleet: Fleet):
     button = browser.find_element(By.ID, "broadcast-submit")
     assert not button.is_enabled()
     assert "no grant" in browser.find_element(By.ID, "broadcast-grant").text
+    # Nor may it ask members (SendMsg, and Gather and Rollout, which need the send grant).
+    for button in ("send-submit", "gather-preview", "rollout-preview"):
+        assert not browser.find_element(By.ID, button).is_enabled(), button
     # The server refuses a forged request anyway, with the gRPC API's own answer.
     forged = fetch(browser, "/api/broadcast", {"channel": ":worker", "op": "worker:restart"})
     assert forged["status"] == 403, forged
