@@ -137,7 +137,18 @@ async fn the_health_view_lists_every_replica_sharing_redis() {
     let a = replica("replica-a");
     let b = replica("replica-b");
     let mut on_a = a.client().await;
-    let _worker = subscribe(&mut on_a, subscription(&["news"])).await;
+    // A replica refuses Subscribe (UNAVAILABLE) until it has reached Redis once.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let _worker = loop {
+        match on_a.subscribe(subscription(&["news"])).await {
+            Ok(stream) => break stream,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("subscribe: {status:?}"),
+        }
+    };
 
     let addr = admin_addr(&b);
     let cookie = log_in(addr).await;

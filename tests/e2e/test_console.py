@@ -100,13 +100,22 @@ class Worker:
     def __init__(self, server: IpcServer, member_id: str, role: str, labels: dict[str, str]):
         self.channel = grpc.insecure_channel(server.grpc_addr)
         self.stub = ipc_pb2_grpc.IpcStub(self.channel)
-        request = ipc_pb2.SubscribeRequest(id=member_id, app="shop", role=role, labels=labels)
-        self.call = self.stub.Subscribe(request, metadata=OPS)
+        self.failing = False
+        self.asked: dict[str, int] = {}  # requests received, by op
         self.messages: queue.Queue = queue.Queue()
-        self.subscribed = threading.Event()
-        self.error: grpc.RpcError | None = None
-        threading.Thread(target=self._run, daemon=True).start()
-        assert self.subscribed.wait(WAIT_LIMIT) and self.error is None, f"{member_id} did not subscribe: {self.error}"
+        request = ipc_pb2.SubscribeRequest(id=member_id, app="shop", role=role, labels=labels)
+        deadline = time.monotonic() + WAIT_LIMIT
+        while True:
+            self.call = self.stub.Subscribe(request, metadata=OPS)
+            self.subscribed = threading.Event()
+            self.error: grpc.RpcError | None = None
+            threading.Thread(target=self._run, daemon=True).start()
+            assert self.subscribed.wait(WAIT_LIMIT), f"{member_id} did not subscribe"
+            # A replica refuses Subscribe until it has reached Redis once.
+            if self.error is None or self.error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert self.error is None, f"{member_id} did not subscribe: {self.error}"
 
     def _run(self) -> None:
         try:
