@@ -188,3 +188,61 @@ async fn the_health_view_lists_every_replica_sharing_redis() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[test]
+fn with_tls_cert_the_console_is_https_and_its_cookie_secure() {
+    let ca = TestCa::new("test-ca");
+    let cert = ca.server_cert();
+    let (secret, entry) = token("ops", "shop", "members = true");
+    let tokens = TokensFile::new(&entry);
+    let server = server(&[
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--tokens",
+        tokens.arg(),
+        "--tls-cert",
+        cert.cert.to_str().unwrap(),
+        "--tls-key",
+        cert.key.to_str().unwrap(),
+    ]);
+    let port = admin_addr(&server).port();
+    let body = format!(r#"{{"token":"{secret}"}}"#);
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "-D", "-", "-o", "/dev/null"])
+        .args(["--cacert", ca.cert_path().to_str().unwrap()])
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "@-",
+        ])
+        .arg(format!("https://localhost:{port}/api/login"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(body.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("running curl (apt-get install -y curl)");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let headers = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let cookie = headers
+        .lines()
+        .find(|l| l.starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no session cookie in {headers}"));
+    assert!(
+        cookie.contains("httponly")
+            && cookie.contains("samesite=strict")
+            && cookie.contains("secure"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains(&secret.to_ascii_lowercase()));
+}
