@@ -14,6 +14,8 @@
 //! send = [":>"]            # targets it may SendMsg to (":" expands with `app`)
 //! subscribe = ["shop:>"]   # patterns it may Subscribe to, its own id and role channels included
 //! members = true           # may call Members and the `members` built-in
+//! lock = ["shop:jobs:>"]   # lock names it may Lock and Unlock
+//! limit = ["shop:>"]       # token buckets it may draw from with Limit
 //! ```
 //!
 //! Grants are patterns as in subscriptions (`*` one segment, `>` the rest). A
@@ -57,6 +59,10 @@ pub struct Grants {
     pub subscribe: Vec<Pattern>,
     /// Whether it may list members.
     pub members: bool,
+    /// Lock names it may Lock, renew and Unlock.
+    pub lock: Vec<Pattern>,
+    /// Bucket names it may call Limit on.
+    pub limit: Vec<Pattern>,
 }
 
 impl Grants {
@@ -67,9 +73,19 @@ impl Grants {
         Self {
             broadcast: everything.clone(),
             send: everything.clone(),
-            subscribe: everything,
+            subscribe: everything.clone(),
             members: true,
+            lock: everything.clone(),
+            limit: everything,
         }
+    }
+
+    pub fn may_lock(&self, name: &str) -> bool {
+        self.lock.iter().any(|p| p.matches(name))
+    }
+
+    pub fn may_limit(&self, name: &str) -> bool {
+        self.limit.iter().any(|p| p.matches(name))
     }
 
     pub fn may_broadcast(&self, channel: &str) -> bool {
@@ -124,6 +140,10 @@ struct EntryFormat {
     subscribe: Vec<String>,
     #[serde(default)]
     members: bool,
+    #[serde(default)]
+    lock: Vec<String>,
+    #[serde(default)]
+    limit: Vec<String>,
 }
 
 impl TokenTable {
@@ -257,6 +277,8 @@ fn parse_entry(raw: EntryFormat) -> Result<TokenEntry, AuthError> {
         send: expand("send", &raw.send)?,
         subscribe: expand("subscribe", &raw.subscribe)?,
         members: raw.members,
+        lock: expand("lock", &raw.lock)?,
+        limit: expand("limit", &raw.limit)?,
     };
     Ok(TokenEntry {
         app: raw.app.clone(),
@@ -307,6 +329,8 @@ broadcast = []          # channels it may Broadcast to, e.g. ["shop:>"]
 send = []               # targets it may SendMsg to, e.g. ["shop:>"]
 subscribe = []          # patterns it may Subscribe to, e.g. ["shop:>"]
 members = false         # whether it may list members
+lock = []               # lock names it may Lock and Unlock, e.g. ["shop:jobs:>"]
+limit = []              # rate-limit buckets it may use, e.g. ["shop:>"]
 "#,
         hash = hash_secret(&secret),
     );

@@ -15,6 +15,7 @@ use ipc_proto::pb::{Member, Msg};
 use tokio::sync::watch;
 
 use crate::channel::Pattern;
+use crate::coord::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
 use crate::cursor::Cursor;
 use crate::hub::Hub;
 
@@ -189,6 +190,28 @@ pub trait Bus: Send + Sync + 'static {
     /// knows of no other node (the memory bus, a sidecar's upstream).
     async fn replicas(&self) -> Result<Vec<Replica>, BusError> {
         Ok(Vec::new())
+    }
+
+    /// Grants, renews or refuses a lease (waiting as `lock.wait_until` says); see
+    /// [`crate::coord`] for the rules. The default keeps leases in the node
+    /// (`in_node`); a bus shared by several nodes keeps them where all see them.
+    async fn lock(&self, lock: LockSpec, in_node: &MemoryCoord) -> Result<LockAnswer, BusError> {
+        Ok(in_node.lock(&lock).await)
+    }
+
+    /// Frees a lease if `unlock` carries its fence; `false` frees nothing.
+    async fn unlock(&self, unlock: UnlockSpec, in_node: &MemoryCoord) -> Result<bool, BusError> {
+        Ok(in_node.unlock(&unlock))
+    }
+
+    /// One call on the token bucket `name`.
+    async fn limit(
+        &self,
+        name: &str,
+        limit: LimitSpec,
+        in_node: &MemoryCoord,
+    ) -> Result<LimitAnswer, BusError> {
+        Ok(in_node.limit(name, &limit))
     }
 
     /// The hub's subscribers changed (presence may need an update).

@@ -27,12 +27,15 @@
 //!   they start no call in time or stay idle.
 //! - [`admission`]: the layer before the service: credentials from the headers
 //!   before any body is read, a deadline and a budget for request bodies.
+//! - [`coord`]: `Lock`, `Unlock`, `Limit`: leases with fencing numbers and shared
+//!   token buckets, their rules and the in-node state.
 
 pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod channel;
 pub mod connections;
+pub mod coord;
 pub mod cursor;
 pub mod grpc;
 pub mod hub;

@@ -119,6 +119,8 @@ pub struct Metrics {
     pub idle_closes: AtomicU64,
     /// Streams ended because their token was removed or changed (SIGHUP).
     pub revoked_streams: AtomicU64,
+    /// Lock calls on this node waiting for a lease now.
+    pub lock_waiters: AtomicI64,
 }
 
 impl Metrics {
@@ -251,6 +253,11 @@ impl Metrics {
             out,
             "ipc_sendmsg_duration_seconds_sum {}\nipc_sendmsg_duration_seconds_count {count}",
             get(&self.latency_sum_micros) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ipc_lock_waiters Lock calls waiting for a lease on this node.\n# TYPE ipc_lock_waiters gauge\nipc_lock_waiters {}",
+            self.lock_waiters.load(Ordering::Relaxed)
         );
         out
     }

@@ -217,6 +217,8 @@ pub struct Node {
     started_ms: i64,
     closing: AtomicBool,
     rate: Option<RateLimiter>,
+    /// Leases and buckets when the bus keeps none of its own.
+    pub(crate) coord: crate::coord::MemoryCoord,
 }
 
 impl Node {
@@ -250,6 +252,7 @@ impl Node {
             next_id: AtomicU64::new(1),
             started_ms: crate::now_ms(),
             closing: AtomicBool::new(false),
+            coord: crate::coord::MemoryCoord::new(),
         })
     }
 
@@ -385,11 +388,7 @@ impl Node {
             requested
         };
         if let Some(grpc) = grpc_timeout {
-            // Finish a little before the gRPC deadline: at the deadline itself tonic
-            // cancels the call (CANCELLED), and the caller should see our
-            // DEADLINE_EXCEEDED instead.
-            let margin = (grpc / 5).min(Duration::from_millis(100));
-            timeout = timeout.min(grpc.saturating_sub(margin));
+            timeout = timeout.min(before_grpc_deadline(grpc));
         }
         let deadline = Instant::now() + timeout;
         if req.target.is_empty() {
@@ -904,6 +903,14 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// How long a call may wait given what is left of its gRPC deadline: a little
+/// less, because at the deadline itself tonic cancels the call (CANCELLED) and the
+/// caller should see the node's own answer instead.
+pub fn before_grpc_deadline(grpc: Duration) -> Duration {
+    let margin = (grpc / 5).min(Duration::from_millis(100));
+    grpc.saturating_sub(margin)
 }
 
 pub(crate) fn check_op(op: &str) -> Result<(), NodeError> {

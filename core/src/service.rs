@@ -56,6 +56,11 @@ impl Peer {
                 .unwrap_or_default(),
             process: extensions
                 .get::<UdsConnectInfo>()
+                .or_else(|| {
+                    extensions
+                        .get::<crate::coord::LocalConnection>()
+                        .map(|c| &c.uds)
+                })
                 .and_then(|info| info.peer_cred)
                 .map(|cred| LocalProcess {
                     pid: cred.pid(),
@@ -454,24 +459,44 @@ impl Ipc for IpcService {
     }
 
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let _caller = self.caller(&request)?;
-        Err(Status::unimplemented("Lock is not implemented yet"))
+        let caller = self.caller(&request)?;
+        let deadline = grpc_timeout(request.metadata());
+        let session = request
+            .extensions()
+            .get::<crate::coord::LocalConnection>()
+            .map(|c| c.session.clone());
+        let response = self
+            .node
+            .lock(&caller, request.into_inner(), deadline, session)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(response))
     }
 
     async fn unlock(
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let _caller = self.caller(&request)?;
-        Err(Status::unimplemented("Unlock is not implemented yet"))
+        let caller = self.caller(&request)?;
+        let response = self
+            .node
+            .unlock(&caller, request.into_inner())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(response))
     }
 
     async fn limit(
         &self,
         request: Request<LimitRequest>,
     ) -> Result<Response<LimitResponse>, Status> {
-        let _caller = self.caller(&request)?;
-        Err(Status::unimplemented("Limit is not implemented yet"))
+        let caller = self.caller(&request)?;
+        let response = self
+            .node
+            .limit(&caller, request.into_inner())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(response))
     }
 
     type ServeStream = MsgStream;
