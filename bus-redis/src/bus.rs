@@ -10,6 +10,7 @@ use ipc_core::bus::{
     RequestError,
 };
 use ipc_core::channel::Pattern;
+use ipc_core::coord::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
 use ipc_proto::pb::{Member, Msg};
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisBusConfig;
 use crate::dedup::{Keyed, Written};
+use crate::coord::Coordination;
 use crate::inbox::{Asked, Body, Exchange, RemoteRequest, outcome};
 use crate::keys::Keys;
 use crate::link::{Health, Link};
@@ -60,6 +62,7 @@ struct Inner {
     hub: OnceLock<Arc<Hub>>,
     exchange: OnceLock<Arc<Exchange>>,
     round_robin: AtomicUsize,
+    coordination: Arc<Coordination>,
 }
 
 impl RedisBus {
@@ -109,6 +112,7 @@ impl RedisBus {
                 hub: OnceLock::new(),
                 exchange: OnceLock::new(),
                 round_robin: AtomicUsize::new(0),
+                coordination: Arc::new(Coordination::new()),
                 config,
             }),
             cancel: CancellationToken::new(),
@@ -201,6 +205,11 @@ impl Bus for RedisBus {
             cancel.clone(),
         ));
         runtime.spawn(exchange.listen(cancel.clone()));
+        runtime.spawn(inner.coordination.clone().listen(
+            inner.link.clone(),
+            inner.keys.clone(),
+            cancel.clone(),
+        ));
     }
 
     async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
@@ -413,6 +422,35 @@ impl Bus for RedisBus {
                 &self.inner.keys,
                 self.inner.config.presence_ttl,
             )
+            .await
+    }
+
+    async fn lock(&self, lock: LockSpec, _in_node: &MemoryCoord) -> Result<LockAnswer, BusError> {
+        let inner = &self.inner;
+        inner
+            .coordination
+            .lock(&inner.link, &inner.keys, &lock)
+            .await
+    }
+
+    async fn unlock(&self, unlock: UnlockSpec, _in_node: &MemoryCoord) -> Result<bool, BusError> {
+        let inner = &self.inner;
+        inner
+            .coordination
+            .unlock(&inner.link, &inner.keys, &unlock)
+            .await
+    }
+
+    async fn limit(
+        &self,
+        name: &str,
+        limit: LimitSpec,
+        _in_node: &MemoryCoord,
+    ) -> Result<LimitAnswer, BusError> {
+        let inner = &self.inner;
+        inner
+            .coordination
+            .limit(&inner.link, &inner.keys, name, &limit)
             .await
     }
 

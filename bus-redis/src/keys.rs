@@ -11,6 +11,10 @@
 //! | `P:node:N:wild` | hash, expires | wildcard pattern → number of N's subscribers on it |
 //! | `P:inbox:N` | pub/sub channel | requests, replies and acks for replica N |
 //! | `P:dedup:APP:KEY` | string, expires | a Broadcast key seen: the first message's id, channel, entry, epoch |
+//! | `P:lock:NAME` | hash, expires with the lease | the live lease of lock NAME: `fence`, `holder` |
+//! | `P:fence` | string, never expires | the last fence granted (all lock names) |
+//! | `P:limit:NAME` | hash, expires once full again | token bucket NAME: `tokens`, `ts` (ms, Redis time) |
+//! | `P:released` | pub/sub channel | names of locks just released, to wake waiters |
 
 /// Key and channel names for one prefix.
 #[derive(Debug, Clone)]
@@ -19,6 +23,8 @@ pub(crate) struct Keys {
     pub log: String,
     pub epoch: String,
     pub nodes: String,
+    pub fence: String,
+    pub released: String,
 }
 
 impl Keys {
@@ -28,6 +34,8 @@ impl Keys {
             log: format!("{prefix}:log"),
             epoch: format!("{prefix}:epoch"),
             nodes: format!("{prefix}:nodes"),
+            fence: format!("{prefix}:fence"),
+            released: format!("{prefix}:released"),
         }
     }
 
@@ -54,6 +62,14 @@ impl Keys {
     /// `scoped` is `app:key`.
     pub fn dedup(&self, scoped: &str) -> String {
         format!("{}:dedup:{scoped}", self.prefix)
+    }
+
+    pub fn lock(&self, name: &str) -> String {
+        format!("{}:lock:{name}", self.prefix)
+    }
+
+    pub fn limit(&self, name: &str) -> String {
+        format!("{}:limit:{name}", self.prefix)
     }
 
     pub fn inbox(&self, node: &str) -> String {

@@ -13,6 +13,8 @@
 //!   them fleet-wide in one script call.
 //! - **Requests** cross replicas through per-replica pub/sub inboxes, carrying the
 //!   remaining deadline; replies and their acknowledgements come back the same way.
+//! - **Coordination**: leases with fencing numbers and token buckets live in Redis,
+//!   each decision one script; releases are announced on pub/sub to wake waiters.
 //! - **Health** is SERVING only while the command link, the tail, the inbox and the
 //!   presence all work; every connection reconnects by itself with backoff.
 //!
@@ -25,12 +27,14 @@
 //! - `dedup`: idempotency keys, checked and recorded with the append in one script.
 //! - `presence`: publishing this replica's subscribers; fleet-wide members and routes.
 //! - `inbox`: the wire format between replicas and the inbox listener.
+//! - `coord`: Lock, Unlock and Limit as Redis scripts; release notices.
 //! - [`bus`]: [`RedisBus`], the [`ipc_core::Bus`] tying them together, and
 //!   [`bus::ConfigError`].
 
 pub mod bus;
 pub mod config;
 mod dedup;
+mod coord;
 mod inbox;
 mod keys;
 mod link;
