@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisBusConfig;
-use crate::dedup::{Keyed, Written};
 use crate::coord::Coordination;
+use crate::dedup::{Keyed, Written};
 use crate::inbox::{Asked, Body, Exchange, RemoteRequest, outcome};
 use crate::keys::Keys;
 use crate::link::{Health, Link};

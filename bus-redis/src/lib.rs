@@ -33,8 +33,8 @@
 
 pub mod bus;
 pub mod config;
-mod dedup;
 mod coord;
+mod dedup;
 mod inbox;
 mod keys;
 mod link;
