@@ -12,8 +12,10 @@ matching handler, answers requests with the handler's return value, and reconnec
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +112,21 @@ class Broadcasted:
     id: str
     channel: str
     cursor: str
+    #: the key was seen within the server's window: nothing was stored, and ``id``
+    #: and ``cursor`` are the first message's
+    duplicate: bool = False
+
+
+#: Attempts of a ``broadcast`` that keeps failing with UNAVAILABLE.
+BROADCAST_ATTEMPTS = 3
+
+_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def _broadcasted(response: Any) -> Broadcasted:
+    return Broadcasted(
+        id=response.id, channel=response.channel, cursor=response.cursor, duplicate=response.duplicate
+    )
 
 
 @dataclass(frozen=True)
@@ -234,11 +251,66 @@ class Client:
         *,
         headers: Mapping[str, str] | None = None,
         timeout: float = DEFAULT_CALL_TIMEOUT,
+        key: str | None = None,
+        retry: bool = True,
     ) -> Broadcasted:
-        """Publish ``op`` on ``channel``; returns once the bus has stored it."""
-        request = ipc_pb2.BroadcastRequest(channel=channel, op=op, data=to_value(data), headers=headers or {})
-        response = self._unary(self._stub.Broadcast, request, timeout)
-        return Broadcasted(id=response.id, channel=response.channel, cursor=response.cursor)
+        """Publish ``op`` on ``channel``; returns once the bus has stored it.
+
+        ``key`` is an idempotency key: a broadcast whose key the server saw within its
+        ``--dedup-window`` (10 minutes) is not stored again, and the answer has
+        ``duplicate`` set. A broadcast failing with UNAVAILABLE is retried (up to
+        three attempts within ``timeout``) with a key from its first attempt (a random
+        one when none is given), so a retry is never delivered twice;
+        ``retry=False`` sends once, without an automatic key.
+        """
+        if key is None and retry:
+            key = f"auto-{secrets.token_hex(8)}"
+        request = ipc_pb2.BroadcastRequest(
+            channel=channel, op=op, data=to_value(data), headers=headers or {}, key=key or ""
+        )
+        deadline = time.monotonic() + timeout
+        attempt = 1
+        while True:
+            try:
+                response = self._unary(self._stub.Broadcast, request, max(deadline - time.monotonic(), 0.001))
+                break
+            except errors.Unavailable:
+                pause = 0.1 * 2**attempt
+                if not retry or attempt >= BROADCAST_ATTEMPTS or time.monotonic() + pause >= deadline:
+                    raise
+                log.debug("broadcast unavailable; retrying with its key %s", key)
+                time.sleep(pause)
+                attempt += 1
+        return _broadcasted(response)
+
+    def publish(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[Broadcasted | errors.IpcError]:
+        """Publish many messages on one Publish stream: far cheaper per message than
+        one ``broadcast`` each. ``messages`` yields dicts with ``channel``, ``op`` and
+        optionally ``data``, ``headers``, ``key``. Yields one answer per message, in
+        order, once stored: a :class:`Broadcasted`, or for a message the server refused
+        the error ``broadcast`` would have raised (the stream goes on). A failure of the
+        stream itself is raised. Not retried: give messages keys to resend them safely.
+        """
+
+        def requests() -> Iterator[Any]:
+            for message in messages:
+                yield ipc_pb2.BroadcastRequest(
+                    channel=message.get("channel", ""),
+                    op=message.get("op", ""),
+                    data=to_value(message.get("data")),
+                    headers=message.get("headers") or {},
+                    key=message.get("key") or "",
+                )
+
+        try:
+            for answer in self._stub.Publish(requests(), metadata=self._metadata):
+                if answer.code or answer.error:
+                    code = _STATUS_BY_NUMBER.get(answer.code, grpc.StatusCode.UNKNOWN)
+                    yield errors.error_for(code, answer.error)
+                else:
+                    yield _broadcasted(answer)
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from error
 
     def send_msg(
         self,

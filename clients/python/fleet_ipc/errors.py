@@ -66,10 +66,15 @@ _BY_CODE: dict[grpc.StatusCode, type[IpcError]] = {
 }
 
 
+def error_for(code: grpc.StatusCode, details: str) -> IpcError:
+    """The exception for a status code and its message."""
+    if code == grpc.StatusCode.UNAVAILABLE and "no responders" in details.lower():
+        return NoResponders(details, code)
+    return _BY_CODE.get(code, IpcError)(details, code)
+
+
 def from_rpc_error(error: grpc.RpcError) -> IpcError:
     """The exception matching a failed call's status."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
-    if code == grpc.StatusCode.UNAVAILABLE and "no responders" in details.lower():
-        return NoResponders(details, code)
-    return _BY_CODE.get(code, IpcError)(details, code)
+    return error_for(code, details)
