@@ -478,8 +478,12 @@ function renderCapabilities() {
     if (off) $(name + "-submit").disabled = true;
   }
   const locks = caps.lock || caps.limit;
+  const grants = state.session && state.session.grants;
+  const mine = !grants
+    ? " Unauthenticated server: every lock and bucket may be used."
+    : " Your token may lock " + ((grants.lock || []).join(", ") || "nothing") + " and draw from the buckets " + ((grants.limit || []).join(", ") || "none") + ".";
   $("locks-status").textContent = locks
-    ? "This server has Lock and Limit, but no listing of the locks and limits in use: the gRPC API offers none, so the console cannot show them."
+    ? "This server has Lock, Unlock and Limit (fleet-wide), but the gRPC API has no call that lists the locks and limits in use, so the console cannot show them." + mine
     : "Not available on this server: Lock and Limit answer UNIMPLEMENTED.";
 }
 

@@ -225,6 +225,8 @@ pub fn grants_json(grants: Option<&Grants>) -> serde_json::Value {
                 "send": list(&g.send),
                 "subscribe": list(&g.subscribe),
                 "members": g.members,
+                "lock": list(&g.lock),
+                "limit": list(&g.limit),
             })
         }
     }
