@@ -458,6 +458,11 @@ impl Bus for RedisBus {
         self.inner.signals.changed();
     }
 
+    fn write_metrics(&self, out: &mut ipc_core::metrics::Exposition) {
+        let link = &self.inner.link;
+        link.metrics().write(out, link.metrics_snapshot());
+    }
+
     fn health(&self) -> watch::Receiver<bool> {
         self.inner.link.health().subscribe()
     }

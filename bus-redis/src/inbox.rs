@@ -268,6 +268,7 @@ impl Exchange {
     pub async fn listen(self: Arc<Self>, cancel: CancellationToken) {
         let channel = self.keys.inbox(self.node());
         let mut backoff = Backoff::default();
+        let mut ever_subscribed = false;
         loop {
             let subscribed = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -275,6 +276,10 @@ impl Exchange {
             };
             match subscribed {
                 Ok(Ok(pubsub)) => {
+                    if std::mem::replace(&mut ever_subscribed, true) {
+                        let reconnects = &self.link.metrics().inbox_reconnects;
+                        reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     backoff.reset();
                     self.link.health().set(Part::Inbox, true);
                     let mut messages = pubsub.into_on_message();

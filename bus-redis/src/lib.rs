@@ -25,6 +25,7 @@
 //!   health made of its parts.
 //! - `log`: entry ids and encoding, the batching writer, the tail, replay, the epoch.
 //! - `dedup`: idempotency keys, checked and recorded with the append in one script.
+//! - `metrics`: the bus's families in the replica's `/metrics`.
 //! - `presence`: publishing this replica's subscribers; fleet-wide members and routes.
 //! - `inbox`: the wire format between replicas and the inbox listener.
 //! - `coord`: Lock, Unlock and Limit as Redis scripts; release notices.
@@ -39,6 +40,7 @@ mod inbox;
 mod keys;
 mod link;
 mod log;
+mod metrics;
 mod presence;
 
 pub use bus::RedisBus;

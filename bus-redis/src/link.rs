@@ -22,6 +22,8 @@ use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::RedisMetrics;
+
 /// How often a healthy link is pinged.
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// First and largest wait between reconnection attempts.
@@ -85,6 +87,8 @@ pub(crate) struct Link {
     health: Arc<Health>,
     /// The generation of the newest connection: presence is rewritten on each.
     connected: watch::Sender<u64>,
+    /// The bus's metrics, counted wherever the link is used.
+    metrics: Arc<RedisMetrics>,
 }
 
 impl Link {
@@ -101,6 +105,19 @@ impl Link {
             lost: Notify::new(),
             health,
             connected: watch::Sender::new(0),
+            metrics: Arc::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<RedisMetrics> {
+        &self.metrics
+    }
+
+    /// What the scrape reads of the link itself.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            connected: self.current.lock().is_some(),
+            command_reconnects: self.generation.load(Ordering::Relaxed).saturating_sub(1),
         }
     }
 

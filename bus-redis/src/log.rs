@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dedup::{self, Keyed, Written};
 use crate::keys::Keys;
 use crate::link::{Backoff, Link, Part};
+use crate::metrics::RedisMetrics;
 
 /// The stream field holding the encoded message.
 pub(crate) const FIELD: &str = "m";
@@ -276,9 +278,16 @@ async fn write_batch(
             .arg(FIELD)
             .arg(&append.payload);
     }
+    let metrics = link.metrics();
+    metrics.append_batch.observe(batch.len() as u64);
+    let started = std::time::Instant::now();
     let replies: Vec<Value> = link
         .call(|mut conn| async move { pipe.query_async(&mut conn).await })
-        .await?;
+        .await
+        .inspect_err(|_| {
+            metrics.append_failures.fetch_add(1, Ordering::Relaxed);
+        })?;
+    metrics.xadd_latency.observe_duration(started.elapsed());
     let mut replies = replies.into_iter();
     let epoch = replies
         .next()
@@ -364,6 +373,7 @@ pub(crate) async fn run_tail(
     let client = probe.client().clone();
     let health = probe.health().clone();
     let mut backoff = Backoff::default();
+    let mut ever_connected = false;
     loop {
         let connected = tokio::select! {
             () = cancel.cancelled() => return,
@@ -371,9 +381,15 @@ pub(crate) async fn run_tail(
         };
         let error = match connected {
             Ok(mut conn) => {
+                if std::mem::replace(&mut ever_connected, true) {
+                    probe
+                        .metrics()
+                        .tail_reconnects
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 backoff.reset();
                 health.set(Part::Tail, true);
-                tail_connection(&mut conn, &keys, &hub, &position, &cancel).await
+                tail_connection(&mut conn, &keys, &hub, &position, probe.metrics(), &cancel).await
             }
             Err(e) => crate::link::unavailable(&e),
         };
@@ -396,6 +412,7 @@ async fn tail_connection(
     keys: &Keys,
     hub: &Hub,
     shared: &SharedPosition,
+    metrics: &RedisMetrics,
     cancel: &CancellationToken,
 ) -> BusError {
     let set = |p: Position| *shared.lock() = Some(p);
@@ -447,7 +464,11 @@ async fn tail_connection(
                 epoch: epoch_now,
                 last: EntryId::ZERO,
             });
-            hub.notify_all(&Arc::new(gap_notice(hub.node(), reason)));
+            metrics.log_losses.fetch_add(1, Ordering::Relaxed);
+            let reached = hub.notify_all(&Arc::new(gap_notice(hub.node(), reason)));
+            hub.metrics()
+                .gaps
+                .fetch_add(reached as u64, Ordering::Relaxed);
             continue;
         }
         let entries = parse_xread(read);
@@ -472,6 +493,8 @@ async fn tail_connection(
             epoch,
             last: *batch_last,
         });
+        let lag = ipc_core::now_ms() - i64::try_from(batch_last.ms).unwrap_or(i64::MAX);
+        metrics.tail_lag_ms.store(lag, Ordering::Relaxed);
         for (id, payload) in entries {
             if let Some(msg) = decode(epoch, id, payload) {
                 hub.dispatch(&msg);

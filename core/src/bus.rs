@@ -222,4 +222,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Stops background work; called once at shutdown.
     async fn shutdown(&self) {}
+
+    /// Writes the bus's own metric families into the node's `/metrics` scrape.
+    fn write_metrics(&self, out: &mut crate::metrics::Exposition) {
+        let _ = out;
+    }
 }

@@ -11,6 +11,7 @@
 //! those of the generated handler.
 
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use futures::Stream;
 use ipc_proto::pb::ipc_server;
@@ -22,6 +23,7 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::{Request, Response, Status};
 
+use crate::metrics::rpc::Method;
 use crate::service::IpcService;
 
 const SUBSCRIBE_PATH: &str = "/ipc.v1.Ipc/Subscribe";
@@ -91,27 +93,45 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let method = Method::of_path(req.uri().path());
+        let metrics = self.service.node().metrics().clone();
         let path = req.uri().path();
-        if path != SUBSCRIBE_PATH && path != SERVE_PATH {
-            return self.generated.call(req);
-        }
-        let limits = (
-            self.max_decoding_message_size,
-            self.max_encoding_message_size,
-        );
-        let service = self.service.clone();
-        let encoded = self.encoded.clone();
-        if path == SERVE_PATH {
-            return Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(SharedCodec::<ServeRequest>::new(encoded))
-                    .apply_max_message_size_config(limits.0, limits.1);
-                Ok(grpc.streaming(ServeMethod(service), req).await)
-            });
-        }
+        let call: Self::Future = if path != SUBSCRIBE_PATH && path != SERVE_PATH {
+            self.generated.call(req)
+        } else {
+            let limits = (
+                self.max_decoding_message_size,
+                self.max_encoding_message_size,
+            );
+            let service = self.service.clone();
+            let encoded = self.encoded.clone();
+            if path == SERVE_PATH {
+                Box::pin(async move {
+                    let mut grpc =
+                        tonic::server::Grpc::new(SharedCodec::<ServeRequest>::new(encoded))
+                            .apply_max_message_size_config(limits.0, limits.1);
+                    Ok(grpc.streaming(ServeMethod(service), req).await)
+                })
+            } else {
+                Box::pin(async move {
+                    let mut grpc =
+                        tonic::server::Grpc::new(SharedCodec::<SubscribeRequest>::new(encoded))
+                            .apply_max_message_size_config(limits.0, limits.1);
+                    Ok(grpc.server_streaming(SubscribeMethod(service), req).await)
+                })
+            }
+        };
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(SharedCodec::<SubscribeRequest>::new(encoded))
-                .apply_max_message_size_config(limits.0, limits.1);
-            Ok(grpc.server_streaming(SubscribeMethod(service), req).await)
+            let response = call.await?;
+            // An error is in the headers (trailers-only response); a unary success
+            // or an opened stream has no status yet: OK.
+            let code = response
+                .headers()
+                .get("grpc-status")
+                .map_or(tonic::Code::Ok, |v| tonic::Code::from_bytes(v.as_bytes()));
+            metrics.rpc.record(method, code, started.elapsed());
+            Ok(response)
         })
     }
 }

@@ -410,6 +410,11 @@ impl Hub {
 
     /// Sends a notice that is not a log entry (no cursor), such as `ipc:gap`, to
     /// every subscriber whatever its channels. Returns the number reached.
+    /// The node's metrics, for buses that count what they do to the hub.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn notify_all(&self, msg: &Arc<Msg>) -> usize {
         let mut reached = 0;
         let mut slow = Vec::new();

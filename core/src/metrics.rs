@@ -1,16 +1,93 @@
-//! Counters of a node, rendered in the Prometheus text format.
+//! Metrics of a node, served at `/metrics` in the Prometheus text format by the
+//! server and the sidecar alike: [`scrape`] writes the build, the process, the
+//! node's counters, the per-RPC metrics and whatever the bus adds.
 //!
 //! Plain atomics: the fan-out path adds once per message, not per delivery, and
 //! nothing here allocates or locks on that path.
+//!
+//! # Layout
+//! - [`text`]: the exposition writer and the lock-free histogram.
+//! - [`process`]: `process_*` from `/proc`.
+//! - [`rpc`]: calls by method and status code.
 
-use std::fmt::Write;
+pub mod process;
+pub mod rpc;
+pub mod text;
+
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Upper bounds (seconds) of the SendMsg latency histogram buckets.
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0,
-];
+use rpc::RpcMetrics;
+pub use text::{Exposition, Histogram, Kind};
+
+use crate::node::Node;
+
+/// Which binary serves the metrics: help texts say what each one means there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `ipc-server`, a replica of the control plane.
+    Server,
+    /// `ipc-sidecar`, a pod's sidecar.
+    Sidecar,
+}
+
+impl Role {
+    /// The text for this role.
+    pub fn pick(self, server: &'static str, sidecar: &'static str) -> &'static str {
+        match self {
+            Role::Server => server,
+            Role::Sidecar => sidecar,
+        }
+    }
+
+    /// How help texts name the binary: "replica" or "sidecar".
+    pub fn binary(self) -> &'static str {
+        self.pick("replica", "sidecar")
+    }
+}
+
+/// The binary serving the metrics: its role and build.
+#[derive(Debug, Clone, Copy)]
+pub struct Binary {
+    pub role: Role,
+    /// The crate version (`CARGO_PKG_VERSION`).
+    pub version: &'static str,
+    /// The git commit it was built from, or `unknown`.
+    pub commit: &'static str,
+}
+
+/// Everything `/metrics` serves for `node`, run as `binary`.
+pub fn scrape(node: &Node, binary: &Binary) -> String {
+    let role = binary.role;
+    let mut out = Exposition::new();
+    out.family(
+        "ipc_build_info",
+        Kind::Gauge,
+        &format!(
+            "Always 1: the version and git commit this {} was built from.",
+            role.binary()
+        ),
+    );
+    out.sample(
+        "ipc_build_info",
+        &[("version", binary.version), ("commit", binary.commit)],
+        1,
+    );
+    if let Some(process) = process::ProcessStats::read() {
+        process.write(&mut out, role.binary());
+    }
+    out.gauge(
+        "ipc_bus_up",
+        role.pick(
+            "1 while this replica's bus works (Redis reachable, log tailed, presence kept) and it reports SERVING; else 0.",
+            "1 while this sidecar is subscribed to the control plane and reports SERVING; else 0.",
+        ),
+        u8::from(*node.bus().health().borrow()),
+    );
+    node.metrics().write(&mut out, role);
+    node.bus().write_metrics(&mut out);
+    out.finish()
+}
 
 /// How a SendMsg ended.
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +171,6 @@ impl Refusal {
     }
 }
 
-#[derive(Default)]
 pub struct Metrics {
     pub accepted: AtomicU64,
     pub delivered: AtomicU64,
@@ -105,9 +181,7 @@ pub struct Metrics {
     send_no_responders: AtomicU64,
     send_deadline: AtomicU64,
     send_failed: AtomicU64,
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_micros: AtomicU64,
+    send_latency: Histogram,
     refusals: [AtomicU64; Refusal::ALL.len()],
     /// Tokens-file reloads that took effect.
     pub token_reloads: AtomicU64,
@@ -121,6 +195,36 @@ pub struct Metrics {
     pub revoked_streams: AtomicU64,
     /// Lock calls on this node waiting for a lease now.
     pub lock_waiters: AtomicI64,
+    /// `ipc:gap` notices handed to subscribers.
+    pub gaps: AtomicU64,
+    /// Calls of `ipc.v1.Ipc` by method and code.
+    pub rpc: RpcMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            accepted: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            subscribers: AtomicI64::new(0),
+            slow_cutoffs: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            send_replied: AtomicU64::new(0),
+            send_no_responders: AtomicU64::new(0),
+            send_deadline: AtomicU64::new(0),
+            send_failed: AtomicU64::new(0),
+            send_latency: Histogram::latency(),
+            refusals: Default::default(),
+            token_reloads: AtomicU64::new(0),
+            token_reload_failures: AtomicU64::new(0),
+            connections: AtomicI64::new(0),
+            idle_closes: AtomicU64::new(0),
+            revoked_streams: AtomicU64::new(0),
+            lock_waiters: AtomicI64::new(0),
+            gaps: AtomicU64::new(0),
+            rpc: RpcMetrics::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -142,88 +246,124 @@ impl Metrics {
             SendOutcome::Failed => &self.send_failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let secs = elapsed.as_secs_f64();
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-            if secs <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.send_latency.observe_duration(elapsed);
     }
 
-    /// The Prometheus text exposition of every counter.
-    pub fn render(&self) -> String {
+    /// The node's own families, with help texts for the binary that serves them.
+    pub fn write(&self, out: &mut Exposition, role: Role) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        counter(
+        out.counter(
             "ipc_messages_accepted_total",
-            "Broadcasts stored in the bus log by this node.",
+            role.pick(
+                "Broadcasts this replica stored in the bus log for its callers.",
+                "Broadcasts of this pod's processes that the control plane accepted.",
+            ),
             get(&self.accepted),
         );
-        counter(
+        out.counter(
             "ipc_messages_delivered_total",
-            "Messages handed to local subscriber streams.",
+            role.pick(
+                "Messages this replica handed to its subscriber streams (clients and sidecars).",
+                "Messages this sidecar handed to subscriber streams of the pod's processes.",
+            ),
             get(&self.delivered),
         );
-        counter(
+        out.counter(
             "ipc_slow_subscriber_cutoffs_total",
-            "Subscribers cut off because their queue was full.",
+            role.pick(
+                "Subscriber streams of this replica cut off because their queue was full (they resume with their cursor).",
+                "Subscriber streams of the pod's processes cut off because their queue was full (they resume with their cursor).",
+            ),
             get(&self.slow_cutoffs),
         );
-        counter(
+        out.counter(
             "ipc_requests_rejected_total",
-            "Requests refused for bad input or limits.",
+            role.pick(
+                "Broadcast and SendMsg calls this replica refused for bad input or a size limit.",
+                "Broadcast and SendMsg calls of the pod's processes this sidecar refused for bad input or a size limit.",
+            ),
             get(&self.rejected),
         );
-        counter(
+        out.counter(
             "ipc_idle_connections_closed_total",
-            "Connections closed with no call in progress past --handshake-timeout-ms or --idle-timeout-ms.",
+            role.pick(
+                "Connections to this replica closed with no call in progress past --handshake-timeout-ms or --idle-timeout-ms.",
+                "Connections to this sidecar closed with no call in progress past their idle deadline.",
+            ),
             get(&self.idle_closes),
         );
-        counter(
+        out.counter(
             "ipc_revoked_streams_total",
-            "Streams ended because their token was removed or changed in the tokens file.",
+            role.pick(
+                "Streams of this replica ended because their token was removed or changed in the tokens file.",
+                "Streams of this sidecar ended because their token was removed or changed.",
+            ),
             get(&self.revoked_streams),
         );
-        let _ = writeln!(
-            out,
-            "# HELP ipc_refusals_total Requests refused by a limit or by authorization, by reason.\n# TYPE ipc_refusals_total counter"
+        out.family(
+            "ipc_refusals_total",
+            Kind::Counter,
+            role.pick(
+                "Requests this replica refused by a limit or by authorization, by reason.",
+                "Requests of the pod's processes this sidecar refused by a limit, by reason.",
+            ),
         );
         for reason in Refusal::ALL {
-            let _ = writeln!(
-                out,
-                "ipc_refusals_total{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                self.refusals(reason)
+            out.sample(
+                "ipc_refusals_total",
+                &[("reason", reason.as_str())],
+                self.refusals(reason),
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP ipc_token_reloads_total Tokens-file reloads (SIGHUP) by result.\n# TYPE ipc_token_reloads_total counter\nipc_token_reloads_total{{result=\"ok\"}} {}\nipc_token_reloads_total{{result=\"error\"}} {}",
+        out.family(
+            "ipc_token_reloads_total",
+            Kind::Counter,
+            role.pick(
+                "Reloads of this replica's tokens file (SIGHUP) by result; on error the previous file stays in force.",
+                "Reloads of the sidecar's upstream token file by result.",
+            ),
+        );
+        out.sample(
+            "ipc_token_reloads_total",
+            &[("result", "ok")],
             get(&self.token_reloads),
-            get(&self.token_reload_failures)
         );
-        let _ = writeln!(
-            out,
-            "# HELP ipc_connections Open client connections.\n# TYPE ipc_connections gauge\nipc_connections {}",
-            self.connections.load(Ordering::Relaxed)
+        out.sample(
+            "ipc_token_reloads_total",
+            &[("result", "error")],
+            get(&self.token_reload_failures),
         );
-        let _ = writeln!(
-            out,
-            "# HELP ipc_subscribers Live subscriber streams on this node.\n# TYPE ipc_subscribers gauge\nipc_subscribers {}",
-            self.subscribers.load(Ordering::Relaxed)
+        out.counter(
+            "ipc_gaps_total",
+            role.pick(
+                "ipc:gap notices this replica sent to subscribers: messages they may have missed (retention passed their cursor, or the log was lost).",
+                "ipc:gap notices this sidecar sent to the pod's subscribers: messages they may have missed (its buffer or the control plane's log no longer had them).",
+            ),
+            get(&self.gaps),
         );
-        let _ = writeln!(
-            out,
-            "# HELP ipc_sendmsg_total SendMsg calls by outcome.\n# TYPE ipc_sendmsg_total counter"
+        out.gauge(
+            "ipc_connections",
+            role.pick(
+                "Open client connections to this replica's gRPC port.",
+                "Open connections to this sidecar.",
+            ),
+            self.connections.load(Ordering::Relaxed),
+        );
+        out.gauge(
+            "ipc_subscribers",
+            role.pick(
+                "Live subscriber streams on this replica (a sidecar's whole pod is one).",
+                "Live subscriber streams of the pod's processes on this sidecar's socket.",
+            ),
+            self.subscribers.load(Ordering::Relaxed),
+        );
+        out.family(
+            "ipc_sendmsg_total",
+            Kind::Counter,
+            role.pick(
+                "SendMsg calls made to this replica, by outcome.",
+                "SendMsg calls of the pod's processes, by outcome.",
+            ),
         );
         for (outcome, c) in [
             ("replied", &self.send_replied),
@@ -231,34 +371,25 @@ impl Metrics {
             ("deadline_exceeded", &self.send_deadline),
             ("failed", &self.send_failed),
         ] {
-            let _ = writeln!(out, "ipc_sendmsg_total{{outcome=\"{outcome}\"}} {}", get(c));
+            out.sample("ipc_sendmsg_total", &[("outcome", outcome)], get(c));
         }
-        let _ = writeln!(
-            out,
-            "# HELP ipc_sendmsg_duration_seconds SendMsg latency.\n# TYPE ipc_sendmsg_duration_seconds histogram"
+        out.family(
+            "ipc_sendmsg_duration_seconds",
+            Kind::Histogram,
+            role.pick(
+                "SendMsg latency seen by callers of this replica, from request to reply (or failure).",
+                "SendMsg latency seen by the pod's processes, from request to reply (or failure).",
+            ),
         );
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-            let _ = writeln!(
-                out,
-                "ipc_sendmsg_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                get(bucket)
-            );
-        }
-        let count = get(&self.latency_count);
-        let _ = writeln!(
-            out,
-            "ipc_sendmsg_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        out.histogram("ipc_sendmsg_duration_seconds", &[], &self.send_latency);
+        out.gauge(
+            "ipc_lock_waiters",
+            role.pick(
+                "Lock calls waiting for a lease on this replica.",
+                "Lock calls of the pod's processes waiting for a lease.",
+            ),
+            self.lock_waiters.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "ipc_sendmsg_duration_seconds_sum {}\nipc_sendmsg_duration_seconds_count {count}",
-            get(&self.latency_sum_micros) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "# HELP ipc_lock_waiters Lock calls waiting for a lease on this node.\n# TYPE ipc_lock_waiters gauge\nipc_lock_waiters {}",
-            self.lock_waiters.load(Ordering::Relaxed)
-        );
-        out
+        self.rpc.write(out, role.binary());
     }
 }

@@ -548,6 +548,7 @@ impl Node {
         if let Some(cursor) = resume_from {
             let replay = self.bus.replay_for(&cursor, &subscription.patterns).await?;
             if let Some(reason) = replay.gap {
+                self.metrics.gaps.fetch_add(1, Ordering::Relaxed);
                 head.push(Arc::new(self.system_msg(
                     "ipc:gap",
                     serde_json::json!({"cursor": cursor.to_string(), "reason": reason}),

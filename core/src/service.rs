@@ -156,6 +156,10 @@ impl IpcService {
         Self { node, identity }
     }
 
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
     /// Who is calling, once authenticated and within its rate limit.
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let peer = Peer::of(request.extensions());

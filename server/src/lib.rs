@@ -25,6 +25,13 @@ use tokio::net::TcpListener;
 pub mod security;
 pub mod transport;
 
+/// This binary, as its metrics describe it.
+const BINARY: ipc_core::metrics::Binary = ipc_core::metrics::Binary {
+    role: ipc_core::metrics::Role::Server,
+    version: ipc_build_info::VERSION,
+    commit: ipc_build_info::COMMIT,
+};
+
 /// The fleet-ipc control plane: one gRPC API to broadcast to a channel, ask one
 /// process and wait for its reply, and subscribe.
 #[derive(Debug, Clone, Parser)]
@@ -328,7 +335,7 @@ impl Server {
             "/metrics",
             axum::routing::get(move || {
                 let node = metrics_node.clone();
-                async move { node.metrics().render() }
+                async move { ipc_core::metrics::scrape(&node, &BINARY) }
             }),
         );
         let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -13,6 +13,13 @@ use tokio::net::TcpListener;
 
 use crate::upstream::UpstreamBus;
 
+/// This binary, as its metrics describe it.
+const BINARY: ipc_core::metrics::Binary = ipc_core::metrics::Binary {
+    role: ipc_core::metrics::Role::Sidecar,
+    version: ipc_build_info::VERSION,
+    commit: ipc_build_info::COMMIT,
+};
+
 pub async fn serve(
     listener: TcpListener,
     node: Arc<Node>,
@@ -47,7 +54,7 @@ pub async fn serve(
             "/metrics",
             get(move || {
                 let node = metrics_node.clone();
-                async move { node.metrics().render() }
+                async move { ipc_core::metrics::scrape(&node, &BINARY) }
             }),
         );
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -9,13 +9,14 @@
 //! N times; a request waits its turn until its deadline. A request is answered with
 //! the exit code and the tail of the output.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use ipc_core::metrics::{Exposition, Kind};
 use ipc_proto::pb::Msg;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -42,6 +43,21 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// How the run ended, the `status` label of `ipc_sidecar_hook_runs_total`: the
+    /// exit code (`0`, `3`), or `timeout`, `signal`, `not_started`.
+    pub fn status(&self) -> String {
+        if self.timed_out {
+            "timeout".into()
+        } else if self.signal.is_some() {
+            "signal".into()
+        } else {
+            match self.exit_code {
+                Some(code) => code.to_string(),
+                None => "not_started".into(),
+            }
+        }
+    }
+
     /// The reply data: `{"exit_code", "output", "timed_out"}` (and `signal`).
     pub fn data(&self) -> serde_json::Value {
         let mut data = serde_json::json!({
@@ -65,6 +81,14 @@ struct Hook {
     /// Broadcast runs accepted and not finished: the running one and at most one
     /// waiting behind it.
     accepted: AtomicUsize,
+    /// Runs by how they ended ([`Outcome::status`]), for `/metrics`.
+    runs: parking_lot::Mutex<BTreeMap<String, u64>>,
+}
+
+impl Hook {
+    fn count(&self, status: String) {
+        *self.runs.lock().entry(status).or_default() += 1;
+    }
 }
 
 /// The configured hooks, by op.
@@ -86,6 +110,7 @@ impl Hooks {
                     running: tokio::sync::Mutex::new(()),
                     queue,
                     accepted: AtomicUsize::new(0),
+                    runs: Default::default(),
                 });
                 tokio::spawn(run_broadcasts(Arc::downgrade(&hook), runs, timeout));
                 (op.clone(), hook)
@@ -107,6 +132,7 @@ impl Hooks {
         };
         if hook.accepted.fetch_add(1, Ordering::AcqRel) >= MAX_ACCEPTED {
             hook.accepted.fetch_sub(1, Ordering::AcqRel);
+            hook.count("skipped".into());
             tracing::warn!(op = %msg.op, id = %msg.id, "hook busy with one run waiting; this one skipped");
             return;
         }
@@ -126,6 +152,7 @@ impl Hooks {
             };
         };
         let Ok(_turn) = tokio::time::timeout_at(deadline, hook.running.lock()).await else {
+            hook.count("skipped".into());
             return Outcome {
                 error: Some(format!(
                     "the hook for {:?} was still busy with an earlier run at the deadline",
@@ -135,7 +162,29 @@ impl Hooks {
             };
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        run(&hook.command, msg, self.timeout.min(left)).await
+        let outcome = run(&hook.command, msg, self.timeout.min(left)).await;
+        hook.count(outcome.status());
+        outcome
+    }
+
+    /// Writes `ipc_sidecar_hook_runs_total`.
+    pub fn write_metrics(&self, out: &mut Exposition) {
+        out.family(
+            "ipc_sidecar_hook_runs_total",
+            Kind::Counter,
+            "Hook commands this sidecar ran for ops sent to the pod, by op and how they ended (exit code, timeout, signal, not_started, or skipped while busy).",
+        );
+        let mut ops: Vec<_> = self.hooks.iter().collect();
+        ops.sort_by(|a, b| a.0.cmp(b.0));
+        for (op, hook) in ops {
+            for (status, runs) in hook.runs.lock().iter() {
+                out.sample(
+                    "ipc_sidecar_hook_runs_total",
+                    &[("op", op), ("status", status)],
+                    runs,
+                );
+            }
+        }
     }
 }
 
@@ -148,6 +197,7 @@ async fn run_broadcasts(hook: Weak<Hook>, mut queue: mpsc::Receiver<Arc<Msg>>, t
             run(&hook.command, &msg, timeout).await
         };
         hook.accepted.fetch_sub(1, Ordering::AcqRel);
+        hook.count(outcome.status());
         match &outcome.error {
             None => tracing::info!(op = %msg.op, id = %msg.id, "hook ran"),
             Some(error) => {

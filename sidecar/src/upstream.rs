@@ -33,6 +33,7 @@ use ipc_core::bus::{
 use ipc_core::channel::Pattern;
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
+use ipc_core::metrics::Exposition;
 use ipc_core::node::{BUILTIN_OPS, DEADLINE_HEADER};
 use ipc_core::{Caller, Node, NodeError};
 use ipc_proto::json;
@@ -109,6 +110,11 @@ struct Inner {
     promised: Mutex<HashMap<String, Pattern>>,
     ring: Mutex<Ring>,
     ever_connected: AtomicBool,
+    /// Sessions (subscriptions on a new connection) established upstream, for
+    /// the reconnects in `/metrics`.
+    sessions: AtomicU64,
+    /// `ipc:gap` notices received from upstream (`/metrics`).
+    upstream_gaps: AtomicU64,
     last_error: Mutex<String>,
     token: RwLock<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>>,
     notice_prefix: String,
@@ -142,6 +148,8 @@ impl UpstreamBus {
                 promised: Mutex::new(HashMap::new()),
                 ring: Mutex::new(ring),
                 ever_connected: AtomicBool::new(false),
+                sessions: AtomicU64::new(0),
+                upstream_gaps: AtomicU64::new(0),
                 last_error: Mutex::new("not connected yet".into()),
                 token: RwLock::new(None),
                 notice_prefix: format!("{:08x}", rand::random::<u32>()),
@@ -338,6 +346,26 @@ impl Bus for UpstreamBus {
 
     fn subscribers_changed(&self) {
         self.inner.wanted.send_modify(|generation| *generation += 1);
+    }
+
+    fn write_metrics(&self, out: &mut Exposition) {
+        let inner = &self.inner;
+        out.gauge(
+            "ipc_sidecar_upstream_connected",
+            "1 while this sidecar's subscription to the control plane is established (the pod receives the fleet's messages); else 0.",
+            u8::from(*inner.health.borrow()),
+        );
+        out.counter(
+            "ipc_sidecar_upstream_reconnects_total",
+            "Times this sidecar established its upstream subscription again after losing it (resumed from its last cursor).",
+            inner.sessions.load(Ordering::Relaxed).saturating_sub(1),
+        );
+        out.counter(
+            "ipc_sidecar_upstream_gaps_total",
+            "ipc:gap notices this sidecar received from the control plane on resuming: the fleet's log no longer had what the pod missed.",
+            inner.upstream_gaps.load(Ordering::Relaxed),
+        );
+        inner.hooks.write_metrics(out);
     }
 
     fn health(&self) -> watch::Receiver<bool> {
@@ -637,6 +665,7 @@ impl Inner {
             }
         };
         self.link.send_replace(Some(link.clone()));
+        self.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(upstream = %link.address, id = %self.config.identity.id, "subscribed upstream");
         let mut acknowledged = false;
         loop {
@@ -860,6 +889,7 @@ impl Inner {
                     // Nothing carries over from the lost log: coverage starts anew.
                     active.resumed_from = None;
                     active.gap_notified = true;
+                    self.upstream_gaps.fetch_add(1, Ordering::Relaxed);
                     self.notify_gap(last, &format!("upstream: {reason}"));
                 }
                 "ipc:subscribed" => {}
@@ -928,6 +958,9 @@ impl Inner {
             ..Msg::default()
         };
         let reached = hub.notify_all(&Arc::new(notice));
+        hub.metrics()
+            .gaps
+            .fetch_add(reached as u64, Ordering::Relaxed);
         tracing::warn!(reached, reason, "ipc:gap sent to local subscribers");
     }
 
