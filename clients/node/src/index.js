@@ -17,6 +17,7 @@ const path = require('node:path');
 const fs = require('node:fs');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const crypto = require('node:crypto');
 const errors = require('./errors');
 
 const DEFAULT_ADDR = 'localhost:7700';
@@ -25,6 +26,8 @@ const DEFAULT_CALL_TIMEOUT_MS = 10000; // bound on other unary calls
 // Slack on SendMsg's gRPC deadline over timeout_ms, so that the server's own
 // DEADLINE_EXCEEDED (with its explanation) arrives before the client gives up.
 const DEADLINE_SLACK_MS = 1000;
+// Attempts of a broadcast that keeps failing with UNAVAILABLE.
+const BROADCAST_ATTEMPTS = 3;
 const BACKOFF_FIRST_MS = 100;
 const BACKOFF_MAX_MS = 5000;
 
@@ -103,6 +106,10 @@ function fromValue(value) {
 }
 
 /** An ipc.v1.Msg with `data` as a plain value. */
+function broadcasted(response) {
+  return { id: response.id, channel: response.channel, cursor: response.cursor, duplicate: Boolean(response.duplicate) };
+}
+
 function toMsg(pb) {
   return {
     op: pb.op,
@@ -188,10 +195,61 @@ class Client {
     this.id = '';
   }
 
-  /** Publish `op` on `channel`; resolves to {id, channel, cursor} once stored. */
-  async broadcast(channel, op, data, { headers = {}, timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
-    const response = await this._unary('Broadcast', { channel, op, data: toValue(data), headers }, timeoutMs);
-    return { id: response.id, channel: response.channel, cursor: response.cursor };
+  /**
+   * Publish `op` on `channel`; resolves to {id, channel, cursor, duplicate} once
+   * stored. `key` is an idempotency key: a key the server saw within its
+   * --dedup-window (10 minutes) is not stored again (`duplicate` is true, with the
+   * first id and cursor). A broadcast failing with UNAVAILABLE is retried (up to
+   * BROADCAST_ATTEMPTS within `timeoutMs`) with a key from its first attempt — a
+   * random one when none is given — so a retry is never delivered twice;
+   * `retry: false` sends once, without an automatic key.
+   */
+  async broadcast(channel, op, data, { headers = {}, timeoutMs = DEFAULT_CALL_TIMEOUT_MS, key, retry = true } = {}) {
+    if (key === undefined && retry) key = `auto-${crypto.randomBytes(8).toString('hex')}`;
+    const request = { channel, op, data: toValue(data), headers, key: key || '' };
+    const deadline = Date.now() + timeoutMs;
+    for (let attempt = 1; ; attempt += 1) {
+      try {
+        const response = await this._unary('Broadcast', request, Math.max(deadline - Date.now(), 1));
+        return broadcasted(response);
+      } catch (error) {
+        const pause = 100 * 2 ** attempt;
+        const again = retry && error instanceof errors.UnavailableError && !(error instanceof errors.NoRespondersError);
+        if (!again || attempt >= BROADCAST_ATTEMPTS || Date.now() + pause >= deadline) throw error;
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
+    }
+  }
+
+  /**
+   * Publish many messages on one Publish stream — far cheaper per message than one
+   * broadcast each. `messages` is an (async) iterable of {channel, op, data,
+   * headers, key}. Yields one answer per message, in order, once stored: a
+   * {id, channel, cursor, duplicate} object, or for a message the server refused,
+   * the Error broadcast would have thrown (the stream goes on). A failure of the
+   * stream itself is thrown. Not retried: give messages keys to resend them safely.
+   */
+  async *publish(messages) {
+    const call = this._stub.Publish(this._metadata);
+    const failed = new Promise((_, reject) => call.on('error', (error) => reject(errors.fromGrpcError(error))));
+    failed.catch(() => {});
+    const writing = (async () => {
+      for await (const m of messages) {
+        const request = { channel: m.channel || '', op: m.op || '', data: toValue(m.data), headers: m.headers || {}, key: m.key || '' };
+        if (!call.write(request)) await new Promise((resolve) => call.once('drain', resolve));
+      }
+      call.end();
+    })();
+    writing.catch((error) => call.cancel(String(error)));
+    try {
+      for await (const answer of call) {
+        if (answer.code || answer.error) yield errors.fromGrpcError({ code: answer.code, details: answer.error });
+        else yield broadcasted(answer);
+      }
+    } catch (error) {
+      throw errors.fromGrpcError(error);
+    }
+    await writing;
   }
 
   /**
