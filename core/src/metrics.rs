@@ -195,6 +195,9 @@ pub struct Metrics {
     pub revoked_streams: AtomicU64,
     /// Lock calls on this node waiting for a lease now.
     pub lock_waiters: AtomicI64,
+    /// Gather and Rollout operations finished, by `Ledger.State` (index = the
+    /// enum's number).
+    ops_finished: [AtomicU64; LEDGER_STATES.len()],
     /// `ipc:gap` notices handed to subscribers.
     pub gaps: AtomicU64,
     /// Calls of `ipc.v1.Ipc` by method and code.
@@ -221,13 +224,34 @@ impl Default for Metrics {
             idle_closes: AtomicU64::new(0),
             revoked_streams: AtomicU64::new(0),
             lock_waiters: AtomicI64::new(0),
+            ops_finished: Default::default(),
             gaps: AtomicU64::new(0),
             rpc: RpcMetrics::default(),
         }
     }
 }
 
+/// Label values of `Ledger.State`, by number (`ipc_operations_finished_total{state}`).
+const LEDGER_STATES: [&str; 6] = [
+    "unspecified",
+    "running",
+    "done",
+    "stopped",
+    "cancelled",
+    "dry_run",
+];
+
 impl Metrics {
+    /// Counts a Gather or Rollout finished in `state` (a `Ledger.State` number).
+    pub fn operation_finished(&self, state: i32) {
+        if let Some(c) = usize::try_from(state)
+            .ok()
+            .and_then(|i| self.ops_finished.get(i))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a request refused for `reason`.
     pub fn refuse(&self, reason: Refusal) {
         self.refusals[reason as usize].fetch_add(1, Ordering::Relaxed);
@@ -390,6 +414,18 @@ impl Metrics {
             ),
             self.lock_waiters.load(Ordering::Relaxed),
         );
+        out.family(
+            "ipc_operations_finished_total",
+            Kind::Counter,
+            role.pick(
+                "Gather and Rollout operations started on this replica that finished, by ledger state (stopped: a rollout halted part-way).",
+                "Gather and Rollout operations of the pod's processes that finished, by ledger state (stopped: a rollout halted part-way).",
+            ),
+        );
+        // Only final states: unspecified and running are never a finish.
+        for (state, c) in LEDGER_STATES.iter().zip(&self.ops_finished).skip(2) {
+            out.sample("ipc_operations_finished_total", &[("state", state)], get(c));
+        }
         self.rpc.write(out, role.binary());
     }
 }

@@ -1,12 +1,15 @@
 //! `/metrics` of both binaries, scraped live from a fleet of Redis, a replica and a
 //! sidecar after some traffic: each scrape passes `promtool check metrics` and
 //! carries the families an operator needs (build, process, per-RPC, Redis bus,
-//! sidecar upstream and hooks).
+//! sidecar upstream and hooks), and every metric the shipped dashboard and alert
+//! rules (deploy/monitoring) name is in them. The rules pass `promtool check rules`
+//! and their unit tests (`promtool test rules`).
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -164,5 +167,106 @@ async fn both_binaries_serve_metrics_promtool_accepts_with_what_operators_need()
         sidecar_text.contains("on this sidecar's socket")
             && server_text.contains("on this replica"),
         "help texts name the binary that serves them"
+    );
+
+    // Every metric the dashboard and the alerts use is served by a real binary.
+    let served: BTreeSet<&str> = [&server_text, &sidecar_text]
+        .into_iter()
+        .flat_map(|text| text.lines())
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    let named = monitoring_metrics();
+    assert!(named.len() > 20, "too few metrics found: {named:?}");
+    let missing: Vec<_> = named
+        .iter()
+        .filter(|m| !served.contains(m.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "named in deploy/monitoring but served by no binary: {missing:?}"
+    );
+}
+
+fn monitoring_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring")
+}
+
+/// Metric names (`ipc_*`, `process_*`) in a PromQL expression.
+fn metric_names(expr: &str) -> impl Iterator<Item = String> + '_ {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| word.starts_with("ipc_") || word.starts_with("process_"))
+        .map(str::to_string)
+}
+
+/// The alert rules of alerts.yaml, as YAML.
+fn alert_rules() -> serde_yaml::Value {
+    let text = std::fs::read_to_string(monitoring_dir().join("alerts.yaml")).expect("alerts.yaml");
+    serde_yaml::from_str(&text).expect("alerts.yaml is YAML")
+}
+
+/// Every metric named by an expression of the dashboard or of the alert rules.
+fn monitoring_metrics() -> BTreeSet<String> {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(monitoring_dir().join("grafana-dashboard.json"))
+            .expect("grafana-dashboard.json"),
+    )
+    .expect("the dashboard is JSON");
+    let mut names = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            names.extend(metric_names(target["expr"].as_str().expect("expr")));
+        }
+    }
+    for group in alert_rules()["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            names.extend(metric_names(rule["expr"].as_str().expect("expr")));
+        }
+    }
+    names
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = monitoring_dir();
+    for args in [
+        ["check", "rules", "alerts.yaml"],
+        ["test", "rules", "alerts.test.yaml"],
+    ] {
+        let output = Command::new(promtool())
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("running promtool");
+        assert!(
+            output.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // Each alert has a unit test.
+    let tests = std::fs::read_to_string(dir.join("alerts.test.yaml")).expect("alerts.test.yaml");
+    for group in alert_rules()["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let alert = rule["alert"].as_str().expect("alert name");
+            assert!(
+                tests.contains(&format!("alertname: {alert}")),
+                "no unit test of {alert} in alerts.test.yaml"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_prometheus_rule_manifest_holds_the_same_rules_as_alerts_yaml() {
+    let text = std::fs::read_to_string(monitoring_dir().join("prometheusrule.yaml"))
+        .expect("prometheusrule.yaml");
+    let manifest: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+    assert_eq!(manifest["kind"], "PrometheusRule");
+    assert_eq!(
+        manifest["spec"],
+        alert_rules(),
+        "prometheusrule.yaml differs from alerts.yaml: regenerate it"
     );
 }
