@@ -100,6 +100,77 @@ impl Grants {
     pub fn may_subscribe(&self, pattern: &Pattern) -> bool {
         self.subscribe.iter().any(|g| g.includes(pattern))
     }
+
+    /// Whether a relaying subscriber (id `relayer`, app `app`) with these grants
+    /// may list `member`: see [`relayed_claims`].
+    pub fn may_relay(&self, member: &ipc_proto::pb::Member, app: &str, relayer: &str) -> bool {
+        let node = if member.node.is_empty() {
+            relayer
+        } else {
+            member.node.as_str()
+        };
+        (member.app.is_empty() || member.app == app)
+            && std::iter::once(member.id.clone())
+                .chain(relayed_claims(member, app, relayer, node))
+                .all(|c| Pattern::parse(&c).is_ok_and(|p| self.may_subscribe(&p)))
+    }
+
+    /// The grants as JSON (the `grants` built-in op): patterns as text.
+    pub fn to_json(&self) -> serde_json::Value {
+        let list = |patterns: &[Pattern]| -> Vec<String> {
+            patterns.iter().map(|p| p.as_str().to_string()).collect()
+        };
+        serde_json::json!({
+            "broadcast": list(&self.broadcast),
+            "send": list(&self.send),
+            "subscribe": list(&self.subscribe),
+            "members": self.members,
+        })
+    }
+
+    /// Grants from [`Grants::to_json`]; patterns that do not parse are left out.
+    pub fn from_json(json: &serde_json::Value) -> Self {
+        let list = |key: &str| -> Vec<Pattern> {
+            json[key]
+                .as_array()
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|p| Pattern::parse(p.as_str()?).ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Self {
+            broadcast: list("broadcast"),
+            send: list("send"),
+            subscribe: list("subscribe"),
+            members: json["members"].as_bool().unwrap_or(false),
+        }
+    }
+}
+
+/// The channels a relayed member claims besides its id, each of which its relay
+/// must be granted to subscribe to: its role and tag channels (in `app`), its
+/// channels, and its node when that is not the relayer's own id.
+pub fn relayed_claims(
+    member: &ipc_proto::pb::Member,
+    app: &str,
+    relayer: &str,
+    node: &str,
+) -> Vec<String> {
+    let mut claimed = Vec::new();
+    if !member.role.is_empty() {
+        claimed.push(format!("{app}:{}", member.role));
+        if !member.tag.is_empty() {
+            claimed.push(format!("{app}:{}:{}", member.role, member.tag));
+        }
+    }
+    claimed.extend(member.channels.iter().cloned());
+    if node != relayer {
+        claimed.push(node.to_string());
+    }
+    claimed
 }
 
 /// One entry of the tokens file.

@@ -18,6 +18,7 @@ use crate::channel::Pattern;
 use crate::coord::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
 use crate::cursor::Cursor;
 use crate::hub::Hub;
+use crate::node::NodeError;
 
 /// A failure of the bus itself (not of the caller's input).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -212,6 +213,13 @@ pub trait Bus: Send + Sync + 'static {
         in_node: &MemoryCoord,
     ) -> Result<LimitAnswer, BusError> {
         Ok(in_node.limit(name, &limit))
+    }
+
+    /// Refuses a local subscription the bus could not carry (a sidecar whose
+    /// upstream token does not grant a pattern): `id` is the subscriber's own id
+    /// channel, which stays local when not granted rather than being refused.
+    fn check_local_subscription(&self, _patterns: &[Pattern], _id: &str) -> Result<(), NodeError> {
+        Ok(())
     }
 
     /// The hub's subscribers changed (presence may need an update).

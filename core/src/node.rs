@@ -205,7 +205,7 @@ pub type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Arc<Msg>, Closed>> +
 pub const DEADLINE_HEADER: &str = "ipc-deadline-ms";
 
 /// Ops the node answers itself (SendMsg with an empty target).
-pub const BUILTIN_OPS: [&str; 3] = ["ping", "members", "info"];
+pub const BUILTIN_OPS: [&str; 4] = ["ping", "members", "info", "grants"];
 
 pub struct Node {
     config: NodeConfig,
@@ -453,6 +453,17 @@ impl Node {
                 let (members, _) = crate::members::cap(members, budget);
                 serde_json::Value::Array(members.iter().map(member_json).collect())
             }
+            // The caller's own grants (a sidecar learns what its pod may do).
+            "grants" => match &caller.grants {
+                Some(grants) => {
+                    let mut json = grants.to_json();
+                    json["authenticated"] = true.into();
+                    json["name"] = caller.sender.clone().into();
+                    json["app"] = self.app(caller).unwrap_or_default().into();
+                    json
+                }
+                None => serde_json::json!({"authenticated": false, "name": caller.sender}),
+            },
             "info" => {
                 self.authorize(caller, "call", "info", |g| g.members)?;
                 serde_json::json!({
@@ -501,6 +512,8 @@ impl Node {
             ));
         }
         let spec = self.subscriber_spec(caller, &req)?;
+        self.bus
+            .check_local_subscription(&spec.patterns, &spec.id)?;
         let resume_from = match req.cursor.as_str() {
             "" => None,
             text => Some(
@@ -771,18 +784,7 @@ impl Node {
                 caller.sender, member.app
             )));
         }
-        let mut claimed = Vec::new();
-        if !member.role.is_empty() {
-            claimed.push(format!("{caller_app}:{}", member.role));
-            if !member.tag.is_empty() {
-                claimed.push(format!("{caller_app}:{}:{}", member.role, member.tag));
-            }
-        }
-        claimed.extend(member.channels.iter().cloned());
-        if node != relayer {
-            claimed.push(node.to_string());
-        }
-        for channel in claimed {
+        for channel in crate::auth::relayed_claims(member, caller_app, relayer, node) {
             let pattern = Pattern::parse(&channel)?;
             self.authorize(caller, "relay a member of", &channel, |g| {
                 g.may_subscribe(&pattern)

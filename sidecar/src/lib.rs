@@ -11,6 +11,7 @@
 //! - [`config`]: flags and `IPC_*` variables; the pod's identity.
 //! - [`socket`]: the Unix socket (stale replaced, live refused, file mode).
 //! - [`upstream`]: the upstream bus — subscription, resume, requests both ways.
+//! - [`grants`]: what the pod's token may do upstream; local subscriptions beyond it refused.
 //! - [`ring`]: the recent upstream entries, for local subscribers that resume.
 //! - [`hooks`]: shell commands run for ops.
 //! - [`health`]: gRPC health and `/healthz`, `/readyz`, `/metrics` on TCP.
@@ -19,6 +20,7 @@
 //! drain of the control plane's port.
 
 pub mod config;
+pub mod grants;
 pub mod health;
 pub mod hooks;
 pub mod ring;

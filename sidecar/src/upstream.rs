@@ -49,6 +49,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
 use crate::config::PodIdentity;
+use crate::grants::PodGrants;
 use crate::hooks::Hooks;
 use crate::ring::{Ring, RingLimits, is_at_or_before};
 
@@ -117,6 +118,8 @@ struct Inner {
     upstream_gaps: AtomicU64,
     last_error: Mutex<String>,
     token: RwLock<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>>,
+    /// The pod token's grants, once the control plane told them.
+    grants: RwLock<Option<Arc<PodGrants>>>,
     notice_prefix: String,
     next_notice: AtomicU64,
     stop: CancellationToken,
@@ -152,6 +155,7 @@ impl UpstreamBus {
                 upstream_gaps: AtomicU64::new(0),
                 last_error: Mutex::new("not connected yet".into()),
                 token: RwLock::new(None),
+                grants: RwLock::new(None),
                 notice_prefix: format!("{:08x}", rand::random::<u32>()),
                 next_notice: AtomicU64::new(1),
                 stop: CancellationToken::new(),
@@ -344,6 +348,13 @@ impl Bus for UpstreamBus {
         Ok(all.into_values().collect())
     }
 
+    fn check_local_subscription(&self, patterns: &[Pattern], id: &str) -> Result<(), NodeError> {
+        match self.inner.grants.read().as_ref() {
+            Some(grants) => grants.check(patterns, id),
+            None => Ok(()),
+        }
+    }
+
     fn subscribers_changed(&self) {
         self.inner.wanted.send_modify(|generation| *generation += 1);
     }
@@ -478,10 +489,13 @@ impl Inner {
     /// each of the pod's processes. Every local subscriber's id is in the union, so
     /// a local subscriber coming or going re-opens the stream with the new list.
     fn relayed(&self) -> Vec<Member> {
+        let grants = self.grants.read().clone();
+        let relayer = &self.config.identity.id;
         self.hub()
             .map(|hub| {
                 hub.members()
                     .into_iter()
+                    .filter(|m| grants.as_ref().is_none_or(|g| g.may_relay(m, relayer)))
                     .map(|m| self.with_pod_labels(m))
                     .collect()
             })
@@ -512,11 +526,16 @@ impl Inner {
             .iter()
             .map(|p| (p.as_str().to_string(), p.clone()))
             .collect();
+        let grants = self.grants.read().clone();
         if let Some(hub) = self.hub() {
             for member in hub.subscribers() {
                 for channel in member.channels {
                     if let Ok(pattern) = Pattern::parse(&channel) {
-                        all.entry(channel).or_insert(pattern);
+                        // What the token cannot cover stays local: asking for it
+                        // would get the whole pod's subscription refused.
+                        if grants.as_ref().is_none_or(|g| g.covers(&pattern)) {
+                            all.entry(channel).or_insert(pattern);
+                        }
                     }
                 }
             }
@@ -531,6 +550,14 @@ impl Inner {
     }
 
     async fn cover(&self, patterns: &[Pattern]) {
+        // What the token cannot cover stays local (see `union`): nothing to wait for.
+        let grants = self.grants.read().clone();
+        let patterns: Vec<Pattern> = patterns
+            .iter()
+            .filter(|p| grants.as_ref().is_none_or(|g| g.covers(p)))
+            .cloned()
+            .collect();
+        let patterns = patterns.as_slice();
         let mut acked = self.acked.subscribe();
         let mut health = self.health.subscribe();
         let deadline = tokio::time::Instant::now() + self.config.cover_wait;
@@ -655,6 +682,14 @@ impl Inner {
     ) -> SessionEnd {
         wanted.borrow_and_update();
         let mut client = link.client.clone();
+        // Learn what the token may do before asking for anything it could be refused.
+        let grants = PodGrants::fetch(
+            &mut client,
+            self.request(PodGrants::request(), "", Some(self.config.call_timeout)),
+            self.config.call_timeout,
+        )
+        .await;
+        *self.grants.write() = grants.map(Arc::new);
         let mut active = match self.open_subscription(&mut client, self.union()).await {
             Ok(active) => active,
             Err(error) => {
