@@ -125,6 +125,8 @@ impl Grants {
             "send": list(&self.send),
             "subscribe": list(&self.subscribe),
             "members": self.members,
+            "lock": list(&self.lock),
+            "limit": list(&self.limit),
         })
     }
 
@@ -146,6 +148,8 @@ impl Grants {
             send: list("send"),
             subscribe: list("subscribe"),
             members: json["members"].as_bool().unwrap_or(false),
+            lock: list("lock"),
+            limit: list("limit"),
         }
     }
 }
