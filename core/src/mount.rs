@@ -214,7 +214,8 @@ fn serve_one(
             Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
         }
         Listener::Unix(listener) => {
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            // Each connection is a session: leases a local process takes end with it.
+            let incoming = crate::coord::session_incoming(listener);
             Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
         }
     })

@@ -14,6 +14,8 @@
 //! - [`grants`]: what the pod's token may do upstream; local subscriptions beyond it refused.
 //! - [`ring`]: the recent upstream entries, for local subscribers that resume.
 //! - [`hooks`]: shell commands run for ops.
+//! - `leases`: Lock, Unlock, Limit relayed upstream; locks of a local process
+//!   renewed while its connection lives, released when it ends.
 //! - [`health`]: gRPC health and `/healthz`, `/readyz`, `/metrics` on TCP.
 //!
 //! The socket serves the core's [`Mount`]: the routes, limits, status mapping and
@@ -23,6 +25,7 @@ pub mod config;
 pub mod grants;
 pub mod health;
 pub mod hooks;
+mod leases;
 pub mod ring;
 pub mod socket;
 pub mod upstream;

@@ -31,6 +31,7 @@ use ipc_core::bus::{
     Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
 };
 use ipc_core::channel::Pattern;
+use ipc_core::coord::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
 use ipc_core::metrics::Exposition;
@@ -82,6 +83,30 @@ pub struct UpstreamConfig {
 /// The control plane as a [`Bus`].
 pub struct UpstreamBus {
     inner: Arc<Inner>,
+    leases: crate::leases::Leases,
+}
+
+/// The control plane's unary calls, for modules that relay to it (leases).
+#[derive(Clone)]
+pub(crate) struct Upstream(Arc<Inner>);
+
+impl Upstream {
+    /// The client and a request carrying the pod's metadata, bounded by `timeout`.
+    pub(crate) fn call<T>(
+        &self,
+        body: T,
+        timeout: Duration,
+    ) -> Result<(IpcClient<Channel>, tonic::Request<T>), BusError> {
+        let link = self
+            .0
+            .link_or_unavailable()
+            .map_err(BusError::Unavailable)?;
+        Ok((link.client, self.0.request(body, "", Some(timeout))))
+    }
+
+    pub(crate) fn call_timeout(&self) -> Duration {
+        self.0.config.call_timeout
+    }
 }
 
 #[derive(Clone)]
@@ -161,6 +186,7 @@ impl UpstreamBus {
                 stop: CancellationToken::new(),
                 task: Mutex::new(None),
             }),
+            leases: crate::leases::Leases::default(),
         }
     }
 
@@ -381,6 +407,26 @@ impl Bus for UpstreamBus {
 
     fn health(&self) -> watch::Receiver<bool> {
         self.inner.health.subscribe()
+    }
+
+    async fn lock(&self, lock: LockSpec, _in_node: &MemoryCoord) -> Result<LockAnswer, BusError> {
+        let upstream = Upstream(self.inner.clone());
+        self.leases.lock(&upstream, lock).await
+    }
+
+    async fn unlock(&self, unlock: UnlockSpec, _in_node: &MemoryCoord) -> Result<bool, BusError> {
+        let upstream = Upstream(self.inner.clone());
+        self.leases.unlock(&upstream, unlock).await
+    }
+
+    async fn limit(
+        &self,
+        name: &str,
+        limit: LimitSpec,
+        _in_node: &MemoryCoord,
+    ) -> Result<LimitAnswer, BusError> {
+        let upstream = Upstream(self.inner.clone());
+        self.leases.limit(&upstream, name, limit).await
     }
 
     async fn shutdown(&self) {
@@ -1242,7 +1288,7 @@ fn describe(call: &str, status: &Status) -> String {
 
 /// A failure of an upstream call as the local caller should see it: unavailable
 /// when the control plane cannot be reached, else its refusal.
-fn bus_error(call: &str, status: &Status) -> BusError {
+pub(crate) fn bus_error(call: &str, status: &Status) -> BusError {
     match status.code() {
         Code::Unavailable
         | Code::DeadlineExceeded

@@ -41,7 +41,7 @@ use crate::node::NodeError;
 
 pub use bucket::{Bucket, BucketAnswer};
 pub use memory::MemoryCoord;
-pub use session::{LocalConnection, Session, SessionGuard};
+pub use session::{LocalConnection, Session, SessionGuard, SessionStream, session_incoming};
 
 /// The longest lease accepted (`ttl_ms`): one hour. Longer work renews.
 pub const MAX_TTL_MS: u32 = 3_600_000;

@@ -6,7 +6,15 @@
 //! is dropped and every clone of its [`Session`] sees [`Session::ended`]. The
 //! session reaches the service as the connection's [`LocalConnection`] info.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use futures::{Stream, StreamExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
+use tonic::transport::server::Connected;
 
 /// Ends the session when dropped; owned by the connection's IO.
 #[derive(Debug)]
@@ -51,6 +59,79 @@ impl Session {
 pub struct LocalConnection {
     pub uds: tonic::transport::server::UdsConnectInfo,
     pub session: Session,
+}
+
+/// A Unix-socket connection with a session: ends the session when dropped, which
+/// hyper does once the connection is over.
+pub struct SessionStream {
+    stream: UnixStream,
+    info: LocalConnection,
+    _guard: SessionGuard,
+}
+
+impl Connected for SessionStream {
+    type ConnectInfo = LocalConnection;
+
+    fn connect_info(&self) -> LocalConnection {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for SessionStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SessionStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The connections a Unix listener accepts, each with its own session.
+pub fn session_incoming(
+    listener: UnixListener,
+) -> impl Stream<Item = std::io::Result<SessionStream>> + Send + 'static {
+    let next_id = AtomicU64::new(1);
+    tokio_stream::wrappers::UnixListenerStream::new(listener).map(move |accepted| {
+        let stream = accepted?;
+        let uds = stream.connect_info();
+        let (guard, session) = Session::new(next_id.fetch_add(1, Ordering::Relaxed));
+        Ok(SessionStream {
+            stream,
+            info: LocalConnection { uds, session },
+            _guard: guard,
+        })
+    })
 }
 
 #[cfg(test)]
