@@ -241,6 +241,28 @@ def check_members(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     assert "shop:worker" in members[0]["channels"]
 
 
+def check_lock(shell: Shell, blocks: list[str], stub, subscribe) -> None:
+    held = shell.json(blocks[0])
+    assert held["acquired"] is True and int(held["fence"]) > 0, held
+    assert int(held["expiresMs"]) > 0 and held["holder"], held
+    taken = stub.Lock(ipc_pb2.LockRequest(name="shop:db-migrate", ttl_ms=1000))
+    assert not taken.acquired and taken.holder == held["holder"]
+    stale = str(int(held["fence"]) - 1)
+    assert shell.json(blocks[1], FENCE=stale) == {}, "a stale fence releases nothing"
+    assert shell.json(blocks[1], FENCE=held["fence"]) == {"released": True}
+    assert stub.Lock(ipc_pb2.LockRequest(name="shop:db-migrate", ttl_ms=1000)).acquired
+
+
+def check_limit(shell: Shell, blocks: list[str], stub, subscribe) -> None:
+    first = shell.json(blocks[0])
+    assert first == {"allowed": True, "remaining": 99}, first
+    # The same bucket, drained: a whole burst at once is refused at the latest on
+    # the second try (the bucket refills 100 a second, not 100 at once).
+    whole = ipc_pb2.LimitRequest(name="shop:mail:outbound", rate=100, cost=100)
+    refused = [stub.Limit(whole) for _ in range(2)][-1]
+    assert refused.allowed is False and refused.retry_after_ms > 0, refused
+
+
 CHECKS = {
     "List the services": check_list,
     "Describe the API": check_describe,
@@ -254,6 +276,8 @@ CHECKS = {
     "Tail every channel of an app (Subscribe)": check_tail,
     "Act as a worker and answer a request by hand (Subscribe, Reply)": check_answer_by_hand,
     "List the workers (Members)": check_members,
+    "Hold a lock, then release it (Lock, Unlock)": check_lock,
+    "Draw from a shared rate limit (Limit)": check_limit,
 }
 
 
