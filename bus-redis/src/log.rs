@@ -11,6 +11,7 @@ use futures::StreamExt as _;
 use ipc_core::bus::{BusError, Replay};
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
+use ipc_core::notice::Gap;
 use ipc_proto::pb::Msg;
 use prost::Message as _;
 use redis::Value;
@@ -465,7 +466,9 @@ async fn tail_connection(
                 last: EntryId::ZERO,
             });
             metrics.log_losses.fetch_add(1, Ordering::Relaxed);
-            let reached = hub.notify_all(&Arc::new(gap_notice(hub.node(), reason)));
+            let gap = Gap::new(Some(last.cursor(epoch)), reason);
+            let id = format!("{}-gap-{:x}", hub.node(), rand::random::<u64>());
+            let reached = hub.notify_all(&Arc::new(gap.to_msg(id, hub.node())));
             hub.metrics()
                 .gaps
                 .fetch_add(reached as u64, Ordering::Relaxed);
@@ -500,19 +503,6 @@ async fn tail_connection(
                 hub.dispatch(&msg);
             }
         }
-    }
-}
-
-/// `ipc:gap` for live subscribers when the log itself was lost under them.
-fn gap_notice(node: &str, reason: String) -> Msg {
-    let data = serde_json::json!({ "reason": reason });
-    Msg {
-        op: "ipc:gap".into(),
-        data: Some(ipc_proto::json::to_value(&data)),
-        id: format!("{node}-gap-{:x}", rand::random::<u64>()),
-        sender: node.to_string(),
-        ts_ms: ipc_core::now_ms(),
-        ..Msg::default()
     }
 }
 

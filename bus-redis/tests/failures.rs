@@ -100,6 +100,13 @@ async fn when_redis_lost_its_data_resuming_subscribers_and_live_ones_are_told_of
     // The live stream learns its log was lost, then continues on the new one.
     let gap = next(&mut live).await;
     assert_eq!(gap.op, "ipc:gap", "{gap:?}");
+    // The same payload as every node's: the last position before the loss, and why.
+    let data = ipc_proto::json::from_optional(gap.data.as_ref());
+    assert_eq!(data["cursor"], old.cursor.as_str(), "{data}");
+    assert!(
+        data["reason"].as_str().is_some_and(|r| r.contains("lost")),
+        "{data}"
+    );
     assert_eq!(texts(&mut live, 1).await, ["new"]);
 
     // A subscriber resuming with a cursor of the lost log gets ipc:gap first.
@@ -113,6 +120,8 @@ async fn when_redis_lost_its_data_resuming_subscribers_and_live_ones_are_told_of
     .await;
     let gap = next(&mut resumed).await;
     assert_eq!(gap.op, "ipc:gap", "{gap:?}");
+    let data = ipc_proto::json::from_optional(gap.data.as_ref());
+    assert_eq!(data["cursor"], old.cursor.as_str(), "{data}");
     assert_eq!(texts(&mut resumed, 1).await, ["new"]);
 }
 

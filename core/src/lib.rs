@@ -12,6 +12,7 @@
 //! - [`bus`]: the bus trait; [`memory`]: the in-memory bus of a node alone.
 //! - [`node`]: the five operations with their input rules and deadline rule.
 //! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
+//! - [`notice`]: `ipc:subscribed` and `ipc:gap`, built and read in one place.
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
 //! - [`grpc`]: that service as servers mount it, Subscribe streams sending each
 //!   message encoded once for all subscribers.
@@ -47,6 +48,7 @@ pub mod metrics;
 pub mod mount;
 pub mod msg_size;
 pub mod node;
+pub mod notice;
 pub mod publish;
 pub mod queue;
 pub mod service;

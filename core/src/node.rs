@@ -562,10 +562,8 @@ impl Node {
             let replay = self.bus.replay_for(&cursor, &subscription.patterns).await?;
             if let Some(reason) = replay.gap {
                 self.metrics.gaps.fetch_add(1, Ordering::Relaxed);
-                head.push(Arc::new(self.system_msg(
-                    "ipc:gap",
-                    serde_json::json!({"cursor": cursor.to_string(), "reason": reason}),
-                )));
+                let gap = crate::notice::Gap::new(Some(cursor), reason);
+                head.push(Arc::new(gap.to_msg(self.new_id(), &self.config.name)));
             } else {
                 floor = Some(cursor);
                 position = Some(cursor);
@@ -584,15 +582,14 @@ impl Node {
             position = log_head;
         }
         // `replayed` tells a client where the head ends (a sidecar relies on it).
-        let mut subscribed = serde_json::json!({
-            "id": subscription.id,
-            "node": self.config.name,
-            "replayed": head.len(),
-        });
-        if let Some(position) = position {
-            subscribed["cursor"] = position.to_string().into();
-        }
-        head.insert(0, Arc::new(self.system_msg("ipc:subscribed", subscribed)));
+        let subscribed = crate::notice::Subscribed {
+            id: subscription.id.clone(),
+            node: self.config.name.clone(),
+            replayed: head.len(),
+            cursor: position.map(|p| p.to_string()),
+        };
+        let subscribed = subscribed.to_msg(self.new_id(), &self.config.name);
+        head.insert(0, Arc::new(subscribed));
         Ok(Box::pin(live_stream(head, subscription, floor)))
     }
 

@@ -36,6 +36,7 @@ use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
 use ipc_core::metrics::Exposition;
 use ipc_core::node::{BUILTIN_OPS, DEADLINE_HEADER};
+use ipc_core::notice::{self, Gap, Subscribed};
 use ipc_core::{Caller, Node, NodeError};
 use ipc_proto::json;
 use ipc_proto::pb::ipc_client::IpcClient;
@@ -836,17 +837,16 @@ impl Inner {
                 .await
                 .map_err(|status| describe("subscribe", &status))?
                 .ok_or("the stream ended before ipc:subscribed")?;
-            if hello.op != "ipc:subscribed" {
+            let Some(subscribed) = Subscribed::from_msg(&hello) else {
                 return Err(format!(
                     "expected ipc:subscribed first, got op {:?}",
                     hello.op
                 ));
-            }
-            let data = json::from_optional(hello.data.as_ref());
+            };
             Ok(Opened {
                 stream,
-                replayed: data["replayed"].as_u64().unwrap_or(0) as usize,
-                position: data["cursor"].as_str().and_then(|c| c.parse().ok()),
+                replayed: subscribed.replayed,
+                position: subscribed.cursor.and_then(|c| c.parse().ok()),
             })
         };
         tokio::time::timeout(self.config.call_timeout, opening)
@@ -956,11 +956,11 @@ impl Inner {
         }
         if msg.cursor.is_empty() {
             match msg.op.as_str() {
-                "ipc:gap" => {
-                    let reason = json::from_optional(msg.data.as_ref())["reason"]
-                        .as_str()
-                        .unwrap_or("the control plane lost messages")
-                        .to_string();
+                notice::GAP => {
+                    let reason = Gap::from_msg(&msg)
+                        .map(|gap| gap.reason)
+                        .filter(|reason| !reason.is_empty())
+                        .unwrap_or_else(|| "the control plane lost messages".into());
                     let last = {
                         let mut ring = self.ring.lock();
                         let last = ring.last;
@@ -973,7 +973,7 @@ impl Inner {
                     self.upstream_gaps.fetch_add(1, Ordering::Relaxed);
                     self.notify_gap(last, &format!("upstream: {reason}"));
                 }
-                "ipc:subscribed" => {}
+                notice::SUBSCRIBED => {}
                 _ => {
                     if let Some(hub) = self.hub() {
                         hub.dispatch(&Arc::new(msg));
@@ -1023,21 +1023,12 @@ impl Inner {
 
     fn notify_gap(&self, last: Option<Cursor>, reason: &str) {
         let Some(hub) = self.hub() else { return };
-        let notice = Msg {
-            op: "ipc:gap".into(),
-            data: Some(json::to_value(&serde_json::json!({
-                "cursor": last.map(|c| c.to_string()).unwrap_or_default(),
-                "reason": reason,
-            }))),
-            id: format!(
-                "{}-n{}",
-                self.notice_prefix,
-                self.next_notice.fetch_add(1, Ordering::Relaxed)
-            ),
-            sender: self.config.node_name.clone(),
-            ts_ms: ipc_core::now_ms(),
-            ..Msg::default()
-        };
+        let id = format!(
+            "{}-n{}",
+            self.notice_prefix,
+            self.next_notice.fetch_add(1, Ordering::Relaxed)
+        );
+        let notice = Gap::new(last, reason).to_msg(id, &self.config.node_name);
         let reached = hub.notify_all(&Arc::new(notice));
         hub.metrics()
             .gaps
@@ -1223,11 +1214,11 @@ impl Inner {
                     continue;
                 }
                 left -= 1;
-                if msg.op == "ipc:gap" && msg.cursor.is_empty() {
-                    let data = json::from_optional(msg.data.as_ref());
+                if let Some(gap) = Gap::from_msg(&msg) {
+                    let reason = Some(gap.reason).filter(|r| !r.is_empty());
                     replay.gap = Some(format!(
                         "upstream: {}",
-                        data["reason"].as_str().unwrap_or("messages were lost")
+                        reason.as_deref().unwrap_or("messages were lost")
                     ));
                 } else {
                     replay.messages.push(Arc::new(msg));
