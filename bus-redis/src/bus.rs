@@ -79,7 +79,15 @@ impl RedisBus {
                 config.presence_ttl
             )));
         }
-        let client = redis::Client::open(config.url.as_str())?;
+        let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())?;
+        if let Some(password) = &config.password {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info)?;
         let keys = Keys::new(&config.prefix);
         let health = Arc::new(Health::new());
         let link = Arc::new(Link::new(client, config.command_timeout, health));

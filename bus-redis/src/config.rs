@@ -7,6 +7,9 @@ use std::time::Duration;
 pub struct RedisBusConfig {
     /// `redis://[user:password@]host:port[/db]`.
     pub url: String,
+    /// The password of the ACL user (or of `requirepass`), when not in the URL:
+    /// it wins over a password in the URL. Never logged.
+    pub password: Option<Secret>,
     /// Prefix of every key and channel, so several deployments can share one Redis.
     pub prefix: String,
     /// Entries kept in the stream for resume (`XADD MAXLEN ~`).
@@ -24,10 +27,47 @@ impl RedisBusConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            password: None,
             prefix: "ipc".into(),
             retention: 10_000,
             presence_ttl: Duration::from_secs(15),
             command_timeout: Duration::from_secs(2),
         }
+    }
+}
+
+/// A credential: its `Debug` shows `***`, so a configuration can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_is_not_shown_by_debug() {
+        let mut config = RedisBusConfig::new("redis://127.0.0.1/");
+        config.password = Some(Secret::new("s3cret"));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("***"),
+            "{shown}"
+        );
     }
 }

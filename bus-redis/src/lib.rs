@@ -44,4 +44,4 @@ mod metrics;
 mod presence;
 
 pub use bus::RedisBus;
-pub use config::RedisBusConfig;
+pub use config::{RedisBusConfig, Secret};

@@ -94,6 +94,11 @@ pub struct Config {
     /// Redis shared by the replicas (`redis://[user:password@]host:port[/db]`); without it the server runs alone on the memory bus.
     #[arg(long, env = "IPC_REDIS")]
     pub redis: Option<String>,
+    /// File holding the Redis password (of the URL's ACL user, or `requirepass`), read
+    /// once at start, trailing newline ignored; it wins over a password in the URL.
+    /// Never logged.
+    #[arg(long, env = "IPC_REDIS_PASSWORD_FILE", requires = "redis")]
+    pub redis_password_file: Option<std::path::PathBuf>,
     /// Prefix of every Redis key and channel, so several deployments can share one Redis.
     #[arg(long, env = "IPC_REDIS_PREFIX", default_value = "ipc")]
     pub redis_prefix: String,
@@ -148,8 +153,23 @@ async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
             bytes: config.retention_bytes,
         })));
     };
+    let password = match &config.redis_password_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --redis-password-file {}", path.display()))?;
+            let password = text.trim_end_matches(['\r', '\n']).to_string();
+            anyhow::ensure!(
+                !password.is_empty(),
+                "--redis-password-file {} is empty",
+                path.display()
+            );
+            Some(ipc_bus_redis::Secret::new(password))
+        }
+        None => None,
+    };
     let bus = ipc_bus_redis::RedisBus::connect(ipc_bus_redis::RedisBusConfig {
         url: url.clone(),
+        password,
         prefix: config.redis_prefix.clone(),
         retention: config.retention.max(1),
         presence_ttl: Duration::from_millis(config.presence_ttl_ms),

@@ -12,17 +12,26 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra `redis-server` arguments, kept across restarts.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts redis-server on a free port, with append-only persistence so a
     /// restart keeps the data.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with extra `redis-server` arguments (e.g.
+    /// `--requirepass`), kept when it restarts.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory for redis");
         let mut server = Self {
             port: free_port(),
             dir,
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         server.launch();
         server
@@ -85,6 +94,7 @@ impl RedisServer {
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -105,7 +115,10 @@ impl RedisServer {
                 if conn.write_all(b"PING\r\n").is_ok()
                     && conn
                         .read(&mut buf)
-                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                        // A server with a password answers, refusing: ready too.
+                        .is_ok_and(|n| {
+                            buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")
+                        })
                 {
                     return;
                 }
