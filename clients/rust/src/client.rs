@@ -48,16 +48,16 @@ const APP_METADATA: &str = "ipc-app";
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    rpc: IpcClient<Channel>,
-    settings: Arc<Settings>,
+    pub(crate) rpc: IpcClient<Channel>,
+    pub(crate) settings: Arc<Settings>,
 }
 
 /// What every call needs besides the connection.
-struct Settings {
+pub(crate) struct Settings {
     address: Address,
     app: Option<AsciiMetadataValue>,
     authorization: Option<AsciiMetadataValue>,
-    timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// Configures a [`Client`]: `Client::builder(addr).app("shop").token(t).connect()`.
@@ -349,7 +349,7 @@ impl Client {
             .map_err(|status| Error::from_status(status, ""))
     }
 
-    fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(timeout);
         self.add_metadata(request.metadata_mut());
@@ -366,7 +366,7 @@ impl Client {
     }
 
     /// Runs a unary call with a local guard on its deadline, classifying failures.
-    async fn unary<T>(
+    pub(crate) async fn unary<T>(
         &self,
         timeout: Duration,
         target: &str,

@@ -30,6 +30,7 @@
 //!   `reply`, `members`) with their metadata (`ipc-app`, bearer token) and deadlines.
 //! - `subscribe`: [`Subscription`], the self-healing Subscribe stream, with
 //!   [`SubscribeOptions`] and [`Backoff`].
+//! - `coord`: [`Lease`] and [`LimitAnswer`]: `lock`, `renew`, `unlock`, `limit`.
 //! - `handlers`: [`Handlers`], dispatch by op (`on`, `emit`, `run`).
 //! - `msg`: [`Msg`], [`Member`], [`Broadcasted`]: the values callers see, JSON-friendly.
 //! - `error`: [`Error`], one variant per outcome a caller handles differently.
@@ -37,6 +38,7 @@
 
 pub mod addr;
 mod client;
+mod coord;
 mod error;
 mod handlers;
 mod msg;
@@ -48,6 +50,7 @@ pub use client::{
     BROADCAST_ATTEMPTS, Broadcast, Client, ClientBuilder, DEFAULT_TIMEOUT, MembersFilter, Reply,
     SendMsg,
 };
+pub use coord::{Lease, LimitAnswer};
 pub use error::{Error, code_name};
 pub use handlers::{HandlerResult, Handlers};
 pub use msg::{Broadcasted, Member, Msg, OP_GAP, OP_SUBSCRIBED};

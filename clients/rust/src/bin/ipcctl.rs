@@ -11,6 +11,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use futures::StreamExt;
 use ipc_client::{Client, Error, Member, MembersFilter, SubscribeOptions};
 
+#[path = "ipcctl/coord.rs"]
+mod coord;
 #[path = "ipcctl/publish.rs"]
 mod publish;
 
@@ -24,7 +26,9 @@ Exit status:
   4  deadline exceeded (no reply in time)
   5  the reply carried `error` (the reply is still printed)
   6  server unreachable
-  7  permission denied or unauthenticated";
+  7  permission denied or unauthenticated
+  8  refused: `lock` not acquired or lost, `unlock` released nothing, `limit` over the rate
+`ipcctl lock NAME -- CMD` otherwise exits with CMD's status.";
 
 mod exit {
     pub const OTHER: u8 = 1;
@@ -34,6 +38,7 @@ mod exit {
     pub const REPLY_ERROR: u8 = 5;
     pub const UNREACHABLE: u8 = 6;
     pub const DENIED: u8 = 7;
+    pub const REFUSED: u8 = 8;
 }
 
 /// Drive a fleet-ipc bus: broadcast, ask one process, tail channels, list members.
@@ -146,6 +151,42 @@ enum Command {
         /// Report this failure instead of a result.
         #[arg(long)]
         error: Option<String>,
+    },
+    /// Hold a fleet-wide lock while CMD runs (like `consul lock`): CMD gets the fencing
+    /// token in IPC_LOCK_FENCE, the lease is renewed every ttl/3 and released when CMD
+    /// ends; exits with CMD's status, or 8 if the lock is not acquired (or is lost, and
+    /// CMD killed).
+    Lock {
+        /// Lock name, e.g. `shop:migrate` or `:migrate` (your app's).
+        name: String,
+        /// Lease length; renewed every third of it while CMD runs.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How long to wait for the current holder to release it (0: fail at once).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        wait: Duration,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Release a lock held with FENCE; prints {"released":bool}, exits 8 if nothing was released.
+    Unlock { name: String, fence: u64 },
+    /// Draw from a fleet-wide token bucket; prints {"allowed","remaining","retry_after_ms"}
+    /// and exits 0 if allowed, 8 if not.
+    Limit {
+        /// Bucket name, e.g. `shop:emails` or `:emails`.
+        name: String,
+        /// Tokens added per interval.
+        #[arg(long)]
+        rate: u32,
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Bucket size (default: the rate).
+        #[arg(long, default_value_t = 0)]
+        burst: u32,
+        /// Tokens this call takes.
+        #[arg(long, default_value_t = 1)]
+        cost: u32,
     },
     /// Add the fleet-ipc sidecar to the annotated workloads of a manifest, offline
     /// (like `istioctl kube-inject`): `ipcctl inject -f app.yaml | kubectl apply -f -`.
@@ -389,6 +430,25 @@ async fn run(cli: Cli) -> ExitCode {
             payload,
             error,
         } => reply(&client, reply_to, op, payload, error).await,
+        Command::Lock {
+            name,
+            ttl,
+            wait,
+            command,
+        } => return coord::lock_command(&client, &addr, name, ttl, wait, &command).await,
+        Command::Unlock { name, fence } => {
+            return coord::unlock_command(&client, &addr, name, fence).await;
+        }
+        Command::Limit {
+            name,
+            rate,
+            interval,
+            burst,
+            cost,
+        } => {
+            let answer = client.limit(name, rate, interval, burst, cost).await;
+            return coord::limit_command(&addr, answer);
+        }
         Command::Completions { .. } | Command::Inject { .. } | Command::Token { .. } => Ok(()),
     };
     match outcome {
