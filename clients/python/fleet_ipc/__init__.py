@@ -8,7 +8,7 @@
 
 # Layout
 - ``client``: ``Client`` (one method per RPC, plus ``on``/``run`` handlers), ``Msg``,
-  ``Member``, ``Subscription``, and the ``Value`` <-> Python conversion.
+  ``Member``, ``Lease``, ``LimitAnswer``, ``Subscription``, and the ``Value`` <-> Python conversion.
 - ``errors``: one exception per failure a caller handles (``NoResponders``,
   ``DeadlineExceeded``, ``ReplyError``, ...).
 - ``gen``: generates the stubs ``fleet_ipc.ipc.v1`` from ``proto/ipc/v1/ipc.proto``
@@ -17,7 +17,7 @@
   lines — for tests of code that uses this client.
 """
 
-from .client import Broadcasted, Client, Member, Msg, Subscription
+from .client import Broadcasted, Client, Lease, LimitAnswer, Member, Msg, Subscription
 from .errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -35,6 +35,8 @@ __all__ = [
     "DeadlineExceeded",
     "InvalidArgument",
     "IpcError",
+    "Lease",
+    "LimitAnswer",
     "Member",
     "Msg",
     "NoResponders",

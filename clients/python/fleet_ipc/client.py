@@ -130,6 +130,34 @@ def _broadcasted(response: Any) -> Broadcasted:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """The answer to ``Client.lock`` / ``Client.renew``. When not ``acquired``,
+    ``holder`` and ``expires_ms`` describe the current holder and ``fence`` is 0."""
+
+    name: str
+    acquired: bool
+    #: grows with every grant of the name: resources refuse writes with an older one
+    fence: int
+    holder: str
+    #: end of the lease unless renewed, ms since the epoch
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class LimitAnswer:
+    """The answer to ``Client.limit``."""
+
+    allowed: bool
+    remaining: int
+    #: when refused: seconds until the cost is available
+    retry_after: float
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+@dataclass(frozen=True)
 class Member:
     """A connected subscriber, as listed by ``Client.members``."""
 
@@ -374,6 +402,50 @@ class Client:
         request = ipc_pb2.MembersRequest(app=app, role=role, labels=labels or {})
         response = self._unary(self._stub.Members, request, timeout)
         return [Member.from_pb(member) for member in response.members]
+
+    def lock(self, name: str, ttl: float, wait: float = 0.0, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> Lease:
+        """Takes the lock ``name`` for ``ttl`` seconds, waiting up to ``wait`` seconds
+        for the holder to release it. Not getting it is ``acquired=False``, not an error."""
+        return self._lock_call(name, ttl, wait, 0, timeout)
+
+    def renew(self, name: str, fence: int, ttl: float, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> Lease:
+        """Extends the lease held with ``fence`` to ``ttl`` seconds from now;
+        ``acquired=False`` once it is lost."""
+        return self._lock_call(name, ttl, 0.0, fence, timeout)
+
+    def _lock_call(self, name: str, ttl: float, wait: float, fence: int, timeout: float) -> Lease:
+        request = ipc_pb2.LockRequest(name=name, ttl_ms=_ms(ttl), wait_ms=_ms(wait), fence=fence)
+        response = self._unary(self._stub.Lock, request, timeout + wait)
+        return Lease(
+            name=name,
+            acquired=response.acquired,
+            fence=response.fence,
+            holder=response.holder,
+            expires_ms=response.expires_ms,
+        )
+
+    def unlock(self, name: str, fence: int, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> bool:
+        """Releases the lock held with ``fence``; ``False`` if that lease was no longer held."""
+        response = self._unary(self._stub.Unlock, ipc_pb2.UnlockRequest(name=name, fence=fence), timeout)
+        return bool(response.released)
+
+    def limit(
+        self,
+        name: str,
+        rate: int,
+        *,
+        interval: float = 1.0,
+        burst: int = 0,
+        cost: int = 1,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> LimitAnswer:
+        """Draws ``cost`` tokens from the fleet-wide bucket ``name`` (``rate`` per
+        ``interval`` seconds, up to ``burst``, which defaults to ``rate``)."""
+        request = ipc_pb2.LimitRequest(name=name, rate=rate, interval_ms=_ms(interval), burst=burst, cost=cost)
+        response = self._unary(self._stub.Limit, request, timeout)
+        return LimitAnswer(
+            allowed=response.allowed, remaining=response.remaining, retry_after=response.retry_after_ms / 1000
+        )
 
     def subscribe(
         self,
