@@ -283,6 +283,50 @@ class Client {
   }
 
   /**
+   * Take the lock `name` for `ttlMs`, waiting up to `waitMs` for its holder to release
+   * it. Resolves to { name, acquired, fence, holder, expires_ms }: not getting the
+   * lock is `acquired: false` (with the holder and its expiry), not an error. Give
+   * `fence` to the resources the lock protects: it only grows per name.
+   */
+  async lock(name, { ttlMs, waitMs = 0, timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
+    return this._lockCall(name, ttlMs, waitMs, 0, timeoutMs);
+  }
+
+  /** Extend the lease held with `fence` to `ttlMs` from now; `acquired: false` once lost. */
+  async renew(name, fence, { ttlMs, timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
+    return this._lockCall(name, ttlMs, 0, fence, timeoutMs);
+  }
+
+  async _lockCall(name, ttlMs, waitMs, fence, timeoutMs) {
+    const request = { name, ttl_ms: ttlMs, wait_ms: waitMs, fence };
+    const response = await this._unary('Lock', request, timeoutMs + waitMs);
+    return {
+      name,
+      acquired: response.acquired,
+      fence: Number(response.fence),
+      holder: response.holder,
+      expires_ms: Number(response.expires_ms),
+    };
+  }
+
+  /** Release the lock held with `fence`; false if that lease was no longer held. */
+  async unlock(name, fence, { timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
+    const response = await this._unary('Unlock', { name, fence }, timeoutMs);
+    return response.released;
+  }
+
+  /**
+   * Draw `cost` tokens from the fleet-wide bucket `name`: `rate` per `intervalMs`
+   * (default 1000), up to `burst` (default: rate). Resolves to
+   * { allowed, remaining, retry_after_ms }; a refusal is not an error.
+   */
+  async limit(name, { rate, intervalMs = 0, burst = 0, cost = 0, timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
+    const request = { name, rate, interval_ms: intervalMs, burst, cost };
+    const response = await this._unary('Limit', request, timeoutMs);
+    return { allowed: response.allowed, remaining: response.remaining, retry_after_ms: response.retry_after_ms };
+  }
+
+  /**
    * Open a stream of the messages of `channels` (names, or patterns with '*' and
    * '>'), of <app>:<role> and <app>:<role>:<tag>, and of requests addressed to this
    * subscriber. `cursor` resumes after that message.
