@@ -186,3 +186,46 @@ async fn limit_allows_the_burst_then_refuses() {
     assert_eq!(answer["allowed"], false);
     assert!(answer["retry_after_ms"].as_u64().unwrap() > 0, "{answer}");
 }
+
+#[tokio::test]
+async fn a_terminated_ipcctl_passes_the_signal_on_and_releases() {
+    let server = Server::start();
+    let addr = server.url();
+    let mut holder = ipcctl_command(
+        &addr,
+        &[
+            "lock",
+            "app:term",
+            "--",
+            "sh",
+            "-c",
+            "echo $IPC_LOCK_FENCE; read line",
+        ],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("starting the holder");
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    tokio::time::timeout(HANG_GUARD, lines.next_line())
+        .await
+        .expect("the holder printed its fence")
+        .unwrap()
+        .expect("a line");
+
+    let pid = nix::unistd::Pid::from_raw(holder.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(HANG_GUARD, holder.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "the command's death by SIGTERM: {status:?}"
+    );
+
+    // Released at once, not at the end of the 30 s lease.
+    let after = ipcctl(&addr, &["lock", "app:term", "--", "true"]).await;
+    assert_eq!(after.status.code(), Some(0), "{after:?}");
+}

@@ -55,6 +55,7 @@ async fn lock(
         }
     };
     let mut expires_ms = lease.expires_ms;
+    let mut signals = Forwarded::new()?;
     let mut renewals = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
     renewals.tick().await; // the first tick is immediate
     let held = loop {
@@ -63,6 +64,7 @@ async fn lock(
                 Ok(status) => Held::Exited(exit_status(status)),
                 Err(err) => Held::Spawn(err),
             },
+            signal = signals.next() => forward(&child, signal),
             _ = renewals.tick() => match client.renew(name.clone(), lease.fence, ttl).await {
                 Ok(renewed) if renewed.acquired => expires_ms = renewed.expires_ms,
                 Ok(_) => break lose(&mut child).await,
@@ -80,6 +82,43 @@ async fn lock(
         eprintln!("ipcctl: warning: unlocking {name:?} (it expires by itself): {err}");
     }
     Ok(held)
+}
+
+/// SIGINT, SIGTERM and SIGHUP sent to ipcctl go to the command, so that it ends (or
+/// not) by its own rules and the lock is still released when it does.
+struct Forwarded {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Forwarded {
+    fn new() -> Result<Self, Error> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind| {
+            signal(kind).map_err(|e| Error::Config(format!("cannot listen for signals: {e}")))
+        };
+        Ok(Self {
+            interrupt: listen(SignalKind::interrupt())?,
+            terminate: listen(SignalKind::terminate())?,
+            hangup: listen(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> nix::sys::signal::Signal {
+        use nix::sys::signal::Signal;
+        tokio::select! {
+            _ = self.interrupt.recv() => Signal::SIGINT,
+            _ = self.terminate.recv() => Signal::SIGTERM,
+            _ = self.hangup.recv() => Signal::SIGHUP,
+        }
+    }
+}
+
+fn forward(child: &tokio::process::Child, signal: nix::sys::signal::Signal) {
+    if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+    }
 }
 
 async fn lose(child: &mut tokio::process::Child) -> Held {
