@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use ipc_core::bus::BusError;
+use ipc_core::bus::{BusError, RequestError};
 use ipc_core::hub::Hub;
 use ipc_proto::pb::Msg;
 use parking_lot::Mutex;
@@ -240,27 +240,15 @@ impl Exchange {
             reply,
             detail,
         };
-        let mut msg = msg.unwrap_or_default();
-        msg.headers.insert(
-            ipc_core::node::DEADLINE_HEADER.to_string(),
-            (ipc_core::now_ms() + timeout_ms as i64).to_string(),
-        );
-        let Some((reply_to, reply)) = self.hub.deliver_request(&target, msg) else {
-            return respond(outcome::NO_RESPONDERS, None, target);
-        };
-        match tokio::time::timeout_at(deadline.into(), reply).await {
-            Ok(Ok(reply)) => respond(outcome::OK, Some(reply), String::new()),
-            Ok(Err(_)) => respond(
-                outcome::UNAVAILABLE,
-                None,
-                format!(
-                    "the subscriber of {target:?} that had the request disconnected before replying"
-                ),
-            ),
-            Err(_) => {
-                self.hub.cancel_request(&reply_to);
-                respond(outcome::DEADLINE, None, target)
-            }
+        match self
+            .hub
+            .request(&target, msg.unwrap_or_default(), deadline)
+            .await
+        {
+            Ok(reply) => respond(outcome::OK, Some(reply), String::new()),
+            Err(RequestError::NoResponders(_)) => respond(outcome::NO_RESPONDERS, None, target),
+            Err(RequestError::DeadlineExceeded(_)) => respond(outcome::DEADLINE, None, target),
+            Err(RequestError::Unavailable(detail)) => respond(outcome::UNAVAILABLE, None, detail),
         }
     }
 

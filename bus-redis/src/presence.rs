@@ -16,6 +16,7 @@ use std::time::Duration;
 use ipc_core::bus::{BusError, Replica};
 use ipc_core::channel::Pattern;
 use ipc_core::hub::Hub;
+use ipc_core::responders;
 use ipc_proto::pb::Member;
 use prost::Message as _;
 use redis::Script;
@@ -207,10 +208,11 @@ async fn write(
             (field, m.encode_to_vec())
         })
         .collect();
-    // Routes come from this replica's own subscribers: a relayed member is reached
-    // through the channels of the subscriber that relays it.
-    let own: Vec<&Member> = members.iter().filter(|m| m.node == node).collect();
-    let (exact, wild) = routes(&own);
+    // Request routes: the channels responders take requests on (ids and role
+    // channels, relayed members' included: they are reached through this replica).
+    // Watchers' patterns route no request; the wildcard table stays empty.
+    let exact = routes(members);
+    let wild = HashMap::new();
     let mut full = written.generation != Some(generation);
     loop {
         let previous = if full {
@@ -282,21 +284,17 @@ async fn write(
     }
 }
 
-/// Exact channels and wildcard patterns of `members`, each with its subscriber count.
-fn routes(members: &[&Member]) -> (HashMap<String, usize>, HashMap<String, usize>) {
+/// The request channels of `members` (see `ipc_core::responders`), each with the
+/// number of members taking requests on it.
+fn routes(members: &[Member]) -> HashMap<String, usize> {
     let mut exact = HashMap::new();
-    let mut wild = HashMap::new();
     for member in members {
-        let unique: HashSet<&String> = member.channels.iter().collect();
+        let unique: HashSet<&str> = responders::request_channels(member).collect();
         for channel in unique {
-            let is_exact = Pattern::parse(channel)
-                .map(|p| p.is_exact())
-                .unwrap_or(true);
-            let table = if is_exact { &mut exact } else { &mut wild };
-            *table.entry(channel.clone()).or_insert(0) += 1;
+            *exact.entry(channel.to_string()).or_insert(0) += 1;
         }
     }
-    (exact, wild)
+    exact
 }
 
 fn diff_hash<V: PartialEq + redis::ToRedisArgs>(
@@ -462,25 +460,29 @@ mod tests {
     use super::*;
     use redis::Value;
 
-    fn member(id: &str, channels: &[&str]) -> Member {
-        Member {
+    fn member(id: &str, role: &str, channels: &[&str]) -> Member {
+        responders::with_roles(Member {
             id: id.into(),
+            app: "shop".into(),
+            role: role.into(),
             channels: channels.iter().map(|c| c.to_string()).collect(),
             ..Member::default()
-        }
+        })
     }
 
     #[test]
-    fn routes_split_exact_channels_from_wildcards() {
-        let (a, b) = (
-            member("a", &["shop:worker", "a", "shop:>"]),
-            member("b", &["shop:worker", "b"]),
-        );
-        let (exact, wild) = routes(&[&a, &b]);
+    fn routes_are_ids_and_role_channels_never_watched_patterns() {
+        let members = [
+            member("a", "worker", &["shop:worker", "a", "shop:>"]),
+            member("b", "worker", &["shop:worker", "b"]),
+            member("tail", "", &["shop:>", "shop:orders", "tail"]),
+        ];
+        let exact = routes(&members);
         assert_eq!(exact.get("shop:worker"), Some(&2));
         assert_eq!(exact.get("a"), Some(&1));
-        assert_eq!(wild.get("shop:>"), Some(&1));
-        assert_eq!(wild.len(), 1);
+        assert_eq!(exact.get("tail"), Some(&1));
+        assert_eq!(exact.get("shop:orders"), None);
+        assert_eq!(exact.get("shop:>"), None);
     }
 
     #[test]

@@ -222,6 +222,27 @@ pub trait Bus: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Keeps the record of a keyed operation (Gather, Rollout) under `key` for
+    /// `ttl`: fleet-wide where the bus can (Redis), else in this node.
+    async fn store_operation(
+        &self,
+        key: &str,
+        record: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let _ = (key, record, ttl);
+        Err(BusError::Unavailable(
+            "this node keeps no operation records; run keyed operations on the control plane"
+                .into(),
+        ))
+    }
+
+    /// The record stored under `key`, if any and not expired.
+    async fn load_operation(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
+        let _ = key;
+        Ok(None)
+    }
+
     /// The hub's subscribers changed (presence may need an update).
     fn subscribers_changed(&self) {}
 

@@ -16,10 +16,11 @@ use ipc_proto::pb::{Member, Msg};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
-use crate::bus::ReplyError;
+use crate::bus::{ReplyError, RequestError};
 use crate::channel::Pattern;
 use crate::metrics::Metrics;
 use crate::queue::{Charge, Delivery, PushError, Queue, QueueLimits};
+use crate::responders;
 
 /// Why the node ended a subscriber's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,9 +52,12 @@ pub struct SubscriberSpec {
     /// requests handed to this subscriber.
     pub verified_owner: bool,
     /// Members this subscriber relays (a sidecar's local subscribers, validated by
-    /// the node): listed by [`Hub::members`] after it while its stream lasts. Only
-    /// listed: requests reach them through this subscriber's own channels.
+    /// the node, `roles` filled): listed by [`Hub::members`] after it while its
+    /// stream lasts. Requests to their ids and roles go to this subscriber.
     pub relayed: Vec<Member>,
+    /// Takes no requests for its role and tag channels (still receives their
+    /// broadcasts): `SubscribeRequest.role_watcher`.
+    pub role_watcher: bool,
 }
 
 /// Limits checked when a subscriber registers.
@@ -83,6 +87,8 @@ pub enum RegisterError {
 
 struct Subscriber {
     spec: SubscriberSpec,
+    /// The request channels indexed for it in `Registry::responders`.
+    routes: Vec<String>,
     connected_ms: i64,
     queue: Arc<Queue>,
 }
@@ -93,6 +99,10 @@ struct Registry {
     by_id: HashMap<String, u64>,
     exact: HashMap<String, Vec<u64>>,
     wildcard: Vec<(Pattern, u64)>,
+    /// Request routes (see [`crate::responders`]): channel → the subscribers that
+    /// take requests on it, each with the member it addresses (itself, or a member
+    /// it relays).
+    responders: HashMap<String, Vec<Route>>,
     /// Live subscribers per owner.
     owners: HashMap<String, usize>,
 }
@@ -149,6 +159,40 @@ fn sorted_subscribers(reg: &Registry) -> Vec<&Subscriber> {
 
 /// 2^64 / φ: multiplying by it spreads consecutive keys over high and low bits.
 const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// One way to hand a request to a member: through subscriber `key`.
+#[derive(Debug, Clone)]
+struct Route {
+    key: u64,
+    member: Arc<str>,
+}
+
+/// The request channels of a subscriber and of the members it relays, each with
+/// the member it reaches.
+fn request_routes(spec: &SubscriberSpec) -> Vec<(String, Arc<str>)> {
+    let own: Arc<str> = Arc::from(spec.id.as_str());
+    let mut routes: Vec<(String, Arc<str>)> = vec![(spec.id.clone(), own.clone())];
+    if !spec.role_watcher {
+        for channel in responders::role_channels(&spec.app, &spec.role, &spec.tag) {
+            routes.push((channel, own.clone()));
+        }
+    }
+    for member in &spec.relayed {
+        let id: Arc<str> = Arc::from(member.id.as_str());
+        for channel in responders::request_channels(member) {
+            routes.push((channel.to_string(), id.clone()));
+        }
+    }
+    routes
+}
+
+/// A request handed to a subscriber: where its reply will arrive.
+pub struct Delivered {
+    /// The subscriber it went to.
+    pub key: u64,
+    pub reply_to: String,
+    pub reply: oneshot::Receiver<Msg>,
+}
 
 struct Pending {
     tx: oneshot::Sender<Msg>,
@@ -287,10 +331,21 @@ impl Hub {
                     reg.wildcard.push((pattern.clone(), key));
                 }
             }
+            let routes = request_routes(&spec);
+            for (channel, member) in &routes {
+                reg.responders
+                    .entry(channel.clone())
+                    .or_default()
+                    .push(Route {
+                        key,
+                        member: member.clone(),
+                    });
+            }
             reg.subs.insert(
                 key,
                 Subscriber {
                     spec: spec.clone(),
+                    routes: routes.into_iter().map(|(channel, _)| channel).collect(),
                     connected_ms: crate::now_ms(),
                     queue: queue.clone(),
                 },
@@ -345,6 +400,14 @@ impl Hub {
             }
             if sub.spec.patterns.iter().any(|p| !p.is_exact()) {
                 reg.wildcard.retain(|(_, k)| *k != key);
+            }
+            for channel in &sub.routes {
+                if let Some(routes) = reg.responders.get_mut(channel) {
+                    routes.retain(|r| r.key != key);
+                    if routes.is_empty() {
+                        reg.responders.remove(channel);
+                    }
+                }
             }
             sub
         };
@@ -485,38 +548,51 @@ impl Hub {
         keys.len()
     }
 
-    /// Whether any local subscriber listens to `target`.
+    /// Whether any local subscriber takes requests for `target` (its id or role
+    /// channel, or one of a member it relays): watchers do not count.
     pub fn has_responder(&self, target: &str) -> bool {
-        !self.registry.read().matching(target).is_empty()
+        self.registry.read().responders.contains_key(target)
     }
 
-    /// Hands a request to one local subscriber of `target` (round robin) and returns
-    /// its `reply_to` and where the reply will arrive; `None` if nobody listens.
+    /// Hands a request to one local responder of `target` (round robin), skipping
+    /// the subscribers in `tried`; `None` if there is none left. A request for a
+    /// relayed member carries its id in [`responders::MEMBER_HEADER`].
     pub fn deliver_request(
         &self,
         target: &str,
         mut request: Msg,
-    ) -> Option<(String, oneshot::Receiver<Msg>)> {
+        tried: &[u64],
+    ) -> Option<Delivered> {
         let reg = self.registry.read();
-        let candidates = reg.matching(target);
+        let candidates: Vec<&Route> = reg
+            .responders
+            .get(target)?
+            .iter()
+            .filter(|r| !tried.contains(&r.key))
+            .collect();
         if candidates.is_empty() {
             return None;
         }
         let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
         for i in 0..candidates.len() {
-            let key = candidates[(start + i) % candidates.len()];
-            let Some(sub) = reg.subs.get(&key) else {
+            let route = candidates[(start + i) % candidates.len()];
+            let Some(sub) = reg.subs.get(&route.key) else {
                 continue;
             };
             let reply_to = self.new_reply_to();
             request.reply_to = reply_to.clone();
+            if *route.member != *sub.spec.id {
+                request
+                    .headers
+                    .insert(responders::MEMBER_HEADER.into(), route.member.to_string());
+            }
             let (tx, rx) = oneshot::channel();
             // Registered before sending so that even an instant reply finds it.
             self.pending.lock().insert(
                 reply_to.clone(),
                 Pending {
                     tx,
-                    subscriber: key,
+                    subscriber: route.key,
                     owner: sub.spec.verified_owner.then(|| sub.spec.owner.clone()),
                 },
             );
@@ -526,13 +602,58 @@ impl Hub {
                 msg: request,
                 charge,
             }) {
-                Ok(()) => return Some((reply_to, rx)),
+                Ok(()) => {
+                    return Some(Delivered {
+                        key: route.key,
+                        reply_to,
+                        reply: rx,
+                    });
+                }
                 Err(_) => {
                     self.pending.lock().remove(&reply_to);
                 }
             }
         }
         None
+    }
+
+    /// Asks a local responder of `target` and waits for its reply until `deadline`:
+    /// the one request path of every bus. The request carries its deadline
+    /// ([`crate::node::DEADLINE_HEADER`]); a relay that could not answer after all
+    /// ([`responders::cannot_answer`]) is skipped and the next responder asked.
+    pub async fn request(
+        &self,
+        target: &str,
+        mut request: Msg,
+        deadline: std::time::Instant,
+    ) -> Result<Msg, RequestError> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        request.headers.insert(
+            crate::node::DEADLINE_HEADER.to_string(),
+            (crate::now_ms() + left.as_millis() as i64).to_string(),
+        );
+        let mut tried = Vec::new();
+        loop {
+            let Some(delivered) = self.deliver_request(target, request.clone(), &tried) else {
+                return Err(RequestError::NoResponders(target.to_string()));
+            };
+            match tokio::time::timeout_at(deadline.into(), delivered.reply).await {
+                Ok(Ok(reply)) if responders::cannot_answer(&reply) => {
+                    tracing::debug!(target, node = %self.node, "a relay could not answer; asking another responder");
+                    tried.push(delivered.key);
+                }
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(_)) => {
+                    return Err(RequestError::Unavailable(format!(
+                        "the subscriber of {target:?} that had the request disconnected before replying"
+                    )));
+                }
+                Err(_) => {
+                    self.cancel_request(&delivered.reply_to);
+                    return Err(RequestError::DeadlineExceeded(target.to_string()));
+                }
+            }
+        }
     }
 
     /// Forgets a request whose caller stopped waiting.
@@ -626,7 +747,7 @@ impl Hub {
     }
 
     fn member(&self, sub: &Subscriber) -> Member {
-        Member {
+        let member = Member {
             id: sub.spec.id.clone(),
             app: sub.spec.app.clone(),
             role: sub.spec.role.clone(),
@@ -636,7 +757,13 @@ impl Hub {
             node: self.node.clone(),
             connected_ms: sub.connected_ms,
             ..Member::default()
+        };
+        let mut member = responders::with_roles(member);
+        if sub.spec.role_watcher {
+            member.roles.clear();
+            member.responder = false;
         }
+        member
     }
 
     /// Number of live subscribers.

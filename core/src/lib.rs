@@ -13,11 +13,13 @@
 //! - [`node`]: the five operations with their input rules and deadline rule.
 //! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
 //! - [`notice`]: `ipc:subscribed` and `ipc:gap`, built and read in one place.
+//! - [`responders`]: who takes requests (responders) and who only watches.
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
 //! - [`grpc`]: that service as servers mount it, Subscribe streams sending each
 //!   message encoded once for all subscribers.
 //! - [`mount`]: what every node serves (`ipc.v1.Ipc`, health, reflection), on TCP
 //!   and Unix listeners, with the same limits, status mapping and drain.
+//! - [`fleetops`]: Gather and Rollout, their ledgers and keys.
 //! - [`logging`]: the binaries' `tracing` set-up.
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities.
@@ -38,6 +40,7 @@ pub mod channel;
 pub mod connections;
 pub mod coord;
 pub mod cursor;
+pub mod fleetops;
 pub mod grpc;
 pub mod hub;
 pub mod limits;
@@ -51,6 +54,7 @@ pub mod node;
 pub mod notice;
 pub mod publish;
 pub mod queue;
+pub mod responders;
 pub mod service;
 pub mod text;
 

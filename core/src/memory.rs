@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use ipc_proto::pb::{Member, Msg};
@@ -18,6 +18,7 @@ use crate::bus::{
     Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
 };
 use crate::cursor::Cursor;
+use crate::fleetops::store::LocalStore;
 use crate::hub::Hub;
 
 /// Bounds of the in-memory log.
@@ -74,6 +75,7 @@ pub struct MemoryBus {
     log: Mutex<Log>,
     hub: OnceLock<Arc<Hub>>,
     health: watch::Sender<bool>,
+    operations: LocalStore,
 }
 
 impl MemoryBus {
@@ -90,6 +92,7 @@ impl MemoryBus {
             }),
             hub: OnceLock::new(),
             health: watch::Sender::new(true),
+            operations: LocalStore::default(),
         }
     }
 }
@@ -233,6 +236,20 @@ impl Bus for MemoryBus {
 
     async fn members(&self, local: Vec<Member>) -> Result<Vec<Member>, BusError> {
         Ok(local)
+    }
+
+    async fn store_operation(
+        &self,
+        key: &str,
+        record: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        self.operations.store(key, record, ttl);
+        Ok(())
+    }
+
+    async fn load_operation(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
+        Ok(self.operations.load(key))
     }
 
     fn health(&self) -> watch::Receiver<bool> {

@@ -198,6 +198,12 @@ pub struct Metrics {
     /// Gather and Rollout operations finished, by `Ledger.State` (index = the
     /// enum's number).
     ops_finished: [AtomicU64; LEDGER_STATES.len()],
+    /// Gather, Rollout started.
+    ops_started: [AtomicU64; 2],
+    /// Members' outcomes, by `Outcome.Status` (index = the enum's number).
+    op_outcomes: [AtomicU64; OUTCOME_STATUSES.len()],
+    wave_count: AtomicU64,
+    wave_sum_micros: AtomicU64,
     /// `ipc:gap` notices handed to subscribers.
     pub gaps: AtomicU64,
     /// Calls of `ipc.v1.Ipc` by method and code.
@@ -225,6 +231,10 @@ impl Default for Metrics {
             revoked_streams: AtomicU64::new(0),
             lock_waiters: AtomicI64::new(0),
             ops_finished: Default::default(),
+            ops_started: Default::default(),
+            op_outcomes: Default::default(),
+            wave_count: AtomicU64::new(0),
+            wave_sum_micros: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             rpc: RpcMetrics::default(),
         }
@@ -241,7 +251,79 @@ const LEDGER_STATES: [&str; 6] = [
     "dry_run",
 ];
 
+/// Label values of `Outcome.Status`, by number.
+const OUTCOME_STATUSES: [&str; 6] = [
+    "pending",
+    "ok",
+    "failed",
+    "no_reply",
+    "not_ready",
+    "skipped",
+];
+
 impl Metrics {
+    /// Counts a Gather or Rollout that starts asking.
+    pub fn operation_started(&self, kind: crate::fleetops::ledger::Kind) {
+        let index = match kind {
+            crate::fleetops::ledger::Kind::Gather => 0,
+            crate::fleetops::ledger::Kind::Rollout => 1,
+        };
+        self.ops_started[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one member's outcome (an `Outcome.Status` number).
+    pub fn outcome(&self, status: i32) {
+        if let Some(c) = usize::try_from(status)
+            .ok()
+            .and_then(|i| self.op_outcomes.get(i))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records the time a Rollout wave took, from its first request to its last
+    /// member answered (and back, with a ready timeout).
+    pub fn wave(&self, took: Duration) {
+        self.wave_count.fetch_add(1, Ordering::Relaxed);
+        self.wave_sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Gather and Rollout families besides `ipc_operations_finished_total`.
+    fn write_operations(&self, out: &mut Exposition) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        out.family(
+            "ipc_operations_started_total",
+            Kind::Counter,
+            "Gather and Rollout operations coordinated here, by kind.",
+        );
+        for (kind, c) in ["gather", "rollout"].iter().zip(&self.ops_started) {
+            out.sample("ipc_operations_started_total", &[("kind", kind)], get(c));
+        }
+        out.family(
+            "ipc_operation_outcomes_total",
+            Kind::Counter,
+            "Members' outcomes in Gather and Rollout ledgers, by status.",
+        );
+        for (status, c) in OUTCOME_STATUSES.iter().zip(&self.op_outcomes).skip(1) {
+            out.sample(
+                "ipc_operation_outcomes_total",
+                &[("status", status)],
+                get(c),
+            );
+        }
+        out.counter(
+            "ipc_rollout_wave_seconds_total",
+            "Time spent in Rollout waves, first request to last member answered (and back); divide by ipc_rollout_waves_total for the mean.",
+            get(&self.wave_sum_micros) as f64 / 1e6,
+        );
+        out.counter(
+            "ipc_rollout_waves_total",
+            "Rollout waves run here.",
+            get(&self.wave_count),
+        );
+    }
+
     /// Counts a Gather or Rollout finished in `state` (a `Ledger.State` number).
     pub fn operation_finished(&self, state: i32) {
         if let Some(c) = usize::try_from(state)
@@ -426,6 +508,7 @@ impl Metrics {
         for (state, c) in LEDGER_STATES.iter().zip(&self.ops_finished).skip(2) {
             out.sample("ipc_operations_finished_total", &[("state", state)], get(c));
         }
+        self.write_operations(out);
         self.rpc.write(out, role.binary());
     }
 }

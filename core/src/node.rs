@@ -157,6 +157,9 @@ pub enum NodeError {
     DeadlineExceeded(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The request conflicts with state kept for it (a key used differently).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -373,23 +376,7 @@ impl Node {
         self.check_size(req.encoded_len())?;
         check_op(&req.op)?;
         self.check_headers(&req.headers)?;
-        let requested = Duration::from_millis(u64::from(req.timeout_ms));
-        if requested > self.config.max_timeout {
-            self.metrics.refuse(Refusal::Timeout);
-            return Err(NodeError::InvalidArgument(format!(
-                "timeout_ms {} is above the largest accepted, {} ms",
-                req.timeout_ms,
-                self.config.max_timeout.as_millis()
-            )));
-        }
-        let mut timeout = if req.timeout_ms == 0 {
-            self.config.default_timeout
-        } else {
-            requested
-        };
-        if let Some(grpc) = grpc_timeout {
-            timeout = timeout.min(before_grpc_deadline(grpc));
-        }
+        let timeout = self.request_timeout(req.timeout_ms, grpc_timeout)?;
         let deadline = Instant::now() + timeout;
         if req.target.is_empty() {
             return self.builtin(caller, &req).await;
@@ -415,6 +402,33 @@ impl Node {
         Ok(self.bus.request(&target, request, deadline).await?)
     }
 
+    /// How long a request may wait: `timeout_ms` (the default when 0), bounded by
+    /// what is left of the gRPC deadline, minus a margin so that the caller sees
+    /// our answer rather than tonic's own cancel at the deadline itself.
+    pub(crate) fn request_timeout(
+        &self,
+        timeout_ms: u32,
+        grpc_timeout: Option<Duration>,
+    ) -> Result<Duration, NodeError> {
+        let requested = Duration::from_millis(u64::from(timeout_ms));
+        if requested > self.config.max_timeout {
+            self.metrics.refuse(Refusal::Timeout);
+            return Err(NodeError::InvalidArgument(format!(
+                "timeout_ms {timeout_ms} is above the largest accepted, {} ms",
+                self.config.max_timeout.as_millis()
+            )));
+        }
+        let mut timeout = if timeout_ms == 0 {
+            self.config.default_timeout
+        } else {
+            requested
+        };
+        if let Some(grpc) = grpc_timeout {
+            timeout = timeout.min(before_grpc_deadline(grpc));
+        }
+        Ok(timeout)
+    }
+
     /// Hands a request to a local subscriber of `target` and waits until `deadline`.
     /// Buses call this for requests routed here from other nodes.
     pub async fn request_local(
@@ -423,25 +437,7 @@ impl Node {
         request: Msg,
         deadline: Instant,
     ) -> Result<Msg, RequestError> {
-        let mut request = request;
-        let left = deadline.saturating_duration_since(Instant::now());
-        request.headers.insert(
-            DEADLINE_HEADER.to_string(),
-            (crate::now_ms() + left.as_millis() as i64).to_string(),
-        );
-        let Some((reply_to, reply)) = self.hub.deliver_request(target, request) else {
-            return Err(RequestError::NoResponders(target.to_string()));
-        };
-        match tokio::time::timeout_at(deadline.into(), reply).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(RequestError::Unavailable(format!(
-                "the subscriber of {target:?} that had the request disconnected before replying"
-            ))),
-            Err(_) => {
-                self.hub.cancel_request(&reply_to);
-                Err(RequestError::DeadlineExceeded(target.to_string()))
-            }
-        }
+        self.hub.request(target, request, deadline).await
     }
 
     async fn builtin(&self, caller: &Caller, req: &SendMsgRequest) -> Result<Msg, NodeError> {
@@ -672,6 +668,7 @@ impl Node {
             owner: caller.sender.clone(),
             verified_owner: caller.is_authenticated(),
             relayed,
+            role_watcher: req.role_watcher,
         })
     }
 
@@ -745,7 +742,7 @@ impl Node {
                     }
                     other => other,
                 })?;
-            relayed.push(Member {
+            let member = crate::responders::with_roles(Member {
                 id,
                 node,
                 connected_ms: if member.connected_ms > 0 {
@@ -755,6 +752,7 @@ impl Node {
                 },
                 ..member.clone()
             });
+            relayed.push(member);
         }
         Ok(relayed)
     }
@@ -872,7 +870,11 @@ impl Node {
     }
 
     /// Headers of a message or labels of a subscriber: count, total size, names.
-    fn check_map(&self, what: &str, map: &HashMap<String, String>) -> Result<(), NodeError> {
+    pub(crate) fn check_map(
+        &self,
+        what: &str,
+        map: &HashMap<String, String>,
+    ) -> Result<(), NodeError> {
         if map.len() > self.config.max_headers {
             self.metrics.refuse(Refusal::Headers);
             return Err(NodeError::TooLarge(format!(

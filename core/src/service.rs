@@ -325,6 +325,7 @@ pub fn status(error: NodeError) -> Status {
         NodeError::NoResponders(m) => Status::unavailable(m),
         NodeError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
         NodeError::Unavailable(m) => Status::unavailable(m),
+        NodeError::FailedPrecondition(m) => Status::failed_precondition(m),
         NodeError::Internal(m) => Status::internal(m),
     }
 }
@@ -448,8 +449,14 @@ impl Ipc for IpcService {
     }
 
     async fn gather(&self, request: Request<GatherRequest>) -> Result<Response<Ledger>, Status> {
-        let _caller = self.caller(&request)?;
-        Err(Status::unimplemented("Gather is not implemented yet"))
+        let caller = self.caller(&request)?;
+        let deadline = grpc_timeout(request.metadata());
+        let ledger = self
+            .node
+            .gather(&caller, request.into_inner(), deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ledger))
     }
 
     type RolloutStream = Pin<Box<dyn Stream<Item = Result<RolloutEvent, Status>> + Send>>;
@@ -458,8 +465,13 @@ impl Ipc for IpcService {
         &self,
         request: Request<RolloutRequest>,
     ) -> Result<Response<Self::RolloutStream>, Status> {
-        let _caller = self.caller(&request)?;
-        Err(Status::unimplemented("Rollout is not implemented yet"))
+        let caller = self.caller(&request)?;
+        let events = self
+            .node
+            .rollout(&caller, request.into_inner())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(Box::pin(events.map(|e| e.map_err(status)))))
     }
 
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {

@@ -119,6 +119,12 @@ impl Hooks {
         Self { hooks, timeout }
     }
 
+    /// Whether any hook is configured: then the pod itself answers requests to
+    /// its role (for the hooks' ops).
+    pub fn any(&self) -> bool {
+        !self.hooks.is_empty()
+    }
+
     /// Whether a hook is configured for `op`.
     pub fn has(&self, op: &str) -> bool {
         self.hooks.contains_key(op)

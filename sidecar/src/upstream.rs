@@ -37,6 +37,7 @@ use ipc_core::hub::Hub;
 use ipc_core::metrics::Exposition;
 use ipc_core::node::{BUILTIN_OPS, DEADLINE_HEADER};
 use ipc_core::notice::{self, Gap, Subscribed};
+use ipc_core::responders;
 use ipc_core::{Caller, Node, NodeError};
 use ipc_proto::json;
 use ipc_proto::pb::ipc_client::IpcClient;
@@ -795,12 +796,17 @@ impl Inner {
         let acked_at_open = self.acked.borrow().as_ref().clone();
         let identity = &self.config.identity;
         let relayed = self.relayed();
+        // The pod itself takes requests for its role only when a hook can answer
+        // them; otherwise it is a watcher of its role, and requests for a role reach
+        // it only through a local responder of that role (relayed below), while
+        // there is one.
         let request = SubscribeRequest {
             channels: union.iter().map(|p| p.as_str().to_string()).collect(),
             id: identity.id.clone(),
             app: identity.app.clone(),
             role: identity.role.clone().unwrap_or_default(),
             tag: identity.tag.clone().unwrap_or_default(),
+            role_watcher: !self.hooks.any(),
             labels: identity.labels.clone(),
             cursor: resumed_from.map(|c| c.to_string()).unwrap_or_default(),
             members: relayed.clone(),
@@ -1072,31 +1078,44 @@ impl Inner {
     /// a local subscriber. `None` when the deadline passed (the caller already knows).
     async fn answer(&self, msg: Msg, deadline: Instant) -> Option<Msg> {
         let channel = msg.channel.clone();
-        if self.pod_channels.contains(&channel) && self.hooks.has(&msg.op) {
+        let pod = self.config.identity.id.as_str();
+        // A request for one member (Gather, Rollout) goes to that process; the pod
+        // itself is a member too (its hooks and built-ins).
+        let member = msg
+            .headers
+            .get(responders::MEMBER_HEADER)
+            .filter(|m| m.as_str() != pod)
+            .cloned();
+        if member.is_none() && self.pod_channels.contains(&channel) && self.hooks.has(&msg.op) {
             return self.answer_pod(&msg, deadline).await;
         }
         let hub = self.hub()?;
-        if hub.has_responder(&channel) {
+        let local = member.as_deref().unwrap_or(&channel);
+        if hub.has_responder(local) {
             let node = self.node()?;
             let mut request = msg.clone();
             request.reply_to.clear();
-            match node.request_local(&channel, request, deadline).await {
+            request.headers.remove(responders::MEMBER_HEADER);
+            match node.request_local(local, request, deadline).await {
                 Ok(reply) => return Some(reply),
                 Err(RequestError::DeadlineExceeded(_)) => return None,
                 Err(RequestError::NoResponders(_)) => {}
                 Err(error) => return Some(error_reply(&msg, error.to_string())),
             }
         }
-        if channel == self.config.identity.id && BUILTIN_OPS.contains(&msg.op.as_str()) {
+        if member.is_none() && channel == pod && BUILTIN_OPS.contains(&msg.op.as_str()) {
             return self.answer_pod(&msg, deadline).await;
         }
-        Some(error_reply(
+        // Not answerable here after all (the local responder left, or no hook for
+        // this op): the control plane asks another responder within the deadline.
+        let mut reply = error_reply(
             &msg,
-            format!(
-                "no responders for {channel:?} in pod {}",
-                self.config.identity.id
-            ),
-        ))
+            format!("no responders for {local:?} in pod {pod} (op {:?})", msg.op),
+        );
+        reply
+            .headers
+            .insert(responders::CANNOT_ANSWER_HEADER.into(), pod.to_string());
+        Some(reply)
     }
 
     /// A request to the pod itself: its hook, else a built-in op of the sidecar.

@@ -169,11 +169,13 @@ async fn requests_from_the_control_plane_reach_the_pod_and_its_subscribers() {
         (pong.op.as_str(), data(&pong)["node"].as_str()),
         ("pong", Some(POD_ID))
     );
-    // The pod's role channel with nobody behind it in the pod: an error reply, at once.
-    let answer = send(&mut operator, ":web", "stats:get", 5_000)
+    // The pod's role with nobody behind it in the pod (and no hook): the pod is a
+    // watcher of its role, so there is no responder fleet-wide — at once.
+    let nobody = send(&mut operator, ":web", "stats:get", 5_000)
         .await
-        .unwrap();
-    assert!(answer.error.contains("no responders"), "{answer:?}");
+        .unwrap_err();
+    assert_eq!(nobody.code(), Code::Unavailable, "{nobody:?}");
+    assert!(nobody.message().contains("no responders"), "{nobody:?}");
 
     // A local subscriber that does not answer: the control plane's caller gets
     // DEADLINE_EXCEEDED, and the sidecar drops the request at the same deadline.

@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::*;
+use ipc_proto::pb::SubscribeRequest;
 
 /// Nothing listens there: the sidecar keeps trying in the background.
 const NO_UPSTREAM: &str = "127.0.0.1:1";
@@ -113,7 +114,11 @@ async fn local_requests_carry_the_calling_process_as_sender() {
     let socket = dir.path().join("ipc.sock");
     let _sidecar = start(&socket, &[]).unwrap();
     let mut worker = uds_client(&socket).await;
-    let mut stream = subscribe_to(&mut worker, &["jobs"]).await;
+    let request = SubscribeRequest {
+        id: "jobs".into(),
+        ..Default::default()
+    };
+    let (mut stream, _) = subscribe(&mut worker, request).await;
     let mut caller = uds_client(&socket).await;
     let asking = tokio::spawn(async move { send(&mut caller, "jobs", "job:run", 5_000).await });
     let request = next(&mut stream).await;

@@ -15,7 +15,7 @@ class IpcError extends Error {
   }
 }
 
-/** SendMsg: nobody subscribes to the target (UNAVAILABLE "no responders"). */
+/** SendMsg: no responder of the target, tails do not count (UNAVAILABLE "no responders"). */
 class NoRespondersError extends IpcError {}
 /** SendMsg: no answer within the timeout (DEADLINE_EXCEEDED). */
 class DeadlineExceededError extends IpcError {}

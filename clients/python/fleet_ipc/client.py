@@ -354,7 +354,7 @@ class Client:
 
         ``target`` is a subscriber id or a role channel (any one of its subscribers);
         empty asks the node itself (``ping``, ``members``). Raises
-        :class:`~fleet_ipc.errors.NoResponders` when nobody subscribes,
+        :class:`~fleet_ipc.errors.NoResponders` when no responder (that id, or a subscriber of that role) exists,
         :class:`~fleet_ipc.errors.DeadlineExceeded` when no answer comes within
         ``timeout`` seconds, and :class:`~fleet_ipc.errors.ReplyError` when the answer
         carries ``error`` (unless ``raise_on_error`` is false).

@@ -203,6 +203,7 @@ impl Resumer {
                 labels: labels.into_iter().collect(),
                 cursor,
                 members: Vec::new(),
+                role_watcher: false,
             },
             backoff,
             failures: 0,

@@ -1,0 +1,234 @@
+//! Fleet operations: Gather (ask every responder of a target, a ledger of who
+//! answered) and Rollout (the same in waves, with a failure budget), with keys that
+//! make a repeat return the first ledger and a rerun resume it.
+//!
+//! Transport-free: the bus supplies the fleet's members (responders resolved by
+//! [`crate::responders`]), request routing to one member (by its id), and the
+//! store of keyed records ([`crate::Bus::store_operation`]).
+//!
+//! - [`ledger`]: the ledger, outcomes and counts, the stored record.
+//! - [`gather`]: `Node::gather`, all at once.
+//! - [`rollout`]: `Node::rollout`, in waves, with readiness.
+//! - [`store`]: records kept in a node's memory.
+
+pub mod gather;
+pub mod ledger;
+pub mod rollout;
+pub mod store;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ipc_proto::pb::{Ledger, Member, Msg};
+
+use crate::bus::RequestError;
+use crate::channel;
+use crate::node::{Caller, Node, NodeError};
+use crate::responders;
+use ledger::{Kind, StoredOperation};
+
+/// Header on every request of an operation: the ledger id (the same on a rerun).
+pub const OP_ID_HEADER: &str = "ipc-op-id";
+/// Header on every request of a keyed operation: its key, so a worker can tell a
+/// repeat.
+pub const OP_KEY_HEADER: &str = "ipc-op-key";
+/// Header on every request of a Rollout: the 1-based wave.
+pub const OP_WAVE_HEADER: &str = "ipc-op-wave";
+
+/// How long a keyed operation's record is kept.
+pub const KEY_TTL: Duration = Duration::from_secs(3600);
+
+/// What an operation asks, validated.
+pub(crate) struct Asked {
+    pub kind: Kind,
+    pub target: String,
+    pub op: String,
+    pub data: Option<prost_types::Value>,
+    pub headers: HashMap<String, String>,
+    pub labels: HashMap<String, String>,
+    /// The key as given, and as stored (scoped to the app).
+    pub key: Option<(String, String)>,
+    pub sender: String,
+}
+
+impl Asked {
+    pub fn fingerprint(&self) -> String {
+        ledger::fingerprint(
+            self.kind,
+            &self.target,
+            &self.op,
+            self.data.as_ref(),
+            &self.labels,
+        )
+    }
+}
+
+/// The fields common to GatherRequest and RolloutRequest.
+pub(crate) struct Fields {
+    pub target: String,
+    pub op: String,
+    pub data: Option<prost_types::Value>,
+    pub headers: HashMap<String, String>,
+    pub labels: HashMap<String, String>,
+    pub key: String,
+    pub encoded_len: usize,
+}
+
+impl Node {
+    /// Checks an operation's input as SendMsg checks a request's, and its key.
+    pub(crate) fn check_operation(
+        &self,
+        caller: &Caller,
+        kind: Kind,
+        fields: Fields,
+    ) -> Result<Asked, NodeError> {
+        self.check_size(fields.encoded_len)?;
+        crate::node::check_op(&fields.op)?;
+        self.check_headers(&fields.headers)?;
+        self.check_map("labels", &fields.labels)?;
+        if fields.target.is_empty() {
+            return Err(NodeError::InvalidArgument(
+                "target is empty: name a role channel (\":worker\") or a member id".into(),
+            ));
+        }
+        let app = self.app(caller).unwrap_or_default().to_string();
+        let target = channel::parse_name(
+            &fields.target,
+            Some(&app).filter(|a| !a.is_empty()).map(String::as_str),
+        )?;
+        self.authorize(caller, "send to", &target, |g| g.may_send(&target))?;
+        let key = match fields.key.as_str() {
+            "" => None,
+            key if key.len() > 256 || key.chars().any(char::is_control) => {
+                return Err(NodeError::InvalidArgument(
+                    "key must be at most 256 bytes, without control characters".into(),
+                ));
+            }
+            key => Some((key.to_string(), format!("{}/{key}", kind_scope(&app)))),
+        };
+        Ok(Asked {
+            kind,
+            target,
+            op: fields.op,
+            data: fields.data,
+            headers: fields.headers,
+            labels: fields.labels,
+            key,
+            sender: caller.sender.clone(),
+        })
+    }
+
+    /// The responders of `target` fleet-wide with every one of `labels`, once each,
+    /// in a stable order (member id, then node).
+    pub(crate) async fn resolve_responders(
+        &self,
+        target: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<Vec<Member>, NodeError> {
+        let all = self.bus().members(self.hub().members()).await?;
+        let mut seen = std::collections::HashSet::new();
+        let mut members: Vec<Member> = all
+            .into_iter()
+            .filter(|m| responders::responds_to(m, target))
+            .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
+            .filter(|m| seen.insert((m.id.clone(), m.node.clone())))
+            .collect();
+        members.sort_by(|a, b| (&a.id, &a.node).cmp(&(&b.id, &b.node)));
+        Ok(members)
+    }
+
+    /// Asks one member (by its id) for an operation and waits until `deadline`.
+    pub(crate) async fn ask_member(
+        &self,
+        asked: &Asked,
+        ledger_id: &str,
+        member: &str,
+        wave: Option<u32>,
+        deadline: Instant,
+    ) -> Result<Msg, RequestError> {
+        let mut headers = asked.headers.clone();
+        headers.insert(OP_ID_HEADER.into(), ledger_id.to_string());
+        if let Some((key, _)) = &asked.key {
+            headers.insert(OP_KEY_HEADER.into(), key.clone());
+        }
+        if let Some(wave) = wave {
+            headers.insert(OP_WAVE_HEADER.into(), wave.to_string());
+        }
+        headers.insert(responders::MEMBER_HEADER.into(), member.to_string());
+        let request = Msg {
+            op: asked.op.clone(),
+            data: asked.data.clone(),
+            headers,
+            id: self.new_id(),
+            channel: asked.target.clone(),
+            sender: asked.sender.clone(),
+            ts_ms: crate::now_ms(),
+            ..Msg::default()
+        };
+        if self.hub().has_responder(member) {
+            match self.hub().request(member, request.clone(), deadline).await {
+                Err(RequestError::NoResponders(_)) => {}
+                other => return other,
+            }
+        }
+        self.bus().request(member, request, deadline).await
+    }
+
+    /// The record stored under an operation's key: `None` for a first run. A key
+    /// used by the other kind of operation, or for a different target, op, data
+    /// or labels, is refused.
+    pub(crate) async fn load_operation(
+        &self,
+        asked: &Asked,
+    ) -> Result<Option<StoredOperation>, NodeError> {
+        let Some((key, scoped)) = &asked.key else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.bus().load_operation(scoped).await? else {
+            return Ok(None);
+        };
+        let Some(record) = StoredOperation::decode_bytes(&bytes) else {
+            return Err(NodeError::Internal(format!(
+                "the record of key {key:?} is unreadable"
+            )));
+        };
+        if record.kind != asked.kind.as_str() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "key {key:?} was used by a {}; a key belongs to one kind of operation",
+                record.kind
+            )));
+        }
+        if record.fingerprint != asked.fingerprint() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "key {key:?} was used for a different operation (target, op, data or labels); use a new key"
+            )));
+        }
+        Ok(Some(record))
+    }
+
+    /// Stores an operation's ledger under its key (nothing without a key).
+    pub(crate) async fn store_operation(
+        &self,
+        asked: &Asked,
+        ledger: &Ledger,
+    ) -> Result<(), NodeError> {
+        let Some((_, scoped)) = &asked.key else {
+            return Ok(());
+        };
+        let record = StoredOperation {
+            kind: asked.kind.as_str().to_string(),
+            fingerprint: asked.fingerprint(),
+            ledger: Some(ledger.clone()),
+            updated_ms: crate::now_ms(),
+        };
+        self.bus()
+            .store_operation(scoped, record.encode_bytes(), KEY_TTL)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Keys are scoped to the app (`_` for callers without one).
+fn kind_scope(app: &str) -> &str {
+    if app.is_empty() { "_" } else { app }
+}
