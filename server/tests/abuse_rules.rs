@@ -125,7 +125,15 @@ fn request_to(target: &str) -> SendMsgRequest {
 async fn reply_to_is_unguessable_and_a_huge_one_is_not_echoed_whole() {
     let server = server(&[]);
     let mut responder = server.client().await;
-    let (mut stream, _) = subscribe(&mut responder, subscription(&["app:svc"])).await;
+    // A responder of `app:svc`: its id (a channel subscription would be a watcher).
+    let (mut stream, _) = subscribe(
+        &mut responder,
+        ipc_proto::pb::SubscribeRequest {
+            id: "app:svc".into(),
+            ..subscription(&[])
+        },
+    )
+    .await;
     let mut seen = Vec::new();
     for _ in 0..2 {
         let mut caller = server.client().await;
