@@ -462,6 +462,41 @@ impl Bus for RedisBus {
             .await
     }
 
+    async fn store_operation(
+        &self,
+        key: &str,
+        record: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<(), BusError> {
+        let key = format!("{}:op:{key}", self.inner.keys.prefix());
+        let ttl_ms = ttl.as_millis() as u64;
+        self.inner
+            .link
+            .call(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(record)
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
+    }
+
+    async fn load_operation(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
+        let key = format!("{}:op:{key}", self.inner.keys.prefix());
+        self.inner
+            .link
+            .call(|mut conn| async move {
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+            })
+            .await
+    }
+
     fn subscribers_changed(&self) {
         self.inner.signals.changed();
     }

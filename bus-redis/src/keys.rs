@@ -10,6 +10,7 @@
 //! | `P:node:N:exact` | hash, expires | exact channel → number of N's subscribers on it |
 //! | `P:node:N:wild` | hash, expires | wildcard pattern → number of N's subscribers on it |
 //! | `P:inbox:N` | pub/sub channel | requests, replies and acks for replica N |
+//! | `P:op:APP/KEY` | string, expires (1 h) | the ledger of a keyed Gather or Rollout (`StoredOperation`) |
 //! | `P:dedup:APP:KEY` | string, expires | a Broadcast key seen: the first message's id, channel, entry, epoch |
 //! | `P:lock:NAME` | hash, expires with the lease | the live lease of lock NAME: `fence`, `holder` |
 //! | `P:fence` | string, never expires | the last fence granted (all lock names) |

@@ -91,3 +91,35 @@ async fn a_tail_on_every_replica_takes_no_request_and_every_request_is_answered_
         "no responders",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_gather_is_kept_in_redis_and_its_repeat_on_another_replica_returns_it() {
+    let redis = redis();
+    let a = replica(&redis.url(), "a");
+    let b = replica(&redis.url(), "b");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let worker = SubscribeRequest {
+        app: "shop".into(),
+        role: "worker".into(),
+        ..channels("w-a", &[])
+    };
+    answer_all(ca.clone(), subscribe(&mut ca, worker).await, "w-a");
+    let request = ipc_proto::pb::GatherRequest {
+        target: ":worker".into(),
+        op: "status".into(),
+        key: "k-1".into(),
+        timeout_ms: 5_000,
+        ..Default::default()
+    };
+    let first = cb
+        .gather(request.clone())
+        .await
+        .expect("gather")
+        .into_inner();
+    assert_eq!((first.expected, first.ok), (1, 1));
+    let again = ca.gather(request).await.expect("repeat").into_inner();
+    assert_eq!(
+        again.id, first.id,
+        "the stored ledger, from the other replica"
+    );
+}
