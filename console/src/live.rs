@@ -28,7 +28,8 @@ use serde_json::{Value, json};
 
 use crate::Console;
 use crate::api::parse;
-use crate::convert::{ApiError, code_name, msg_json, rollout_event_json};
+use crate::convert::{ApiError, msg_json, rollout_event_json};
+use ipc_proto::code_name;
 
 /// Label of the console's tail subscriptions, so Members shows them for what they are.
 pub const TAIL_LABEL: (&str, &str) = ("ipc-console", "tail");

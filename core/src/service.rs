@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use ipc_proto::code_name;
 use ipc_proto::pb::ipc_server::Ipc;
 use ipc_proto::pb::{
     BroadcastRequest, BroadcastResponse, GatherRequest, Ledger, LimitRequest, LimitResponse,
@@ -303,18 +304,6 @@ fn reply_error(node: &Node, reply_to: &str, error: NodeError) -> Arc<Msg> {
 /// The op of a Serve stream's notice that a reply was not delivered.
 pub const REPLY_ERROR_OP: &str = "ipc:reply-error";
 
-/// A status code's name as gRPC spells it (`NOT_FOUND`).
-pub fn code_name(code: tonic::Code) -> String {
-    let mut name = String::new();
-    for (i, c) in format!("{code:?}").chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            name.push('_');
-        }
-        name.push(c.to_ascii_uppercase());
-    }
-    name
-}
-
 /// Maps a node error to the status a client sees.
 pub fn status(error: NodeError) -> Status {
     match error {
@@ -540,12 +529,5 @@ mod tests {
         assert_eq!(grpc_timeout(&md), Some(Duration::from_secs(3)));
         md.insert("grpc-timeout", "x".parse().unwrap());
         assert_eq!(grpc_timeout(&md), None);
-    }
-
-    #[test]
-    fn code_names_as_grpc_spells_them() {
-        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
-        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
-        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
     }
 }

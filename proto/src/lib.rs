@@ -6,6 +6,8 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
 //! - [`json`]: conversions between `google.protobuf.Value` and `serde_json::Value`,
 //!   for CLIs, hooks and logs that speak JSON.
+//! - [`code_name`]: a status code as gRPC spells it (`NOT_FOUND`), for every place
+//!   that shows one to people or to JSON.
 
 /// Generated code for package `ipc.v1`.
 pub mod pb {
@@ -20,3 +22,40 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub mod json;
 
 pub use prost_types;
+
+/// A gRPC status code's name as the gRPC spec (and grpcurl) spells it, e.g.
+/// `NOT_FOUND`: how operators search for it, in errors, JSON and metric labels.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::code_name;
+
+    #[test]
+    fn code_names_as_grpc_spells_them() {
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+    }
+}

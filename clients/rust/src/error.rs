@@ -1,6 +1,7 @@
 //! What can go wrong, as callers match on it: one variant per outcome a program
 //! reacts to differently, mapped from the gRPC status in one place.
 
+pub use ipc_proto::code_name;
 use tonic::{Code, Status};
 
 use crate::Msg;
@@ -115,29 +116,6 @@ fn transport_message(status: &Status, cause: &(dyn std::error::Error + 'static))
         deepest
     } else {
         format!("{}: {deepest}", status.message())
-    }
-}
-
-/// Names as in the gRPC spec (`NOT_FOUND`), which is how operators search for them.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use super::text::{Exposition, Histogram, Kind, code_name};
+use super::text::{Exposition, Histogram, Kind};
+use ipc_proto::code_name;
 
 /// The methods of `ipc.v1.Ipc`, the `method` label; anything else counts as `other`.
 pub const METHODS: [&str; 12] = [
