@@ -213,6 +213,9 @@ async fn a_terminated_ipcctl_passes_the_signal_on_and_releases() {
         .unwrap()
         .expect("a line");
 
+    // Held open until the holder has ended: `Child::wait` closes a stdin it still owns,
+    // and the `read` would then end on EOF (exit 1) before the forwarded signal lands.
+    let _stdin = holder.stdin.take();
     let pid = nix::unistd::Pid::from_raw(holder.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(HANG_GUARD, holder.wait())

@@ -41,6 +41,15 @@ async fn lock(
         return Ok(Held::NotAcquired(lease));
     }
     let (program, args) = command.split_first().expect("clap requires a command");
+    // Listening before the command starts: a signal that arrives as soon as it runs
+    // must reach it too, not end ipcctl by default and leave the lock held.
+    let mut signals = match Forwarded::new() {
+        Ok(signals) => signals,
+        Err(err) => {
+            let _ = client.unlock(name, lease.fence).await;
+            return Err(err);
+        }
+    };
     let child = tokio::process::Command::new(program)
         .args(args)
         .env("IPC_LOCK_FENCE", lease.fence.to_string())
@@ -55,7 +64,6 @@ async fn lock(
         }
     };
     let mut expires_ms = lease.expires_ms;
-    let mut signals = Forwarded::new()?;
     let mut renewals = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
     renewals.tick().await; // the first tick is immediate
     let held = loop {
