@@ -5,10 +5,14 @@
     client = Client("localhost:7700", app="shop")
     client.broadcast(":worker", "worker:restart")          # every worker of shop
     reply = client.send_msg(":worker", "config:get", {"key": "db"}, timeout=2)
+    ledger = client.gather(":worker", "health:check")      # every worker, each named
+    for event in client.rollout(":worker", "worker:restart", wave_size=2, ready_timeout=30):
+        print(event.outcome or event.ledger)
 
 # Layout
 - ``client``: ``Client`` (one method per RPC, plus ``on``/``run`` handlers), ``Msg``,
-  ``Member``, ``Lease``, ``LimitAnswer``, ``Subscription``, and the ``Value`` <-> Python conversion.
+  ``Member``, ``Lease``, ``LimitAnswer``, ``Subscription``, ``Ledger``, ``Outcome``,
+  ``Rollout``, ``RolloutEvent``, and the ``Value`` <-> Python conversion.
 - ``errors``: one exception per failure a caller handles (``NoResponders``,
   ``DeadlineExceeded``, ``ReplyError``, ...).
 - ``gen``: generates the stubs ``fleet_ipc.ipc.v1`` from ``proto/ipc/v1/ipc.proto``
@@ -17,9 +21,22 @@
   lines — for tests of code that uses this client.
 """
 
-from .client import Broadcasted, Client, Lease, LimitAnswer, Member, Msg, Subscription
+from .client import (
+    Broadcasted,
+    Client,
+    Lease,
+    Ledger,
+    LimitAnswer,
+    Member,
+    Msg,
+    Outcome,
+    Rollout,
+    RolloutEvent,
+    Subscription,
+)
 from .errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     IpcError,
     NoResponders,
@@ -33,16 +50,21 @@ __all__ = [
     "Broadcasted",
     "Client",
     "DeadlineExceeded",
+    "FailedPrecondition",
     "InvalidArgument",
     "IpcError",
     "Lease",
+    "Ledger",
     "LimitAnswer",
     "Member",
     "Msg",
     "NoResponders",
     "NotFound",
+    "Outcome",
     "ReplyError",
     "ResourceExhausted",
+    "Rollout",
+    "RolloutEvent",
     "Subscription",
     "Unavailable",
 ]

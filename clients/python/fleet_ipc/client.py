@@ -184,6 +184,140 @@ class Member:
         )
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One member's line in a :class:`Ledger`.
+
+    ``status`` is the name of ``ipc.v1.Outcome.Status``: ``PENDING``, ``OK``,
+    ``FAILED``, ``NO_REPLY``, ``NOT_READY`` or ``SKIPPED``.
+    """
+
+    member: str
+    node: str
+    status: str
+    #: the member's answer, if any (a ``FAILED`` one has ``error`` set)
+    reply: Msg | None = None
+    #: Rollout: the 1-based wave (0: skipped, already OK in an earlier run)
+    wave: int = 0
+    duration_ms: int = 0
+    #: why, in words: "replied with error: …", "no answer within 2000 ms", …
+    detail: str = ""
+
+    @classmethod
+    def from_pb(cls, pb: ipc_pb2.Outcome) -> Outcome:
+        return cls(
+            member=pb.member,
+            node=pb.node,
+            status=ipc_pb2.Outcome.Status.Name(pb.status),
+            reply=Msg.from_pb(pb.reply) if pb.HasField("reply") else None,
+            wave=pb.wave,
+            duration_ms=pb.duration_ms,
+            detail=pb.detail,
+        )
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Who was asked and how each answered: the answer of ``Client.gather`` and the
+    last event of ``Client.rollout``. One outcome per member resolved at the start,
+    none missing. ``state`` is the name of ``ipc.v1.Ledger.State``: ``DONE``,
+    ``STOPPED``, ``CANCELLED``, ``DRY_RUN`` (or ``RUNNING``)."""
+
+    id: str
+    target: str
+    op: str
+    state: str
+    expected: int
+    ok: int
+    failed: int
+    no_reply: int
+    not_ready: int
+    skipped: int
+    outcomes: list[Outcome]
+    waves: int
+
+    @classmethod
+    def from_pb(cls, pb: ipc_pb2.Ledger) -> Ledger:
+        return cls(
+            id=pb.id,
+            target=pb.target,
+            op=pb.op,
+            state=ipc_pb2.Ledger.State.Name(pb.state),
+            expected=pb.expected,
+            ok=pb.ok,
+            failed=pb.failed,
+            no_reply=pb.no_reply,
+            not_ready=pb.not_ready,
+            skipped=pb.skipped,
+            outcomes=[Outcome.from_pb(outcome) for outcome in pb.outcomes],
+            waves=pb.waves,
+        )
+
+    def members(self, *statuses: str) -> list[str]:
+        """The members with one of ``statuses`` (all of them when none is given)."""
+        return [o.member for o in self.outcomes if not statuses or o.status in statuses]
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    """Progress of a rollout: one ``outcome`` as it settles (``wave`` 0 for members
+    skipped on a rerun), and last an event with the whole ``ledger``."""
+
+    wave: int
+    outcome: Outcome | None = None
+    ledger: Ledger | None = None
+
+    @classmethod
+    def from_pb(cls, pb: ipc_pb2.RolloutEvent) -> RolloutEvent:
+        return cls(
+            wave=pb.wave,
+            outcome=Outcome.from_pb(pb.outcome) if pb.HasField("outcome") else None,
+            ledger=Ledger.from_pb(pb.ledger) if pb.HasField("ledger") else None,
+        )
+
+
+class Rollout:
+    """A running rollout: iterate it for :class:`RolloutEvent` (the last one carries
+    the ledger, also kept in ``ledger``). ``cancel()`` (or leaving a ``with`` block)
+    ends the call; the node then starts no further wave (state ``CANCELLED``)."""
+
+    def __init__(self, call: Any):
+        self._call = call
+        self._cancelled = threading.Event()
+        #: the final ledger, once the last event arrived
+        self.ledger: Ledger | None = None
+
+    def __iter__(self) -> Iterator[RolloutEvent]:
+        try:
+            for pb in self._call:
+                event = RolloutEvent.from_pb(pb)
+                if event.ledger is not None:
+                    self.ledger = event.ledger
+                yield event
+        except grpc.RpcError as error:
+            if self._cancelled.is_set() and error.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise errors.from_rpc_error(error) from error
+
+    def wait(self) -> Ledger:
+        """Reads the remaining events and returns the final ledger."""
+        for _ in self:
+            pass
+        if self.ledger is None:
+            raise errors.IpcError("the rollout ended without its ledger")
+        return self.ledger
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._call.cancel()
+
+    def __enter__(self) -> Rollout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
 class Subscription:
     """An open Subscribe stream; iterate it for :class:`Msg`.
 
@@ -265,7 +399,10 @@ class Client:
         self._handlers: dict[str, Handler] = {}
         self._stopping = threading.Event()
         self._running: Subscription | None = None
-        self._lock = threading.Lock()
+        #: a message is being handled: stop() lets its answer go out first
+        self._dispatching = False
+        # Reentrant: stop() may run in a signal handler on the thread inside run().
+        self._lock = threading.RLock()
         #: The subscriber id of ``run``, once subscribed.
         self.id = ""
 
@@ -403,6 +540,86 @@ class Client:
         response = self._unary(self._stub.Members, request, timeout)
         return [Member.from_pb(member) for member in response.members]
 
+    def gather(
+        self,
+        target: str,
+        op: str,
+        data: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        dry_run: bool = False,
+        key: str | None = None,
+        timeout: float = DEFAULT_SEND_TIMEOUT,
+    ) -> Ledger:
+        """Ask every responder of ``target`` (a role channel or a member id), fleet-wide,
+        and return the :class:`Ledger` naming each one ``OK``, ``FAILED`` or
+        ``NO_REPLY`` once all answered or ``timeout`` seconds passed.
+
+        ``labels`` keeps only responders with every one of them; ``dry_run`` resolves
+        them and sends nothing (state ``DRY_RUN``). With ``key`` the ledger is kept
+        for an hour: a repeat returns it and asks nobody. Raises
+        :class:`~fleet_ipc.errors.NoResponders` when the target has no responder and
+        :class:`~fleet_ipc.errors.FailedPrecondition` for a key used by another
+        operation.
+        """
+        request = ipc_pb2.GatherRequest(
+            target=target,
+            op=op,
+            data=to_value(data),
+            headers=headers or {},
+            timeout_ms=max(1, round(timeout * 1000)),
+            labels=labels or {},
+            dry_run=dry_run,
+            key=key or "",
+        )
+        return Ledger.from_pb(self._unary(self._stub.Gather, request, timeout + _DEADLINE_SLACK))
+
+    def rollout(
+        self,
+        target: str,
+        op: str,
+        data: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        dry_run: bool = False,
+        key: str | None = None,
+        wave_size: int = 1,
+        max_failures: int = 0,
+        ready_timeout: float = 0.0,
+        timeout: float = DEFAULT_SEND_TIMEOUT,
+        deadline: float | None = None,
+    ) -> Rollout:
+        """Ask the responders of ``target`` in waves of ``wave_size`` (member-id order):
+        the next wave only once every member of the current one answered and, with
+        ``ready_timeout`` (seconds), came back (subscribed again under its id). Once
+        more than ``max_failures`` members are not ``OK`` no wave starts: ``STOPPED``,
+        the rest ``PENDING``.
+
+        Returns a :class:`Rollout` to iterate for :class:`RolloutEvent` (one per
+        outcome, the ledger last) or to ``wait()`` on. ``timeout`` is each member's
+        time to answer; ``deadline`` (seconds, default none) bounds the whole call.
+        ``dry_run`` yields the plan only (members and waves). A rerun with the same
+        ``key`` resumes, from any replica: members already ``OK`` are ``SKIPPED``.
+        Errors (no responders, bad input, a key used for another operation) are
+        raised when iteration starts.
+        """
+        request = ipc_pb2.RolloutRequest(
+            target=target,
+            op=op,
+            data=to_value(data),
+            headers=headers or {},
+            timeout_ms=max(1, round(timeout * 1000)),
+            labels=labels or {},
+            dry_run=dry_run,
+            key=key or "",
+            wave_size=wave_size,
+            max_failures=max_failures,
+            ready_timeout_ms=_ms(ready_timeout),
+        )
+        return Rollout(self._stub.Rollout(request, timeout=deadline, metadata=self._metadata))
+
     def lock(self, name: str, ttl: float, wait: float = 0.0, *, timeout: float = DEFAULT_CALL_TIMEOUT) -> Lease:
         """Takes the lock ``name`` for ``ttl`` seconds, waiting up to ``wait`` seconds
         for the holder to release it. Not getting it is ``acquired=False``, not an error."""
@@ -504,7 +721,8 @@ class Client:
 
         When the stream is cut (server restart, slow-subscriber cut-off) it
         reconnects with backoff under the same id, resuming from the last cursor, so
-        nothing is missed. Handlers run one at a time, in arrival order.
+        nothing is missed. Handlers run one at a time, in arrival order. ``id`` is
+        then the subscriber id, to ``run`` again under (a worker that restarts).
         """
         self._stopping.clear()
         backoff = _BACKOFF_FIRST
@@ -520,7 +738,13 @@ class Client:
             try:
                 for msg in subscription:
                     backoff = _BACKOFF_FIRST
-                    self._dispatch(msg)
+                    with self._lock:
+                        self._dispatching = True
+                    try:
+                        self._dispatch(msg)
+                    finally:
+                        with self._lock:
+                            self._dispatching = False
                     if self._stopping.is_set():
                         break
             except (errors.Unavailable, errors.ResourceExhausted) as cut:
@@ -538,10 +762,15 @@ class Client:
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
     def stop(self) -> None:
-        """Make ``run`` return (from a handler, a signal handler or another thread)."""
+        """Make ``run`` return (from a handler, a signal handler or another thread).
+
+        A message being handled is answered first, then the subscription ends: a
+        handler of ``worker:restart`` can call ``stop()`` and its caller still gets
+        the answer (a subscription ended before the answer is a request not answered).
+        """
         self._stopping.set()
         with self._lock:
-            running = self._running
+            running = None if self._dispatching else self._running
         if running is not None:
             running.cancel()
 

@@ -57,8 +57,13 @@ class Unavailable(IpcError, ConnectionError):
     """The server cannot be reached or is shutting down (UNAVAILABLE)."""
 
 
+class FailedPrecondition(IpcError):
+    """Gather/Rollout: the key was used by a different operation (FAILED_PRECONDITION)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[IpcError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,

@@ -1,5 +1,6 @@
-"""Run real processes in tests: an ``ipc-server`` on free ports, example workers,
-grpcurl streams — and wait on the lines they print instead of sleeping.
+"""Run real processes in tests: an ``ipc-server`` on free ports, a ``redis-server``,
+example workers, grpcurl streams — and wait on the lines they print instead of
+sleeping. ``CuttingProxy`` loses the answer of one call on a real connection.
 
     with IpcServer(app="shop") as server:
         client = Client(server.grpc_addr)
@@ -15,7 +16,9 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -29,6 +32,20 @@ WAIT_LIMIT = 30.0
 
 # Optional listeners follow as more `name=ADDR` fields (injector=…, admin=…).
 READY_LINE = re.compile(r"^listening grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)(?P<more>(?: \S+=\S+)*)$")
+
+
+def wait_until(check: Callable[[], object], what: str, limit: float = WAIT_LIMIT):
+    """Polls ``check`` until it returns something truthy, and returns that; fails
+    naming ``what`` after ``limit`` seconds. For states no process prints a line
+    about (a member listed, a file written)."""
+    deadline = time.monotonic() + limit
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {limit:.0f}s: {what}")
+        time.sleep(0.02)
 
 
 def repo_root() -> Path:
@@ -207,3 +224,132 @@ class IpcSidecar(Process):
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server") or "/usr/sbin/redis-server"
+    if not os.access(found, os.X_OK):
+        raise FileNotFoundError("redis-server not found: run scripts/test (it installs the Debian package redis-server)")
+    return found
+
+
+class RedisServer(Process):
+    """A private ``redis-server`` on a free loopback port, without persistence, in a
+    temporary directory; ready once constructed. ``url`` is what ``--redis`` takes."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="fleet-ipc-redis-")
+        self.port = free_port()
+        argv = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        super().__init__([*argv, "--dir", self._dir.name])
+        try:
+            self.wait_for("Ready to accept connections", "redis ready line")
+        except BaseException:
+            self.kill()
+            raise
+        self.url = f"redis://127.0.0.1:{self.port}/"
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        self._dir.cleanup()
+
+
+# HTTP/2 frame header: 24-bit length, type, flags, 31-bit stream id.
+_FRAME_HEADER = 9
+_HEADERS_FRAME = 0x1
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a gRPC server that can lose one answer.
+
+    Once ``arm()``-ed, it cuts the connection when the server's response headers of
+    the next call come back: the server did the work, the client never hears of it
+    and sees UNAVAILABLE — what a lost answer looks like when a connection or a
+    replica dies at the wrong moment. Connections opened afterwards are relayed
+    untouched. ``cut`` is set once it happened.
+    """
+
+    def __init__(self, upstream: str):
+        host, _, port = upstream.rpartition(":")
+        self._upstream = (host or "127.0.0.1", int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = "127.0.0.1:%d" % self._listener.getsockname()[1]
+        self._armed = threading.Event()
+        self.cut = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="cutting proxy", daemon=True).start()
+
+    def arm(self) -> None:
+        self._armed.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self._upstream)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._answers, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            CuttingProxy._close(source, sink)
+
+    def _answers(self, server: socket.socket, client: socket.socket) -> None:
+        """Relays the server's frames one by one, so that it can stop at a call's
+        response headers."""
+        pending = b""
+        try:
+            while chunk := server.recv(65536):
+                pending += chunk
+                while len(pending) >= _FRAME_HEADER:
+                    length = int.from_bytes(pending[:3], "big")
+                    if len(pending) < _FRAME_HEADER + length:
+                        break
+                    kind, stream = pending[3], int.from_bytes(pending[5:9], "big") & 0x7FFFFFFF
+                    if kind == _HEADERS_FRAME and stream and self._armed.is_set():
+                        self._armed.clear()
+                        self.cut.set()
+                        return
+                    client.sendall(pending[: _FRAME_HEADER + length])
+                    pending = pending[_FRAME_HEADER + length :]
+        except OSError:
+            pass
+        finally:
+            self._close(server, client)
+
+    @staticmethod
+    def _close(*sockets: socket.socket) -> None:
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self._close(*self._sockets)
+
+    def __enter__(self) -> CuttingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
