@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""An example worker: subscribes as role ``worker``, answers ``config:get`` and obeys
-``worker:restart``.
+"""An example worker: subscribes as role ``worker``, answers ``config:get`` and
+restarts on ``worker:restart``.
 
-    python clients/python/examples/worker.py --addr localhost:7700 --app shop
+    python clients/python/examples/worker.py --addr localhost:7700 --app shop --id worker-1
 
 Then, from another terminal:
 
     grpcurl -plaintext -d '{"target":":worker","op":"config:get","data":{"key":"db"}}' \
         -H 'ipc-app: shop' localhost:7700 ipc.v1.Ipc/SendMsg
-    grpcurl -plaintext -d '{"channel":":worker","op":"worker:restart"}' \
-        -H 'ipc-app: shop' localhost:7700 ipc.v1.Ipc/Broadcast
+    grpcurl -plaintext -d '{"target":":worker","op":"worker:restart","wave_size":2,"max_failures":0,"ready_timeout_ms":30000}' \
+        -H 'ipc-app: shop' localhost:7700 ipc.v1.Ipc/Rollout
 
 It prints one JSON line per event on stdout (``subscribed``, ``config:get``,
-``restart``, ``exit``). On ``worker:restart`` it exits with status 0, as a worker
-under a supervisor (systemd, Kubernetes, a process manager) does to be started
-afresh; SIGTERM and Ctrl-C stop it the same way.
+``restart``, ``exit``). On ``worker:restart`` — a Rollout's request or a broadcast —
+it answers, ends its subscription, and subscribes again under the same id, as a
+process restarted by its supervisor (systemd, Kubernetes) does with a stable id such
+as the pod name: a Rollout with ``ready_timeout_ms`` waits for exactly that before its
+next wave. The request's ``ipc-op-id`` header names the operation, so a repeat of one
+already done (a rerun after its coordinator died) is answered without restarting
+again. SIGTERM and Ctrl-C stop it.
 """
 
 from __future__ import annotations
@@ -50,10 +54,16 @@ def main() -> int:
     parser.add_argument("--addr", default=os.environ.get("IPC_ADDR", "localhost:7700"), help="server or sidecar")
     parser.add_argument("--app", default=os.environ.get("IPC_APP"), help="app id (ipc-app)")
     parser.add_argument("--tag", default="", help="also subscribe to <app>:worker:<tag>")
-    parser.add_argument("--id", default="", help="subscriber id (generated when empty)")
+    parser.add_argument(
+        "--id",
+        default=os.environ.get("IPC_ID", ""),
+        help="stable subscriber id, e.g. the pod name (default $IPC_ID, else the one the node assigns first)",
+    )
     args = parser.parse_args()
 
     client = Client(args.addr, app=args.app)
+    restarting = False
+    done_operations: set[str] = set()  # ipc-op-id of the restarts already done
 
     @client.on("ipc:subscribed")
     def subscribed(msg: Msg) -> None:
@@ -69,17 +79,37 @@ def main() -> int:
         return {"key": key, "value": CONFIG[key]}
 
     @client.on("worker:restart")
-    def restart(msg: Msg) -> None:
-        event("restart", channel=msg.channel, sender=msg.sender, id=msg.id)
+    def restart(msg: Msg) -> dict[str, Any]:
+        nonlocal restarting
+        operation = msg.headers.get("ipc-op-id", "")
+        repeat = bool(operation) and operation in done_operations
+        event("restart", channel=msg.channel, sender=msg.sender, id=msg.id, operation=operation, repeat=repeat)
+        if repeat:
+            return {"restarted": False, "reason": "already restarted for this operation"}
+        done_operations.add(operation)
+        # The answer goes out first; run() then returns and the loop below
+        # subscribes again under the same id.
+        restarting = True
         client.stop()
+        return {"restarted": True}
 
     def on_signal(signum: int, _frame: object) -> None:
+        nonlocal terminated
+        terminated = True
         client.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    client.run(role="worker", tag=args.tag, id=args.id)
+    terminated = False
+    member_id = args.id
+    while not terminated:
+        client.run(role="worker", tag=args.tag, id=member_id)
+        if not restarting:
+            break
+        # A real worker would reload code or configuration here.
+        restarting = False
+        member_id = client.id or member_id
     event("exit")
     client.close()
     return 0

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet_ipc import Client, DeadlineExceeded, NoResponders, ReplyError
+from fleet_ipc import Client, DeadlineExceeded, ReplyError
 from fleet_ipc.testing import IpcServer, Process
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "worker.py"
@@ -56,16 +56,45 @@ def test_the_worker_is_a_member_with_its_role_and_tag(client: Client, worker) ->
     assert {"shop:worker", "shop:worker:blue"} <= set(member.channels)
 
 
-def test_worker_restart_makes_it_exit_cleanly(client: Client, worker) -> None:
-    process, _ = worker
+def test_a_broadcast_restart_subscribes_again_under_the_same_id(client: Client, worker) -> None:
+    process, subscribed = worker
     sent = client.broadcast(":worker:blue", "worker:restart")
     restart = event(process, "restart")
     assert (restart["id"], restart["channel"]) == (sent.id, "shop:worker:blue")
-    event(process, "exit")
-    assert process.wait() == 0, process.describe()
-    # Nobody is left to answer.
-    with pytest.raises(NoResponders):
-        client.send_msg(":worker", "config:get", {"key": "db"})
+    again = event(process, "subscribed")
+    assert again["id"] == subscribed["id"], "the id the node assigned first is kept"
+    # Back, under the same id and tag: it answers again.
+    assert client.send_msg(subscribed["id"], "config:get", {"key": "db"}).data["key"] == "db"
+    [member] = client.members(role="worker")
+    assert (member.id, member.tag) == (subscribed["id"], "blue")
+
+
+def test_a_rollout_restarts_the_workers_in_waves_and_waits_for_each_to_come_back(
+    client: Client, server: IpcServer
+) -> None:
+    workers = [start_worker(server, "--id", f"worker-{n}")[0] for n in (1, 2, 3)]
+    try:
+        ledger = client.rollout(":worker", "worker:restart", wave_size=2, ready_timeout=10).wait()
+        assert (ledger.state, ledger.ok, ledger.waves) == ("DONE", 3, 2)
+        assert [(o.member, o.wave) for o in ledger.outcomes] == [("worker-1", 1), ("worker-2", 1), ("worker-3", 2)]
+        assert all(o.reply.data == {"restarted": True} for o in ledger.outcomes)
+        for n, process in enumerate(workers, start=1):
+            assert event(process, "restart")["operation"] == ledger.id
+            assert event(process, "subscribed")["id"] == f"worker-{n}"
+    finally:
+        for process in workers:
+            process.kill()
+
+
+def test_a_repeated_operation_is_answered_without_restarting_again(client: Client, worker) -> None:
+    process, subscribed = worker
+    headers = {"ipc-op-id": "op-1", "ipc-op-key": "restart-1"}
+    first = client.send_msg(subscribed["id"], "worker:restart", headers=headers)
+    assert first.data == {"restarted": True}
+    assert event(process, "subscribed")["id"] == subscribed["id"]
+    repeat = client.send_msg(subscribed["id"], "worker:restart", headers=headers)
+    assert repeat.data == {"restarted": False, "reason": "already restarted for this operation"}
+    assert event(process, "restart")["repeat"] is True
 
 
 def test_sigterm_stops_the_worker(worker) -> None:
