@@ -17,20 +17,19 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from fleet_ipc.ipc.v1 import ipc_pb2, ipc_pb2_grpc
-from fleet_ipc.testing import WAIT_LIMIT, IpcServer, Process
+from fleet_ipc.testing import WAIT_LIMIT, IpcServer, RedisServer, wait_until
 from google.protobuf import json_format, struct_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,28 +68,10 @@ members = true
 OPS = [("authorization", f"Bearer {OPS_SECRET}")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def value(data: object) -> struct_pb2.Value:
     result = struct_pb2.Value()
     json_format.ParseDict(data, result)
     return result
-
-
-def wait_until(check: Callable[[], object], what: str, limit: float = WAIT_LIMIT):
-    """Polls `check` (a page state, read through the browser) until it is truthy."""
-    deadline = time.monotonic() + limit
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {limit:.0f}s: {what}")
-        time.sleep(0.05)
 
 
 class Worker:
@@ -169,25 +150,16 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    redis_bin = shutil.which("redis-server") or "/usr/sbin/redis-server"
-    if not os.access(redis_bin, os.X_OK):
-        pytest.fail("redis-server not found: run scripts/test (it installs the Debian package redis-server)")
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        redis = Process([redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp])
+    with tempfile.TemporaryDirectory() as tmp, RedisServer() as redis:
+        tokens = Path(tmp) / "tokens.toml"
+        tokens.write_text(TOKENS)
+        running = Fleet(redis.url, tokens)
         try:
-            redis.wait_for("Ready to accept connections", "redis ready line")
-            tokens = Path(tmp) / "tokens.toml"
-            tokens.write_text(TOKENS)
-            running = Fleet(f"redis://127.0.0.1:{port}/", tokens)
-            try:
-                # Presence is in Redis: both replicas see all three workers.
-                wait_until(lambda: {"shop:w1", "shop:w2", "shop:w3"} <= running.members_seen_by_b(), "workers visible from replica B")
-                yield running
-            finally:
-                running.close()
+            # Presence is in Redis: both replicas see all three workers.
+            wait_until(lambda: {"shop:w1", "shop:w2", "shop:w3"} <= running.members_seen_by_b(), "workers visible from replica B")
+            yield running
         finally:
-            redis.kill()
+            running.close()
 
 
 @pytest.fixture(scope="module")
