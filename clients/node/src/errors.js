@@ -27,6 +27,8 @@ class NotFoundError extends IpcError {}
 class ResourceExhaustedError extends IpcError {}
 /** The server cannot be reached or is shutting down (UNAVAILABLE). */
 class UnavailableError extends IpcError {}
+/** Gather/Rollout: the key was used by a different operation (FAILED_PRECONDITION). */
+class FailedPreconditionError extends IpcError {}
 
 /** SendMsg: the target answered with `error` set; the whole reply is in `reply`. */
 class ReplyError extends IpcError {
@@ -38,6 +40,7 @@ class ReplyError extends IpcError {
 
 const BY_CODE = {
   [status.DEADLINE_EXCEEDED]: DeadlineExceededError,
+  [status.FAILED_PRECONDITION]: FailedPreconditionError,
   [status.INVALID_ARGUMENT]: InvalidArgumentError,
   [status.NOT_FOUND]: NotFoundError,
   [status.RESOURCE_EXHAUSTED]: ResourceExhaustedError,
@@ -63,6 +66,7 @@ module.exports = {
   NotFoundError,
   ResourceExhaustedError,
   UnavailableError,
+  FailedPreconditionError,
   ReplyError,
   fromGrpcError,
 };

@@ -6,6 +6,8 @@
 //   const client = new Client('localhost:7700', { app: 'shop' });
 //   await client.broadcast(':worker', 'worker:restart');
 //   const reply = await client.sendMsg(':worker', 'config:get', { key: 'db' }, { timeoutMs: 2000 });
+//   const ledger = await client.gather(':worker', 'health:check');        // every worker, each named
+//   for await (const event of client.rollout(':worker', 'worker:restart', null, { waveSize: 2 })) { ... }
 //
 // Data is plain JSON values (google.protobuf.Value is converted both ways); failures
 // are Errors with the gRPC `code` (see ./errors.js). On top of subscribe sits a
@@ -125,6 +127,42 @@ function toMsg(pb) {
   };
 }
 
+/** An ipc.v1.Outcome: status by name ('OK', 'FAILED', ...), reply as a message or null. */
+function toOutcome(pb) {
+  return {
+    member: pb.member,
+    node: pb.node,
+    status: pb.status,
+    reply: pb.reply ? toMsg(pb.reply) : null,
+    wave: pb.wave,
+    duration_ms: Number(pb.duration_ms),
+    detail: pb.detail,
+  };
+}
+
+/** An ipc.v1.Ledger: state by name ('DONE', 'STOPPED', ...), one outcome per member. */
+function toLedger(pb) {
+  return {
+    id: pb.id,
+    target: pb.target,
+    op: pb.op,
+    state: pb.state,
+    expected: pb.expected,
+    ok: pb.ok,
+    failed: pb.failed,
+    no_reply: pb.no_reply,
+    not_ready: pb.not_ready,
+    skipped: pb.skipped,
+    outcomes: (pb.outcomes || []).map(toOutcome),
+    waves: pb.waves,
+  };
+}
+
+/** An ipc.v1.RolloutEvent: `outcome` or (last) `ledger`, the other null. */
+function toRolloutEvent(pb) {
+  return { wave: pb.wave, outcome: pb.outcome ? toOutcome(pb.outcome) : null, ledger: pb.ledger ? toLedger(pb.ledger) : null };
+}
+
 /** gRPC target for host:port, http://host:port or a Unix socket path. */
 function grpcTarget(addr) {
   const stripped = addr.replace(/^(https?|grpc):\/\//, '').replace(/\/$/, '');
@@ -190,6 +228,7 @@ class Client {
     this._handlers = new Map();
     this._stopping = false;
     this._running = null;
+    this._dispatching = false; // a message is being handled: stop() lets its answer go out first
     this._wake = null;
     /** The subscriber id of run(), once subscribed. */
     this.id = '';
@@ -283,6 +322,84 @@ class Client {
   }
 
   /**
+   * Ask every responder of `target` (a role channel or a member id), fleet-wide, and
+   * resolve to the ledger naming each one: { id, target, op, state, expected, ok,
+   * failed, no_reply, not_ready, skipped, outcomes, waves }, each outcome { member,
+   * node, status: 'OK' | 'FAILED' | 'NO_REPLY', reply, wave, duration_ms, detail }.
+   * Answers once all answered or `timeoutMs` passed. `labels` keeps responders with
+   * every one of them; `dryRun` resolves them and sends nothing ('DRY_RUN'); with
+   * `key` a repeat resolves to the first ledger and asks nobody. Rejects with
+   * NoRespondersError, or FailedPreconditionError for a key used by another operation.
+   */
+  async gather(target, op, data, { headers = {}, labels = {}, dryRun = false, key = '', timeoutMs = DEFAULT_SEND_TIMEOUT_MS } = {}) {
+    const request = {
+      target,
+      op,
+      data: toValue(data),
+      headers,
+      labels,
+      dry_run: dryRun,
+      key,
+      timeout_ms: Math.max(1, Math.round(timeoutMs)),
+    };
+    return toLedger(await this._unary('Gather', request, timeoutMs + DEADLINE_SLACK_MS));
+  }
+
+  /**
+   * Ask the responders of `target` in waves of `waveSize` (member-id order): the next
+   * wave only once every member of the current one answered and, with
+   * `readyTimeoutMs`, came back (subscribed again under its id). Once more than
+   * `maxFailures` members are not OK, no wave starts ('STOPPED', the rest 'PENDING').
+   * Yields { wave, outcome, ledger }: one event per outcome as it settles, the last
+   * one with the whole ledger (as gather's). `timeoutMs` is each member's time to
+   * answer; `deadlineMs` (none by default) bounds the whole call; `dryRun` yields the
+   * plan only. A rerun with the same `key` resumes, on any replica: members already
+   * OK are 'SKIPPED'. Leaving the loop (break) cancels the call: no further wave.
+   */
+  async *rollout(
+    target,
+    op,
+    data,
+    {
+      headers = {},
+      labels = {},
+      dryRun = false,
+      key = '',
+      waveSize = 1,
+      maxFailures = 0,
+      readyTimeoutMs = 0,
+      timeoutMs = DEFAULT_SEND_TIMEOUT_MS,
+      deadlineMs,
+    } = {},
+  ) {
+    const request = {
+      target,
+      op,
+      data: toValue(data),
+      headers,
+      labels,
+      dry_run: dryRun,
+      key,
+      timeout_ms: Math.max(1, Math.round(timeoutMs)),
+      wave_size: waveSize,
+      max_failures: maxFailures,
+      ready_timeout_ms: readyTimeoutMs,
+    };
+    const options = deadlineMs === undefined ? {} : { deadline: new Date(Date.now() + deadlineMs) };
+    const call = this._stub.Rollout(request, this._metadata, options);
+    let ended = false;
+    try {
+      for await (const pb of call) yield toRolloutEvent(pb);
+      ended = true;
+    } catch (error) {
+      ended = true;
+      throw errors.fromGrpcError(error);
+    } finally {
+      if (!ended) call.cancel();
+    }
+  }
+
+  /**
    * Take the lock `name` for `ttlMs`, waiting up to `waitMs` for its holder to release
    * it. Resolves to { name, acquired, fence, holder, expires_ms }: not getting the
    * lock is `acquired: false` (with the holder and its expiry), not an error. Give
@@ -356,6 +473,7 @@ class Client {
    * Subscribe and dispatch each message to its handler, one at a time in arrival
    * order, until stop(). When the stream is cut (server restart, slow-subscriber
    * cut-off) it reconnects with backoff under the same id, from the last cursor.
+   * `this.id` is then the subscriber id, to run again under (a worker that restarts).
    */
   async run({ role = '', tag = '', channels = [], id = '', app = '', labels = {}, cursor = '', reconnect = true } = {}) {
     this._stopping = false;
@@ -366,7 +484,12 @@ class Client {
       try {
         for await (const msg of subscription) {
           backoff = BACKOFF_FIRST_MS;
-          await this._dispatch(msg);
+          this._dispatching = true;
+          try {
+            await this._dispatch(msg);
+          } finally {
+            this._dispatching = false;
+          }
           if (this._stopping) break;
         }
       } catch (error) {
@@ -391,15 +514,21 @@ class Client {
     this._running = null;
   }
 
-  /** Make run() resolve (from a handler, a signal handler, anywhere). */
+  /**
+   * Make run() resolve (from a handler, a signal handler, anywhere). A message being
+   * handled is answered first, then the subscription ends: a handler of
+   * worker:restart can call stop() and its caller still gets the answer.
+   */
   stop() {
     this._stopping = true;
-    if (this._running) this._running.cancel();
+    if (this._running && !this._dispatching) this._running.cancel();
     if (this._wake) this._wake();
   }
 
+  /** stop(), without waiting for a handler still running, and close the connection. */
   close() {
     this.stop();
+    if (this._running) this._running.cancel();
     this._stub.close();
   }
 

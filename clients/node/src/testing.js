@@ -2,10 +2,12 @@
 // Test helpers (require('fleet-ipc/src/testing')): real processes for tests — an
 // ipc-server on free ports (ready when it prints `listening grpc=ADDR metrics=ADDR`),
 // and any child whose stdout lines a test waits for. Waiting is on those lines,
-// never on sleeps; WAIT_LIMIT_MS only bounds failure.
+// never on sleeps; WAIT_LIMIT_MS only bounds failure. CuttingProxy loses the answer
+// of one call on a real connection.
 
 const { spawn } = require('node:child_process');
 const fs = require('node:fs');
+const net = require('node:net');
 const path = require('node:path');
 const readline = require('node:readline');
 
@@ -149,4 +151,76 @@ async function startSidecar({ socket, upstream, app = 'shop', args = [] }) {
   return sidecar;
 }
 
-module.exports = { Child, startServer, startSidecar, WAIT_LIMIT_MS, ROOT };
+// HTTP/2 frame header: 24-bit length, type, flags, 31-bit stream id.
+const FRAME_HEADER = 9;
+const HEADERS_FRAME = 0x1;
+
+/**
+ * A TCP proxy in front of a gRPC server that can lose one answer. Once `arm()`-ed,
+ * it cuts the connection when the server's response headers of the next call come
+ * back: the server did the work, the client never hears of it and sees UNAVAILABLE —
+ * what a lost answer looks like when a connection or a replica dies at the wrong
+ * moment. `cut` is true once it happened. Start with `await CuttingProxy.start(addr)`.
+ */
+class CuttingProxy {
+  static async start(upstream) {
+    const proxy = new CuttingProxy(upstream);
+    await new Promise((resolve) => proxy._server.listen(0, '127.0.0.1', resolve));
+    proxy.addr = `127.0.0.1:${proxy._server.address().port}`;
+    return proxy;
+  }
+
+  constructor(upstream) {
+    const colon = upstream.lastIndexOf(':');
+    this._host = upstream.slice(0, colon) || '127.0.0.1';
+    this._port = Number(upstream.slice(colon + 1));
+    this._armed = false;
+    this.cut = false;
+    this._sockets = new Set();
+    this._server = net.createServer((client) => this._relay(client));
+  }
+
+  arm() {
+    this._armed = true;
+  }
+
+  _relay(client) {
+    const server = net.connect(this._port, this._host);
+    for (const socket of [client, server]) {
+      this._sockets.add(socket);
+      socket.on('error', () => {});
+      socket.on('close', () => {
+        this._sockets.delete(socket);
+        client.destroy();
+        server.destroy();
+      });
+    }
+    client.pipe(server);
+    // The server's frames one by one, so that the relay can stop at a call's headers.
+    let pending = Buffer.alloc(0);
+    server.on('data', (chunk) => {
+      pending = Buffer.concat([pending, chunk]);
+      while (pending.length >= FRAME_HEADER) {
+        const size = FRAME_HEADER + pending.readUIntBE(0, 3);
+        if (pending.length < size) break;
+        const stream = pending.readUInt32BE(5) & 0x7fffffff;
+        if (pending[3] === HEADERS_FRAME && stream !== 0 && this._armed) {
+          this._armed = false;
+          this.cut = true;
+          client.destroy();
+          server.destroy();
+          return;
+        }
+        client.write(pending.subarray(0, size));
+        pending = pending.subarray(size);
+      }
+    });
+  }
+
+  close() {
+    this._server.close();
+    for (const socket of this._sockets) socket.destroy();
+  }
+}
+
+module.exports = { Child, CuttingProxy, startServer, startSidecar, WAIT_LIMIT_MS, ROOT };

@@ -293,16 +293,27 @@ describe('against a real ipc-server', () => {
     await assert.rejects(client.sendMsg(':worker', 'config:get', { key: 'nope' }), /unknown config key/);
   });
 
-  test('example worker exits cleanly on worker:restart', async () => {
+  test('example worker subscribes again under its id on worker:restart', async () => {
     const { worker, subscribedEvent } = await exampleWorker('--tag', 'blue');
-    const [member] = await client.members({ role: 'worker' });
-    assert.equal(member.id, subscribedEvent.id);
     const sent = await client.broadcast(':worker:blue', 'worker:restart');
     const restart = await nextEvent(worker, 'restart');
     assert.deepEqual([restart.id, restart.channel], [sent.id, 'shop:worker:blue']);
-    await nextEvent(worker, 'exit');
-    assert.equal(await worker.exited, 0, worker.describe());
-    await assert.rejects(client.sendMsg(':worker', 'config:get', { key: 'db' }), NoRespondersError);
+    const again = await nextEvent(worker, 'subscribed');
+    assert.equal(again.id, subscribedEvent.id, 'the id the node assigned first is kept');
+    const [member] = await client.members({ role: 'worker' });
+    assert.deepEqual([member.id, member.tag], [subscribedEvent.id, 'blue']);
+    assert.equal((await client.sendMsg(subscribedEvent.id, 'config:get', { key: 'db' })).data.key, 'db');
+  });
+
+  test('example worker answers a repeated operation without restarting again', async () => {
+    const { worker, subscribedEvent } = await exampleWorker();
+    const headers = { 'ipc-op-id': 'op-1', 'ipc-op-key': 'restart-1' };
+    const first = await client.sendMsg(subscribedEvent.id, 'worker:restart', undefined, { headers });
+    assert.deepEqual(first.data, { restarted: true });
+    assert.equal((await nextEvent(worker, 'subscribed')).id, subscribedEvent.id);
+    const repeat = await client.sendMsg(subscribedEvent.id, 'worker:restart', undefined, { headers });
+    assert.deepEqual(repeat.data, { restarted: false, reason: 'already restarted for this operation' });
+    assert.equal((await nextEvent(worker, 'restart')).repeat, true);
   });
 
   test('example worker stops on SIGTERM', async () => {

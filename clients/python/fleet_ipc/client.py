@@ -775,7 +775,12 @@ class Client:
             running.cancel()
 
     def close(self) -> None:
+        """``stop()``, without waiting for a handler still running, and close the channel."""
         self.stop()
+        with self._lock:
+            running = self._running
+        if running is not None:
+            running.cancel()
         self._channel.close()
 
     def __enter__(self) -> Client:
