@@ -22,7 +22,8 @@
 //! - [`fleetops`]: Gather and Rollout, their ledgers and keys.
 //! - [`logging`]: the binaries' `tracing` set-up.
 //! - [`metrics`]: counters in the Prometheus text format.
-//! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities.
+//! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities;
+//!   [`revocation`]: the streams of a revoked token ended.
 //! - [`limits`]: the per-identity request rate limit.
 //! - [`text`]: control and direction-override characters refused in client text.
 //! - [`members`]: Members answers capped to what a response may hold.
@@ -55,6 +56,7 @@ pub mod notice;
 pub mod publish;
 pub mod queue;
 pub mod responders;
+pub mod revocation;
 pub mod service;
 pub mod text;
 

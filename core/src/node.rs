@@ -220,6 +220,7 @@ pub struct Node {
     started_ms: i64,
     closing: AtomicBool,
     rate: Option<RateLimiter>,
+    revocations: crate::revocation::Revocations,
     /// Leases and buckets when the bus keeps none of its own.
     pub(crate) coord: crate::coord::MemoryCoord,
 }
@@ -255,6 +256,7 @@ impl Node {
             next_id: AtomicU64::new(1),
             started_ms: crate::now_ms(),
             closing: AtomicBool::new(false),
+            revocations: crate::revocation::Revocations::default(),
             coord: crate::coord::MemoryCoord::new(),
         })
     }
@@ -277,6 +279,23 @@ impl Node {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The token names revoked so far, for streams that must end with their token.
+    pub fn revocations(&self) -> &crate::revocation::Revocations {
+        &self.revocations
+    }
+
+    /// Ends every stream the tokens `names` opened (they were removed from the
+    /// tokens file, or changed): subscribers at once, Publish streams once their
+    /// answers so far are sent, all with UNAUTHENTICATED. Returns how many
+    /// subscribers were ended.
+    pub fn revoke(&self, names: &[String]) -> usize {
+        self.revocations.revoke(names);
+        names
+            .iter()
+            .map(|name| self.hub.close_owner(name, crate::hub::Closed::Revoked))
+            .sum()
     }
 
     /// A new message id, unique across nodes (random node prefix + counter).

@@ -21,7 +21,9 @@ use tonic::Status;
 
 use crate::bus::{Appended, IdempotencyKey};
 use crate::channel;
+use crate::hub::Closed;
 use crate::node::{Caller, Node, NodeError, check_op};
+use crate::revocation::RevocationWatch;
 
 /// Most messages of one Publish stream submitted and not yet answered. Enough for
 /// the Redis writer to fill pipelines; the stream reads no further until the
@@ -168,11 +170,13 @@ pub fn refused(error: NodeError) -> BroadcastResponse {
 /// The Publish stream of `caller` over `requests`: one answer per message, in
 /// order. Each message counts against the caller's rate limit. A request that
 /// could not be decoded (an `Err` of `requests`) ends the stream with its status,
-/// after the answers to the messages before it.
+/// after the answers to the messages before it; so does the revocation of the
+/// caller's token (UNAUTHENTICATED, as its subscriptions end).
 pub fn publish_stream<S>(
     node: Arc<Node>,
     caller: Caller,
     requests: S,
+    revocation: RevocationWatch,
 ) -> impl Stream<Item = Result<BroadcastResponse, Status>> + Send + 'static
 where
     S: Stream<Item = Result<BroadcastRequest, Status>> + Send + Unpin + 'static,
@@ -181,6 +185,7 @@ where
         node,
         caller,
         requests,
+        revocation,
         in_flight: FuturesOrdered::new(),
         sizes: VecDeque::new(),
         bytes: 0,
@@ -197,6 +202,7 @@ struct Publishing<S> {
     node: Arc<Node>,
     caller: Caller,
     requests: S,
+    revocation: RevocationWatch,
     in_flight: FuturesOrdered<BoxFuture<'static, BroadcastResponse>>,
     /// Encoded sizes of the messages in flight, oldest first.
     sizes: VecDeque<usize>,
@@ -228,6 +234,10 @@ where
                         self.bytes -= size;
                     }
                     return Some(Ok(answer));
+                }
+                () = self.revocation.revoked(&self.caller), if self.ending.is_none() => {
+                    self.node.metrics().revoked_streams.fetch_add(1, Ordering::Relaxed);
+                    self.ending = Some(crate::service::closed_status(Closed::Revoked));
                 }
                 next = self.requests.next(), if reading => match next {
                     None => self.input_done = true,

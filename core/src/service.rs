@@ -428,12 +428,15 @@ impl Ipc for IpcService {
         &self,
         request: Request<tonic::Streaming<BroadcastRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
+        // Taken before the caller is authenticated: see crate::revocation.
+        let revocation = self.node.revocations().watch();
         let caller = self.caller(&request)?;
         let requests = request.into_inner();
         Ok(Response::new(Box::pin(crate::publish::publish_stream(
             self.node.clone(),
             caller,
             requests,
+            revocation,
         ))))
     }
 

@@ -200,10 +200,7 @@ pub fn reload_tokens_on_sighup(
             match tokens.reload_revoking() {
                 Ok((entries, revoked)) => {
                     metrics.token_reloads.fetch_add(1, Ordering::Relaxed);
-                    let ended: usize = revoked
-                        .iter()
-                        .map(|name| node.hub().close_owner(name, ipc_core::hub::Closed::Revoked))
-                        .sum();
+                    let ended = node.revoke(&revoked);
                     tracing::info!(entries, ?revoked, streams_ended = ended, path = ?tokens.path(), "tokens file reloaded");
                 }
                 Err(error) => {

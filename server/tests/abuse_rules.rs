@@ -1,8 +1,9 @@
 //! The medium and low findings of the abuse review, each against a real
 //! `ipc-server`: Subscribe held to --max-msg-bytes, relayed members within the
 //! relaying token's grants, Members never failing for size, unguessable
-//! `reply_to`, revoked tokens' streams ended on SIGHUP, short error echoes,
-//! control characters refused, and `info` needing a grant.
+//! `reply_to`, revoked tokens' streams (Subscribe, Serve, Publish) ended on
+//! SIGHUP, short error echoes, control characters refused, and `info` needing a
+//! grant.
 
 mod support;
 
@@ -247,4 +248,98 @@ async fn removing_a_token_and_sighup_ends_its_streams() {
         .await
         .unwrap();
     assert_eq!(next(&mut staying).await.op, "still");
+}
+
+/// Reads a stream until it ends with a status (answers before it are skipped);
+/// bounded by [`PATIENCE`].
+async fn status_at_end<T>(what: &str, stream: &mut tonic::Streaming<T>) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("the {what} stream stayed open"))
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => return status,
+            None => panic!("the {what} stream ended without a status"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn removing_a_token_and_sighup_ends_its_publish_and_serve_streams() {
+    use ipc_proto::pb::{ServeRequest, serve_request};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    let grants = "subscribe = [\"shop:>\"]\nbroadcast = [\"shop:>\"]";
+    let (gone, gone_entry) = token("gone", "shop", grants);
+    let (kept, kept_entry) = token("kept", "shop", grants);
+    let tokens = TokensFile::new(&format!("{gone_entry}\n{kept_entry}"));
+    let server = server(&["--tokens", tokens.arg()]);
+    let mut client = server.client().await;
+
+    // Publish streams of both tokens, each with one message answered, left open.
+    let mut publishers = Vec::new();
+    for secret in [&gone, &kept] {
+        let (to_node, outgoing) = tokio::sync::mpsc::channel(8);
+        let mut answers = client
+            .publish(authed(ReceiverStream::new(outgoing), secret))
+            .await
+            .expect("publish opens")
+            .into_inner();
+        to_node
+            .send(broadcast("shop:a", "before", json!(null)))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(PATIENCE, answers.next())
+            .await
+            .expect("an answer")
+            .expect("the stream goes on")
+            .expect("answered");
+        assert!(answer.error.is_empty(), "{answer:?}");
+        publishers.push((to_node, answers));
+    }
+    // A Serve stream of the token to be removed, greeted and left open.
+    let (to_serve, serve_out) = tokio::sync::mpsc::channel(8);
+    to_serve
+        .send(ServeRequest {
+            kind: Some(serve_request::Kind::Subscribe(subscription(&["shop:b"]))),
+        })
+        .await
+        .unwrap();
+    let mut serving = client
+        .serve(authed(ReceiverStream::new(serve_out), &gone))
+        .await
+        .expect("serve opens")
+        .into_inner();
+    assert_eq!(next(&mut serving).await.op, "ipc:subscribed");
+
+    tokens.rewrite(&kept_entry);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+
+    let ended = status_at_end("Serve", &mut serving).await;
+    assert_eq!(ended.code(), Code::Unauthenticated, "Serve: {ended:?}");
+    let (kept_publisher, kept_answers) = publishers.pop().unwrap();
+    let (_gone_publisher, mut gone_answers) = publishers.pop().unwrap();
+    let ended = status_at_end("Publish", &mut gone_answers).await;
+    assert_eq!(ended.code(), Code::Unauthenticated, "Publish: {ended:?}");
+    assert!(ended.message().contains("tokens file"), "{ended:?}");
+    // The Serve subscription and the Publish stream.
+    wait_for_metric(&server, "ipc_revoked_streams_total", |n| n == 2).await;
+
+    // The other token's Publish stream goes on.
+    let mut kept_answers = kept_answers;
+    kept_publisher
+        .send(broadcast("shop:a", "after", json!(null)))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(PATIENCE, kept_answers.next())
+        .await
+        .expect("an answer")
+        .expect("the stream goes on")
+        .expect("answered");
+    assert!(answer.error.is_empty(), "{answer:?}");
 }
