@@ -1,10 +1,11 @@
 //! The upstream bus: the control plane as the sidecar's bus.
 //!
-//! One Subscribe stream to a control-plane replica carries the pod's identity (its
+//! One Serve stream to a control-plane replica carries the pod's identity (its
 //! id, `app:role`, `app:role:tag`) and the union of the local subscriptions; what
 //! arrives is handed to the hub in log order, and requests among it are answered in
-//! the pod. Broadcast, SendMsg to other pods, Reply and Members are unary calls on
-//! the same connection.
+//! the pod, the answers going back on the same stream ([`replies`]). The pod's
+//! broadcasts go up on one Publish stream ([`publish`]). SendMsg to other pods and
+//! Members are unary calls on the same connection.
 //!
 //! Nothing is lost across a change of the union or a reconnect: the sidecar keeps the
 //! cursor of the last entry it handled and opens the new stream after it. The new
@@ -42,7 +43,8 @@ use ipc_core::{Caller, Node, NodeError};
 use ipc_proto::json;
 use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::{
-    BroadcastRequest, Member, MembersRequest, Msg, ReplyRequest, SendMsgRequest, SubscribeRequest,
+    BroadcastRequest, BroadcastResponse, Member, MembersRequest, Msg, ReplyRequest, SendMsgRequest,
+    SubscribeRequest,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
@@ -55,6 +57,9 @@ use crate::config::PodIdentity;
 use crate::grants::PodGrants;
 use crate::hooks::Hooks;
 use crate::ring::{Ring, RingLimits, is_at_or_before};
+
+mod publish;
+mod replies;
 
 /// How the sidecar reaches and uses the control plane.
 #[derive(Debug, Clone)]
@@ -86,6 +91,7 @@ pub struct UpstreamConfig {
 pub struct UpstreamBus {
     inner: Arc<Inner>,
     leases: crate::leases::Leases,
+    publish: publish::PublishRelay,
 }
 
 /// The control plane's unary calls, for modules that relay to it (leases).
@@ -145,6 +151,8 @@ struct Inner {
     upstream_gaps: AtomicU64,
     last_error: Mutex<String>,
     token: RwLock<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>>,
+    /// Where the pod's replies go: the current subscription's Serve stream.
+    serve_replies: replies::ServeReplies,
     /// The pod token's grants, once the control plane told them.
     grants: RwLock<Option<Arc<PodGrants>>>,
     notice_prefix: String,
@@ -182,6 +190,7 @@ impl UpstreamBus {
                 upstream_gaps: AtomicU64::new(0),
                 last_error: Mutex::new("not connected yet".into()),
                 token: RwLock::new(None),
+                serve_replies: replies::ServeReplies::default(),
                 grants: RwLock::new(None),
                 notice_prefix: format!("{:08x}", rand::random::<u32>()),
                 next_notice: AtomicU64::new(1),
@@ -189,6 +198,7 @@ impl UpstreamBus {
                 task: Mutex::new(None),
             }),
             leases: crate::leases::Leases::default(),
+            publish: publish::PublishRelay::default(),
         }
     }
 
@@ -197,6 +207,7 @@ impl UpstreamBus {
         let _ = self.inner.node.set(Arc::downgrade(node));
         let task = tokio::spawn(self.inner.clone().run());
         *self.inner.task.lock() = Some(task);
+        self.publish.start(&self.inner);
     }
 
     /// The address of the replica in use, if connected.
@@ -225,16 +236,14 @@ impl Bus for UpstreamBus {
         }
     }
 
-    /// Relays the broadcast, with its key: the control plane de-duplicates.
+    /// Relays the broadcast on the pod's Publish stream, with its key (the
+    /// control plane de-duplicates); a broadcast whose sender is not the pod goes
+    /// as a unary call that names it.
     async fn submit(
         &self,
-        mut msg: Msg,
+        msg: Msg,
         key: Option<IdempotencyKey>,
     ) -> Result<PendingAppend, BusError> {
-        let link = self
-            .inner
-            .link_or_unavailable()
-            .map_err(BusError::Unavailable)?;
         let request = BroadcastRequest {
             channel: msg.channel.clone(),
             op: msg.op.clone(),
@@ -242,29 +251,15 @@ impl Bus for UpstreamBus {
             headers: msg.headers.clone(),
             key: key.map(|k| k.key).unwrap_or_default(),
         };
-        let request =
-            self.inner
-                .request(request, &msg.sender, Some(self.inner.config.call_timeout));
-        let response = link
-            .client
-            .clone()
-            .broadcast(request)
-            .await
-            .map_err(|status| bus_error("broadcast", &status))?
-            .into_inner();
-        let appended = if response.duplicate {
-            Appended::Duplicate {
-                id: response.id,
-                channel: response.channel,
-                cursor: response.cursor,
-            }
-        } else {
-            msg.id = response.id;
-            msg.channel = response.channel;
-            msg.cursor = response.cursor;
-            Appended::Stored(Arc::new(msg))
-        };
-        Ok(Box::pin(std::future::ready(Ok(appended))))
+        if self.inner.upstream_sender(&msg.sender) != self.inner.config.identity.id {
+            let response = self.inner.broadcast_unary(request, &msg.sender).await?;
+            return Ok(Box::pin(std::future::ready(Ok(appended(msg, response)))));
+        }
+        let answer = self.publish.submit(&self.inner, request).await?;
+        Ok(Box::pin(async move {
+            let response = answer.await?;
+            Ok(appended(msg, response))
+        }))
     }
 
     async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {
@@ -440,6 +435,22 @@ impl Bus for UpstreamBus {
     }
 }
 
+/// What became of a broadcast the control plane answered.
+fn appended(mut msg: Msg, response: BroadcastResponse) -> Appended {
+    if response.duplicate {
+        Appended::Duplicate {
+            id: response.id,
+            channel: response.channel,
+            cursor: response.cursor,
+        }
+    } else {
+        msg.id = response.id;
+        msg.channel = response.channel;
+        msg.cursor = response.cursor;
+        Appended::Stored(Arc::new(msg))
+    }
+}
+
 /// A stream being read, and what its head means.
 struct Active {
     stream: Streaming<Msg>,
@@ -465,6 +476,8 @@ struct Opened {
     stream: Streaming<Msg>,
     replayed: usize,
     position: Option<Cursor>,
+    /// Where replies go, on a Serve stream.
+    replies: Option<tokio::sync::mpsc::Sender<ipc_proto::pb::ServeRequest>>,
 }
 
 /// How a session with one replica ended.
@@ -491,6 +504,36 @@ impl Inner {
         })
     }
 
+    /// Who a local sender is upstream: the fleet knows the pod, not the pid of one
+    /// of its processes; a local process that names itself keeps its name.
+    fn upstream_sender<'a>(&'a self, sender: &'a str) -> &'a str {
+        if sender.is_empty()
+            || sender == "anonymous"
+            || ipc_core::service::LocalProcess::is_sender(sender)
+        {
+            self.config.identity.id.as_str()
+        } else {
+            sender
+        }
+    }
+
+    /// A unary Broadcast upstream in the name of `sender`.
+    async fn broadcast_unary(
+        &self,
+        request: BroadcastRequest,
+        sender: &str,
+    ) -> Result<BroadcastResponse, BusError> {
+        let link = self.link_or_unavailable().map_err(BusError::Unavailable)?;
+        let request = self.request(request, sender, Some(self.config.call_timeout));
+        Ok(link
+            .client
+            .clone()
+            .broadcast(request)
+            .await
+            .map_err(|status| bus_error("broadcast", &status))?
+            .into_inner())
+    }
+
     /// A request with the metadata every upstream call carries.
     fn request<T>(&self, body: T, sender: &str, timeout: Option<Duration>) -> tonic::Request<T> {
         let mut request = tonic::Request::new(body);
@@ -498,15 +541,7 @@ impl Inner {
             request.set_timeout(timeout);
         }
         let identity = &self.config.identity;
-        // The fleet knows the pod, not the pid of one of its processes.
-        let sender = if sender.is_empty()
-            || sender == "anonymous"
-            || ipc_core::service::LocalProcess::is_sender(sender)
-        {
-            identity.id.as_str()
-        } else {
-            sender
-        };
+        let sender = self.upstream_sender(sender);
         let metadata = request.metadata_mut();
         if let Ok(app) = identity.app.parse() {
             metadata.insert(ipc_core::service::APP_METADATA, app);
@@ -652,6 +687,7 @@ impl Inner {
                 end = attempt => end,
             };
             self.link.send_replace(None);
+            self.serve_replies.set(None);
             self.health.send_replace(false);
             if self.stop.is_cancelled() {
                 return;
@@ -811,7 +847,8 @@ impl Inner {
             cursor: resumed_from.map(|c| c.to_string()).unwrap_or_default(),
             members: relayed.clone(),
         };
-        let opened = self.open(client, request).await?;
+        let opened = self.open(client, request, true).await?;
+        self.serve_replies.set(opened.replies);
         Ok(Active {
             stream: opened.stream,
             union,
@@ -825,17 +862,24 @@ impl Inner {
         })
     }
 
-    /// Subscribes and reads `ipc:subscribed`.
+    /// Subscribes and reads `ipc:subscribed`: on a Serve stream (replies go back
+    /// on it) when `serve`, else on a Subscribe stream.
     async fn open(
         &self,
         client: &mut IpcClient<Channel>,
         request: SubscribeRequest,
+        serve: bool,
     ) -> Result<Opened, String> {
-        let request = self.request(request, "", None);
+        let mut replies = None;
         let opening = async {
-            let mut stream = client
-                .subscribe(request)
-                .await
+            let opened = if serve {
+                let (sender, outgoing) = replies::open_serve(request);
+                replies = Some(sender);
+                client.serve(self.request(outgoing, "", None)).await
+            } else {
+                client.subscribe(self.request(request, "", None)).await
+            };
+            let mut stream = opened
                 .map_err(|status| describe("subscribe", &status))?
                 .into_inner();
             let hello = stream
@@ -849,15 +893,21 @@ impl Inner {
                     hello.op
                 ));
             };
-            Ok(Opened {
+            Ok((
                 stream,
-                replayed: subscribed.replayed,
-                position: subscribed.cursor.and_then(|c| c.parse().ok()),
-            })
+                subscribed.replayed,
+                subscribed.cursor.and_then(|c| c.parse().ok()),
+            ))
         };
-        tokio::time::timeout(self.config.call_timeout, opening)
+        let (stream, replayed, position) = tokio::time::timeout(self.config.call_timeout, opening)
             .await
-            .map_err(|_| "subscribe timed out".to_string())?
+            .map_err(|_| "subscribe timed out".to_string())??;
+        Ok(Opened {
+            stream,
+            replayed,
+            position,
+            replies,
+        })
     }
 
     /// Replaces the stream with one for `union`, resuming after the last handled
@@ -980,6 +1030,7 @@ impl Inner {
                     self.notify_gap(last, &format!("upstream: {reason}"));
                 }
                 notice::SUBSCRIBED => {}
+                ipc_core::service::REPLY_ERROR_OP => self.reply_not_delivered(&msg),
                 _ => {
                     if let Some(hub) = self.hub() {
                         hub.dispatch(&Arc::new(msg));
@@ -1050,27 +1101,7 @@ impl Inner {
             let Some(reply) = inner.answer(msg, deadline).await else {
                 return;
             };
-            let Ok(link) = inner.link_or_unavailable() else {
-                tracing::warn!(%reply_to, "reply lost: the control plane is unreachable");
-                return;
-            };
-            let request = ReplyRequest {
-                reply_to: reply_to.clone(),
-                op: reply.op,
-                data: reply.data,
-                headers: reply.headers,
-                error: reply.error,
-            };
-            let request = inner.request(request, &reply.sender, Some(inner.config.call_timeout));
-            match link.client.clone().reply(request).await {
-                Ok(_) => {}
-                Err(status) if status.code() == Code::NotFound => {
-                    tracing::debug!(%reply_to, "reply came after the caller gave up")
-                }
-                Err(status) => {
-                    tracing::warn!(%reply_to, error = %describe("reply", &status), "reply not delivered")
-                }
-            }
+            inner.send_reply(reply_to, reply).await;
         });
     }
 
@@ -1217,7 +1248,7 @@ impl Inner {
             mut stream,
             replayed,
             ..
-        } = self.open(&mut client, request).await?;
+        } = self.open(&mut client, request, false).await?;
         let reading = async {
             let mut replay = Replay::default();
             let mut left = replayed;

@@ -127,7 +127,7 @@ async fn both_binaries_serve_metrics_promtool_accepts_with_what_operators_need()
     assert!(
         sample(
             &server_text,
-            "ipc_rpc_duration_seconds_count{method=\"Subscribe\",code=\"OK\"}"
+            "ipc_rpc_duration_seconds_count{method=\"Serve\",code=\"OK\"}"
         ) >= 1.0
     );
     assert_eq!(sample(&server_text, "ipc_redis_connected"), 1.0);
