@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use futures::future::join_all;
-use ipc_proto::pb::SubscribeRequest;
+use ipc_proto::pb::{MembersRequest, SubscribeRequest};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,4 +340,73 @@ async fn a_cursor_older_than_the_retention_gets_a_gap_then_what_is_kept() {
     let kept: usize = text_of(&kept).parse().expect("a numbered message");
     let rest = texts(&mut resumed, 299 - kept).await;
     assert_eq!(rest.last().map(String::as_str), Some("299"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_a_channel_are_who_a_broadcast_would_reach_on_every_replica() {
+    let redis = redis();
+    let a = replica(&redis.url(), "a");
+    let b = replica(&redis.url(), "b");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let worker = |id: &str| SubscribeRequest {
+        id: id.into(),
+        role: "worker".into(),
+        ..SubscribeRequest::default()
+    };
+    let _w1 = subscribe(&mut ca, worker("w1")).await;
+    let _w2 = subscribe(&mut cb, worker("w2")).await;
+    let _tail = subscribe(&mut cb, channels("tail", &["shop:>"])).await;
+    let _orders = subscribe(&mut ca, channels("orders", &["shop:orders"])).await;
+
+    let expected = [
+        ("tail".to_string(), "b".to_string()),
+        ("w1".into(), "a".into()),
+        ("w2".into(), "b".into()),
+    ];
+    // Either replica answers for the whole fleet (presence is written in the
+    // background: poll until both see all four subscribers).
+    for (client, name) in [(&ca, "a"), (&cb, "b")] {
+        let want = expected.len();
+        let seen = eventually(&format!("replica {name} to see every worker"), || {
+            let mut client = client.clone();
+            async move {
+                let seen = reached(&mut client, ":worker").await;
+                (seen.len() == want).then_some(seen)
+            }
+        })
+        .await;
+        assert_eq!(seen, expected, "from replica {name}");
+    }
+    assert_eq!(
+        reached(&mut cb, "shop:orders").await,
+        [
+            ("orders".to_string(), "a".to_string()),
+            ("tail".into(), "b".into())
+        ]
+    );
+    let refused = ca
+        .members(MembersRequest {
+            channel: "shop:*".into(),
+            ..MembersRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+}
+
+/// (id, node) of the members a broadcast on `channel` would reach, sorted.
+async fn reached(client: &mut Client, channel: &str) -> Vec<(String, String)> {
+    let mut ids = member_ids(
+        &client
+            .members(MembersRequest {
+                channel: channel.into(),
+                ..MembersRequest::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("members of {channel}: {e}"))
+            .into_inner()
+            .members,
+    );
+    ids.sort();
+    ids
 }

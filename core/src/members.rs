@@ -1,8 +1,23 @@
-//! Members answers that never fail for size: a list larger than a response may be
-//! is cut, and the answer says so (`MembersResponse.truncated`).
+//! Members answers: who a broadcast on a channel would reach
+//! (`MembersRequest.channel`), and lists that never fail for size — a list larger
+//! than a response may be is cut, and the answer says so (`MembersResponse.truncated`).
 
 use ipc_proto::pb::Member;
 use prost::Message as _;
+
+use crate::channel::Pattern;
+
+/// Whether a broadcast on `channel` (an expanded channel name) reaches `member`:
+/// one of its subscriptions matches it — patterns, role and tag channels and its
+/// id alike, as the hub matches them when it delivers. Watchers count: a broadcast
+/// reaches them too.
+pub fn receives(member: &Member, channel: &str) -> bool {
+    member
+        .channels
+        .iter()
+        .filter_map(|text| Pattern::parse(text).ok())
+        .any(|pattern| pattern.matches(channel))
+}
 
 /// Room left in a response for what surrounds the members (field tags, the
 /// `truncated` flag, gRPC framing).
@@ -37,6 +52,24 @@ pub fn cap(members: Vec<Member>, budget: usize) -> (Vec<Member>, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broadcast_reaches_members_whose_subscriptions_match() {
+        let member = |channels: &[&str]| Member {
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            ..Member::default()
+        };
+        let worker = member(&["shop:worker", "shop:worker:eu", "w1"]);
+        let tail = member(&["shop:>", "tail"]);
+        let one_level = member(&["shop:*", "t2"]);
+        assert!(receives(&worker, "shop:worker"));
+        assert!(receives(&worker, "w1"));
+        assert!(!receives(&worker, "shop:orders"));
+        assert!(receives(&tail, "shop:worker:eu"));
+        assert!(receives(&one_level, "shop:worker"));
+        assert!(!receives(&one_level, "shop:worker:eu"));
+        assert!(!receives(&member(&["not a pattern!"]), "shop:worker"));
+    }
 
     #[test]
     fn keeps_what_fits_and_says_when_it_cut() {

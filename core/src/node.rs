@@ -840,19 +840,32 @@ impl Node {
         }
     }
 
-    /// Fleet-wide members matching the filter.
+    /// Fleet-wide members matching the filter. With `channel`, only those a
+    /// broadcast on it would reach (a dry run of a broadcast: nothing is sent).
     pub async fn members(
         &self,
         caller: &Caller,
         req: MembersRequest,
     ) -> Result<Vec<Member>, NodeError> {
         self.authorize(caller, "list", "members", |g| g.members)?;
+        let channel = match req.channel.as_str() {
+            "" => None,
+            raw => Some(
+                channel::parse_name(raw, self.app(caller))
+                    .map_err(|e| NodeError::InvalidArgument(format!("channel: {e}")))?,
+            ),
+        };
         let all = self.bus.members(self.hub.members()).await?;
         Ok(all
             .into_iter()
             .filter(|m| req.app.is_empty() || m.app == req.app)
             .filter(|m| req.role.is_empty() || m.role == req.role)
             .filter(|m| req.labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
+            .filter(|m| {
+                channel
+                    .as_deref()
+                    .is_none_or(|c| crate::members::receives(m, c))
+            })
             .collect())
     }
 

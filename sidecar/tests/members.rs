@@ -188,3 +188,74 @@ async fn another_replica_lists_the_local_subscribers_of_a_pod() {
         .await;
     }
 }
+
+/// The ids of the members a broadcast on `channel` would reach, asked of `client`.
+async fn reached(client: &mut Client, channel: &str) -> Vec<String> {
+    let mut ids: Vec<String> = client
+        .members(with_app(MembersRequest {
+            channel: channel.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("members of {channel}: {e}"))
+        .into_inner()
+        .members
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn members_of_a_channel_asked_through_the_sidecar_name_the_pods_processes_and_the_fleet() {
+    let server = server();
+    let sidecar = SidecarProcess::start(&server.url(), &[]);
+    sidecar.wait_upstream(true).await;
+    let mut local = sidecar.client().await;
+    let (_w1, _) = subscribe(&mut local, worker("w1")).await;
+    let mut local_tail = sidecar.client().await;
+    let _tail = subscribe(
+        &mut local_tail,
+        SubscribeRequest {
+            id: "ltail".into(),
+            channels: vec!["shop:worker:*".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut direct = server.client().await;
+    let (_w9, _) = subscribe(&mut direct, worker("w9")).await;
+    let mut orders = server.client().await;
+    let _orders = subscribe_to(&mut orders, &["shop:orders"]).await;
+    wait_members(&server, "w1 and ltail relayed", |members| {
+        ["w1", "ltail"]
+            .iter()
+            .all(|id| members.iter().any(|m| m.id == *id))
+    })
+    .await;
+
+    // The pod's own upstream subscription receives what its processes subscribe
+    // to, so it is reached too; the orders subscriber is not.
+    let mut asked_locally = sidecar.client().await;
+    assert_eq!(
+        reached(&mut asked_locally, ":worker").await,
+        ["pod-prod-web-1", "w1", "w9"]
+    );
+    assert_eq!(
+        reached(&mut asked_locally, "shop:worker:eu").await,
+        ["ltail", "pod-prod-web-1"]
+    );
+    assert_eq!(
+        reached(&mut direct, ":worker").await,
+        ["pod-prod-web-1", "w1", "w9"]
+    );
+    let refused = asked_locally
+        .members(with_app(MembersRequest {
+            channel: "shop:>".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+}

@@ -300,12 +300,17 @@ impl Client {
 
     /// Lists the subscribers connected anywhere in the fleet that match `filter`.
     pub async fn members(&self, filter: MembersFilter) -> Result<Vec<Member>, Error> {
-        let MembersFilter { app, role, labels } = filter;
+        let MembersFilter {
+            app,
+            role,
+            labels,
+            channel,
+        } = filter;
         let request = pb::MembersRequest {
             app,
             role,
             labels: labels.into_iter().collect(),
-            ..Default::default()
+            channel,
         };
         let mut rpc = self.rpc.clone();
         let timeout = self.settings.timeout;
@@ -407,6 +412,9 @@ pub struct MembersFilter {
     pub role: String,
     /// Only members carrying all these labels.
     pub labels: BTreeMap<String, String>,
+    /// Only members a broadcast on this channel would reach (`:` adds the app);
+    /// empty: no such filter. Nothing is sent.
+    pub channel: String,
 }
 
 impl MembersFilter {
@@ -430,6 +438,14 @@ impl MembersFilter {
     /// Only members labelled `key=value`.
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Only members a broadcast on `channel` would reach: role and tag subscribers,
+    /// the subscriber with that id, watchers whose patterns match. A dry run of a
+    /// broadcast: nothing is sent.
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = channel.into();
         self
     }
 }

@@ -301,6 +301,29 @@ async fn members_prints_a_table_or_json() {
             .any(|r| r.starts_with("b-1") && r.contains("web")),
         "{table}"
     );
+
+    // --channel: who a broadcast on it would reach, watchers of another app included.
+    let mut watcher = Client::builder(server.url())
+        .app("blog")
+        .connect()
+        .await
+        .expect("connect")
+        .subscribe(SubscribeOptions::new().id("b-tail").channel("shop:>"));
+    assert_eq!(next_msg(&mut watcher).await.op, OP_SUBSCRIBED);
+    let args = ["members", "--channel", ":worker", "--json"];
+    let output = ipcctl(&server.url(), Some("shop"), &args).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let mut ids: Vec<String> = stdout_json(&output)
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["b-tail", "w-1"]);
+    let args = ["members", "--channel", "shop:>"];
+    let output = ipcctl(&server.url(), Some("shop"), &args).await;
+    assert_fails(&output, 2, "channel: ");
 }
 
 #[tokio::test]

@@ -130,6 +130,10 @@ enum Command {
         /// Only this role.
         #[arg(long)]
         role: Option<String>,
+        /// Only those a broadcast on CHANNEL would reach (`:worker` is your app's),
+        /// watchers of every app included; nothing is sent.
+        #[arg(long)]
+        channel: Option<String>,
         /// Only members with this label, as key=value; repeatable.
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         labels: Vec<(String, String)>,
@@ -409,18 +413,23 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Members {
             role,
+            channel,
             labels,
             all_apps,
             json,
         } => {
+            // Who a broadcast reaches is not limited to the sender's app (another
+            // app's watcher may subscribe to it): --channel lists every app.
+            let every_app = all_apps || channel.is_some();
             let filter = MembersFilter {
-                app: if all_apps {
+                app: if every_app {
                     String::new()
                 } else {
                     app.unwrap_or_default()
                 },
                 role: role.unwrap_or_default(),
                 labels: labels.into_iter().collect(),
+                channel: channel.unwrap_or_default(),
             };
             members(&client, filter, json).await
         }
