@@ -1,5 +1,6 @@
 //! The `worker` example as a user runs it: a process that subscribes as role
-//! `worker`, answers `config:get` and obeys `worker:restart`, driven with `ipcctl`.
+//! `worker`, answers `config:get` and restarts on `worker:restart` (subscribing again
+//! under its id), driven with `ipcctl` and a Rollout.
 
 mod common;
 
@@ -7,6 +8,9 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 
 use common::{HANG_GUARD, Server};
+use futures::StreamExt;
+use ipc_proto::pb::ipc_client::IpcClient;
+use ipc_proto::pb::{RolloutRequest, SendMsgRequest, ledger, outcome};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{ChildStdout, Command};
@@ -68,7 +72,7 @@ async fn the_worker_example_answers_config_get_and_obeys_restart() {
     let mut lines = BufReader::new(worker.stdout.take().expect("stdout")).lines();
     let local = line_starting(&mut lines, "worker: local config:get").await;
     assert!(local.ends_with("Some(Ok(Number(16)))"), "{local}");
-    line_starting(&mut lines, "worker: subscribed").await;
+    let first = line_starting(&mut lines, "worker: subscribed").await;
 
     let args = [
         "send",
@@ -102,8 +106,87 @@ async fn the_worker_example_answers_config_get_and_obeys_restart() {
     ];
     let output = ipcctl(&addr, &args).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
-    let restart = line_starting(&mut lines, "worker: restart #1").await;
+    let restart = line_starting(&mut lines, "worker: restart requested").await;
     assert!(restart.ends_with("(grace 3s)"), "{restart}");
+    let id = subscribed_id(&first);
+    assert_eq!(
+        line_starting(&mut lines, "worker: restarting as").await,
+        format!("worker: restarting as {id}")
+    );
+    let again = line_starting(&mut lines, "worker: subscribed").await;
+    assert_eq!(subscribed_id(&again), id, "subscribed again under its id");
+
+    worker.kill().await.expect("stopping the worker");
+}
+
+/// The id in a `worker: subscribed id="…" node="…"` line.
+fn subscribed_id(line: &str) -> String {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("id="))
+        .map(|id| id.trim_matches('"').to_owned())
+        .unwrap_or_else(|| panic!("no id in {line:?}"))
+}
+
+#[tokio::test]
+async fn a_rollout_restarts_the_worker_and_waits_for_it_to_come_back() {
+    let server = Server::start();
+    let mut worker = Command::new(example_binary("worker"))
+        .args(["--addr", &server.url(), "--app", "shop", "--id", "worker-1"])
+        .env_remove("IPC_ADDR")
+        .env_remove("IPC_APP")
+        .env_remove("IPC_ID")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting the worker example");
+    let mut lines = BufReader::new(worker.stdout.take().expect("stdout")).lines();
+    line_starting(&mut lines, "worker: subscribed").await;
+
+    let mut rpc = IpcClient::connect(server.url()).await.expect("connecting");
+    let request = RolloutRequest {
+        target: "shop:worker".into(),
+        op: "worker:restart".into(),
+        ready_timeout_ms: 10_000,
+        ..RolloutRequest::default()
+    };
+    let mut events = rpc.rollout(request).await.expect("rollout").into_inner();
+    let mut last = None;
+    while let Some(event) = tokio::time::timeout(HANG_GUARD, events.next())
+        .await
+        .expect("rollout event in time")
+    {
+        last = Some(event.expect("rollout event"));
+    }
+    let ledger = last
+        .and_then(|event| event.ledger)
+        .expect("the ledger last");
+    assert_eq!(ledger.state, ledger::State::Done as i32, "{ledger:?}");
+    assert_eq!(ledger.outcomes.len(), 1);
+    assert_eq!(ledger.outcomes[0].status, outcome::Status::Ok as i32);
+    assert_eq!(
+        line_starting(&mut lines, "worker: restarting as").await,
+        "worker: restarting as worker-1"
+    );
+
+    // The same operation again (a rerun after its coordinator died sends the same
+    // ipc-op-id): answered, no second restart.
+    let repeat = SendMsgRequest {
+        target: "worker-1".into(),
+        op: "worker:restart".into(),
+        headers: [("ipc-op-id".to_owned(), ledger.id.clone())].into(),
+        timeout_ms: 10_000,
+        ..SendMsgRequest::default()
+    };
+    let reply = rpc.send_msg(repeat).await.expect("send_msg").into_inner();
+    let data = reply.reply.and_then(|r| r.data).expect("reply data");
+    assert_eq!(
+        ipc_proto::json::from_optional(Some(&data))["restarted"],
+        Value::Bool(false)
+    );
+    assert_eq!(
+        line_starting(&mut lines, "worker: restart for").await,
+        format!("worker: restart for {} already done", ledger.id)
+    );
 
     worker.kill().await.expect("stopping the worker");
 }
