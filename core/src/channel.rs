@@ -39,7 +39,7 @@ pub enum ChannelError {
 
 /// One segment of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Segment {
+pub(crate) enum Segment {
     Literal(String),
     /// `*`: exactly one segment.
     One,
@@ -83,6 +83,11 @@ impl Pattern {
     /// The pattern as text.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// Its segments, for indexes of patterns ([`crate::pattern_index`]).
+    pub(crate) fn segments(&self) -> &[Segment] {
+        &self.segments
     }
 
     /// True when the pattern is a plain channel name.
@@ -230,8 +235,51 @@ fn truncate(text: &str) -> String {
     format!("{}…", &text[..end])
 }
 
+/// Small patterns and channels for property tests of matching.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+
+    /// A pattern over the literals `a` and `b` (so that `c` is a name neither
+    /// side mentions), 1 to 4 segments, `>` only last.
+    pub(crate) fn small_pattern() -> impl Strategy<Value = String> {
+        (
+            proptest::collection::vec(prop_oneof!["a", "b", Just("*".to_string())], 0..4),
+            prop_oneof!["a", "b", Just("*".to_string()), Just(">".to_string())],
+        )
+            .prop_map(|(mut head, last)| {
+                head.push(last);
+                head.join(":")
+            })
+    }
+
+    /// Every channel of 1 to 5 segments over `a`, `b`, `c`: enough to find a
+    /// counterexample to the inclusion of patterns of at most 4 segments.
+    pub(crate) fn small_channels() -> Vec<String> {
+        let mut all = Vec::new();
+        let mut layer = vec![String::new()];
+        for _ in 0..5 {
+            layer = layer
+                .iter()
+                .flat_map(|prefix| {
+                    ["a", "b", "c"].map(|s| {
+                        if prefix.is_empty() {
+                            s.to_string()
+                        } else {
+                            format!("{prefix}:{s}")
+                        }
+                    })
+                })
+                .collect();
+            all.extend(layer.iter().cloned());
+        }
+        all
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::strategies::{small_channels, small_pattern};
     use super::*;
     use proptest::prelude::*;
 
@@ -326,42 +374,6 @@ mod tests {
         assert!(!includes("shop:>", ">"));
         assert!(!includes("shop:*:>", "shop:>"));
         assert!(!includes("shop:worker", "shop:worker:x"));
-    }
-
-    /// A pattern over the literals `a` and `b` (so that `c` is a name neither
-    /// side mentions), 1 to 4 segments, `>` only last.
-    fn small_pattern() -> impl Strategy<Value = String> {
-        (
-            proptest::collection::vec(prop_oneof!["a", "b", Just("*".to_string())], 0..4),
-            prop_oneof!["a", "b", Just("*".to_string()), Just(">".to_string())],
-        )
-            .prop_map(|(mut head, last)| {
-                head.push(last);
-                head.join(":")
-            })
-    }
-
-    /// Every channel of 1 to 5 segments over `a`, `b`, `c`: enough to find a
-    /// counterexample to the inclusion of patterns of at most 4 segments.
-    fn small_channels() -> Vec<String> {
-        let mut all = Vec::new();
-        let mut layer = vec![String::new()];
-        for _ in 0..5 {
-            layer = layer
-                .iter()
-                .flat_map(|prefix| {
-                    ["a", "b", "c"].map(|s| {
-                        if prefix.is_empty() {
-                            s.to_string()
-                        } else {
-                            format!("{prefix}:{s}")
-                        }
-                    })
-                })
-                .collect();
-            all.extend(layer.iter().cloned());
-        }
-        all
     }
 
     proptest! {

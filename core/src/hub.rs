@@ -3,8 +3,9 @@
 //!
 //! Fan-out never blocks: each subscriber has a bounded queue, and one that is full
 //! is cut off (it resumes from its cursor) rather than slowing the others or growing
-//! memory. Exact channel names are indexed by a hash map; only wildcard patterns are
-//! scanned per message.
+//! memory. Exact channel names are indexed by a hash map, wildcard patterns by a
+//! trie of their segments ([`crate::pattern_index`]): a message costs the
+//! subscribers it reaches, not every pattern of every subscriber.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use tokio::sync::oneshot;
 use crate::bus::{ReplyError, RequestError};
 use crate::channel::Pattern;
 use crate::metrics::Metrics;
+use crate::pattern_index::PatternIndex;
 use crate::queue::{Charge, Delivery, PushError, Queue, QueueLimits};
 use crate::responders;
 
@@ -98,7 +100,7 @@ struct Registry {
     subs: HashMap<u64, Subscriber, BuildHasherDefault<KeyHasher>>,
     by_id: HashMap<String, u64>,
     exact: HashMap<String, Vec<u64>>,
-    wildcard: Vec<(Pattern, u64)>,
+    wildcard: PatternIndex,
     /// Request routes (see [`crate::responders`]): channel → the subscribers that
     /// take requests on it, each with the member it addresses (itself, or a member
     /// it relays).
@@ -113,16 +115,12 @@ impl Registry {
     /// fan-out to many subscribers copies no key list.
     fn matching(&self, channel: &str) -> Cow<'_, [u64]> {
         let exact: &[u64] = self.exact.get(channel).map_or(&[], Vec::as_slice);
-        let mut wild = self
-            .wildcard
-            .iter()
-            .filter(|(p, _)| p.matches(channel))
-            .map(|(_, k)| *k)
-            .peekable();
-        if wild.peek().is_none() {
+        let mut keys = Vec::new();
+        self.wildcard.matching(channel, &mut keys);
+        if keys.is_empty() {
             return Cow::Borrowed(exact);
         }
-        let mut keys: Vec<u64> = exact.iter().copied().chain(wild).collect();
+        keys.extend_from_slice(exact);
         keys.sort_unstable();
         keys.dedup();
         Cow::Owned(keys)
@@ -328,7 +326,7 @@ impl Hub {
                         keys.push(key);
                     }
                 } else {
-                    reg.wildcard.push((pattern.clone(), key));
+                    reg.wildcard.insert(pattern, key);
                 }
             }
             let routes = request_routes(&spec);
@@ -390,16 +388,15 @@ impl Hub {
                     reg.owners.remove(&sub.spec.owner);
                 }
             }
-            for pattern in sub.spec.patterns.iter().filter(|p| p.is_exact()) {
-                if let Some(keys) = reg.exact.get_mut(pattern.as_str()) {
+            for pattern in &sub.spec.patterns {
+                if !pattern.is_exact() {
+                    reg.wildcard.remove(pattern, key);
+                } else if let Some(keys) = reg.exact.get_mut(pattern.as_str()) {
                     keys.retain(|k| *k != key);
                     if keys.is_empty() {
                         reg.exact.remove(pattern.as_str());
                     }
                 }
-            }
-            if sub.spec.patterns.iter().any(|p| !p.is_exact()) {
-                reg.wildcard.retain(|(_, k)| *k != key);
             }
             for channel in &sub.routes {
                 if let Some(routes) = reg.responders.get_mut(channel) {

@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`channel`]: channel names, the `:` app prefix, patterns with `*` and `>`.
 //! - [`cursor`]: positions in the bus log, handed out for resume.
-//! - [`hub`]: live subscribers, fan-out with bounded queues, pending requests.
+//! - [`hub`]: live subscribers, fan-out with bounded queues, pending requests;
+//!   [`pattern_index`]: the trie that finds the wildcard patterns matching a channel.
 //! - [`queue`]: a subscriber's queue, bounded in messages and bytes of memory;
 //!   [`msg_size`]: the memory a message really takes.
 //! - [`bus`]: the bus trait; [`memory`]: the in-memory bus of a node alone.
@@ -53,6 +54,7 @@ pub mod mount;
 pub mod msg_size;
 pub mod node;
 pub mod notice;
+pub mod pattern_index;
 pub mod publish;
 pub mod queue;
 pub mod responders;

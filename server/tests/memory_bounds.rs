@@ -103,17 +103,6 @@ async fn retention_counts_memory_not_encoded_bytes() {
     );
 }
 
-/// The resident memory of a process, in bytes (Linux).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 /// The worst case documented in docs/security.md, measured: default limits, one
 /// subscriber that never reads, 150 broadcasts of ~1 MiB of empty values (the
 /// shape that costs the most memory per encoded byte). Prints RSS before, at the
