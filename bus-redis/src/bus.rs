@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RedisBusConfig;
 use crate::coord::Coordination;
 use crate::dedup::{Keyed, Written};
+use crate::endpoint::Endpoint;
 use crate::inbox::{Asked, Body, Exchange, RemoteRequest, outcome};
 use crate::keys::Keys;
-use crate::link::{Health, Link};
+use crate::link::{Dedicated, Health, Link, Replication};
 use crate::log::{self, Append, SharedPosition};
 use crate::presence::{self, Directory, PresenceSignals};
 
@@ -79,18 +80,16 @@ impl RedisBus {
                 config.presence_ttl
             )));
         }
-        let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())?;
-        if let Some(password) = &config.password {
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_password(password.expose());
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info)?;
+        let endpoint = Arc::new(Endpoint::new(&config)?);
         let keys = Keys::new(&config.prefix);
         let health = Arc::new(Health::new());
-        let link = Arc::new(Link::new(client, config.command_timeout, health));
+        let replication = Replication::new(config.min_replicas, config.command_timeout);
+        let link = Arc::new(Link::new(
+            endpoint,
+            config.command_timeout,
+            replication,
+            health,
+        ));
         let mut tail_start = None;
         match tokio::time::timeout(config.command_timeout, link.connect()).await {
             Ok(Ok(())) => match link.get() {
@@ -100,12 +99,9 @@ impl RedisBus {
                 },
                 Err(error) => tracing::warn!(%error, "Redis connection lost at start"),
             },
-            Ok(Err(error)) => {
-                tracing::warn!(%error, url = %redacted(&config.url), "Redis unreachable at start; will keep trying")
-            }
-            Err(_) => {
-                tracing::warn!(url = %redacted(&config.url), "Redis did not answer at start; will keep trying")
-            }
+            // The endpoint logged why.
+            Ok(Err(_)) => {}
+            Err(_) => tracing::warn!("Redis did not answer at start; will keep trying"),
         }
         let (appends, appends_rx) = mpsc::channel(APPEND_QUEUE);
         Ok(Self {
@@ -149,19 +145,6 @@ fn shutting_down() -> BusError {
     BusError::Unavailable("the Redis bus is shutting down".into())
 }
 
-/// `url` without its password, for logs.
-fn redacted(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, rest)), Some(at)) if at > scheme.len() => {
-            let host = &url[at + 1..];
-            let user = rest.split_once('@').map_or("", |(info, _)| info);
-            let user = user.split_once(':').map_or(user, |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_string(),
-    }
-}
-
 impl Drop for RedisBus {
     fn drop(&mut self) {
         self.cancel.cancel();
@@ -189,7 +172,7 @@ impl Bus for RedisBus {
         runtime.spawn(inner.link.clone().supervise(cancel.clone()));
         if let Some(pending) = inner.appends_rx.lock().take() {
             runtime.spawn(log::run_writer(
-                inner.link.clone(),
+                Dedicated::new(inner.link.clone()),
                 inner.keys.clone(),
                 inner.config.retention.max(1),
                 pending,
@@ -472,7 +455,7 @@ impl Bus for RedisBus {
         let ttl_ms = ttl.as_millis() as u64;
         self.inner
             .link
-            .call(|mut conn| async move {
+            .call_replicated(|mut conn| async move {
                 redis::cmd("SET")
                     .arg(&key)
                     .arg(record)
@@ -520,24 +503,5 @@ impl Bus for RedisBus {
                 tracing::warn!(%error, "could not remove this replica's presence from Redis");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn urls_are_logged_without_passwords() {
-        assert_eq!(
-            redacted("redis://127.0.0.1:6379/"),
-            "redis://127.0.0.1:6379/"
-        );
-        assert_eq!(
-            redacted("redis://app:s3cret@redis:6379/0"),
-            "redis://app:***@redis:6379/0"
-        );
-        assert_eq!(redacted("redis://:s3cret@redis/"), "redis://:***@redis/");
-        assert!(!redacted("redis://u:p@ss@h/").contains("p@ss"));
     }
 }

@@ -1,15 +1,21 @@
 //! How a Redis bus connects and behaves.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Settings of a [`crate::RedisBus`]; the server fills them from its flags.
 #[derive(Debug, Clone)]
 pub struct RedisBusConfig {
-    /// `redis://[user:password@]host:port[/db]`.
-    pub url: String,
+    /// Which Redis: one server by URL, or the primary a Sentinel names.
+    pub target: Target,
     /// The password of the ACL user (or of `requirepass`), when not in the URL:
     /// it wins over a password in the URL. Never logged.
     pub password: Option<Secret>,
+    /// Certificates for TLS (with `rediss://`, or towards Sentinel and its primary).
+    pub tls: TlsFiles,
+    /// Redis replicas that must hold a write before it is acknowledged (`WAIT`);
+    /// 0 acknowledges once the primary has it.
+    pub min_replicas: u32,
     /// Prefix of every key and channel, so several deployments can share one Redis.
     pub prefix: String,
     /// Entries kept in the stream for resume (`XADD MAXLEN ~`).
@@ -22,12 +28,47 @@ pub struct RedisBusConfig {
     pub command_timeout: Duration,
 }
 
+/// Where the bus finds its Redis.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS.
+    Url(String),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Url(url) => write!(f, "Url({})", crate::endpoint::redacted(url)),
+        }
+    }
+}
+
+/// PEM files for TLS to Redis (and to Sentinel).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate authority that signed Redis's certificate; the system's roots
+    /// when absent.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, for Redis with `tls-auth-clients yes`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Whether any TLS setting was given.
+    pub fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
 impl RedisBusConfig {
     /// A configuration with the defaults of the server's flags.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            target: Target::Url(url.into()),
             password: None,
+            tls: TlsFiles::default(),
+            min_replicas: 0,
             prefix: "ipc".into(),
             retention: 10_000,
             presence_ttl: Duration::from_secs(15),
@@ -64,6 +105,7 @@ mod tests {
     fn a_secret_is_not_shown_by_debug() {
         let mut config = RedisBusConfig::new("redis://127.0.0.1/");
         config.password = Some(Secret::new("s3cret"));
+        config.target = Target::Url("redis://app:s3cret@redis/".into());
         let shown = format!("{config:?}");
         assert!(
             !shown.contains("s3cret") && shown.contains("***"),

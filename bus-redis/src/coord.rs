@@ -203,8 +203,9 @@ impl Coordination {
     ) -> Result<LockAnswer, BusError> {
         let script = &self.lock;
         let lease = keys.lock(&spec.name);
+        // A grant lost in a failover could be granted again, with the same fence.
         let (acquired, fence, holder, expires_ms): (i64, String, String, i64) = link
-            .call(|mut conn| async move {
+            .call_replicated(|mut conn| async move {
                 script
                     .key(lease)
                     .key(&keys.fence)
@@ -286,15 +287,18 @@ impl Coordination {
         loop {
             let subscribed = tokio::select! {
                 () = cancel.cancelled() => return,
-                s = tokio::time::timeout(link.timeout(), subscribe(&link, &keys.released)) => s,
+                s = tokio::time::timeout(link.timeout(), link.subscribe(&keys.released)) => s,
             };
             match subscribed {
-                Ok(Ok(pubsub)) => {
+                Ok(Ok((pubsub, primary))) => {
                     backoff.reset();
                     let mut notices = pubsub.into_on_message();
+                    let moved = link.endpoint().moved(primary);
+                    tokio::pin!(moved);
                     loop {
                         let notice = tokio::select! {
                             () = cancel.cancelled() => return,
+                            () = &mut moved => None,
                             n = notices.next() => n,
                         };
                         match notice {
@@ -320,10 +324,4 @@ impl Coordination {
             }
         }
     }
-}
-
-async fn subscribe(link: &Link, channel: &str) -> Result<redis::aio::PubSub, redis::RedisError> {
-    let mut pubsub = link.client().get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
-    Ok(pubsub)
 }

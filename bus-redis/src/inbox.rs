@@ -260,10 +260,10 @@ impl Exchange {
         loop {
             let subscribed = tokio::select! {
                 () = cancel.cancelled() => return,
-                s = tokio::time::timeout(self.link.timeout(), self.subscribe(&channel)) => s,
+                s = tokio::time::timeout(self.link.timeout(), self.link.subscribe(&channel)) => s,
             };
             match subscribed {
-                Ok(Ok(pubsub)) => {
+                Ok(Ok((pubsub, primary))) => {
                     if std::mem::replace(&mut ever_subscribed, true) {
                         let reconnects = &self.link.metrics().inbox_reconnects;
                         reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -271,9 +271,12 @@ impl Exchange {
                     backoff.reset();
                     self.link.health().set(Part::Inbox, true);
                     let mut messages = pubsub.into_on_message();
+                    let moved = self.link.endpoint().moved(primary);
+                    tokio::pin!(moved);
                     loop {
                         let message = tokio::select! {
                             () = cancel.cancelled() => return,
+                            () = &mut moved => None,
                             m = messages.next() => m,
                         };
                         match message {
@@ -293,12 +296,6 @@ impl Exchange {
                 () = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
-    }
-
-    async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, redis::RedisError> {
-        let mut pubsub = self.link.client().get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
-        Ok(pubsub)
     }
 }
 

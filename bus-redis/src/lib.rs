@@ -21,6 +21,8 @@
 //! # Layout
 //! - [`config`]: [`RedisBusConfig`], what the server's flags set.
 //! - `keys`: names of everything stored in Redis under the prefix.
+//! - `endpoint`: where the primary is and how to reach it (TLS, credentials);
+//!   every connection asks it, and moves when the primary does.
 //! - `link`: the shared command connection, reconnection with backoff, the bus's
 //!   health made of its parts.
 //! - `log`: entry ids and encoding, the batching writer, the tail, replay, the epoch.
@@ -36,6 +38,7 @@ pub mod bus;
 pub mod config;
 mod coord;
 mod dedup;
+mod endpoint;
 mod inbox;
 mod keys;
 mod link;
@@ -44,4 +47,4 @@ mod metrics;
 mod presence;
 
 pub use bus::RedisBus;
-pub use config::{RedisBusConfig, Secret};
+pub use config::{RedisBusConfig, Secret, Target, TlsFiles};

@@ -17,11 +17,12 @@ use std::time::Duration;
 
 use ipc_core::bus::BusError;
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{MultiplexedConnection, PubSub};
 use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::endpoint::Endpoint;
 use crate::metrics::RedisMetrics;
 
 /// How often a healthy link is pinged.
@@ -70,15 +71,17 @@ impl Health {
 }
 
 /// A connection handed out by the link, tagged with the generation it belongs to so
-/// that a failure on an old connection does not drop a newer one.
+/// that a failure on an old connection does not drop a newer one, and with the
+/// primary it reaches, so that it is replaced when the primary moves.
 #[derive(Clone)]
 pub(crate) struct Conn {
     pub generation: u64,
+    pub primary: u64,
     pub conn: MultiplexedConnection,
 }
 
 pub(crate) struct Link {
-    client: redis::Client,
+    endpoint: Arc<Endpoint>,
     config: AsyncConnectionConfig,
     timeout: Duration,
     current: Mutex<Option<Conn>>,
@@ -89,16 +92,20 @@ pub(crate) struct Link {
     connected: watch::Sender<u64>,
     /// The bus's metrics, counted wherever the link is used.
     metrics: Arc<RedisMetrics>,
+    replication: Replication,
 }
 
 impl Link {
-    pub fn new(client: redis::Client, timeout: Duration, health: Arc<Health>) -> Self {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
+    pub fn new(
+        endpoint: Arc<Endpoint>,
+        timeout: Duration,
+        replication: Replication,
+        health: Arc<Health>,
+    ) -> Self {
         Self {
-            client,
-            config,
+            endpoint,
+            replication,
+            config: crate::endpoint::connect_config(timeout),
             timeout,
             current: Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -121,8 +128,37 @@ impl Link {
         }
     }
 
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// A connection of its own to the current primary (the tail's, the writer's),
+    /// with `config`; returns it with the primary's generation.
+    pub async fn open(
+        &self,
+        config: &AsyncConnectionConfig,
+    ) -> Result<(MultiplexedConnection, u64), RedisError> {
+        let primary = self.endpoint.current()?;
+        let opened = primary
+            .client
+            .get_multiplexed_async_connection_with_config(config)
+            .await;
+        self.endpoint.report(opened.as_ref().err());
+        Ok((opened?, primary.generation))
+    }
+
+    /// A subscriber connection to the current primary subscribed to `channel`,
+    /// with the primary's generation.
+    pub async fn subscribe(&self, channel: &str) -> Result<(PubSub, u64), RedisError> {
+        let primary = self.endpoint.current()?;
+        let subscribed = async {
+            let mut pubsub = primary.client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok(pubsub)
+        }
+        .await;
+        self.endpoint.report(subscribed.as_ref().err());
+        Ok((subscribed?, primary.generation))
     }
 
     /// The bound on one call.
@@ -141,10 +177,12 @@ impl Link {
 
     /// The current connection, or `Unavailable` at once while reconnecting.
     pub fn get(&self) -> Result<Conn, BusError> {
-        self.current
-            .lock()
-            .clone()
-            .ok_or_else(|| BusError::Unavailable("Redis is unreachable; reconnecting".into()))
+        self.current.lock().clone().ok_or_else(|| {
+            BusError::Unavailable(match self.endpoint.trouble() {
+                Some(trouble) => format!("Redis is unreachable ({trouble}); reconnecting"),
+                None => "Redis is unreachable; reconnecting".into(),
+            })
+        })
     }
 
     /// Records a failed call: a broken connection is dropped (the supervisor
@@ -175,17 +213,19 @@ impl Link {
 
     /// One connection attempt; on success it becomes the current connection.
     pub async fn connect(&self) -> Result<(), RedisError> {
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
+        let (conn, primary) = self.open(&self.config).await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.current.lock() = Some(Conn { generation, conn });
+        *self.current.lock() = Some(Conn {
+            generation,
+            primary,
+            conn,
+        });
         // Presence is not known to be in this Redis until written on it.
         self.health.set(Part::Presence, false);
         self.health.set(Part::Link, true);
         self.connected.send_replace(generation);
-        tracing::info!(generation, "connected to Redis");
+        let addr = self.endpoint.current().map(|p| p.addr).unwrap_or_default();
+        tracing::info!(generation, primary = %addr, "connected to Redis");
         Ok(())
     }
 
@@ -194,6 +234,7 @@ impl Link {
         let mut backoff = Backoff::default();
         loop {
             let current = self.current.lock().clone();
+            let primary = current.as_ref().map(|c| c.primary);
             let wait = match current {
                 None => match self.connect().await {
                     Ok(()) => {
@@ -226,11 +267,26 @@ impl Link {
                     PING_INTERVAL
                 }
             };
+            let moved = async {
+                match primary {
+                    Some(primary) => self.endpoint.moved(primary).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = self.lost.notified() => {}
                 () = tokio::time::sleep(wait) => {}
+                () = moved => self.drop_connection("the Redis primary moved"),
             }
+        }
+    }
+
+    /// Forgets the current connection (the supervisor opens another at once).
+    fn drop_connection(&self, why: &str) {
+        if self.current.lock().take().is_some() {
+            tracing::info!(why, "Redis connection replaced");
+            self.health.set(Part::Link, false);
         }
     }
 
@@ -242,30 +298,181 @@ impl Link {
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         let conn = self.get()?;
-        match tokio::time::timeout(self.timeout, call(conn.conn.clone())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => {
+        bounded(self.timeout, call(conn.conn.clone()))
+            .await
+            .map_err(|error| {
                 self.failed(&conn, &error);
-                Err(unavailable(&error))
+                unavailable(&error)
+            })
+    }
+
+    /// [`Link::call`] for a write that must survive a failover: with
+    /// `--redis-min-replicas N` it is acknowledged only once `WAIT` says N Redis
+    /// replicas have it (`WAIT` counts the writes of this connection so far).
+    pub async fn call_replicated<T, F, Fut>(&self, call: F) -> Result<T, BusError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let replication = self.replication;
+        if replication.min_replicas == 0 {
+            return self.call(call).await;
+        }
+        let (value, confirmed) = self
+            .call(|conn| async move {
+                let mut waiter = conn.clone();
+                let value = call(conn).await?;
+                let confirmed = replication.wait().query_async(&mut waiter).await?;
+                Ok((value, confirmed))
+            })
+            .await?;
+        replication.check(confirmed)?;
+        Ok(value)
+    }
+
+    /// How writes are confirmed.
+    pub fn replication(&self) -> Replication {
+        self.replication
+    }
+}
+
+/// How many Redis replicas must confirm a write before it is acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Replication {
+    pub min_replicas: u32,
+    /// `WAIT`'s own timeout: half the call's, so that its answer still comes
+    /// within the call's bound.
+    pub wait_ms: u64,
+}
+
+impl Replication {
+    pub fn new(min_replicas: u32, call_timeout: Duration) -> Self {
+        Self {
+            min_replicas,
+            wait_ms: (call_timeout.as_millis() as u64 / 2).max(1),
+        }
+    }
+
+    /// `WAIT N timeout`.
+    pub fn wait(&self) -> redis::Cmd {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.min_replicas).arg(self.wait_ms);
+        wait
+    }
+
+    /// `Unavailable` unless `confirmed` replicas are enough. The write is on the
+    /// primary, so a retry without an idempotency key may store it twice.
+    pub fn check(&self, confirmed: i64) -> Result<(), BusError> {
+        if confirmed >= i64::from(self.min_replicas) {
+            return Ok(());
+        }
+        Err(BusError::Unavailable(format!(
+            "not acknowledged: only {confirmed} of the {} Redis replicas required \
+             (--redis-min-replicas) confirmed the write within {} ms, so a failover could \
+             lose it; retry (with an idempotency key the retry is never stored twice)",
+            self.min_replicas, self.wait_ms
+        )))
+    }
+}
+
+/// A connection of its own to the current primary, opened on first use and again
+/// once it broke, the primary moved, or the command link had to reconnect (so
+/// this one probably broke too: SERVING then means it works). The writer's: `WAIT`
+/// counts the writes of one connection, and blocks that connection while it waits.
+pub(crate) struct Dedicated {
+    link: Arc<Link>,
+    config: AsyncConnectionConfig,
+    /// The connection, and the command link's connection it was opened under.
+    current: tokio::sync::Mutex<Option<(Conn, u64)>>,
+}
+
+impl Dedicated {
+    pub fn new(link: Arc<Link>) -> Self {
+        Self {
+            config: link.config.clone(),
+            link,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
+    }
+
+    /// Runs `call` on this connection within the call timeout. Callers that queue
+    /// behind one another are served in order (the lock is fair), so calls reach
+    /// Redis in the order they were made.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, BusError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let conn = {
+            let mut current = self.current.lock().await;
+            let primary = self.link.endpoint.current().map(|p| p.generation).ok();
+            let under = *self.link.connected.borrow();
+            match current.as_ref() {
+                Some((conn, opened_under))
+                    if Some(conn.primary) == primary && *opened_under == under =>
+                {
+                    conn.clone()
+                }
+                _ => {
+                    let opened = bounded(self.link.timeout, self.link.open(&self.config))
+                        .await
+                        .map_err(|error| unavailable(&error))?;
+                    let (conn, primary) = opened;
+                    let conn = Conn {
+                        generation: self.link.generation.fetch_add(1, Ordering::Relaxed) + 1,
+                        primary,
+                        conn,
+                    };
+                    *current = Some((conn.clone(), under));
+                    conn
+                }
             }
-            Err(_) => {
-                let error = RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "Redis did not answer in time",
-                ));
-                self.failed(&conn, &error);
+        };
+        match bounded(self.link.timeout, call(conn.conn.clone())).await {
+            Ok(value) => Ok(value),
+            Err(error) => {
+                if is_connection_error(&error) {
+                    let mut current = self.current.lock().await;
+                    if current
+                        .as_ref()
+                        .is_some_and(|(c, _)| c.generation == conn.generation)
+                    {
+                        *current = None;
+                    }
+                    self.link.probe();
+                }
                 Err(unavailable(&error))
             }
         }
     }
 }
 
-/// Whether the connection must be replaced after this error.
+/// `call` within `timeout`; running out of time is a timeout error.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "Redis did not answer in time",
+        ))),
+    }
+}
+
+/// Whether the connection must be replaced after this error: it broke, or it
+/// reaches a server that is no longer the primary (demoted in a failover).
 pub(crate) fn is_connection_error(error: &RedisError) -> bool {
     error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_unrecoverable_error()
+        || error.code() == Some("READONLY")
 }
 
 pub(crate) fn unavailable(error: &RedisError) -> BusError {

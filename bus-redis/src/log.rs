@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dedup::{self, Keyed, Written};
 use crate::keys::Keys;
-use crate::link::{Backoff, Link, Part};
+use crate::link::{Backoff, Dedicated, Link, Part};
 use crate::metrics::RedisMetrics;
 
 /// The stream field holding the encoded message.
@@ -206,13 +206,13 @@ pub(crate) struct Append {
 /// appends are stored in queue order even when several pipelines are in flight (a
 /// Publish stream queues its next messages before the first is confirmed).
 pub(crate) async fn run_writer(
-    link: Arc<Link>,
+    writer: Dedicated,
     keys: Keys,
     retention: usize,
     mut pending: mpsc::Receiver<Append>,
     cancel: CancellationToken,
 ) {
-    let keys = Arc::new(keys);
+    let (writer, keys) = (Arc::new(writer), Arc::new(keys));
     let mut in_flight = futures::stream::FuturesUnordered::new();
     loop {
         let first = tokio::select! {
@@ -235,9 +235,9 @@ pub(crate) async fn run_writer(
                 Err(_) => break,
             }
         }
-        let (link, keys) = (link.clone(), keys.clone());
+        let (writer, keys) = (writer.clone(), keys.clone());
         in_flight.push(async move {
-            match write_batch(&link, &keys, retention, &batch).await {
+            match write_batch(&writer, &keys, retention, &batch).await {
                 Ok(written) => {
                     for (append, written) in batch.into_iter().zip(written) {
                         let _ = append.done.send(Ok(written));
@@ -258,11 +258,12 @@ pub(crate) async fn run_writer(
 }
 
 async fn write_batch(
-    link: &Link,
+    writer: &Dedicated,
     keys: &Keys,
     retention: usize,
     batch: &[Append],
 ) -> Result<Vec<Written>, BusError> {
+    let replication = writer.link().replication();
     let mut pipe = redis::pipe();
     push_epoch(&mut pipe, keys);
     for append in batch {
@@ -279,16 +280,28 @@ async fn write_batch(
             .arg(FIELD)
             .arg(&append.payload);
     }
-    let metrics = link.metrics();
+    if replication.min_replicas > 0 {
+        // Last in the pipeline: it answers once the replicas have every entry above.
+        pipe.add_command(replication.wait());
+    }
+    let metrics = writer.link().metrics();
     metrics.append_batch.observe(batch.len() as u64);
     let started = std::time::Instant::now();
-    let replies: Vec<Value> = link
+    let mut replies: Vec<Value> = writer
         .call(|mut conn| async move { pipe.query_async(&mut conn).await })
         .await
         .inspect_err(|_| {
             metrics.append_failures.fetch_add(1, Ordering::Relaxed);
         })?;
     metrics.xadd_latency.observe_duration(started.elapsed());
+    if replication.min_replicas > 0 {
+        match replies.pop() {
+            Some(Value::Int(confirmed)) => replication.check(confirmed).inspect_err(|_| {
+                metrics.append_failures.fetch_add(1, Ordering::Relaxed);
+            })?,
+            _ => return Err(bad_reply("WAIT")),
+        }
+    }
     let mut replies = replies.into_iter();
     let epoch = replies
         .next()
@@ -371,17 +384,16 @@ pub(crate) async fn run_tail(
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(TAIL_BLOCK + timeout));
-    let client = probe.client().clone();
     let health = probe.health().clone();
     let mut backoff = Backoff::default();
     let mut ever_connected = false;
     loop {
         let connected = tokio::select! {
             () = cancel.cancelled() => return,
-            c = client.get_multiplexed_async_connection_with_config(&config) => c,
+            c = probe.open(&config) => c,
         };
         let error = match connected {
-            Ok(mut conn) => {
+            Ok((mut conn, primary)) => {
                 if std::mem::replace(&mut ever_connected, true) {
                     probe
                         .metrics()
@@ -390,7 +402,13 @@ pub(crate) async fn run_tail(
                 }
                 backoff.reset();
                 health.set(Part::Tail, true);
-                tail_connection(&mut conn, &keys, &hub, &position, probe.metrics(), &cancel).await
+                let metrics = probe.metrics();
+                tokio::select! {
+                    e = tail_connection(&mut conn, &keys, &hub, &position, metrics, &cancel) => e,
+                    () = probe.endpoint().moved(primary) => {
+                        BusError::Unavailable("the Redis primary moved".into())
+                    }
+                }
             }
             Err(e) => crate::link::unavailable(&e),
         };

@@ -91,7 +91,8 @@ pub struct Config {
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long, env = "IPC_LOG_JSON")]
     pub log_json: bool,
-    /// Redis shared by the replicas (`redis://[user:password@]host:port[/db]`); without it the server runs alone on the memory bus.
+    /// Redis shared by the replicas (`redis://[user:password@]host:port[/db]`, or
+    /// `rediss://…` for TLS); without it the server runs alone on the memory bus.
     #[arg(long, env = "IPC_REDIS")]
     pub redis: Option<String>,
     /// File holding the Redis password (of the URL's ACL user, or `requirepass`), read
@@ -99,6 +100,22 @@ pub struct Config {
     /// Never logged.
     #[arg(long, env = "IPC_REDIS_PASSWORD_FILE", requires = "redis")]
     pub redis_password_file: Option<std::path::PathBuf>,
+    /// PEM certificate authority that signed Redis's certificate (TLS); the system's
+    /// roots when absent.
+    #[arg(long, env = "IPC_REDIS_CA", requires = "redis")]
+    pub redis_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for Redis with `tls-auth-clients yes` (mutual TLS);
+    /// with --redis-key.
+    #[arg(long, env = "IPC_REDIS_CERT", requires_all = ["redis", "redis_key"])]
+    pub redis_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --redis-cert.
+    #[arg(long, env = "IPC_REDIS_KEY", requires_all = ["redis", "redis_cert"])]
+    pub redis_key: Option<std::path::PathBuf>,
+    /// Redis replicas that must hold a broadcast (and a lock, an operation's ledger)
+    /// before it is acknowledged (`WAIT N`), so a Redis failover loses nothing
+    /// acknowledged; falling short answers UNAVAILABLE. 0: the primary's word is enough.
+    #[arg(long, env = "IPC_REDIS_MIN_REPLICAS", default_value_t = 0)]
+    pub redis_min_replicas: u32,
     /// Prefix of every Redis key and channel, so several deployments can share one Redis.
     #[arg(long, env = "IPC_REDIS_PREFIX", default_value = "ipc")]
     pub redis_prefix: String,
@@ -168,8 +185,14 @@ async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
         None => None,
     };
     let bus = ipc_bus_redis::RedisBus::connect(ipc_bus_redis::RedisBusConfig {
-        url: url.clone(),
+        target: ipc_bus_redis::Target::Url(url.clone()),
         password,
+        tls: ipc_bus_redis::TlsFiles {
+            ca: config.redis_ca.clone(),
+            cert: config.redis_cert.clone(),
+            key: config.redis_key.clone(),
+        },
+        min_replicas: config.redis_min_replicas,
         prefix: config.redis_prefix.clone(),
         retention: config.retention.max(1),
         presence_ttl: Duration::from_millis(config.presence_ttl_ms),

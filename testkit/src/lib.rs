@@ -55,6 +55,8 @@ pub struct ServerProcess {
     pub ready_line: String,
     /// Lines the server printed on stdout after the readiness line.
     _stdout: std::thread::JoinHandle<()>,
+    /// Where its stderr (its log) goes, when captured.
+    log: Option<tempfile::NamedTempFile>,
 }
 
 impl ServerProcess {
@@ -63,8 +65,30 @@ impl ServerProcess {
         Self::start_binary(&binary("ipc-server"), args)
     }
 
+    /// [`ServerProcess::start`] with its log (stderr, at level `info`) kept for
+    /// [`ServerProcess::log`] instead of shown.
+    pub fn start_logged(args: &[&str]) -> Self {
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        Self::launch(&binary("ipc-server"), args, Some(log))
+    }
+
+    /// Everything the server logged so far (with [`ServerProcess::start_logged`]).
+    pub fn log(&self) -> String {
+        let path = self.log.as_ref().expect("started with start_logged").path();
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// Whether the process still runs (it did not exit or crash).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Starts a given server binary and waits for its readiness line.
     pub fn start_binary(path: &Path, args: &[&str]) -> Self {
+        Self::launch(path, args, None)
+    }
+
+    fn launch(path: &Path, args: &[&str], log: Option<tempfile::NamedTempFile>) -> Self {
         let mut command = Command::new(path);
         if !args.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
@@ -72,15 +96,22 @@ impl ServerProcess {
         if !args.contains(&"--metrics-listen") {
             command.args(["--metrics-listen", "127.0.0.1:0"]);
         }
+        let (level, stderr) = match &log {
+            Some(file) => (
+                "info".to_string(),
+                Stdio::from(file.reopen().expect("reopening the log file")),
+            ),
+            None => (
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                Stdio::inherit(),
+            ),
+        };
         command
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", path.display()));
@@ -117,6 +148,7 @@ impl ServerProcess {
             ready_line: line.clone(),
             child,
             _stdout: reader,
+            log,
         }
     }
 

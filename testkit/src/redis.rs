@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::tls::{CertFiles, TestCa};
+
 /// A running (or stopped) private redis-server.
 pub struct RedisServer {
     port: u16,
@@ -14,6 +16,15 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Extra `redis-server` arguments, kept across restarts.
     extra: Vec<String>,
+    /// With TLS only (no plain port): how the readiness check connects.
+    tls: Option<TlsFiles>,
+}
+
+/// Files a TLS redis-server and its readiness check use.
+#[derive(Clone)]
+struct TlsFiles {
+    ca: PathBuf,
+    client: CertFiles,
 }
 
 impl RedisServer {
@@ -32,6 +43,42 @@ impl RedisServer {
             dir,
             child: None,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            tls: None,
+        };
+        server.launch();
+        server
+    }
+
+    /// Starts redis-server speaking only TLS (`--port 0 --tls-port P`) with a
+    /// certificate from `ca` for localhost and 127.0.0.1; with `clients_need_certs`
+    /// it also asks clients for a certificate of `ca` (`tls-auth-clients yes`).
+    pub fn start_tls(ca: &TestCa, clients_need_certs: bool, extra: &[&str]) -> Self {
+        let server_cert = ca.server_cert();
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            server_cert.cert.display().to_string(),
+            "--tls-key-file".into(),
+            server_cert.key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            ca.cert_path().display().to_string(),
+            "--tls-auth-clients".into(),
+            if clients_need_certs { "yes" } else { "no" }.into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut server = Self {
+            port,
+            dir: tempfile::tempdir().expect("temporary directory for redis"),
+            child: None,
+            extra: args,
+            tls: Some(TlsFiles {
+                ca: ca.cert_path(),
+                client: ca.client_cert("redis-ready-check", &["localhost"]),
+            }),
         };
         server.launch();
         server
@@ -41,9 +88,14 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT/`.
+    /// `redis://127.0.0.1:PORT/`, or `rediss://…` when it speaks TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     /// Stops the server (SIGKILL: as a crash, nothing more is written).
@@ -82,15 +134,12 @@ impl RedisServer {
         let binary = which("redis-server").unwrap_or_else(|| {
             panic!("redis-server is not installed: `apt-get install -y redis-server` (scripts/test does this)")
         });
-        let child = Command::new(binary)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
+        let mut command = Command::new(binary);
+        if self.tls.is_none() {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -108,6 +157,9 @@ impl RedisServer {
     fn wait_ready(&self) {
         use std::io::{Read, Write};
         let deadline = Instant::now() + super::READY_TIMEOUT;
+        if let Some(tls) = &self.tls {
+            return wait_ready_tls(self.port, tls, deadline);
+        }
         while Instant::now() < deadline {
             if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
@@ -133,6 +185,43 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Polls `redis-cli --tls … PING` until the server answers.
+fn wait_ready_tls(port: u16, tls: &TlsFiles, deadline: Instant) {
+    let cli = which("redis-cli").unwrap_or_else(|| {
+        panic!(
+            "redis-cli is not installed: `apt-get install -y redis-tools` (scripts/test does this)"
+        )
+    });
+    while Instant::now() < deadline {
+        let answer = Command::new(&cli)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "--tls",
+                "--cacert",
+            ])
+            .arg(&tls.ca)
+            .arg("--cert")
+            .arg(&tls.client.cert)
+            .arg("--key")
+            .arg(&tls.client.key)
+            .arg("PING")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        if answer.is_ok_and(|out| {
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.contains("PONG") || text.contains("NOAUTH")
+        }) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("redis-server on TLS port {port} did not answer PING");
 }
 
 /// A port that was free a moment ago (bind to 0, read it, release it).

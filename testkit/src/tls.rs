@@ -10,6 +10,7 @@ pub struct TestCa {
 }
 
 /// PEM files of a certificate and its key.
+#[derive(Clone)]
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
