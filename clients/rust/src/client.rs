@@ -30,6 +30,10 @@ const DEADLINE_GRACE: Duration = Duration::from_secs(2);
 /// Metadata key carrying the caller's app id; a leading `:` in channels expands to it.
 const APP_METADATA: &str = "ipc-app";
 
+/// Replies waiting to be written on a Serve stream; a handler answering faster than
+/// the connection takes them waits.
+const SERVE_QUEUE: usize = 256;
+
 /// A connection to a fleet-ipc node (server or sidecar).
 ///
 /// Cheap to clone: clones share one HTTP/2 connection, which is re-established by
@@ -352,6 +356,36 @@ impl Client {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|status| Error::from_status(status, ""))
+    }
+
+    /// Opens a Serve stream for `request`: the messages of the subscription, and
+    /// the sender its replies go on.
+    pub(crate) async fn open_serve(
+        &self,
+        request: pb::SubscribeRequest,
+    ) -> Result<
+        (
+            tonic::Streaming<pb::Msg>,
+            tokio::sync::mpsc::Sender<pb::ServeRequest>,
+        ),
+        Error,
+    > {
+        let (replies, mut outgoing) = tokio::sync::mpsc::channel(SERVE_QUEUE);
+        replies
+            .try_send(pb::ServeRequest {
+                kind: Some(pb::serve_request::Kind::Subscribe(request)),
+            })
+            .expect("a new channel has room for its first message");
+        let outgoing = futures::stream::poll_fn(move |cx| outgoing.poll_recv(cx));
+        let mut rpc = self.rpc.clone();
+        let mut request = tonic::Request::new(outgoing);
+        self.add_metadata(request.metadata_mut());
+        let stream = rpc
+            .serve(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| Error::from_status(status, ""))?;
+        Ok((stream, replies))
     }
 
     pub(crate) fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {

@@ -10,7 +10,8 @@ use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::{Client, Error, Msg, SubscribeOptions};
+use crate::subscribe::ServeReplies;
+use crate::{Client, Error, Msg, OP_REPLY_ERROR, SubscribeOptions, Subscription};
 
 /// What a handler returns: the data of the answer, or the text of a failure.
 pub type HandlerResult = Result<serde_json::Value, String>;
@@ -82,13 +83,22 @@ impl Handlers {
     /// a handler is answered with an error at once, so its sender does not wait for
     /// the timeout.
     ///
+    /// The subscription is a Serve stream, so answers travel back on it rather than
+    /// as one Reply call each (a node without Serve gets Subscribe and Reply calls).
+    /// An answer the node could not deliver — its requester gave up — comes back
+    /// as an [`OP_REPLY_ERROR`] notice, which is logged.
+    ///
     /// Runs until the subscription fails for good (see
     /// [`Subscription`](crate::Subscription)); reconnections are handled inside.
     pub async fn run(&self, client: &Client, options: SubscribeOptions) -> Result<(), Error> {
         let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDLERS));
-        let mut messages = client.subscribe(options);
+        let (mut messages, replies) = Subscription::serving(client.clone(), options);
         while let Some(msg) = messages.next().await {
             let msg = msg?;
+            if msg.op == OP_REPLY_ERROR && msg.cursor.is_empty() {
+                reply_not_delivered(&msg);
+                continue;
+            }
             let handler = self.by_op.get(&msg.op).cloned();
             if handler.is_none() && !msg.is_request() {
                 debug!(op = %msg.op, "no handler; ignored");
@@ -97,10 +107,10 @@ impl Handlers {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 break;
             };
-            let client = client.clone();
+            let (client, replies) = (client.clone(), replies.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                dispatch(&client, handler, msg).await;
+                dispatch(&client, &replies, handler, msg).await;
             });
         }
         Ok(())
@@ -115,8 +125,9 @@ impl std::fmt::Debug for Handlers {
     }
 }
 
-/// Runs one handler and, for a request, sends its answer.
-async fn dispatch(client: &Client, handler: Option<Handler>, msg: Msg) {
+/// Runs one handler and, for a request, sends its answer: on the Serve stream, or
+/// as a Reply call when there is none now.
+async fn dispatch(client: &Client, replies: &ServeReplies, handler: Option<Handler>, msg: Msg) {
     let op = msg.op.clone();
     let reply_to = msg.reply_to.clone();
     let result = match handler {
@@ -129,15 +140,38 @@ async fn dispatch(client: &Client, handler: Option<Handler>, msg: Msg) {
         }
         return;
     }
-    let reply = match result {
-        Ok(data) => client.reply(&reply_to, &op, data),
-        Err(error) => client
-            .reply(&reply_to, &op, serde_json::Value::Null)
-            .error(error),
+    let (data, error) = match result {
+        Ok(data) => (data, String::new()),
+        Err(error) => (serde_json::Value::Null, error),
     };
+    let answer = ipc_proto::pb::ReplyRequest {
+        reply_to: reply_to.clone(),
+        op: op.clone(),
+        data: crate::client::payload(&data),
+        headers: Default::default(),
+        error,
+    };
+    let Err(answer) = replies.send(answer).await else {
+        return;
+    };
+    let mut reply = client.reply(&reply_to, &op, data);
+    if !answer.error.is_empty() {
+        reply = reply.error(answer.error);
+    }
     if let Err(err) = reply.await {
         // NOT_FOUND here means the requester gave up before the answer was ready.
         warn!(op = %op, reply_to = %reply_to, error = %err, "reply not delivered");
+    }
+}
+
+/// An answer the node could not deliver (`ipc:reply-error`).
+fn reply_not_delivered(notice: &Msg) {
+    let text = |key: &str| notice.data[key].as_str().unwrap_or_default().to_owned();
+    let (reply_to, code, error) = (text("reply_to"), text("code"), text("error"));
+    if code == crate::code_name(tonic::Code::NotFound) {
+        debug!(%reply_to, "answer came after the requester gave up");
+    } else {
+        warn!(%reply_to, %code, %error, "answer not delivered");
     }
 }
 

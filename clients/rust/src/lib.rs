@@ -53,6 +53,6 @@ pub use client::{
 pub use coord::{Lease, LimitAnswer};
 pub use error::{Error, code_name};
 pub use handlers::{HandlerResult, Handlers};
-pub use msg::{Broadcasted, Member, Msg, OP_GAP, OP_SUBSCRIBED};
+pub use msg::{Broadcasted, Member, Msg, OP_GAP, OP_REPLY_ERROR, OP_SUBSCRIBED};
 pub use publish::Publication;
 pub use subscribe::{Backoff, SubscribeOptions, Subscription};

@@ -16,6 +16,11 @@ pub const OP_SUBSCRIBED: &str = "ipc:subscribed";
 /// The op a node sends when messages could not be replayed (cursor older than the
 /// log's retention, or the log was lost).
 pub const OP_GAP: &str = "ipc:gap";
+/// The op of the notice a Serve stream sends when one of its replies was not
+/// delivered: data `{"reply_to", "code", "error"}` (`code` as a status name:
+/// `NOT_FOUND` when the requester gave up). [`Handlers::run`](crate::Handlers::run)
+/// logs it.
+pub const OP_REPLY_ERROR: &str = "ipc:reply-error";
 
 /// A message as a subscriber sees it, and as a reply comes back from `send_msg`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

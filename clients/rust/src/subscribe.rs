@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -143,7 +144,21 @@ pub struct Subscription {
 
 impl Subscription {
     pub(crate) fn new(client: Client, options: SubscribeOptions) -> Subscription {
-        let state = Resumer::new(client, options);
+        Self::resuming(Resumer::new(client, options, None))
+    }
+
+    /// The same subscription on Serve streams: requests are answered on the stream
+    /// they came on, through the returned [`ServeReplies`].
+    pub(crate) fn serving(
+        client: Client,
+        options: SubscribeOptions,
+    ) -> (Subscription, ServeReplies) {
+        let replies = ServeReplies::default();
+        let state = Resumer::new(client, options, Some(replies.clone()));
+        (Self::resuming(state), replies)
+    }
+
+    fn resuming(state: Resumer) -> Subscription {
         let inner = futures::stream::unfold(state, |mut state| async move {
             let item = state.next().await?;
             Some((item, state))
@@ -168,6 +183,37 @@ impl std::fmt::Debug for Subscription {
     }
 }
 
+/// Where the replies of a serving [`Subscription`] go: its Serve stream open now.
+#[derive(Clone, Default)]
+pub(crate) struct ServeReplies {
+    current: Arc<Mutex<Option<tokio::sync::mpsc::Sender<pb::ServeRequest>>>>,
+}
+
+impl ServeReplies {
+    /// Sends `reply` on the current Serve stream; gives it back when there is none
+    /// (reconnecting, or the node has no Serve) for the unary Reply.
+    pub(crate) async fn send(&self, reply: pb::ReplyRequest) -> Result<(), pb::ReplyRequest> {
+        let current = self.current.lock().expect("not poisoned").clone();
+        let Some(stream) = current else {
+            return Err(reply);
+        };
+        let request = pb::ServeRequest {
+            kind: Some(pb::serve_request::Kind::Reply(reply)),
+        };
+        stream
+            .send(request)
+            .await
+            .map_err(|back| match back.0.kind {
+                Some(pb::serve_request::Kind::Reply(reply)) => reply,
+                _ => unreachable!("only replies are sent"),
+            })
+    }
+
+    fn set(&self, stream: Option<tokio::sync::mpsc::Sender<pb::ServeRequest>>) {
+        *self.current.lock().expect("not poisoned") = stream;
+    }
+}
+
 /// The state behind [`Subscription`].
 struct Resumer {
     client: Client,
@@ -179,10 +225,12 @@ struct Resumer {
     stream: Option<tonic::Streaming<pb::Msg>>,
     seen: SeenCursors,
     finished: bool,
+    /// Serving: each connection is a Serve stream whose sender goes here.
+    serve: Option<ServeReplies>,
 }
 
 impl Resumer {
-    fn new(client: Client, options: SubscribeOptions) -> Resumer {
+    fn new(client: Client, options: SubscribeOptions, serve: Option<ServeReplies>) -> Resumer {
         let SubscribeOptions {
             channels,
             id,
@@ -210,6 +258,7 @@ impl Resumer {
             stream: None,
             seen: SeenCursors::default(),
             finished: false,
+            serve,
         }
     }
 
@@ -222,7 +271,7 @@ impl Resumer {
                 if self.failures > 0 {
                     tokio::time::sleep(self.backoff.delay(self.failures - 1)).await;
                 }
-                match self.client.open_subscription(self.request.clone()).await {
+                match self.open().await {
                     Ok(stream) => self.stream = Some(stream),
                     Err(err) => {
                         if let Some(fatal) = self.fail(err) {
@@ -241,18 +290,46 @@ impl Resumer {
                 }
                 Ok(None) => {
                     // A node ends streams with a status; a bare end is a lost connection.
-                    self.stream = None;
+                    self.lost();
                     if let Some(fatal) = self.fail(Error::Unreachable("stream ended".into())) {
                         return Some(Err(fatal));
                     }
                 }
                 Err(status) => {
-                    self.stream = None;
+                    self.lost();
                     if let Some(fatal) = self.fail(Error::from_status(status, "")) {
                         return Some(Err(fatal));
                     }
                 }
             }
+        }
+    }
+
+    /// Opens the next stream: Serve when serving (a node without Serve, older than
+    /// it, gets Subscribe and unary replies from then on), else Subscribe.
+    async fn open(&mut self) -> Result<tonic::Streaming<pb::Msg>, Error> {
+        let Some(serve) = &self.serve else {
+            return self.client.open_subscription(self.request.clone()).await;
+        };
+        match self.client.open_serve(self.request.clone()).await {
+            Ok((stream, replies)) => {
+                serve.set(Some(replies));
+                Ok(stream)
+            }
+            Err(err) if err.code() == tonic::Code::Unimplemented => {
+                debug!("the node has no Serve: subscribing, replies as unary calls");
+                self.serve = None;
+                self.client.open_subscription(self.request.clone()).await
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The stream is gone: replies wait for the next one (or go as unary calls).
+    fn lost(&mut self) {
+        self.stream = None;
+        if let Some(serve) = &self.serve {
+            serve.set(None);
         }
     }
 
@@ -329,7 +406,7 @@ mod tests {
 
     fn resumer(options: SubscribeOptions) -> Resumer {
         let client = Client::builder("/tmp/unused.sock").connect_lazy().unwrap();
-        Resumer::new(client, options)
+        Resumer::new(client, options, None)
     }
 
     fn msg(op: &str, cursor: &str) -> Msg {

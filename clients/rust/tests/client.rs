@@ -114,6 +114,14 @@ async fn a_request_is_answered_by_the_handler_registered_for_its_op() {
         matches!(&err, Error::ReplyError(reply) if reply.error.contains("no handler for op \"cache:flush\"")),
         "{err}"
     );
+    // The answers travelled back on the worker's Serve stream, not as Reply calls.
+    assert_eq!(
+        server.calls("Reply").await,
+        0,
+        "answers sent as unary Reply calls"
+    );
+    assert_eq!(server.calls("Serve").await, 1);
+    assert_eq!(server.calls("SendMsg").await, 3);
     worker.abort();
 }
 

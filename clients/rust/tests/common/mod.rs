@@ -41,6 +41,8 @@ pub fn server_binary() -> PathBuf {
 pub struct Server {
     child: Child,
     pub grpc: SocketAddr,
+    /// Its `/metrics` endpoint.
+    pub metrics: SocketAddr,
 }
 
 impl Server {
@@ -92,12 +94,39 @@ impl Server {
             }
             Err(_) => panic!("ipc-server printed no readiness line within {HANG_GUARD:?}"),
         };
-        let grpc = line
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix("grpc="))
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected readiness line {line:?}"));
-        Server { child, grpc }
+        let address = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix(key))
+                .and_then(|addr| addr.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected readiness line {line:?}"))
+        };
+        Server {
+            grpc: address("grpc="),
+            metrics: address("metrics="),
+            child,
+        }
+    }
+
+    /// How many calls of `method` (`Reply`, `Serve`, …) the server answered OK, as
+    /// its `/metrics` counts them (0 before the first).
+    pub async fn calls(&self, method: &str) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics)
+            .await
+            .expect("connecting to /metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: ipc\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("asking for /metrics");
+        let mut text = String::new();
+        tokio::time::timeout(HANG_GUARD, stream.read_to_string(&mut text))
+            .await
+            .expect("no /metrics answer")
+            .expect("reading /metrics");
+        let series = format!("ipc_rpc_requests_total{{method=\"{method}\",code=\"OK\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .map_or(0, |value| value.trim().parse().expect("a count"))
     }
 
     /// `http://127.0.0.1:PORT`.
