@@ -445,6 +445,23 @@ impl Bus for RedisBus {
             .await
     }
 
+    async fn claim_operation(
+        &self,
+        claim: LockSpec,
+        in_node: &MemoryCoord,
+    ) -> Result<LockAnswer, BusError> {
+        // Fleet-wide, like the records: a claim is a Redis lease.
+        Bus::lock(self, claim, in_node).await
+    }
+
+    async fn release_operation(
+        &self,
+        claim: UnlockSpec,
+        in_node: &MemoryCoord,
+    ) -> Result<bool, BusError> {
+        Bus::unlock(self, claim, in_node).await
+    }
+
     async fn store_operation(
         &self,
         key: &str,

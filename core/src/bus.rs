@@ -237,6 +237,27 @@ pub trait Bus: Send + Sync + 'static {
         ))
     }
 
+    /// Claims a keyed operation for one run (see [`crate::fleetops::claim`]): a
+    /// lease with the rules of [`Bus::lock`], kept where the operation records are
+    /// — in Redis for every replica, else in this node (`in_node`), also on a bus
+    /// whose locks live elsewhere (a sidecar keeps no records).
+    async fn claim_operation(
+        &self,
+        claim: LockSpec,
+        in_node: &MemoryCoord,
+    ) -> Result<LockAnswer, BusError> {
+        Ok(in_node.lock(&claim).await)
+    }
+
+    /// Releases a claim taken with [`Bus::claim_operation`].
+    async fn release_operation(
+        &self,
+        claim: UnlockSpec,
+        in_node: &MemoryCoord,
+    ) -> Result<bool, BusError> {
+        Ok(in_node.unlock(&claim))
+    }
+
     /// The record stored under `key`, if any and not expired.
     async fn load_operation(&self, key: &str) -> Result<Option<Vec<u8>>, BusError> {
         let _ = key;

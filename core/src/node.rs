@@ -160,6 +160,9 @@ pub enum NodeError {
     /// The request conflicts with state kept for it (a key used differently).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Another call holds what this one needs (a keyed operation still running).
+    #[error("{0}")]
+    Aborted(String),
     #[error("{0}")]
     Internal(String),
 }

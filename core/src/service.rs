@@ -315,6 +315,7 @@ pub fn status(error: NodeError) -> Status {
         NodeError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
         NodeError::Unavailable(m) => Status::unavailable(m),
         NodeError::FailedPrecondition(m) => Status::failed_precondition(m),
+        NodeError::Aborted(m) => Status::aborted(m),
         NodeError::Internal(m) => Status::internal(m),
     }
 }

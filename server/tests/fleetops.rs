@@ -348,3 +348,64 @@ async fn rollout_goes_in_waves_stops_past_the_budget_and_resumes_by_key() {
     assert_eq!(record.asked["b1"].len(), 2);
     assert_eq!(record.asked["c2"].len(), 1);
 }
+
+/// Two calls with the same key at the same time never both ask the members: a
+/// second Gather waits for the first and answers its ledger; a second Rollout,
+/// while the first is alive, is refused with ABORTED naming the coordinating node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_key_at_the_same_time_asks_the_members_once() {
+    let server = server(&["--app", "shop", "--node", "cp-1"]);
+    let client = server.client().await;
+    let record = Arc::new(StdMutex::new(Record::default()));
+    worker(&client, "g1", Behaviour::Ok, record.clone()).await;
+    worker(&client, "g2", Behaviour::Ok, record.clone()).await;
+
+    let gather = GatherRequest {
+        target: ":worker".into(),
+        op: "status".into(),
+        timeout_ms: 5_000,
+        key: "same-gather".into(),
+        ..GatherRequest::default()
+    };
+    let (mut one, mut two) = (client.clone(), client.clone());
+    let (first, second) = tokio::join!(one.gather(gather.clone()), two.gather(gather));
+    let (first, second) = (first.unwrap().into_inner(), second.unwrap().into_inner());
+    assert_eq!(first.id, second.id, "one ledger for both calls");
+    assert_eq!((first.state(), first.ok), (State::Done, 2));
+    {
+        let record = record.lock().unwrap();
+        assert_eq!(record.asked["g1"].len(), 1, "asked once");
+        assert_eq!(record.asked["g2"].len(), 1, "asked once");
+    }
+
+    // A rollout held up by a silent member, and a second one with its key.
+    worker(&client, "h1", Behaviour::Silent, record.clone()).await;
+    let rollout = RolloutRequest {
+        target: "h1".into(),
+        op: "restart".into(),
+        timeout_ms: 30_000,
+        key: "same-rollout".into(),
+        ..RolloutRequest::default()
+    };
+    let mut operator = client.clone();
+    let running = operator
+        .rollout(rollout.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    while !record.lock().unwrap().asked.contains_key("h1") {
+        assert!(tokio::time::Instant::now() < give_up, "h1 never asked");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let refused = operator.rollout(rollout).await.map(|_| ()).unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(
+        refused.message().contains("key \"same-rollout\" is in use")
+            && refused.message().contains("\"cp-1\""),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(record.lock().unwrap().asked["h1"].len(), 1, "asked once");
+    drop(running);
+}

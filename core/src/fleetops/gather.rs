@@ -8,8 +8,8 @@ use ipc_proto::pb::ledger::State;
 use ipc_proto::pb::{GatherRequest, Ledger};
 use prost::Message as _;
 
-use super::Fields;
 use super::ledger::{self, Kind};
+use super::{Asked, Fields};
 use crate::node::{Caller, Node, NodeError};
 
 impl Node {
@@ -34,9 +34,40 @@ impl Node {
         let asked = self.check_operation(caller, Kind::Gather, fields)?;
         let timeout = self.request_timeout(req.timeout_ms, grpc_timeout)?;
         let deadline = Instant::now() + timeout;
-        if !req.dry_run
-            && let Some(stored) = self.load_operation(&asked).await?
-        {
+        if req.dry_run {
+            let members = self
+                .resolve_responders(&asked.target, &asked.labels)
+                .await?;
+            let mut ledger = ledger::new_ledger(self.new_id(), &asked.target, &asked.op, &members);
+            ledger.state = State::DryRun as i32;
+            return Ok(ledger);
+        }
+        // Checked before the claim too, so that a finished key answers at once and a
+        // key used differently is refused at once.
+        if let Some(stored) = self.load_operation(&asked).await? {
+            return Ok(stored.ledger.unwrap_or_default());
+        }
+        // A Gather with the same key running elsewhere: wait for it, then its
+        // ledger is the answer.
+        let claim = self.claim(&asked, deadline).await?;
+        let ledger = self
+            .while_claimed(
+                claim.as_ref(),
+                self.gather_claimed(&asked, timeout, deadline),
+            )
+            .await;
+        self.release(claim).await;
+        ledger
+    }
+
+    /// The Gather itself, once its key (if any) is claimed.
+    async fn gather_claimed(
+        &self,
+        asked: &Asked,
+        timeout: Duration,
+        deadline: Instant,
+    ) -> Result<Ledger, NodeError> {
+        if let Some(stored) = self.load_operation(asked).await? {
             // A repeat sends nothing: the first ledger is the answer.
             return Ok(stored.ledger.unwrap_or_default());
         }
@@ -44,10 +75,6 @@ impl Node {
             .resolve_responders(&asked.target, &asked.labels)
             .await?;
         let mut ledger = ledger::new_ledger(self.new_id(), &asked.target, &asked.op, &members);
-        if req.dry_run {
-            ledger.state = State::DryRun as i32;
-            return Ok(ledger);
-        }
         if members.is_empty() {
             return Err(NodeError::NoResponders(format!(
                 "no responders for {:?}{}",
@@ -62,7 +89,6 @@ impl Node {
         self.metrics().operation_started(Kind::Gather);
         let waited_ms = timeout.as_millis() as u64;
         let answers = join_all(members.iter().map(|member| {
-            let asked = &asked;
             let id = ledger.id.clone();
             async move {
                 let asked_at = Instant::now();
@@ -81,7 +107,7 @@ impl Node {
         ledger::recount(&mut ledger);
         ledger.state = State::Done as i32;
         self.metrics().operation_finished(ledger.state);
-        if let Err(error) = self.store_operation(&asked, &ledger).await {
+        if let Err(error) = self.store_operation(asked, &ledger).await {
             tracing::warn!(%error, id = %ledger.id, "gather ledger not stored under its key");
         }
         Ok(ledger)

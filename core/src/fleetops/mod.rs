@@ -10,7 +10,9 @@
 //! - [`gather`]: `Node::gather`, all at once.
 //! - [`rollout`]: `Node::rollout`, in waves, with readiness.
 //! - [`store`]: records kept in a node's memory.
+//! - [`claim`]: one run of a keyed operation at a time, fleet-wide.
 
+pub mod claim;
 pub mod gather;
 pub mod ledger;
 pub mod rollout;

@@ -19,6 +19,7 @@ use ipc_proto::pb::{Ledger, Outcome, RolloutEvent, RolloutRequest};
 use prost::Message as _;
 use tokio::sync::mpsc;
 
+use super::claim::CLAIM_TTL;
 use super::ledger::{self, Kind};
 use super::{Asked, Fields};
 use crate::node::{Caller, Node, NodeError};
@@ -36,6 +37,10 @@ struct Pace {
     /// After an OK answer: how long to wait for the member to be back (zero: not).
     ready_timeout: Duration,
 }
+
+/// How much longer than [`CLAIM_TTL`] a rerun waits for the claim of an earlier
+/// run, so that the claim of a coordinator that died has surely expired.
+const CLAIM_GRACE: Duration = Duration::from_secs(1);
 
 /// How often a member's return is looked for while waiting for it.
 const READY_POLL: Duration = Duration::from_millis(50);
@@ -72,63 +77,83 @@ impl Node {
             timeout,
             ready_timeout,
         };
-        let mut ledger = match self.load_operation(&asked).await? {
-            Some(stored) => {
-                let ledger = stored.ledger.unwrap_or_default();
-                if ledger.state == State::Done as i32 && !req.dry_run {
-                    // Finished: the rerun's answer is the ledger.
-                    return Ok(Box::pin(futures::stream::iter([Ok(RolloutEvent {
-                        wave: ledger.waves,
-                        outcome: None,
-                        ledger: Some(ledger),
-                    })])));
-                }
-                resumed(ledger)
-            }
-            None => {
-                let members = self
-                    .resolve_responders(&asked.target, &asked.labels)
-                    .await?;
-                if members.is_empty() && !req.dry_run {
-                    return Err(NodeError::NoResponders(format!(
-                        "no responders for {:?}{}",
-                        asked.target,
-                        if asked.labels.is_empty() {
-                            ""
-                        } else {
-                            " with those labels"
-                        }
-                    )));
-                }
-                ledger::new_ledger(self.new_id(), &asked.target, &asked.op, &members)
+        if req.dry_run {
+            let mut ledger = self.rollout_ledger(&asked, true).await?;
+            plan_waves(&mut ledger, pace.wave_size);
+            ledger.state = State::DryRun as i32;
+            return Ok(last_event(0, ledger));
+        }
+        // Another run with this key: wait out the claim of a coordinator that died,
+        // refuse while a live one holds it.
+        let claim = self
+            .claim(&asked, Instant::now() + CLAIM_TTL + CLAIM_GRACE)
+            .await?;
+        let mut ledger = match self.rollout_ledger(&asked, false).await {
+            Ok(ledger) => ledger,
+            Err(error) => {
+                self.release(claim).await;
+                return Err(error);
             }
         };
-        plan_waves(&mut ledger, pace.wave_size);
-        if req.dry_run {
-            ledger.state = State::DryRun as i32;
-            return Ok(Box::pin(futures::stream::iter([Ok(RolloutEvent {
-                wave: 0,
-                outcome: None,
-                ledger: Some(ledger),
-            })])));
+        if ledger.state == State::Done as i32 {
+            // Finished: the rerun's answer is the ledger.
+            self.release(claim).await;
+            return Ok(last_event(ledger.waves, ledger));
         }
+        plan_waves(&mut ledger, pace.wave_size);
         let (tx, rx) = mpsc::channel(64);
         let node = self.clone();
-        tokio::spawn(async move { node.run_rollout(asked, ledger, pace, tx).await });
+        tokio::spawn(async move {
+            node.while_claimed(claim.as_ref(), node.run_rollout(&asked, ledger, pace, &tx))
+                .await;
+            node.release(claim).await;
+        });
         Ok(Box::pin(tokio_stream_from(rx)))
     }
 
+    /// The ledger a Rollout starts from: the stored one of its key (a finished one
+    /// as it is, else made ready to resume), or a new one of the responders now.
+    async fn rollout_ledger(&self, asked: &Asked, dry_run: bool) -> Result<Ledger, NodeError> {
+        if let Some(stored) = self.load_operation(asked).await? {
+            let ledger = stored.ledger.unwrap_or_default();
+            if ledger.state == State::Done as i32 && !dry_run {
+                return Ok(ledger);
+            }
+            return Ok(resumed(ledger));
+        }
+        let members = self
+            .resolve_responders(&asked.target, &asked.labels)
+            .await?;
+        if members.is_empty() && !dry_run {
+            return Err(NodeError::NoResponders(format!(
+                "no responders for {:?}{}",
+                asked.target,
+                if asked.labels.is_empty() {
+                    ""
+                } else {
+                    " with those labels"
+                }
+            )));
+        }
+        Ok(ledger::new_ledger(
+            self.new_id(),
+            &asked.target,
+            &asked.op,
+            &members,
+        ))
+    }
+
     async fn run_rollout(
-        self: Arc<Self>,
-        asked: Asked,
+        &self,
+        asked: &Asked,
         mut ledger: Ledger,
         pace: Pace,
-        tx: mpsc::Sender<Result<RolloutEvent, NodeError>>,
+        tx: &mpsc::Sender<Result<RolloutEvent, NodeError>>,
     ) {
         self.metrics().operation_started(Kind::Rollout);
         ledger.state = State::Running as i32;
         ledger::recount(&mut ledger);
-        self.keep(&asked, &ledger).await;
+        self.keep(asked, &ledger).await;
         for outcome in ledger
             .outcomes
             .iter()
@@ -154,7 +179,7 @@ impl Node {
                 break;
             }
             let started = Instant::now();
-            self.run_wave(&asked, &mut ledger, wave, pace, &tx).await;
+            self.run_wave(asked, &mut ledger, wave, pace, tx).await;
             self.metrics().wave(started.elapsed());
         }
         if state == State::Done && ledger::failures(&ledger) > pace.max_failures {
@@ -163,7 +188,7 @@ impl Node {
         ledger.state = state as i32;
         ledger::recount(&mut ledger);
         self.metrics().operation_finished(ledger.state);
-        self.keep(&asked, &ledger).await;
+        self.keep(asked, &ledger).await;
         let _ = tx
             .send(Ok(RolloutEvent {
                 wave: ledger.waves,
@@ -317,6 +342,15 @@ fn plan_waves(ledger: &mut Ledger, wave_size: usize) {
         }
     }
     ledger.waves = next.div_ceil(wave_size) as u32;
+}
+
+/// A Rollout stream of one event: the ledger.
+fn last_event(wave: u32, ledger: Ledger) -> RolloutStream {
+    Box::pin(futures::stream::iter([Ok(RolloutEvent {
+        wave,
+        outcome: None,
+        ledger: Some(ledger),
+    })]))
 }
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl Stream<Item = T> + Send {
