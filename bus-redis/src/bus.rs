@@ -81,6 +81,8 @@ impl RedisBus {
             )));
         }
         let endpoint = Arc::new(Endpoint::new(&config)?);
+        // With Sentinel, learn where the primary is before the first connection.
+        let _ = endpoint.ask_sentinels().await;
         let keys = Keys::new(&config.prefix);
         let health = Arc::new(Health::new());
         let replication = Replication::new(config.min_replicas, config.command_timeout);
@@ -169,6 +171,7 @@ impl Bus for RedisBus {
             return;
         };
         let cancel = &self.cancel;
+        runtime.spawn(inner.link.endpoint().clone().follow(cancel.clone()));
         runtime.spawn(inner.link.clone().supervise(cancel.clone()));
         if let Some(pending) = inner.appends_rx.lock().take() {
             runtime.spawn(log::run_writer(

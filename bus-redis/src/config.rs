@@ -33,12 +33,22 @@ pub struct RedisBusConfig {
 pub enum Target {
     /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS.
     Url(String),
+    /// The primary that Sentinel names `master`, asked of the first of `sentinels`
+    /// (`host:port`) that answers, and followed across failovers. TLS (towards
+    /// both) when any TLS file is given.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
 }
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Url(url) => write!(f, "Url({})", crate::endpoint::redacted(url)),
+            Self::Sentinel { sentinels, master } => {
+                write!(f, "Sentinel({master} from {})", sentinels.join(","))
+            }
         }
     }
 }

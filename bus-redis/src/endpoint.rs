@@ -4,15 +4,19 @@
 //! it connects, and reconnects when the endpoint says the primary moved.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use parking_lot::Mutex;
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo as _};
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo as _, RedisConnectionInfo};
 use redis::{RedisError, TlsCertificates};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::ConfigError;
 use crate::config::{RedisBusConfig, Target, TlsFiles};
+use crate::link::Backoff;
 
 /// The primary every connection should use now.
 #[derive(Clone)]
@@ -24,11 +28,57 @@ pub(crate) struct Primary {
     pub addr: String,
 }
 
+/// How to make a client for an address: ACL user, password, db and TLS.
+#[derive(Clone)]
+struct Shape {
+    settings: RedisConnectionInfo,
+    tls: Option<TlsCertificates>,
+}
+
+impl Shape {
+    fn client(&self, host: &str, port: u16) -> Result<redis::Client, RedisError> {
+        let addr = match self.tls {
+            Some(_) => ConnectionAddr::TcpTls {
+                host: host.to_string(),
+                port,
+                insecure: false,
+                tls_params: None,
+            },
+            None => ConnectionAddr::Tcp(host.to_string(), port),
+        };
+        let info = addr
+            .into_connection_info()?
+            .set_redis_settings(self.settings.clone());
+        match &self.tls {
+            Some(tls) => redis::Client::build_with_tls(info, tls.clone()),
+            None => redis::Client::open(info),
+        }
+    }
+}
+
+/// Sentinel: who to ask, and how to reach what it names.
+struct Sentinels {
+    /// `(host, port)` of each Sentinel, asked in order.
+    addrs: Vec<(String, u16)>,
+    master: String,
+    /// Towards the Sentinels: TLS as for the primary, no password.
+    to_sentinel: Shape,
+    to_primary: Shape,
+}
+
 pub(crate) struct Endpoint {
     current: watch::Sender<Option<Primary>>,
     /// Why the last connection attempt failed, said plainly; cleared on success.
     trouble: Mutex<Option<String>>,
+    sentinels: Option<Sentinels>,
+    /// A connection failed: ask Sentinel now rather than at the next check.
+    suspect: Notify,
+    timeout: Duration,
 }
+
+/// How often Sentinel is asked where the primary is, besides following its
+/// `+switch-master` announcements (one may be missed while reconnecting).
+const RECHECK: Duration = Duration::from_secs(1);
 
 impl Endpoint {
     /// The endpoint of `config`, checking what can be checked before connecting:
@@ -45,13 +95,218 @@ impl Endpoint {
                         .set_password(password.expose());
                     info = info.set_redis_settings(settings);
                 }
-                Some(fixed(info, tls, url)?)
+                Some(fixed(info, tls.clone(), url)?)
+            }
+            Target::Sentinel { .. } => None,
+        };
+        let sentinels = match &config.target {
+            Target::Url(_) => None,
+            Target::Sentinel { sentinels, master } => {
+                Some(sentinel_settings(sentinels, master, tls, config)?)
             }
         };
         Ok(Self {
             current: watch::Sender::new(primary),
             trouble: Mutex::new(None),
+            sentinels,
+            suspect: Notify::new(),
+            timeout: config.command_timeout,
         })
+    }
+
+    /// With Sentinel: asks where the primary is until cancelled — at once when a
+    /// connection failed, every [`RECHECK`] anyway — and follows each Sentinel's
+    /// `+switch-master`, so every connection moves to a new primary as soon as one
+    /// Sentinel announces it (redis-rs's own Sentinel client only looks the primary
+    /// up for new connections: redis-rs#1438). Without Sentinel there is nothing to do.
+    pub async fn follow(self: Arc<Self>, cancel: CancellationToken) {
+        let Some(sentinels) = &self.sentinels else {
+            return;
+        };
+        for (host, port) in &sentinels.addrs {
+            let endpoint = self.clone();
+            let (host, port) = (host.clone(), *port);
+            tokio::spawn(endpoint.listen_switches(host, port, cancel.clone()));
+        }
+        let mut backoff = Backoff::default();
+        loop {
+            let wait = match self.ask_sentinels().await {
+                Ok(()) => {
+                    backoff.reset();
+                    RECHECK
+                }
+                Err(()) => backoff.next_delay().min(RECHECK),
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = self.suspect.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Asks the Sentinels in order; the first that names a primary that says it is
+    /// one wins. Records why when none does.
+    pub async fn ask_sentinels(&self) -> Result<(), ()> {
+        let Some(sentinels) = &self.sentinels else {
+            return Ok(());
+        };
+        let mut why = Vec::new();
+        for (host, port) in &sentinels.addrs {
+            let named = tokio::time::timeout(self.timeout, async {
+                let client = sentinels.to_sentinel.client(host, port.to_owned())?;
+                let mut conn = client
+                    .get_multiplexed_async_connection_with_config(&connect_config(self.timeout))
+                    .await?;
+                redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(&sentinels.master)
+                    .query_async::<Option<(String, u16)>>(&mut conn)
+                    .await
+            })
+            .await;
+            let (primary_host, primary_port) = match named {
+                Ok(Ok(Some(addr))) => addr,
+                Ok(Ok(None)) => {
+                    why.push(format!(
+                        "Sentinel {host}:{port} knows no master {:?}",
+                        sentinels.master
+                    ));
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    why.push(format!("Sentinel {host}:{port}: {}", describe(&error)));
+                    continue;
+                }
+                Err(_) => {
+                    why.push(format!("Sentinel {host}:{port} did not answer in time"));
+                    continue;
+                }
+            };
+            let addr = format!("{primary_host}:{primary_port}");
+            if self
+                .current
+                .borrow()
+                .as_ref()
+                .is_some_and(|p| p.addr == addr)
+            {
+                return Ok(());
+            }
+            // A Sentinel cut off from the others may name a former primary.
+            match self
+                .is_primary(&sentinels.to_primary, &primary_host, primary_port)
+                .await
+            {
+                Ok(true) => {
+                    self.adopt(&primary_host, primary_port, "asked Sentinel");
+                    return Ok(());
+                }
+                Ok(false) => why.push(format!(
+                    "Sentinel {host}:{port} names {addr}, which is not a primary (yet)"
+                )),
+                Err(error) => why.push(format!("primary {addr}: {}", describe(&error))),
+            }
+        }
+        let why = why.join("; ");
+        let mut trouble = self.trouble.lock();
+        if trouble.as_deref() != Some(why.as_str()) {
+            tracing::warn!(reason = %why, "no Redis primary found through Sentinel; will keep asking");
+            *trouble = Some(why);
+        }
+        Err(())
+    }
+
+    async fn is_primary(&self, shape: &Shape, host: &str, port: u16) -> Result<bool, RedisError> {
+        let role = tokio::time::timeout(self.timeout, async {
+            let client = shape.client(host, port)?;
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&connect_config(self.timeout))
+                .await?;
+            redis::cmd("ROLE")
+                .query_async::<redis::Value>(&mut conn)
+                .await
+        })
+        .await
+        .map_err(|_| RedisError::from((redis::ErrorKind::Io, "ROLE timed out")))??;
+        Ok(matches!(role, redis::Value::Array(parts)
+            if matches!(parts.first(), Some(redis::Value::BulkString(r)) if r == b"master")))
+    }
+
+    /// Makes `host:port` the primary of every connection, unless it is already.
+    fn adopt(&self, host: &str, port: u16, how: &str) {
+        let Some(sentinels) = &self.sentinels else {
+            return;
+        };
+        let client = match sentinels.to_primary.client(host, port) {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::warn!(%error, host, port, "cannot use the primary Sentinel named");
+                return;
+            }
+        };
+        let addr = format!("{host}:{port}");
+        let changed = self.current.send_if_modified(|current| {
+            if current.as_ref().is_some_and(|p| p.addr == addr) {
+                return false;
+            }
+            let generation = current.as_ref().map_or(1, |p| p.generation + 1);
+            *current = Some(Primary {
+                client,
+                generation,
+                addr: addr.clone(),
+            });
+            true
+        });
+        if changed {
+            tracing::warn!(primary = %addr, how, "Redis primary is now {addr}: moving every connection");
+        }
+    }
+
+    /// Follows one Sentinel's `+switch-master` announcements until cancelled.
+    async fn listen_switches(self: Arc<Self>, host: String, port: u16, cancel: CancellationToken) {
+        let Some(sentinels) = &self.sentinels else {
+            return;
+        };
+        let mut backoff = Backoff::default();
+        loop {
+            let subscribed = tokio::time::timeout(self.timeout, async {
+                let client = sentinels.to_sentinel.client(&host, port)?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe("+switch-master").await?;
+                Ok::<_, RedisError>(pubsub)
+            });
+            let subscribed = tokio::select! {
+                () = cancel.cancelled() => return,
+                s = subscribed => s,
+            };
+            if let Ok(Ok(pubsub)) = subscribed {
+                backoff.reset();
+                let mut announcements = pubsub.into_on_message();
+                loop {
+                    let announcement = tokio::select! {
+                        () = cancel.cancelled() => return,
+                        a = announcements.next() => a,
+                    };
+                    let Some(announcement) = announcement else {
+                        break;
+                    };
+                    // "<master name> <old ip> <old port> <new ip> <new port>"
+                    let text =
+                        String::from_utf8_lossy(announcement.get_payload_bytes()).to_string();
+                    let parts: Vec<&str> = text.split_whitespace().collect();
+                    if let [name, _, _, new_host, new_port] = parts[..]
+                        && name == sentinels.master
+                        && let Ok(new_port) = new_port.parse()
+                    {
+                        self.adopt(new_host, new_port, "Sentinel announced +switch-master");
+                    }
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
     }
 
     /// The primary to connect to now, or why none is known.
@@ -76,6 +331,9 @@ impl Endpoint {
     /// Records why connecting failed, and logs it once per new reason. `None`
     /// after a success.
     pub fn report(&self, error: Option<&RedisError>) {
+        if error.is_some() {
+            self.suspect();
+        }
         let said = error.map(describe);
         let mut trouble = self.trouble.lock();
         if *trouble != said {
@@ -88,10 +346,57 @@ impl Endpoint {
         }
     }
 
+    /// A connection to the primary failed: with Sentinel, ask where it is now.
+    pub fn suspect(&self) {
+        self.suspect.notify_one();
+    }
+
     /// Why the last connection attempt failed, if it did.
     pub fn trouble(&self) -> Option<String> {
         self.trouble.lock().clone()
     }
+}
+
+/// How to reach Sentinel and the primaries it names.
+fn sentinel_settings(
+    sentinels: &[String],
+    master: &str,
+    tls: Option<TlsCertificates>,
+    config: &RedisBusConfig,
+) -> Result<Sentinels, ConfigError> {
+    if master.is_empty() {
+        return Err(ConfigError::Invalid("--redis-master is empty".into()));
+    }
+    let addrs = sentinels
+        .iter()
+        .map(|entry| {
+            entry
+                .rsplit_once(':')
+                .and_then(|(host, port)| Some((host.to_string(), port.parse().ok()?)))
+                .filter(|(host, _)| !host.is_empty())
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!("--redis-sentinel {entry:?} is not HOST:PORT"))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(ConfigError::Invalid(
+            "--redis-sentinel names no Sentinel".into(),
+        ));
+    }
+    let mut settings = RedisConnectionInfo::default();
+    if let Some(password) = &config.password {
+        settings = settings.set_password(password.expose());
+    }
+    Ok(Sentinels {
+        addrs,
+        master: master.to_string(),
+        to_sentinel: Shape {
+            settings: RedisConnectionInfo::default(),
+            tls: tls.clone(),
+        },
+        to_primary: Shape { settings, tls },
+    })
 }
 
 /// The one primary of a `redis://` or `rediss://` URL.

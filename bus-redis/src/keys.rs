@@ -16,6 +16,7 @@
 //! | `P:fence` | string, never expires | the last fence granted (all lock names) |
 //! | `P:limit:NAME` | hash, expires once full again | token bucket NAME: `tokens`, `ts` (ms, Redis time) |
 //! | `P:released` | pub/sub channel | names of locks just released, to wake waiters |
+//! | `P:tail:N` | string, expires (60 s) | with `--redis-min-replicas`: the last entry replica N's tail had confirmed on the Redis replicas (written so that `WAIT` covers the entries before it) |
 
 /// Key and channel names for one prefix.
 #[derive(Debug, Clone)]
@@ -71,6 +72,10 @@ impl Keys {
 
     pub fn limit(&self, name: &str) -> String {
         format!("{}:limit:{name}", self.prefix)
+    }
+
+    pub fn tail_mark(&self, node: &str) -> String {
+        format!("{}:tail:{node}", self.prefix)
     }
 
     pub fn inbox(&self, node: &str) -> String {

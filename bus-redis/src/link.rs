@@ -197,6 +197,7 @@ impl Link {
             .is_some_and(|c| c.generation == conn.generation)
         {
             tracing::warn!(%error, "Redis connection lost");
+            self.endpoint.suspect();
             *current = None;
             drop(current);
             self.health.set(Part::Link, false);

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dedup::{self, Keyed, Written};
 use crate::keys::Keys;
-use crate::link::{Backoff, Dedicated, Link, Part};
+use crate::link::{Backoff, Dedicated, Link, Part, Replication};
 use crate::metrics::RedisMetrics;
 
 /// The stream field holding the encoded message.
@@ -387,6 +387,7 @@ pub(crate) async fn run_tail(
     let health = probe.health().clone();
     let mut backoff = Backoff::default();
     let mut ever_connected = false;
+    let mut reported = Vec::new();
     loop {
         let connected = tokio::select! {
             () = cancel.cancelled() => return,
@@ -402,9 +403,16 @@ pub(crate) async fn run_tail(
                 }
                 backoff.reset();
                 health.set(Part::Tail, true);
-                let metrics = probe.metrics();
+                let tailing = Tailing {
+                    keys: &keys,
+                    hub: &hub,
+                    shared: &position,
+                    metrics: probe.metrics(),
+                    replication: probe.replication(),
+                    reported: &mut reported,
+                };
                 tokio::select! {
-                    e = tail_connection(&mut conn, &keys, &hub, &position, metrics, &cancel) => e,
+                    e = tail_connection(&mut conn, tailing, &cancel) => e,
                     () = probe.endpoint().moved(primary) => {
                         BusError::Unavailable("the Redis primary moved".into())
                     }
@@ -425,16 +433,43 @@ pub(crate) async fn run_tail(
     }
 }
 
+/// What a tail needs besides its connection.
+struct Tailing<'a> {
+    keys: &'a Keys,
+    hub: &'a Hub,
+    shared: &'a SharedPosition,
+    metrics: &'a RedisMetrics,
+    replication: Replication,
+    /// Last surviving entries of losses this replica reported itself, so that the
+    /// mark another replica left for the same loss is not reported twice.
+    reported: &'a mut Vec<EntryId>,
+}
+
 /// Tails on one connection until it fails; returns the failure.
 async fn tail_connection(
     conn: &mut MultiplexedConnection,
-    keys: &Keys,
-    hub: &Hub,
-    shared: &SharedPosition,
-    metrics: &RedisMetrics,
+    mut tailing: Tailing<'_>,
     cancel: &CancellationToken,
 ) -> BusError {
+    let Tailing {
+        keys,
+        hub,
+        shared,
+        metrics,
+        replication,
+        ..
+    } = tailing;
     let set = |p: Position| *shared.lock() = Some(p);
+    // A new connection may reach a new primary (a failover) that lacks the newest
+    // entries this replica saw: say so before going on.
+    let known = *shared.lock();
+    if let Some(known) = known {
+        match survivor(conn, keys, known).await {
+            Ok(Some(survived)) => rewound(conn, &mut tailing, known, survived).await,
+            Ok(None) => {}
+            Err(e) => return e,
+        }
+    }
     loop {
         let known = *shared.lock();
         let Position { epoch, last } = match known {
@@ -484,44 +519,193 @@ async fn tail_connection(
                 last: EntryId::ZERO,
             });
             metrics.log_losses.fetch_add(1, Ordering::Relaxed);
-            let gap = Gap::new(Some(last.cursor(epoch)), reason);
-            let id = format!("{}-gap-{:x}", hub.node(), rand::random::<u64>());
-            let reached = hub.notify_all(&Arc::new(gap.to_msg(id, hub.node())));
-            hub.metrics()
-                .gaps
-                .fetch_add(reached as u64, Ordering::Relaxed);
+            notify_gap(hub, Gap::new(Some(last.cursor(epoch)), reason));
             continue;
         }
         let entries = parse_xread(read);
         let Some((batch_last, _)) = entries.last() else {
-            // Idle: make sure the stream did not go backwards under us (deleted, or
-            // restored from an older copy); otherwise XREAD would skip new entries.
-            match current_position(conn, keys).await {
-                Ok(now) if now.epoch == epoch && now.last < last => {
-                    tracing::warn!(
-                        was = %last,
-                        now = %now.last,
-                        "the log's last entry went backwards; continuing from the log's end"
-                    );
-                    set(now);
-                }
-                Ok(_) => {}
+            // Idle: make sure the stream did not go backwards under us (a failover
+            // to a primary that lacks what we saw, or a restore from an older copy);
+            // otherwise XREAD would skip new entries.
+            let here = Position { epoch, last };
+            match survivor(conn, keys, here).await {
+                Ok(Some(survived)) => rewound(conn, &mut tailing, here, survived).await,
+                Ok(None) => {}
                 Err(e) => return e,
             }
             continue;
         };
+        let batch_last = *batch_last;
+        if replication.min_replicas > 0 {
+            // Deliver only what a failover cannot take back: a write of ours after
+            // the batch, then WAIT, covers every entry before it.
+            match confirm(conn, keys, hub.node(), replication, batch_last).await {
+                Ok(true) => {}
+                // Not on enough replicas yet: read the same entries again.
+                Ok(false) => continue,
+                Err(e) => return e,
+            }
+        }
         set(Position {
             epoch,
-            last: *batch_last,
+            last: batch_last,
         });
         let lag = ipc_core::now_ms() - i64::try_from(batch_last.ms).unwrap_or(i64::MAX);
         metrics.tail_lag_ms.store(lag, Ordering::Relaxed);
         for (id, payload) in entries {
-            if let Some(msg) = decode(epoch, id, payload) {
-                hub.dispatch(&msg);
+            let Some(msg) = decode(epoch, id, payload) else {
+                continue;
+            };
+            match loss_mark(&msg) {
+                Some((survived, gap)) => {
+                    if !tailing.reported.contains(&survived) {
+                        notify_gap(hub, gap);
+                    }
+                }
+                None => {
+                    hub.dispatch(&msg);
+                }
             }
         }
     }
+}
+
+/// Sends `gap` to every subscriber of this replica.
+fn notify_gap(hub: &Hub, gap: Gap) {
+    let id = format!("{}-gap-{:x}", hub.node(), rand::random::<u64>());
+    let reached = hub.notify_all(&Arc::new(gap.to_msg(id, hub.node())));
+    hub.metrics()
+        .gaps
+        .fetch_add(reached as u64, Ordering::Relaxed);
+}
+
+/// `None` when the log still holds `known.last` (or is another epoch: the tail's
+/// epoch check handles that); else the last entry before it that survived
+/// (`ZERO` when none did).
+async fn survivor(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    known: Position,
+) -> Result<Option<EntryId>, BusError> {
+    if known.last == EntryId::ZERO {
+        return Ok(None);
+    }
+    let last = known.last.to_string();
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET").arg(&keys.epoch);
+    pipe.cmd("XRANGE").arg(&keys.log).arg(&last).arg(&last);
+    pipe.cmd("XREVRANGE")
+        .arg(&keys.log)
+        .arg(&last)
+        .arg("-")
+        .arg("COUNT")
+        .arg(1);
+    pipe.cmd("XREVRANGE")
+        .arg(&keys.log)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1);
+    let (epoch, exact, before, newest): (Value, Value, Value, Value) = pipe
+        .query_async(conn)
+        .await
+        .map_err(|e| crate::link::unavailable(&e))?;
+    if parse_epoch(&epoch) != Some(known.epoch) || !parse_entries(exact).is_empty() {
+        return Ok(None);
+    }
+    let first_id = |v: Value| parse_entries(v).first().map(|(id, _)| *id);
+    match (first_id(before), first_id(newest)) {
+        // Entries around ours are there but ours is not: taken back.
+        (Some(survived), _) => Ok(Some(survived)),
+        // Nothing up to ours, and the log ends before it: taken back entirely.
+        (None, newest) if newest.is_none_or(|n| n < known.last) => Ok(Some(EntryId::ZERO)),
+        // Only newer entries: retention trimmed ours, nothing went backwards.
+        (None, _) => Ok(None),
+    }
+}
+
+/// The log lost the entries after `survived` up to `known.last` (a failover to a
+/// primary that had not received them): tell this replica's subscribers, leave a
+/// mark in the log for the other replicas and for later replays, and go on from
+/// `survived` so that nothing the new primary appends is skipped.
+async fn rewound(
+    conn: &mut MultiplexedConnection,
+    tailing: &mut Tailing<'_>,
+    known: Position,
+    survived: EntryId,
+) {
+    let reason = format!(
+        "a Redis failover lost the log's entries after {survived} up to {} (the new \
+         primary had not received them; without --redis-min-replicas replication is \
+         asynchronous): messages after the cursor may be missing, and those received \
+         after it are no longer in the log",
+        known.last
+    );
+    tracing::warn!(%reason, "the Redis log went backwards");
+    let gap = Gap::new(Some(survived.cursor(known.epoch)), reason);
+    tailing.reported.push(survived);
+    tailing.metrics.log_losses.fetch_add(1, Ordering::Relaxed);
+    notify_gap(tailing.hub, gap.clone());
+    *tailing.shared.lock() = Some(Position {
+        epoch: known.epoch,
+        last: survived,
+    });
+    // The mark: a message of op ipc:gap on no channel, which no subscriber matches;
+    // tails and replays that pass it report the loss.
+    let mark = gap.to_msg(
+        format!("{}-loss-{:x}", tailing.hub.node(), rand::random::<u64>()),
+        tailing.hub.node(),
+    );
+    let written = redis::cmd("XADD")
+        .arg(&tailing.keys.log)
+        .arg("*")
+        .arg(FIELD)
+        .arg(mark.encode_to_vec())
+        .query_async::<Value>(conn)
+        .await;
+    if let Err(error) = written {
+        tracing::warn!(%error, "could not leave the mark of a loss in the log");
+    }
+}
+
+/// A loss mark's last surviving entry and its gap, if `msg` is one.
+fn loss_mark(msg: &Msg) -> Option<(EntryId, Gap)> {
+    if !msg.channel.is_empty() || msg.op != ipc_core::notice::GAP {
+        return None;
+    }
+    let mut notice = msg.clone();
+    notice.cursor.clear();
+    let gap = Gap::from_msg(&notice)?;
+    let survived = gap
+        .cursor
+        .parse::<Cursor>()
+        .map(|c| EntryId::of_cursor(&c))
+        .unwrap_or(EntryId::ZERO);
+    Some((survived, gap))
+}
+
+/// Whether `min_replicas` Redis replicas hold every entry up to `last`: a small
+/// write of this replica's after them (`P:tail:NODE`), then `WAIT`.
+async fn confirm(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    node: &str,
+    replication: Replication,
+    last: EntryId,
+) -> Result<bool, BusError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET")
+        .arg(keys.tail_mark(node))
+        .arg(last.to_string())
+        .arg("PX")
+        .arg(60_000)
+        .ignore();
+    pipe.add_command(replication.wait());
+    let (confirmed,): (i64,) = pipe
+        .query_async(conn)
+        .await
+        .map_err(|e| crate::link::unavailable(&e))?;
+    Ok(confirmed >= i64::from(replication.min_replicas))
 }
 
 // ---------------------------------------------------------------------------------
@@ -607,6 +791,7 @@ pub(crate) async fn replay(link: &Link, keys: &Keys, after: &Cursor) -> Result<R
             0 => Vec::new(),
             _ => read_range(link, keys, epoch, None, info.last_generated).await?,
         };
+        let messages = without_marks(messages).messages;
         return Ok(Replay {
             messages,
             gap: Some(
@@ -630,18 +815,34 @@ pub(crate) async fn replay(link: &Link, keys: &Keys, after: &Cursor) -> Result<R
     };
     let trimmed = info.entries_added.is_none_or(|added| added > info.length);
     if cursor < first && trimmed {
+        let kept = without_marks(read_range(link, keys, epoch, None, info.last_generated).await?);
         return Ok(Replay {
-            messages: read_range(link, keys, epoch, None, info.last_generated).await?,
+            messages: kept.messages,
             gap: Some(format!(
                 "messages after the cursor were dropped by retention (oldest kept is {first}); \
                  these are all messages kept"
             )),
         });
     }
-    Ok(Replay {
-        messages: read_range(link, keys, epoch, Some(cursor), info.last_generated).await?,
-        gap: None,
-    })
+    let messages = read_range(link, keys, epoch, Some(cursor), info.last_generated).await?;
+    Ok(without_marks(messages))
+}
+
+/// `messages` without the marks of losses among them; the first mark's gap, when
+/// there is one, is the replay's: the stream crosses a loss.
+fn without_marks(messages: Vec<Arc<Msg>>) -> Replay {
+    let mut gap = None;
+    let messages = messages
+        .into_iter()
+        .filter(|msg| match loss_mark(msg) {
+            Some((_, mark)) => {
+                gap.get_or_insert(mark.reason);
+                false
+            }
+            None => true,
+        })
+        .collect();
+    Replay { messages, gap }
 }
 
 /// Messages with ids in `(after, to]` (from the start when `after` is `None`),

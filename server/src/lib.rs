@@ -93,23 +93,37 @@ pub struct Config {
     pub log_json: bool,
     /// Redis shared by the replicas (`redis://[user:password@]host:port[/db]`, or
     /// `rediss://…` for TLS); without it the server runs alone on the memory bus.
-    #[arg(long, env = "IPC_REDIS")]
+    #[arg(long, env = "IPC_REDIS", group = "redis_target")]
     pub redis: Option<String>,
+    /// Redis through Sentinel instead of --redis: `HOST:PORT[,HOST:PORT…]` of the
+    /// Sentinels, asked for the primary of --redis-master; every connection follows
+    /// a failover. The TLS flags apply to the Sentinels and the primary alike.
+    #[arg(
+        long,
+        env = "IPC_REDIS_SENTINEL",
+        group = "redis_target",
+        value_delimiter = ',',
+        requires = "redis_master"
+    )]
+    pub redis_sentinel: Vec<String>,
+    /// The name Sentinel knows the primary by (its `sentinel monitor NAME …`).
+    #[arg(long, env = "IPC_REDIS_MASTER", requires = "redis_sentinel")]
+    pub redis_master: Option<String>,
     /// File holding the Redis password (of the URL's ACL user, or `requirepass`), read
     /// once at start, trailing newline ignored; it wins over a password in the URL.
     /// Never logged.
-    #[arg(long, env = "IPC_REDIS_PASSWORD_FILE", requires = "redis")]
+    #[arg(long, env = "IPC_REDIS_PASSWORD_FILE", requires = "redis_target")]
     pub redis_password_file: Option<std::path::PathBuf>,
     /// PEM certificate authority that signed Redis's certificate (TLS); the system's
     /// roots when absent.
-    #[arg(long, env = "IPC_REDIS_CA", requires = "redis")]
+    #[arg(long, env = "IPC_REDIS_CA", requires = "redis_target")]
     pub redis_ca: Option<std::path::PathBuf>,
     /// PEM client certificate for Redis with `tls-auth-clients yes` (mutual TLS);
     /// with --redis-key.
-    #[arg(long, env = "IPC_REDIS_CERT", requires_all = ["redis", "redis_key"])]
+    #[arg(long, env = "IPC_REDIS_CERT", requires_all = ["redis_target", "redis_key"])]
     pub redis_cert: Option<std::path::PathBuf>,
     /// PEM private key of --redis-cert.
-    #[arg(long, env = "IPC_REDIS_KEY", requires_all = ["redis", "redis_cert"])]
+    #[arg(long, env = "IPC_REDIS_KEY", requires_all = ["redis_target", "redis_cert"])]
     pub redis_key: Option<std::path::PathBuf>,
     /// Redis replicas that must hold a broadcast (and a lock, an operation's ledger)
     /// before it is acknowledged (`WAIT N`), so a Redis failover loses nothing
@@ -164,11 +178,18 @@ struct Injector {
 
 /// The bus under the node: Redis with `--redis`, else the memory bus.
 async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
-    let Some(url) = &config.redis else {
-        return Ok(Arc::new(MemoryBus::new(Retention {
-            messages: config.retention.max(1),
-            bytes: config.retention_bytes,
-        })));
+    let target = match (&config.redis, &config.redis_master) {
+        (Some(url), _) => ipc_bus_redis::Target::Url(url.clone()),
+        (None, Some(master)) => ipc_bus_redis::Target::Sentinel {
+            sentinels: config.redis_sentinel.clone(),
+            master: master.clone(),
+        },
+        (None, None) => {
+            return Ok(Arc::new(MemoryBus::new(Retention {
+                messages: config.retention.max(1),
+                bytes: config.retention_bytes,
+            })));
+        }
     };
     let password = match &config.redis_password_file {
         Some(path) => {
@@ -185,7 +206,7 @@ async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
         None => None,
     };
     let bus = ipc_bus_redis::RedisBus::connect(ipc_bus_redis::RedisBusConfig {
-        target: ipc_bus_redis::Target::Url(url.clone()),
+        target,
         password,
         tls: ipc_bus_redis::TlsFiles {
             ca: config.redis_ca.clone(),
@@ -273,7 +294,7 @@ impl Server {
                         .clone()
                         .zip(config.security.tls_key.clone()),
                     requires_token: config.security.tokens.is_some(),
-                    bus: if config.redis.is_some() {
+                    bus: if config.redis.is_some() || config.redis_master.is_some() {
                         "redis"
                     } else {
                         "memory"

@@ -155,35 +155,78 @@ impl RedisServer {
 
     /// Polls with PING until the server answers: readiness, not a fixed sleep.
     fn wait_ready(&self) {
-        use std::io::{Read, Write};
         let deadline = Instant::now() + super::READY_TIMEOUT;
-        if let Some(tls) = &self.tls {
-            return wait_ready_tls(self.port, tls, deadline);
+        match &self.tls {
+            Some(tls) => wait_ready_tls(self.port, tls, deadline),
+            None => wait_ready_plain(self.port, deadline),
         }
-        while Instant::now() < deadline {
-            if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-                let mut buf = [0u8; 64];
-                if conn.write_all(b"PING\r\n").is_ok()
-                    && conn
-                        .read(&mut buf)
-                        // A server with a password answers, refusing: ready too.
-                        .is_ok_and(|n| {
-                            buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")
-                        })
-                {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server on port {} did not answer PING", self.port);
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A private `redis-sentinel` watching one primary as `master`, on a free port,
+/// quick to act (`down-after-milliseconds` 1000), stopped on drop.
+pub struct SentinelServer {
+    port: u16,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl SentinelServer {
+    pub fn start(master: &str, primary_port: u16) -> Self {
+        let binary = which("redis-sentinel").unwrap_or_else(|| {
+            panic!("redis-sentinel is not installed: `apt-get install -y redis-sentinel` (scripts/test does this)")
+        });
+        let dir = tempfile::tempdir().expect("temporary directory for sentinel");
+        let port = free_port();
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {master} 127.0.0.1 {primary_port} 2\n\
+                 sentinel down-after-milliseconds {master} 1000\n\
+                 sentinel failover-timeout {master} 3000\n\
+                 sentinel parallel-syncs {master} 1\n",
+                dir = dir.path().display()
+            ),
+        )
+        .expect("writing sentinel.conf");
+        let child = Command::new(binary)
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting redis-sentinel");
+        let sentinel = Self {
+            port,
+            _dir: dir,
+            child,
+        };
+        wait_ready_plain(port, Instant::now() + super::READY_TIMEOUT);
+        sentinel
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT`, as `--redis-sentinel` takes it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -222,6 +265,29 @@ fn wait_ready_tls(port: u16, tls: &TlsFiles, deadline: Instant) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("redis-server on TLS port {port} did not answer PING");
+}
+
+/// Polls with PING over plain TCP until the server answers.
+fn wait_ready_plain(port: u16, deadline: Instant) {
+    use std::io::{Read, Write};
+    while Instant::now() < deadline {
+        if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut buf = [0u8; 64];
+            if conn.write_all(b"PING\r\n").is_ok()
+                && conn
+                    .read(&mut buf)
+                    // A server with a password answers, refusing: ready too.
+                    .is_ok_and(|n| {
+                        buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH")
+                    })
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("redis on port {port} did not answer PING");
 }
 
 /// A port that was free a moment ago (bind to 0, read it, release it).

@@ -1,0 +1,349 @@
+//! Redis failover under Sentinel, with real processes: a primary, a replica, three
+//! `redis-sentinel`s, two `ipc-server` replicas found through `--redis-sentinel`,
+//! subscribers on both and a publisher that retries with idempotency keys.
+//!
+//! - With `--redis-min-replicas 1`, a failover (`SENTINEL FAILOVER`, or SIGKILL of
+//!   the primary) loses no acknowledged message, subscribers see every one once and
+//!   no `ipc:gap`, and the publisher's errors meanwhile are UNAVAILABLE only.
+//! - Without it, a loss is forced (the replica is cut off before the primary dies):
+//!   every subscriber that misses an acknowledged message gets `ipc:gap`, live and
+//!   when resuming later — never a silent loss.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use ipc_core::notice::Gap;
+use ipc_proto::pb::{BroadcastRequest, Msg, SubscribeRequest};
+use ipc_testkit::ServerProcess;
+use ipc_testkit::redis::{RedisServer, SentinelServer};
+use tokio::sync::mpsc;
+use tonic::{Code, Streaming};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const MASTER: &str = "fleet";
+
+struct Cluster {
+    primary: RedisServer,
+    replicas: Vec<RedisServer>,
+    sentinels: Vec<SentinelServer>,
+}
+
+impl Cluster {
+    /// A primary with `replicas` replicas (a primary killed with only one replica
+    /// leaves the new primary none, and `--redis-min-replicas 1` then rightly
+    /// acknowledges nothing).
+    async fn start(replicas: usize) -> Self {
+        let primary = redis();
+        let port = primary.port().to_string();
+        let replicas = (0..replicas)
+            .map(|_| RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]))
+            .collect();
+        let sentinels = (0..3)
+            .map(|_| SentinelServer::start(MASTER, primary.port()))
+            .collect();
+        let cluster = Self {
+            primary,
+            replicas,
+            sentinels,
+        };
+        eventually(
+            "the replicas in sync and known to the Sentinels",
+            || async {
+                let info: String = query(
+                    cluster.primary.port(),
+                    redis::cmd("INFO").arg("replication"),
+                );
+                let known: Vec<redis::Value> = query(
+                    cluster.sentinels[0].port(),
+                    redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER),
+                );
+                let online = info.matches("state=online").count();
+                (online == cluster.replicas.len() && known.len() == online).then_some(())
+            },
+        )
+        .await;
+        cluster
+    }
+
+    fn sentinel_list(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(SentinelServer::addr)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn replica(&self, node: &str, extra: &[&str]) -> ServerProcess {
+        let sentinels = self.sentinel_list();
+        let mut args = vec![
+            "--redis-sentinel",
+            &sentinels,
+            "--redis-master",
+            MASTER,
+            "--redis-prefix",
+            "test",
+            "--node",
+            node,
+            "--app",
+            "shop",
+            "--presence-ttl-ms",
+            PRESENCE_TTL_MS,
+            "--redis-timeout-ms",
+            "1000",
+        ];
+        args.extend_from_slice(extra);
+        ServerProcess::start(&args)
+    }
+
+    /// The port Sentinel names as the primary now.
+    fn primary_port(&self) -> u16 {
+        let (_, port): (String, u16) = query(
+            self.sentinels[0].port(),
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(MASTER),
+        );
+        port
+    }
+
+    /// Waits until Sentinel names a former replica primary; returns it.
+    async fn wait_failed_over(&self) -> &RedisServer {
+        eventually("Sentinel names a former replica primary", || async {
+            let port = self.primary_port();
+            self.replicas.iter().find(|r| r.port() == port)
+        })
+        .await
+    }
+}
+
+fn query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) -> T {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("url");
+    let mut conn = client.get_connection().expect("connecting to redis");
+    cmd.query(&mut conn).expect("redis command")
+}
+
+/// What a subscriber saw: message bodies in order, and gap notices.
+#[derive(Default, Debug)]
+struct Seen {
+    bodies: Vec<String>,
+    gaps: Vec<Gap>,
+}
+
+/// Collects a stream into `Seen` until `done` bodies arrived or `quiet` passes
+/// without a message.
+async fn collect(stream: &mut Streaming<Msg>, want: &BTreeSet<String>, quiet: Duration) -> Seen {
+    let mut seen = Seen::default();
+    loop {
+        let have: BTreeSet<String> = seen.bodies.iter().cloned().collect();
+        if want.is_subset(&have) {
+            return seen;
+        }
+        match tokio::time::timeout(quiet, stream.message()).await {
+            Ok(Ok(Some(msg))) => match Gap::from_msg(&msg) {
+                Some(gap) => seen.gaps.push(gap),
+                None => seen.bodies.push(text_of(&msg)),
+            },
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return seen,
+        }
+    }
+}
+
+/// Publishes `count` keyed messages alternating between `clients`, each retried
+/// until acknowledged (every failure must be UNAVAILABLE). `pause_after` messages
+/// in, it reports on `midway` and goes on.
+async fn publish(
+    mut clients: Vec<Client>,
+    count: usize,
+    pause_after: usize,
+    midway: mpsc::Sender<()>,
+) -> Vec<String> {
+    let mut acked = Vec::new();
+    for i in 0..count {
+        if i == pause_after {
+            midway.send(()).await.expect("test waits");
+        }
+        let body = format!("m{i:03}");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let client = &mut clients[i % 2];
+            let sent = client
+                .broadcast(BroadcastRequest {
+                    channel: "news".into(),
+                    op: "note".into(),
+                    data: Some(text(&body)),
+                    key: body.clone(),
+                    ..BroadcastRequest::default()
+                })
+                .await;
+            match sent {
+                Ok(_) => break,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unavailable, "{status}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{body} never acknowledged"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        acked.push(body);
+    }
+    acked
+}
+
+async fn failover_loses_nothing_acknowledged(kill: bool) {
+    let mut cluster = Cluster::start(if kill { 2 } else { 1 }).await;
+    let min = ["--redis-min-replicas", "1"];
+    let (a, b) = (cluster.replica("a", &min), cluster.replica("b", &min));
+    wait_health(&a, ServingStatus::Serving).await;
+    wait_health(&b, ServingStatus::Serving).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await;
+    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await;
+
+    let (midway, mut reached) = mpsc::channel(1);
+    let publisher = tokio::spawn(publish(vec![ca.clone(), cb.clone()], 60, 20, midway));
+    reached.recv().await.expect("publisher midway");
+    if kill {
+        cluster.primary.stop();
+    } else {
+        let _: String = query(
+            cluster.sentinels[0].port(),
+            redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER),
+        );
+    }
+    cluster.wait_failed_over().await;
+    let acked = publisher.await.expect("publisher");
+    let want: BTreeSet<String> = acked.iter().cloned().collect();
+
+    for (name, stream) in [("a", &mut on_a), ("b", &mut on_b)] {
+        let seen = collect(stream, &want, PATIENCE).await;
+        assert!(seen.gaps.is_empty(), "{name} got a gap: {:?}", seen.gaps);
+        assert_eq!(seen.bodies, acked, "{name}: lost, duplicated or reordered");
+    }
+    // Both replicas work on the new primary: health back by itself, new broadcasts.
+    wait_health(&a, ServingStatus::Serving).await;
+    wait_health(&b, ServingStatus::Serving).await;
+    broadcast(&mut cb, "news", "after")
+        .await
+        .expect("after failover");
+    assert_eq!(texts(&mut on_a, 1).await, ["after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_with_min_replicas_loses_nothing_acknowledged() {
+    failover_loses_nothing_acknowledged(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_with_min_replicas_loses_nothing_acknowledged() {
+    failover_loses_nothing_acknowledged(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_min_replicas_a_lost_message_is_reported_as_a_gap() {
+    let mut cluster = Cluster::start(1).await;
+    let (a, b) = (cluster.replica("a", &[]), cluster.replica("b", &[]));
+    wait_health(&a, ServingStatus::Serving).await;
+    wait_health(&b, ServingStatus::Serving).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await;
+    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await;
+    let before = broadcast(&mut cb, "news", "before").await.expect("before");
+    assert_eq!(texts(&mut on_a, 1).await, ["before"]);
+    assert_eq!(texts(&mut on_b, 1).await, ["before"]);
+
+    // Cut the replica off (it cannot sync again: a wrong password for its primary),
+    // then acknowledge messages the replica never gets, then lose the primary.
+    let _: () = query(
+        cluster.replicas[0].port(),
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("masterauth")
+            .arg("wrong"),
+    );
+    let _: i64 = query(
+        cluster.primary.port(),
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"),
+    );
+    let mut lost = Vec::new();
+    for i in 0..5 {
+        let body = format!("doomed{i}");
+        broadcast(&mut ca, "news", &body)
+            .await
+            .expect("acknowledged by the primary alone");
+        lost.push(body);
+    }
+    cluster.primary.stop();
+    cluster.wait_failed_over().await;
+    let after = eventually("a broadcast on the new primary", || {
+        let mut cb = cb.clone();
+        async move { broadcast(&mut cb, "news", "after").await.ok() }
+    })
+    .await;
+    let on_new_primary: usize = query(
+        cluster.replicas[0].port(),
+        redis::cmd("XLEN").arg("test:log"),
+    );
+    assert!(
+        on_new_primary >= 2,
+        "before, a mark and after: {on_new_primary}"
+    );
+
+    // Live subscribers: the loss is reported (with the last surviving position),
+    // then the stream goes on.
+    let want: BTreeSet<String> = ["after".to_string()].into();
+    for (name, stream) in [("a", &mut on_a), ("b", &mut on_b)] {
+        let seen = collect(stream, &want, PATIENCE).await;
+        assert_eq!(seen.gaps.len(), 1, "{name}: {seen:?}");
+        assert_eq!(seen.gaps[0].cursor, before.cursor, "{name}: {seen:?}");
+        assert!(seen.gaps[0].reason.contains("failover"), "{seen:?}");
+        assert_eq!(
+            seen.bodies.last().map(String::as_str),
+            Some("after"),
+            "{name}: {seen:?}"
+        );
+    }
+    // A subscriber resuming later from before the loss is told too, then gets what
+    // survived.
+    let mut resumed = client_stream(
+        &mut ca,
+        SubscribeRequest {
+            cursor: before.cursor.clone(),
+            ..channels("late", &["news"])
+        },
+    )
+    .await;
+    let seen = collect(&mut resumed, &want, PATIENCE).await;
+    assert_eq!(seen.gaps.len(), 1, "{seen:?}");
+    assert_eq!(seen.bodies, ["after"], "{seen:?}");
+    assert_eq!(
+        after.cursor.split('.').next(),
+        before.cursor.split('.').next(),
+        "same epoch: cursors stay valid"
+    );
+}
+
+/// Subscribes, retrying while the replica answers UNAVAILABLE (it may still be
+/// moving its connections to the new primary), and returns the stream after its
+/// `ipc:subscribed`.
+async fn client_stream(client: &mut Client, req: SubscribeRequest) -> Streaming<Msg> {
+    let mut stream = eventually("a resumed subscription", || {
+        let (mut client, req) = (client.clone(), req.clone());
+        async move {
+            match client.subscribe(req).await {
+                Ok(stream) => Some(stream.into_inner()),
+                Err(status) if status.code() == Code::Unavailable => None,
+                Err(status) => panic!("subscribe refused: {status}"),
+            }
+        }
+    })
+    .await;
+    let first = next(&mut stream).await;
+    assert_eq!(first.op, "ipc:subscribed", "{first:?}");
+    stream
+}
