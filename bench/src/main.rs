@@ -20,8 +20,10 @@
 //!   [`redis_peers`]: the systems.
 //! - [`payload`]: 128-byte payloads stamped with their send time.
 //! - [`workloads`]: throughput, latency, round trips, fan-out, idle memory.
+//! - [`coord`]: Lock+Unlock and Limit through a replica vs directly on Redis.
 //! - [`report`]: rows, the table, the targets, JSON.
 
+mod coord;
 mod fleet;
 mod nats;
 mod payload;
@@ -54,7 +56,7 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these workloads (comma separated): throughput, latency, request,
-    /// fanout, memory, sidecar.
+    /// fanout, memory, sidecar, coord.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Subscribers in the fan-out workload [default: 10000, or 1000 with --quick].
@@ -790,6 +792,42 @@ async fn run_sidecar(report: &mut Report, systems: &Systems, sizes: &Sizes) {
     }
 }
 
+/// Workload 7: Lock+Unlock and Limit through one Redis-backed replica vs the same
+/// operations directly on its Redis.
+async fn run_coordination(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let replica = systems.replicas().map(|[a, _b]| a);
+    let redis = systems
+        .redis
+        .as_ref()
+        .map_err(|e| format!("no redis-server: {e}"))
+        .and_then(|r| redis::Client::open(r.url()).map_err(|e| e.to_string()));
+    for (prefix, operation) in [
+        ("Lock+Unlock, ", coord::Operation::LockUnlock),
+        ("Limit, ", coord::Operation::Limit),
+    ] {
+        let fleet = replica.as_ref().map(|server| coord::FleetCoord {
+            target: Target::Tcp(server.grpc),
+            operation,
+        });
+        let system = fleet
+            .as_ref()
+            .map(|s| s as &dyn RequestReply)
+            .map_err(|e| (*e).clone());
+        let name = peers::FLEET_REDIS_REPLICA;
+        request_cases(report, names::COORD, prefix, name, system, sizes).await;
+        let direct = redis.as_ref().map(|client| coord::RedisCoord {
+            client: client.clone(),
+            operation,
+        });
+        let system = direct
+            .as_ref()
+            .map(|s| s as &dyn RequestReply)
+            .map_err(|e| (*e).clone());
+        let name = peers::REDIS_DIRECT;
+        request_cases(report, names::COORD, prefix, name, system, sizes).await;
+    }
+}
+
 fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
@@ -866,6 +904,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("sidecar") {
         run_sidecar(&mut report, &systems, &sizes).await;
+    }
+    if wants("coord") {
+        run_coordination(&mut report, &systems, &sizes).await;
     }
     report.check_targets();
 

@@ -22,6 +22,10 @@ pub mod peers {
     pub const FLEET_PING: &str = "fleet-ipc ping (node answers; 1 RPC)";
     pub const DIRECT: &str = "fleet-ipc direct (TCP)";
     pub const SIDECAR: &str = "fleet-ipc via sidecar";
+    /// Lock, Unlock, Limit through one replica on Redis (workload 7).
+    pub const FLEET_REDIS_REPLICA: &str = "fleet-ipc+Redis (one replica)";
+    /// The same operations sent straight to Redis by the benchmark.
+    pub const REDIS_DIRECT: &str = "Redis direct";
 }
 
 /// Names of the workloads.
@@ -32,6 +36,7 @@ pub mod workloads {
     pub const FANOUT: &str = "4 fan-out of one broadcast";
     pub const MEMORY: &str = "5 memory per idle subscriber";
     pub const SIDECAR_HOP: &str = "6 sidecar hop";
+    pub const COORD: &str = "7 lock and limit";
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -181,6 +186,9 @@ impl Report {
                 compare(peers::FLEET, "fleet-ipc ÷ this", false);
                 compare(peers::FLEET_PUBLISH, "fleet-ipc Publish ÷ this", false);
             }
+            peers::REDIS_DIRECT => {
+                compare(peers::FLEET_REDIS_REPLICA, "fleet-ipc+Redis ÷ this", false)
+            }
             peers::NATS_REQUEST => {
                 compare(peers::FLEET, "fleet-ipc ÷ this", false);
                 compare(peers::FLEET_SERVE, "fleet-ipc Serve ÷ this", false);
@@ -312,6 +320,19 @@ impl Report {
                 ),
                 None,
                 Some(at_most),
+            );
+        }
+        // Issue 16: coordination through a replica vs Redis directly.
+        for operation in ["Lock+Unlock", "Limit"] {
+            let case = format!("{operation}, sequential");
+            ratio_target(
+                &format!("{operation} p50 ≤ 1.5 × the same on Redis directly, sequential"),
+                both(
+                    self.figure(COORD, &case, FLEET_REDIS_REPLICA, "p50"),
+                    self.figure(COORD, &case, REDIS_DIRECT, "p50"),
+                ),
+                None,
+                Some(1.5),
             );
         }
         ratio_target(

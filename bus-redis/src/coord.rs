@@ -71,7 +71,8 @@ return 0
 /// KEYS: bucket. ARGV: rate, interval_ms, burst, cost.
 /// Returns {allowed, remaining, retry_after_ms}. The arithmetic of
 /// `ipc_core::coord::Bucket`, in ms with fractions.
-const LIMIT_SCRIPT: &str = r#"
+/// Public so that `ipc-bench` runs the very same script directly on Redis.
+pub const LIMIT_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local rate, interval = tonumber(ARGV[1]), tonumber(ARGV[2])

@@ -48,3 +48,4 @@ mod presence;
 
 pub use bus::RedisBus;
 pub use config::{RedisBusConfig, Secret, Target, TlsFiles};
+pub use coord::LIMIT_SCRIPT;
