@@ -10,6 +10,7 @@
 //!   restarted.
 //! - [`tls`]: a test certificate authority and the certificates it signs.
 //! - [`bad_input`]: the bad-input campaign's requests and the codes they get.
+//! - [`proxy`]: a TCP proxy that holds back a server's answers and cuts connections.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod bad_input;
+pub mod proxy;
 pub mod redis;
 pub mod tls;
 

@@ -389,8 +389,14 @@ impl Client {
     }
 
     pub(crate) fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
+        let mut request = self.request_without_deadline(message);
         request.set_timeout(timeout);
+        request
+    }
+
+    /// A request with the client's metadata and no deadline (long-lived streams).
+    pub(crate) fn request_without_deadline<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
         self.add_metadata(request.metadata_mut());
         request
     }

@@ -39,6 +39,15 @@ pub enum Error {
     /// The caller did not prove who it is (missing or bad token).
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    /// The request conflicts with state the node keeps for it: an operation key
+    /// used before for a different operation (another target, op, data or labels,
+    /// or the other kind). Use a new key.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// Another call holds what this one needs: a Rollout with this key is still
+    /// running; or a subscription was replaced by a newer one with the same id.
+    #[error("aborted: {0}")]
+    Aborted(String),
     /// Any other status from the node (NOT_FOUND for a late reply, RESOURCE_EXHAUSTED
     /// for an oversized message, …).
     #[error("{}: {}", code_name(.0.code()), .0.message())]
@@ -69,6 +78,8 @@ impl Error {
             Code::InvalidArgument => Error::InvalidArgument(message),
             Code::PermissionDenied => Error::PermissionDenied(message),
             Code::Unauthenticated => Error::Unauthenticated(message),
+            Code::FailedPrecondition => Error::FailedPrecondition(message),
+            Code::Aborted => Error::Aborted(message),
             _ => Error::Other(status),
         }
     }
@@ -83,6 +94,8 @@ impl Error {
             Error::ReplyError(_) => Code::Ok,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Aborted(_) => Code::Aborted,
             Error::Other(status) => status.code(),
         }
     }
@@ -143,6 +156,8 @@ mod tests {
             (Status::permission_denied("no"), Code::PermissionDenied),
             (Status::unauthenticated("who"), Code::Unauthenticated),
             (Status::not_found("unknown reply_to"), Code::NotFound),
+            (Status::failed_precondition("key"), Code::FailedPrecondition),
+            (Status::aborted("in use"), Code::Aborted),
         ];
         for (status, code) in cases {
             let err = Error::from_status(status, "");

@@ -4,7 +4,8 @@
 //! A [`Client`] talks to a node — the control-plane server over TCP, or the pod's
 //! sidecar over a Unix socket — with JSON payloads (`serde_json::Value`) and typed
 //! errors ([`Error`]): broadcast to a channel, ask one subscriber and wait for its
-//! reply, answer requests, list members. [`Client::subscribe`] returns a stream that
+//! reply, answer requests, list members, ask a whole fleet (`gather`) or roll
+//! through it in waves (`rollout`). [`Client::subscribe`] returns a stream that
 //! reconnects and resumes from its cursor by itself, and [`Handlers`] dispatches what
 //! it receives to functions registered by op, answering requests with their result.
 //!
@@ -31,6 +32,8 @@
 //! - `subscribe`: [`Subscription`], the self-healing Subscribe stream, with
 //!   [`SubscribeOptions`] and [`Backoff`].
 //! - `coord`: [`Lease`] and [`LimitAnswer`]: `lock`, `renew`, `unlock`, `limit`.
+//! - `fleetops`: `gather` and `rollout` ([`Operation`]), their [`Ledger`],
+//!   [`Outcome`]s and [`RolloutEvents`].
 //! - `handlers`: [`Handlers`], dispatch by op (`on`, `emit`, `run`).
 //! - `msg`: [`Msg`], [`Member`], [`Broadcasted`]: the values callers see, JSON-friendly.
 //! - `error`: [`Error`], one variant per outcome a caller handles differently.
@@ -40,6 +43,7 @@ pub mod addr;
 mod client;
 mod coord;
 mod error;
+mod fleetops;
 mod handlers;
 mod msg;
 mod publish;
@@ -52,6 +56,10 @@ pub use client::{
 };
 pub use coord::{Lease, LimitAnswer};
 pub use error::{Error, code_name};
+pub use fleetops::{
+    Gather, GatherKind, Ledger, LedgerState, Operation, Outcome, OutcomeStatus, Rollout,
+    RolloutEvent, RolloutEvents, RolloutKind,
+};
 pub use handlers::{HandlerResult, Handlers};
 pub use msg::{Broadcasted, Member, Msg, OP_GAP, OP_REPLY_ERROR, OP_SUBSCRIBED};
 pub use publish::Publication;

@@ -6,37 +6,12 @@ mod common;
 use std::process::{Output, Stdio};
 use std::sync::Arc;
 
-use common::{HANG_GUARD, Server, closed_port, next_msg};
+use common::{HANG_GUARD, Server, closed_port, ipcctl, ipcctl_command, next_msg};
 use ipc_client::{Client, Handlers, OP_SUBSCRIBED, SubscribeOptions};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{ChildStdout, Command};
+use tokio::process::ChildStdout;
 use tokio::sync::Notify;
-
-fn ipcctl_command(addr: &str, app: Option<&str>, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ipcctl"));
-    command
-        .env("IPC_ADDR", addr)
-        .env_remove("IPC_APP")
-        .env_remove("IPC_TOKEN")
-        .env_remove("RUST_LOG")
-        .args(args)
-        .kill_on_drop(true);
-    if let Some(app) = app {
-        command.env("IPC_APP", app);
-    }
-    command
-}
-
-/// Runs ipcctl to completion (asynchronously, so that in-test subscribers keep
-/// answering meanwhile).
-async fn ipcctl(addr: &str, app: Option<&str>, args: &[&str]) -> Output {
-    let run = ipcctl_command(addr, app, args).output();
-    tokio::time::timeout(HANG_GUARD, run)
-        .await
-        .expect("ipcctl finished")
-        .expect("running ipcctl")
-}
 
 fn stdout_json(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout)

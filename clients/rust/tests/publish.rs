@@ -149,3 +149,61 @@ async fn ipcctl_publish_prints_one_answer_a_line_and_exits_with_the_first_refusa
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("stdin line 2"));
 }
+
+/// The case the automatic key is for: the node stores a broadcast, its answer is
+/// lost with the connection (UNAVAILABLE), the client retries — under the same key,
+/// so the retry is answered as a duplicate and the message is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_retried_after_its_answer_was_lost_is_delivered_once() {
+    let server = Server::start();
+    let proxy = ipc_testkit::proxy::HoldingProxy::start(server.grpc).await;
+    let direct = Client::builder(server.url())
+        .app("shop")
+        .connect()
+        .await
+        .unwrap();
+    let mut jobs = direct.subscribe(SubscribeOptions::new().channel(":jobs"));
+    assert_eq!(next_msg(&mut jobs).await.op, OP_SUBSCRIBED);
+    let through_proxy = Client::builder(format!("http://{}", proxy.addr))
+        .app("shop")
+        .timeout(std::time::Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap();
+    // The connection is up before answers are held.
+    through_proxy
+        .broadcast(":warmup", "x", json!(null))
+        .await
+        .unwrap();
+
+    proxy.hold_answers(true);
+    let sending = tokio::spawn(async move {
+        through_proxy
+            .broadcast(":jobs", "job:run", json!("once"))
+            .await
+    });
+    let stored = next_msg(&mut jobs).await;
+    assert_eq!(stored.data, json!("once"));
+    proxy.cut();
+    proxy.hold_answers(false);
+
+    let answer = tokio::time::timeout(HANG_GUARD, sending)
+        .await
+        .expect("the retry is answered")
+        .expect("the broadcasting task")
+        .expect("acknowledged after the retry");
+    assert!(
+        answer.duplicate,
+        "the retry carried the first attempt's key"
+    );
+    assert_eq!((&answer.id, &answer.cursor), (&stored.id, &stored.cursor));
+    direct
+        .broadcast(":jobs", "marker", json!(null))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_msg(&mut jobs).await.op,
+        "marker",
+        "the broadcast was delivered twice"
+    );
+}

@@ -13,6 +13,8 @@ use ipc_client::{Client, Error, Member, MembersFilter, SubscribeOptions};
 
 #[path = "ipcctl/coord.rs"]
 mod coord;
+#[path = "ipcctl/fleetops.rs"]
+mod fleetops;
 #[path = "ipcctl/publish.rs"]
 mod publish;
 
@@ -27,7 +29,10 @@ Exit status:
   5  the reply carried `error` (the reply is still printed)
   6  server unreachable
   7  permission denied or unauthenticated
-  8  refused: `lock` not acquired or lost, `unlock` released nothing, `limit` over the rate
+  8  refused: `lock` not acquired or lost, `unlock` released nothing, `limit` over the rate,
+     `gather`/`rollout` key in use by a run still going
+  9  `gather`/`rollout`: some members failed or did not answer (the summary names them)
+ 10  `rollout`: stopped by its failure budget (--max-failures); the rest were not asked
 `ipcctl lock NAME -- CMD` otherwise exits with CMD's status.";
 
 mod exit {
@@ -39,6 +44,8 @@ mod exit {
     pub const UNREACHABLE: u8 = 6;
     pub const DENIED: u8 = 7;
     pub const REFUSED: u8 = 8;
+    pub const SOME_FAILED: u8 = 9;
+    pub const STOPPED: u8 = 10;
 }
 
 /// Drive a fleet-ipc bus: broadcast, ask one process, tail channels, list members.
@@ -143,6 +150,29 @@ enum Command {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Ask every responder of TARGET at once and wait for all (or the timeout): a line
+    /// per member, then a summary naming who failed and who did not answer. Exits 0
+    /// if all answered OK, 9 if not.
+    Gather {
+        #[command(flatten)]
+        common: fleetops::Common,
+        /// How long to wait for the answers.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Ask the responders of TARGET in waves, the next wave once the current one
+    /// answered (and, with --ready-timeout, came back), none past --max-failures: a
+    /// line per member as it finishes, a progress bar on a terminal, then a summary.
+    /// Exits 0 if all answered OK, 9 if some did not, 10 if stopped by the budget.
+    Rollout {
+        #[command(flatten)]
+        common: fleetops::Common,
+        /// How long each member has to answer.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        pace: fleetops::Pace,
     },
     /// Answer a request seen on `subscribe` (one with `reply_to`).
     Reply {
@@ -433,6 +463,14 @@ async fn run(cli: Cli) -> ExitCode {
             };
             members(&client, filter, json).await
         }
+        Command::Gather { common, timeout } => {
+            return fleetops::gather_command(&client, &addr, common, timeout).await;
+        }
+        Command::Rollout {
+            common,
+            timeout,
+            pace,
+        } => return fleetops::rollout_command(&client, &addr, common, timeout, pace).await,
         Command::Reply {
             reply_to,
             op,
@@ -662,7 +700,10 @@ fn report(addr: &str, err: &Error) -> ExitCode {
 
 fn exit_code(err: &Error) -> u8 {
     match err {
-        Error::Config(_) | Error::InvalidArgument(_) => exit::BAD_INPUT,
+        // A FAILED_PRECONDITION is an operation key reused for another operation.
+        Error::Config(_) | Error::InvalidArgument(_) | Error::FailedPrecondition(_) => {
+            exit::BAD_INPUT
+        }
         Error::NoResponders { .. } => exit::NO_RESPONDERS,
         Error::DeadlineExceeded(_) => exit::DEADLINE,
         Error::ReplyError(_) => exit::REPLY_ERROR,
@@ -703,6 +744,7 @@ mod tests {
             (Error::Unreachable("refused".into()), 6),
             (Error::PermissionDenied("no".into()), 7),
             (Error::Unauthenticated("who".into()), 7),
+            (Error::FailedPrecondition("key used before".into()), 2),
             (Error::Other(tonic::Status::not_found("late reply")), 1),
         ];
         for (err, code) in cases {

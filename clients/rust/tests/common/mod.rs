@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod fleet;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -192,4 +194,31 @@ pub async fn until_op(
 pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a probe port");
     listener.local_addr().expect("probe address").port()
+}
+
+/// `ipcctl` of this build with `IPC_ADDR` (and `IPC_APP`), none of the caller's
+/// `IPC_*` settings; killed when dropped.
+pub fn ipcctl_command(addr: &str, app: Option<&str>, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ipcctl"));
+    command
+        .env("IPC_ADDR", addr)
+        .env_remove("IPC_APP")
+        .env_remove("IPC_TOKEN")
+        .env_remove("RUST_LOG")
+        .args(args)
+        .kill_on_drop(true);
+    if let Some(app) = app {
+        command.env("IPC_APP", app);
+    }
+    command
+}
+
+/// Runs ipcctl to completion (asynchronously, so that in-test subscribers keep
+/// answering meanwhile).
+pub async fn ipcctl(addr: &str, app: Option<&str>, args: &[&str]) -> std::process::Output {
+    let run = ipcctl_command(addr, app, args).output();
+    tokio::time::timeout(HANG_GUARD, run)
+        .await
+        .expect("ipcctl finished")
+        .expect("running ipcctl")
 }
