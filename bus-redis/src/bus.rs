@@ -10,7 +10,9 @@ use ipc_core::bus::{
     RequestError,
 };
 use ipc_core::channel::Pattern;
-use ipc_core::coord::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
+use ipc_core::coord::{
+    InUse, LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec,
+};
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
 use ipc_proto::pb::{Member, Msg};
@@ -463,6 +465,14 @@ impl Bus for RedisBus {
         in_node: &MemoryCoord,
     ) -> Result<bool, BusError> {
         Bus::unlock(self, claim, in_node).await
+    }
+
+    async fn in_use(&self, _in_node: &MemoryCoord, max: usize) -> Result<InUse, BusError> {
+        let inner = &self.inner;
+        inner
+            .coordination
+            .in_use(&inner.link, &inner.keys, max)
+            .await
     }
 
     async fn store_operation(

@@ -9,6 +9,8 @@
 //!   microseconds, so fences grow even if Redis lost it.
 //! - `P:limit:NAME` (hash `tokens`, `ts`) is a bucket; it expires once it would be
 //!   full again, which is the same as absent.
+//! - Listing what is in use (for the admin console) is a SCAN of `P:lock:*` and
+//!   `P:limit:*`, bounded in keys and in calls, then one script that reads them.
 //! - A release publishes the name on `P:released`. Each replica listens there and
 //!   wakes its waiters for that name; a waiter also tries again at the holder's
 //!   expiry and at least every [`RECHECK`] (a notice lost while reconnecting).
@@ -19,7 +21,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use ipc_core::bus::BusError;
-use ipc_core::coord::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, RECHECK, UnlockSpec};
+use ipc_core::coord::{
+    Bucket, BucketInfo, InUse, LeaseInfo, LimitAnswer, LimitSpec, LockAnswer, LockSpec, RECHECK,
+    UnlockSpec,
+};
 use parking_lot::Mutex;
 use redis::Script;
 use tokio::sync::Notify;
@@ -70,7 +75,8 @@ return 0
 
 /// KEYS: bucket. ARGV: rate, interval_ms, burst, cost.
 /// Returns {allowed, remaining, retry_after_ms}. The arithmetic of
-/// `ipc_core::coord::Bucket`, in ms with fractions.
+/// `ipc_core::coord::Bucket`, in ms with fractions. The bucket also keeps its
+/// rate, interval and burst, for listing.
 /// Public so that `ipc-bench` runs the very same script directly on Redis.
 pub const LIMIT_SCRIPT: &str = r#"
 local t = redis.call('TIME')
@@ -94,16 +100,42 @@ else
   retry = math.ceil((cost - tokens) / per_ms)
   if retry < 1 then retry = 1 end
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.17g', ts))
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.17g', ts),
+  'rate', ARGV[1], 'interval', ARGV[2], 'burst', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / per_ms) + 1000)
 return {allowed, math.floor(tokens), retry}
 "#;
+
+/// KEYS: leases, then buckets. ARGV: how many leases. Returns Redis's time
+/// {seconds, microseconds}, then per lease {fence, holder, pttl} and per bucket
+/// {tokens, ts, rate, interval, burst} (nil fields: gone since the SCAN).
+const READ_IN_USE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local out = {{t[1], t[2]}}
+local leases = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if i <= leases then
+    local lease = redis.call('HMGET', key, 'fence', 'holder')
+    out[#out + 1] = {lease[1], lease[2], tostring(redis.call('PTTL', key))}
+  else
+    out[#out + 1] = redis.call('HMGET', key, 'tokens', 'ts', 'rate', 'interval', 'burst')
+  end
+end
+return out
+"#;
+
+/// Keys asked of Redis per SCAN call when listing what is in use.
+const SCAN_COUNT: usize = 1000;
+/// The most SCAN calls per kind of key: a keyspace larger than this many times
+/// [`SCAN_COUNT`] is listed in part (`truncated`) rather than holding the caller.
+const SCAN_CALLS: usize = 100;
 
 /// This replica's side of coordination: the scripts and the waiters to wake.
 pub(crate) struct Coordination {
     lock: Script,
     unlock: Script,
     limit: Script,
+    read_in_use: Script,
     /// Lock names this replica has waiters for → what wakes them.
     waiters: Mutex<HashMap<String, Weak<Notify>>>,
 }
@@ -131,6 +163,7 @@ impl Coordination {
             lock: Script::new(LOCK_SCRIPT),
             unlock: Script::new(UNLOCK_SCRIPT),
             limit: Script::new(LIMIT_SCRIPT),
+            read_in_use: Script::new(READ_IN_USE_SCRIPT),
             waiters: Mutex::default(),
         }
     }
@@ -281,6 +314,88 @@ impl Coordination {
         })
     }
 
+    /// The live leases and the buckets not full: a bounded SCAN of `P:lock:*` and
+    /// `P:limit:*`, then one script reads them all at Redis's time.
+    pub async fn in_use(&self, link: &Link, keys: &Keys, max: usize) -> Result<InUse, BusError> {
+        let lock_prefix = keys.lock("");
+        let limit_prefix = keys.limit("");
+        let (mut lease_keys, mut truncated) = scan(link, &lock_prefix, max).await?;
+        let (bucket_keys, cut) = scan(link, &limit_prefix, max).await?;
+        truncated |= cut;
+        let leases = lease_keys.len();
+        lease_keys.extend(bucket_keys);
+        let script = &self.read_in_use;
+        let all_keys = &lease_keys;
+        let rows: Vec<Vec<Option<String>>> = link
+            .call(|mut conn| async move {
+                let mut invocation = script.prepare_invoke();
+                for key in all_keys {
+                    invocation.key(key);
+                }
+                invocation.arg(leases).invoke_async(&mut conn).await
+            })
+            .await?;
+        let number = |field: &Option<String>| field.as_deref().and_then(|v| v.parse::<f64>().ok());
+        let (time, rows) = rows
+            .split_first()
+            .ok_or_else(|| BusError::Internal("the listing script answered nothing".into()))?;
+        let now_ms = match time.as_slice() {
+            [Some(seconds), Some(micros)] => {
+                let seconds: f64 = seconds.parse().unwrap_or_default();
+                let micros: f64 = micros.parse().unwrap_or_default();
+                seconds * 1000.0 + micros / 1000.0
+            }
+            _ => {
+                return Err(BusError::Internal(
+                    "the listing script answered no time".into(),
+                ));
+            }
+        };
+        let mut in_use = InUse {
+            truncated,
+            ..InUse::default()
+        };
+        for (index, (key, row)) in lease_keys.iter().zip(rows).enumerate() {
+            if index < leases {
+                let name = key.strip_prefix(&lock_prefix).unwrap_or(key);
+                if let [Some(fence), Some(holder), ttl] = row.as_slice()
+                    && let (Ok(fence), Some(ttl)) = (fence.parse(), number(ttl))
+                    && ttl >= 0.0
+                {
+                    in_use.locks.push(LeaseInfo {
+                        name: name.to_string(),
+                        holder: holder.clone(),
+                        fence,
+                        expires_ms: (now_ms + ttl) as i64,
+                    });
+                }
+            } else {
+                let name = key.strip_prefix(&limit_prefix).unwrap_or(key);
+                // A bucket written by a replica from before buckets kept their
+                // rate (or gone since the SCAN) cannot be told; it is left out.
+                if let [tokens, ts, rate, interval, burst] = row.as_slice()
+                    && let (Some(tokens), Some(at_ms)) = (number(tokens), number(ts))
+                    && let (Some(rate), Some(interval_ms), Some(burst)) =
+                        (number(rate), number(interval), number(burst))
+                    && rate >= 1.0
+                    && interval_ms >= 1.0
+                {
+                    let spec = LimitSpec {
+                        rate: rate as u32,
+                        interval_ms: interval_ms as u32,
+                        burst: burst as u32,
+                        cost: 1,
+                    };
+                    let bucket = Bucket { tokens, at_ms };
+                    in_use
+                        .limits
+                        .extend(BucketInfo::of(name, &spec, &bucket, now_ms));
+                }
+            }
+        }
+        Ok(in_use.finish(max))
+    }
+
     /// Listens for release notices until cancelled, reconnecting with backoff.
     /// While it is disconnected, waiters still try again every [`RECHECK`].
     pub async fn listen(self: Arc<Self>, link: Arc<Link>, keys: Keys, cancel: CancellationToken) {
@@ -324,5 +439,67 @@ impl Coordination {
                 () = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
+    }
+}
+
+/// Keys starting with `prefix`, sorted, at most `max`; `true` when there were
+/// more, or when the bound on SCAN calls stopped the search early.
+async fn scan(link: &Link, prefix: &str, max: usize) -> Result<(Vec<String>, bool), BusError> {
+    let pattern = format!("{}*", escape_glob(prefix));
+    let pattern = &pattern;
+    let mut found = Vec::new();
+    let mut cursor: u64 = 0;
+    let mut ended = false;
+    for _ in 0..SCAN_CALLS {
+        let (next, keys): (u64, Vec<String>) = link
+            .call(|mut conn| async move {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        found.extend(keys);
+        cursor = next;
+        if cursor == 0 {
+            ended = true;
+            break;
+        }
+        if found.len() > max {
+            break;
+        }
+    }
+    // SCAN may return a key twice.
+    found.sort();
+    found.dedup();
+    let truncated = !ended || found.len() > max;
+    found.truncate(max);
+    Ok((found, truncated))
+}
+
+/// `text` matched literally by a Redis glob pattern.
+fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_with_glob_characters_is_matched_literally() {
+        assert_eq!(escape_glob("ipc:lock:"), "ipc:lock:");
+        assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

@@ -14,7 +14,7 @@
 //! | `P:dedup:APP:KEY` | string, expires | a Broadcast key seen: the first message's id, channel, entry, epoch |
 //! | `P:lock:NAME` | hash, expires with the lease | the live lease of lock NAME: `fence`, `holder` |
 //! | `P:fence` | string, never expires | the last fence granted (all lock names) |
-//! | `P:limit:NAME` | hash, expires once full again | token bucket NAME: `tokens`, `ts` (ms, Redis time) |
+//! | `P:limit:NAME` | hash, expires once full again | token bucket NAME: `tokens`, `ts` (ms, Redis time), and `rate`, `interval`, `burst` for listing |
 //! | `P:released` | pub/sub channel | names of locks just released, to wake waiters |
 //! | `P:tail:N` | string, expires (60 s) | with `--redis-min-replicas`: the last entry replica N's tail had confirmed on the Redis replicas (written so that `WAIT` covers the entries before it) |
 

@@ -362,3 +362,97 @@ async fn metric(server: &ipc_testkit::ServerProcess, sample: &str) -> i64 {
         .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no sample {sample}"))
 }
+
+/// A node on the Redis of `redis_url` under `prefix`, in this process: what the
+/// admin console of a replica asks (the listing of what is in use is no RPC; the
+/// console's HTTP API shows it, tests/e2e/test_console.py).
+async fn node_on(redis_url: &str, prefix: &str) -> Arc<ipc_core::Node> {
+    let bus = ipc_bus_redis::RedisBus::connect(ipc_bus_redis::RedisBusConfig {
+        prefix: prefix.into(),
+        ..ipc_bus_redis::RedisBusConfig::new(redis_url)
+    })
+    .await
+    .expect("redis bus");
+    ipc_core::Node::new(ipc_core::NodeConfig::default(), Arc::new(bus))
+}
+
+#[tokio::test]
+async fn leases_and_buckets_in_use_are_listed_from_any_replica() {
+    use ipc_core::auth::Grants;
+    use ipc_core::channel::Pattern;
+    use ipc_core::coord::LeaseInfo;
+
+    let redis = redis();
+    let a = replica(&redis.url(), "a");
+    let mut ca = a.client().await;
+    let lease = ca
+        .lock(lock(":db-migrate", 60_000, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(lease.acquired);
+    let mail = LimitRequest {
+        name: ":mail".into(),
+        rate: 1,
+        interval_ms: 60_000,
+        burst: 5,
+        cost: 2,
+    };
+    assert!(ca.limit(mail).await.unwrap().into_inner().allowed);
+
+    let other_replica = node_on(&redis.url(), "test").await;
+    let everyone = ipc_core::Caller::default();
+    let in_use = other_replica.in_use(&everyone).await.expect("listing");
+    let [listed] = in_use.locks.as_slice() else {
+        panic!("one lease expected: {in_use:?}");
+    };
+    assert_eq!(
+        (listed.name.as_str(), listed.holder.as_str(), listed.fence),
+        ("shop:db-migrate", lease.holder.as_str(), lease.fence)
+    );
+    assert!(
+        listed.expires_ms.abs_diff(lease.expires_ms) < 1000,
+        "expiry {} vs {} granted",
+        listed.expires_ms,
+        lease.expires_ms
+    );
+    let [bucket] = in_use.limits.as_slice() else {
+        panic!("one bucket expected: {in_use:?}");
+    };
+    assert_eq!(
+        (
+            bucket.name.as_str(),
+            bucket.tokens,
+            bucket.burst,
+            bucket.rate
+        ),
+        ("shop:mail", 3, 5, 1)
+    );
+    assert!(bucket.interval_ms == 60_000 && bucket.full_in_ms > 100_000);
+    assert!(!in_use.truncated);
+
+    // A token sees only the names its lock and limit grants cover.
+    let narrow = ipc_core::Caller {
+        grants: Some(Arc::new(Grants {
+            lock: vec![Pattern::parse("shop:*").unwrap()],
+            limit: vec![Pattern::parse("billing:>").unwrap()],
+            ..Grants::default()
+        })),
+        ..ipc_core::Caller::default()
+    };
+    let seen = other_replica.in_use(&narrow).await.unwrap();
+    assert_eq!(seen.locks.len(), 1);
+    assert!(seen.limits.is_empty());
+
+    // Another deployment on the same Redis (another prefix) lists none of it.
+    let elsewhere = node_on(&redis.url(), "other").await;
+    assert_eq!(
+        elsewhere.in_use(&everyone).await.unwrap(),
+        Default::default()
+    );
+
+    // Released, the lease is gone from the listing.
+    assert!(release(&mut ca, ":db-migrate", lease.fence).await);
+    let after = other_replica.in_use(&everyone).await.unwrap();
+    assert_eq!(after.locks, Vec::<LeaseInfo>::new());
+}

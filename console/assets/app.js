@@ -8,7 +8,8 @@ const state = {
   capabilities: null,
   members: [],
   tail: null, // {source, paused, held, count}
-  rollout: null, // {key, cells}
+  rollout: null, // {key, cells, plan, running}
+  rolloutPlan: null, // the last preview's ledger, for the grid
 };
 
 const $ = (id) => document.getElementById(id);
@@ -188,7 +189,7 @@ const loaders = {
   tail: () => {},
   send: () => {},
   ops: renderCapabilities,
-  locks: renderCapabilities,
+  locks: loadLocks,
   health: loadHealth,
 };
 
@@ -477,14 +478,83 @@ function renderCapabilities() {
     $(name + "-preview").disabled = off || $(name + "-preview").dataset.denied === "1";
     if (off) $(name + "-submit").disabled = true;
   }
-  const locks = caps.lock || caps.limit;
+}
+
+// --- locks and limits ------------------------------------------------------------
+
+function table(className, names, rows) {
+  const node = el("table", className);
+  const head = el("tr");
+  for (const name of names) head.append(el("th", null, name));
+  node.append(head);
+  for (const row of rows) node.append(row);
+  return node;
+}
+
+function row(className, cells) {
+  const tr = el("tr", className);
+  for (const [text, cellClass] of cells) tr.append(el("td", cellClass, text));
+  return tr;
+}
+
+function inSeconds(ms) {
+  const s = Math.max(0, Math.round(ms / 1000));
+  return s < 120 ? s + " s" : Math.round(s / 60) + " min";
+}
+
+async function loadLocks() {
+  const caps = state.capabilities || {};
+  const unavailable = caps.lock === false && caps.limit === false;
+  $("locks-status").hidden = !unavailable;
+  $("locks-status").textContent = unavailable ? "Not available on this server: Lock and Limit answer UNIMPLEMENTED." : "";
   const grants = state.session && state.session.grants;
-  const mine = !grants
-    ? " Unauthenticated server: every lock and bucket may be used."
-    : " Your token may lock " + ((grants.lock || []).join(", ") || "nothing") + " and draw from the buckets " + ((grants.limit || []).join(", ") || "none") + ".";
-  $("locks-status").textContent = locks
-    ? "This server has Lock, Unlock and Limit (fleet-wide), but the gRPC API has no call that lists the locks and limits in use, so the console cannot show them." + mine
-    : "Not available on this server: Lock and Limit answer UNIMPLEMENTED.";
+  $("locks-scope").textContent = !grants
+    ? "Unauthenticated server: every lock and bucket of the fleet is shown."
+    : "Shown: the locks your token may take (" + ((grants.lock || []).join(", ") || "none") + ") and the buckets it may draw from (" + ((grants.limit || []).join(", ") || "none") + ").";
+  try {
+    const { body } = await call("/api/locks");
+    showError($("locks-error"), null);
+    renderLocks(body);
+  } catch (e) {
+    showError($("locks-error"), e);
+  }
+}
+
+function renderLocks(body) {
+  const summary = $("locks-summary");
+  clear(summary);
+  summary.append(stat(body.locks.length, "locks held", body.locks.length ? "warn" : null), stat(body.limits.length, "limits in use"));
+  if (body.truncated) summary.append(el("span", "error", "The list was cut at the node's bound."));
+  const now = Date.now();
+  const locks = $("locks-list");
+  clear(locks);
+  if (body.locks.length === 0) {
+    locks.append(el("p", "muted", "No lock is held."));
+  } else {
+    const rows = body.locks.map((l) => {
+      const tr = row("lock", [[l.name, "id"], [l.holder], [l.fence, "id"], ["in " + inSeconds(l.expires_ms - now)]]);
+      tr.dataset.name = l.name;
+      tr.lastChild.title = new Date(l.expires_ms).toISOString();
+      return tr;
+    });
+    locks.append(table("ledger", ["name", "holder", "fence", "expires"], rows));
+  }
+  const limits = $("limits-list");
+  clear(limits);
+  if (body.limits.length === 0) {
+    limits.append(el("p", "muted", "Every bucket is full (none is in use)."));
+  } else {
+    const rows = body.limits.map((b) => {
+      const tr = row("limit", [[b.name, "id"], [b.tokens + " / " + b.burst, "tokens"], [b.rate + " per " + inSeconds(b.interval_ms)], ["in " + inSeconds(b.full_in_ms)]]);
+      tr.dataset.name = b.name;
+      const meter = el("meter");
+      meter.max = b.burst;
+      meter.value = b.tokens;
+      tr.children[1].append(meter);
+      return tr;
+    });
+    limits.append(table("ledger", ["name", "tokens left", "refill", "full again"], rows));
+  }
 }
 
 function opRequest(prefix) {
@@ -506,19 +576,19 @@ function opRequest(prefix) {
 }
 
 function ledgerTable(ledger) {
-  const table = el("table", "ledger");
-  const head = el("tr");
-  for (const name of ["member", "node", "wave", "status", "ms", "detail"]) head.append(el("th", null, name));
-  table.append(head);
-  for (const o of ledger.outcomes || []) {
-    const row = el("tr", "status-" + o.status.toLowerCase());
-    row.dataset.member = o.member;
-    row.append(el("td", null, o.member), el("td", null, o.node), el("td", null, o.wave || ""));
-    row.append(el("td", "status", o.status), el("td", null, o.duration_ms || ""));
-    row.append(el("td", null, o.detail || (o.reply && o.reply.error) || ""));
-    table.append(row);
-  }
-  return table;
+  const rows = (ledger.outcomes || []).map((o) => {
+    const tr = row("status-" + o.status.toLowerCase(), [
+      [o.member],
+      [o.node],
+      [o.wave || ""],
+      [o.status, "status"],
+      [o.duration_ms || ""],
+      [o.detail || (o.reply && o.reply.error) || ""],
+    ]);
+    tr.dataset.member = o.member;
+    return tr;
+  });
+  return table("ledger", ["member", "node", "wave", "status", "ms", "detail"], rows);
 }
 
 async function previewGather() {
@@ -592,9 +662,11 @@ async function previewRollout() {
       if (item.event && item.event.ledger) plan = item.event.ledger;
     });
     if (!plan) throw new ApiError(0, { code: "UNKNOWN", message: "the dry run returned no plan" });
+    state.rolloutPlan = plan;
     clear(box);
     box.className = "result preview";
-    box.append(el("p", null, "Preview: " + plan.expected + " member(s) of " + plan.target + " in " + plan.waves + " wave(s)."));
+    const skipped = plan.outcomes.filter((o) => o.status === "SKIPPED").length;
+    box.append(el("p", null, "Preview: " + plan.expected + " member(s) of " + plan.target + " in " + plan.waves + " wave(s)" + (skipped ? ", " + skipped + " already OK under this key (skipped)." : ".")));
     box.append(ledgerTable(plan));
     $("rollout-submit").disabled = plan.expected === 0;
   } catch (e) {
@@ -608,14 +680,33 @@ function rolloutCell(outcome) {
   if (!cell) {
     cell = el("div", "cell");
     cell.dataset.member = outcome.member;
-    cell.append(el("span", "id", outcome.member), el("span", "status", ""));
+    cell.append(el("span", "id", outcome.member), el("span", "muted where"), el("span", "status", ""));
     state.rollout.cells.set(outcome.member, cell);
     grid.append(cell);
   }
+  state.rollout.outcomes.set(outcome.member, outcome);
   cell.className = "cell status-" + outcome.status.toLowerCase();
   cell.dataset.status = outcome.status;
+  cell.children[1].textContent = (outcome.wave ? "wave " + outcome.wave + " · " : "") + (outcome.node || "");
   cell.lastChild.textContent = outcome.status;
   cell.title = (outcome.node ? "node " + outcome.node + ". " : "") + (outcome.detail || "");
+}
+
+// While the rollout runs, the members of the wave being asked: the first wave
+// with members still PENDING (a wave starts once the one before has answered).
+function markAsking() {
+  let wave = 0;
+  for (const o of state.rollout.outcomes.values()) {
+    if (o.status === "PENDING" && o.wave && (!wave || o.wave < wave)) wave = o.wave;
+  }
+  for (const [member, cell] of state.rollout.cells) {
+    const o = state.rollout.outcomes.get(member);
+    const asking = state.rollout.running && wave > 0 && o.status === "PENDING" && o.wave === wave;
+    cell.classList.toggle("asking", asking);
+    cell.dataset.asking = asking ? "1" : "";
+    if (asking) cell.lastChild.textContent = "ASKING";
+    else if (o.status === "PENDING") cell.lastChild.textContent = "PENDING";
+  }
 }
 
 function rolloutCounts(ledger) {
@@ -634,7 +725,7 @@ function rolloutCounts(ledger) {
 async function runRollout(event) {
   if (event) event.preventDefault();
   const body = opRequest("rollout");
-  state.rollout = { key: body.key, cells: new Map() };
+  state.rollout = { key: body.key, cells: new Map(), outcomes: new Map(), running: true };
   $("rollout-submit").disabled = true;
   $("rollout-run").hidden = false;
   $("rollout-resume").hidden = true;
@@ -644,6 +735,10 @@ async function runRollout(event) {
   clear($("rollout-grid"));
   clear($("rollout-ledger"));
   clear($("rollout-counts"));
+  $("rollout-run").scrollIntoView({ block: "start" });
+  // Every member of the previewed plan from the start, grey until it answers.
+  for (const o of (state.rolloutPlan && state.rolloutPlan.outcomes) || []) rolloutCell(o);
+  markAsking();
   let final = null;
   try {
     await streamRollout(body, (item) => {
@@ -655,21 +750,32 @@ async function runRollout(event) {
         for (const o of e.ledger.outcomes) rolloutCell(o);
         rolloutCounts(e.ledger);
       }
+      markAsking();
     });
   } catch (e) {
     resultBox("rollout-result", "fail", e.code + ": " + e.message);
   }
+  state.rollout.running = false;
+  markAsking();
   const stateBadge = $("rollout-run-state");
+  const complete = !!final && final.state === "DONE" && final.ok + final.skipped === final.expected;
   if (final) {
     stateBadge.textContent = final.state;
-    stateBadge.className = "badge " + (final.state === "DONE" && final.ok + final.skipped === final.expected ? "ok" : "fail");
+    stateBadge.className = "badge " + (complete ? "ok" : "fail");
     const ledger = $("rollout-ledger");
     ledger.append(el("h3", null, "Ledger " + final.id), ledgerTable(final));
   } else {
     stateBadge.textContent = "INTERRUPTED";
     stateBadge.className = "badge fail";
   }
-  $("rollout-resume").hidden = !!final && final.state === "DONE" && final.ok + final.skipped === final.expected;
+  $("rollout-resume").hidden = complete;
+}
+
+// Resuming starts with the preview of the rerun: members already OK are skipped.
+async function resumeRollout() {
+  $("rollout-key").value = state.rollout.key;
+  await previewRollout();
+  $("rollout-form").scrollIntoView();
 }
 
 // The dot on the Health tab: green while this replica's bus is healthy.
@@ -766,18 +872,20 @@ function wire() {
   $("gather-form").addEventListener("submit", submitGather);
   $("rollout-preview").addEventListener("click", previewRollout);
   $("rollout-form").addEventListener("submit", runRollout);
-  $("rollout-resume").addEventListener("click", () => runRollout(null));
+  $("rollout-resume").addEventListener("click", resumeRollout);
   for (const prefix of ["gather", "rollout"]) {
-    // A changed form needs a new preview before it is sent.
-    $(prefix + "-form").addEventListener("input", (e) => {
-      if (e.target.id !== "rollout-key") $(prefix + "-submit").disabled = true;
+    // A changed form (the key too: it decides who is skipped) needs a new preview.
+    $(prefix + "-form").addEventListener("input", () => {
+      $(prefix + "-submit").disabled = true;
     });
   }
+  $("locks-refresh").addEventListener("click", loadLocks);
   $("health-refresh").addEventListener("click", loadHealth);
   // Members and health stay current while shown.
   setInterval(() => {
     if (!state.session || document.hidden) return;
     if (!$("view-members").hidden) loadMembers();
+    if (!$("view-locks").hidden) loadLocks();
     if (!$("view-health").hidden) loadHealth();
     else refreshHealthDot();
   }, 5000);

@@ -1,5 +1,6 @@
 //! The JSON API of the page: log in and out, who the session is, members, health,
-//! which operations this server has, and the Broadcast, SendMsg and Gather forms.
+//! which operations this server has, the Broadcast, SendMsg and Gather forms, and
+//! the locks and limits in use.
 //! Every operation is a call to the `ipc.v1.Ipc` service as the session's caller.
 
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 
-use crate::convert::{ApiError, ledger_json, member_json, msg_json};
+use crate::convert::{ApiError, in_use_json, ledger_json, member_json, msg_json};
 use crate::{Authed, Console, grants_json, session};
 
 type ApiResult = Result<Response, ApiError>;
@@ -233,17 +234,65 @@ async fn probe(console: &Console, authed: &Authed, operation: &'static str) -> b
     available
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct BroadcastForm {
+/// Refuses a form that sets a field `operation` does not have (one of another
+/// form sharing its struct): `given` is each such field and whether it was set.
+fn not_fields_of(operation: &str, given: &[(&str, bool)]) -> Result<(), ApiError> {
+    match given.iter().find(|(_, set)| *set) {
+        Some((field, _)) => Err(ApiError::invalid(format!(
+            "{field} is not a field of {operation}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The Broadcast and SendMsg forms: the message, and where it goes (a channel,
+/// or a target and how long to wait for its reply).
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct MessageForm {
     channel: String,
-    op: String,
-    #[serde(default)]
-    data: Option<Value>,
-    #[serde(default)]
-    headers: HashMap<String, String>,
-    #[serde(default)]
     key: String,
+    target: String,
+    timeout_ms: u32,
+    op: String,
+    data: Option<Value>,
+    headers: HashMap<String, String>,
+}
+
+impl MessageForm {
+    fn broadcast(self) -> Result<BroadcastRequest, ApiError> {
+        not_fields_of(
+            "Broadcast",
+            &[
+                ("target", !self.target.is_empty()),
+                ("timeout_ms", self.timeout_ms != 0),
+            ],
+        )?;
+        Ok(BroadcastRequest {
+            channel: self.channel,
+            op: self.op,
+            data: self.data.as_ref().map(to_value),
+            headers: self.headers,
+            key: self.key,
+        })
+    }
+
+    fn send(self) -> Result<SendMsgRequest, ApiError> {
+        not_fields_of(
+            "SendMsg",
+            &[
+                ("channel", !self.channel.is_empty()),
+                ("key", !self.key.is_empty()),
+            ],
+        )?;
+        Ok(SendMsgRequest {
+            target: self.target,
+            op: self.op,
+            data: self.data.as_ref().map(to_value),
+            headers: self.headers,
+            timeout_ms: self.timeout_ms,
+        })
+    }
 }
 
 /// `POST /api/broadcast`: Broadcast as the session's caller.
@@ -252,20 +301,8 @@ pub async fn broadcast(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let authed = console.authenticate(&headers, true)?;
-    let form: BroadcastForm = parse(&headers, &body)?;
-    let request = BroadcastRequest {
-        channel: form.channel,
-        op: form.op,
-        data: form.data.as_ref().map(to_value),
-        headers: form.headers,
-        key: form.key,
-    };
-    let answer = console
-        .service
-        .broadcast(console.request(&authed, request))
-        .await?
-        .into_inner();
+    let request = console.action(&headers, &body, MessageForm::broadcast)?;
+    let answer = console.service.broadcast(request).await?.into_inner();
     Ok(Json(json!({
         "id": answer.id,
         "channel": answer.channel,
@@ -275,61 +312,71 @@ pub async fn broadcast(
     .into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct SendForm {
-    #[serde(default)]
-    target: String,
-    op: String,
-    #[serde(default)]
-    data: Option<Value>,
-    #[serde(default)]
-    headers: HashMap<String, String>,
-    #[serde(default)]
-    timeout_ms: u32,
-}
-
 /// `POST /api/send`: SendMsg as the session's caller; answers the reply.
 pub async fn send(
     State(console): State<Arc<Console>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let authed = console.authenticate(&headers, true)?;
-    let form: SendForm = parse(&headers, &body)?;
-    let request = SendMsgRequest {
-        target: form.target,
-        op: form.op,
-        data: form.data.as_ref().map(to_value),
-        headers: form.headers,
-        timeout_ms: form.timeout_ms,
-    };
-    let answer = console
-        .service
-        .send_msg(console.request(&authed, request))
-        .await?
-        .into_inner();
+    let request = console.action(&headers, &body, MessageForm::send)?;
+    let answer = console.service.send_msg(request).await?.into_inner();
     Ok(Json(json!({"reply": answer.reply.as_ref().map(msg_json)})).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct GatherForm {
+/// The Gather and Rollout forms: the fields of both, and those of Rollout alone.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct OperationForm {
     target: String,
-    #[serde(default)]
     op: String,
-    #[serde(default)]
     data: Option<Value>,
-    #[serde(default)]
     headers: HashMap<String, String>,
-    #[serde(default)]
     labels: HashMap<String, String>,
-    #[serde(default)]
     timeout_ms: u32,
-    #[serde(default)]
     dry_run: bool,
-    #[serde(default)]
     key: String,
+    wave_size: Option<u32>,
+    max_failures: Option<u32>,
+    ready_timeout_ms: Option<u32>,
+}
+
+impl OperationForm {
+    pub(crate) fn gather(self) -> Result<GatherRequest, ApiError> {
+        not_fields_of(
+            "Gather",
+            &[
+                ("wave_size", self.wave_size.is_some()),
+                ("max_failures", self.max_failures.is_some()),
+                ("ready_timeout_ms", self.ready_timeout_ms.is_some()),
+            ],
+        )?;
+        Ok(GatherRequest {
+            target: self.target,
+            op: self.op,
+            data: self.data.as_ref().map(to_value),
+            headers: self.headers,
+            timeout_ms: self.timeout_ms,
+            labels: self.labels,
+            dry_run: self.dry_run,
+            key: self.key,
+        })
+    }
+
+    pub(crate) fn rollout(self) -> RolloutRequest {
+        RolloutRequest {
+            target: self.target,
+            op: self.op,
+            data: self.data.as_ref().map(to_value),
+            headers: self.headers,
+            timeout_ms: self.timeout_ms,
+            labels: self.labels,
+            dry_run: self.dry_run,
+            key: self.key,
+            wave_size: self.wave_size.unwrap_or_default(),
+            max_failures: self.max_failures.unwrap_or_default(),
+            ready_timeout_ms: self.ready_timeout_ms.unwrap_or_default(),
+        }
+    }
 }
 
 /// `POST /api/gather`: Gather (or its dry run) as the session's caller; answers
@@ -339,22 +386,44 @@ pub async fn gather(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let authed = console.authenticate(&headers, true)?;
-    let form: GatherForm = parse(&headers, &body)?;
-    let request = GatherRequest {
-        target: form.target,
-        op: form.op,
-        data: form.data.as_ref().map(to_value),
-        headers: form.headers,
-        timeout_ms: form.timeout_ms,
-        labels: form.labels,
-        dry_run: form.dry_run,
-        key: form.key,
-    };
-    let ledger = console
-        .service
-        .gather(console.request(&authed, request))
-        .await?
-        .into_inner();
+    let request = console.action(&headers, &body, OperationForm::gather)?;
+    let ledger = console.service.gather(request).await?.into_inner();
     Ok(Json(ledger_json(&ledger)).into_response())
+}
+
+/// `GET /api/locks`: the leases and token buckets in use fleet-wide that the
+/// session's token may see (its `lock` and `limit` grants). No RPC lists them: the
+/// node does, for the console only, as the session's caller.
+pub async fn locks(State(console): State<Arc<Console>>, headers: HeaderMap) -> ApiResult {
+    let authed = console.authenticate(&headers, false)?;
+    let in_use = console.service.in_use(console.request(&authed, ())).await?;
+    Ok(Json(in_use_json(&in_use)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_form_refuses_the_fields_of_the_other_operation() {
+        let message = |body: Value| serde_json::from_value::<MessageForm>(body).unwrap();
+        let error = message(json!({"channel": ":worker", "op": "x", "timeout_ms": 5}))
+            .broadcast()
+            .unwrap_err();
+        assert_eq!(error.message, "timeout_ms is not a field of Broadcast");
+        assert!(
+            message(json!({"target": ":worker", "op": "x"}))
+                .send()
+                .is_ok()
+        );
+        let operation = || {
+            serde_json::from_value::<OperationForm>(
+                json!({"target": ":worker", "op": "x", "wave_size": 2}),
+            )
+            .unwrap()
+        };
+        let error = operation().gather().unwrap_err();
+        assert_eq!(error.message, "wave_size is not a field of Gather");
+        assert_eq!(operation().rollout().wave_size, 2);
+    }
 }

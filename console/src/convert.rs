@@ -1,9 +1,11 @@
-//! What the console's JSON API says: messages, members and ledgers as JSON for the
-//! page, and gRPC statuses as HTTP errors with the status's own message.
+//! What the console's JSON API says: messages, members, ledgers and the locks and
+//! limits in use as JSON for the page, and gRPC statuses as HTTP errors with the
+//! status's own message.
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
+use ipc_core::coord::InUse;
 use ipc_proto::pb::{Ledger, Member, Msg, Outcome, RolloutEvent, ledger, outcome};
 use ipc_proto::{code_name, json};
 use serde_json::{Value, json};
@@ -80,6 +82,37 @@ pub fn rollout_event_json(e: &RolloutEvent) -> Value {
         "outcome": e.outcome.as_ref().map(outcome_json),
         "ledger": e.ledger.as_ref().map(ledger_json),
     })
+}
+
+/// The leases and buckets in use, as the Locks & limits view shows them.
+pub fn in_use_json(in_use: &InUse) -> Value {
+    let locks: Vec<Value> = in_use
+        .locks
+        .iter()
+        .map(|l| {
+            json!({
+                "name": l.name,
+                "holder": l.holder,
+                "fence": l.fence.to_string(),
+                "expires_ms": l.expires_ms,
+            })
+        })
+        .collect();
+    let limits: Vec<Value> = in_use
+        .limits
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name,
+                "tokens": b.tokens,
+                "burst": b.burst,
+                "rate": b.rate,
+                "interval_ms": b.interval_ms,
+                "full_in_ms": b.full_in_ms,
+            })
+        })
+        .collect();
+    json!({"locks": locks, "limits": limits, "truncated": in_use.truncated})
 }
 
 /// An error answer of the JSON API: `{"code": "PERMISSION_DENIED", "message": …}`.

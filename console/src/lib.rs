@@ -1,7 +1,7 @@
 //! The fleet-ipc admin console: a web page for people, served by `ipc-server
 //! --admin-listen ADDR` — members fleet-wide, a live tail, forms to Broadcast,
-//! SendMsg, Gather and Rollout, rollouts as they run, and the health of the
-//! replicas and of the bus.
+//! SendMsg, Gather and Rollout, rollouts as they run, the locks and limits in use,
+//! and the health of the replicas and of the bus.
 //!
 //! The console is a client of the node, not a second implementation: every call
 //! goes through the same `ipc.v1.Ipc` service the gRPC port serves (identity, rate
@@ -11,7 +11,8 @@
 //!
 //! # Layout
 //! - [`session`]: the session cookie, the server-side store of tokens, CSRF tokens.
-//! - [`api`]: the JSON API the page calls (session, members, health, the forms).
+//! - [`api`]: the JSON API the page calls (session, members, health, the forms,
+//!   locks and limits in use).
 //! - [`live`]: the streams: the live tail (Server-Sent Events from Subscribe) and a
 //!   Rollout's progress (one JSON line per event).
 //! - [`assets`]: the page itself (HTML, CSS, JavaScript compiled into the binary)
@@ -173,6 +174,23 @@ impl Console {
         })
     }
 
+    /// An action (a POST) as a request to the service: the logged-in session,
+    /// checked for CSRF and origin, as the caller, and its JSON body, read as a
+    /// form `F` and made into the request by `into`.
+    pub fn action<F, R>(
+        &self,
+        headers: &HeaderMap,
+        body: &axum::body::Bytes,
+        into: impl FnOnce(F) -> Result<R, ApiError>,
+    ) -> Result<tonic::Request<R>, ApiError>
+    where
+        F: serde::de::DeserializeOwned,
+    {
+        let authed = self.authenticate(headers, true)?;
+        let form = api::parse(headers, body)?;
+        Ok(self.request(&authed, into(form)?))
+    }
+
     /// A request to the service as the session's caller.
     pub fn request<T>(&self, authed: &Authed, message: T) -> tonic::Request<T> {
         tonic::Request::from_parts(
@@ -244,6 +262,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/api/members", get(api::members))
         .route("/api/health", get(api::health))
         .route("/api/capabilities", get(api::capabilities))
+        .route("/api/locks", get(api::locks))
         .route("/api/broadcast", post(api::broadcast))
         .route("/api/send", post(api::send))
         .route("/api/gather", post(api::gather))

@@ -20,14 +20,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, header};
-use ipc_proto::json::to_value;
+use ipc_proto::pb::SubscribeRequest;
 use ipc_proto::pb::ipc_server::Ipc;
-use ipc_proto::pb::{RolloutRequest, SubscribeRequest};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::Console;
-use crate::api::parse;
+use crate::api::OperationForm;
 use crate::convert::{ApiError, msg_json, rollout_event_json};
 use ipc_proto::code_name;
 
@@ -115,32 +114,6 @@ async fn open_tail(
     })))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RolloutForm {
-    target: String,
-    #[serde(default)]
-    op: String,
-    #[serde(default)]
-    data: Option<Value>,
-    #[serde(default)]
-    headers: HashMap<String, String>,
-    #[serde(default)]
-    labels: HashMap<String, String>,
-    #[serde(default)]
-    timeout_ms: u32,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    key: String,
-    #[serde(default)]
-    wave_size: u32,
-    #[serde(default)]
-    max_failures: u32,
-    #[serde(default)]
-    ready_timeout_ms: u32,
-}
-
 fn line(value: Value) -> Result<Bytes, Infallible> {
     let mut text = value.to_string();
     text.push('\n');
@@ -154,26 +127,8 @@ pub async fn rollout(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let authed = console.authenticate(&headers, true)?;
-    let form: RolloutForm = parse(&headers, &body)?;
-    let request = RolloutRequest {
-        target: form.target,
-        op: form.op,
-        data: form.data.as_ref().map(to_value),
-        headers: form.headers,
-        timeout_ms: form.timeout_ms,
-        labels: form.labels,
-        dry_run: form.dry_run,
-        key: form.key,
-        wave_size: form.wave_size,
-        max_failures: form.max_failures,
-        ready_timeout_ms: form.ready_timeout_ms,
-    };
-    let events = console
-        .service()
-        .rollout(console.request(&authed, request))
-        .await?
-        .into_inner();
+    let request = console.action(&headers, &body, |form: OperationForm| Ok(form.rollout()))?;
+    let events = console.service().rollout(request).await?.into_inner();
     let lines = events
         .map(|item| match item {
             Ok(event) => line(json!({"event": rollout_event_json(&event)})),

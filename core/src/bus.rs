@@ -15,7 +15,7 @@ use ipc_proto::pb::{Member, Msg};
 use tokio::sync::watch;
 
 use crate::channel::Pattern;
-use crate::coord::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
+use crate::coord::{InUse, LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
 use crate::cursor::Cursor;
 use crate::hub::Hub;
 use crate::node::NodeError;
@@ -213,6 +213,12 @@ pub trait Bus: Send + Sync + 'static {
         in_node: &MemoryCoord,
     ) -> Result<LimitAnswer, BusError> {
         Ok(in_node.limit(name, &limit))
+    }
+
+    /// The live leases and the buckets not full, at most `max` of each (more:
+    /// `truncated`), wherever [`Bus::lock`] and [`Bus::limit`] keep them.
+    async fn in_use(&self, in_node: &MemoryCoord, max: usize) -> Result<InUse, BusError> {
+        Ok(in_node.in_use(max))
     }
 
     /// Refuses a local subscription the bus could not carry (a sidecar whose

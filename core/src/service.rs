@@ -194,6 +194,14 @@ impl IpcService {
         Ok(Box::pin(stream.map(|item| item.map_err(closed_status))))
     }
 
+    /// The leases and buckets in use that the caller's grants cover, for the admin
+    /// console: no RPC lists them, but the caller is identified, rate-limited and
+    /// answered with the status codes of the calls.
+    pub async fn in_use(&self, request: Request<()>) -> Result<crate::coord::InUse, Status> {
+        let caller = self.caller(&request)?;
+        self.node.in_use(&caller).await.map_err(status)
+    }
+
     /// Opens a Serve stream: [`IpcService::subscribe_shared`] for its first message,
     /// then every later message's reply delivered as Reply would be; a reply that
     /// cannot be delivered comes back on the stream as `ipc:reply-error`.

@@ -32,7 +32,9 @@ use ipc_core::bus::{
     Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
 };
 use ipc_core::channel::Pattern;
-use ipc_core::coord::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
+use ipc_core::coord::{
+    InUse, LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec,
+};
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
 use ipc_core::metrics::Exposition;
@@ -424,6 +426,14 @@ impl Bus for UpstreamBus {
     ) -> Result<LimitAnswer, BusError> {
         let upstream = Upstream(self.inner.clone());
         self.leases.limit(&upstream, name, limit).await
+    }
+
+    async fn in_use(&self, _in_node: &MemoryCoord, _max: usize) -> Result<InUse, BusError> {
+        Err(BusError::Unavailable(
+            "a sidecar keeps no locks or buckets (it relays them to its control plane): \
+             list them on the control plane's admin console"
+                .into(),
+        ))
     }
 
     async fn shutdown(&self) {

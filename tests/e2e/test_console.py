@@ -57,6 +57,8 @@ broadcast = ["shop:>"]
 send = ["shop:>"]
 subscribe = ["shop:>"]
 members = true
+lock = ["shop:>"]
+limit = ["shop:>"]
 
 [[token]]
 name = "viewer"
@@ -76,12 +78,14 @@ def value(data: object) -> struct_pb2.Value:
 
 class Worker:
     """A real worker: a grpcio Subscribe stream with a stable id and a role, which
-    answers every request with `ok` (or an error when its data says `fail`)."""
+    answers every request with `ok`. A test may make it fail an op once
+    (`fail_once`) or hold its answer to an op until an event is set (`hold`)."""
 
     def __init__(self, server: IpcServer, member_id: str, role: str, labels: dict[str, str]):
         self.channel = grpc.insecure_channel(server.grpc_addr)
         self.stub = ipc_pb2_grpc.IpcStub(self.channel)
-        self.failing = False
+        self.fail_once: set[str] = set()
+        self.hold: dict[str, threading.Event] = {}
         self.asked: dict[str, int] = {}  # requests received, by op
         self.messages: queue.Queue = queue.Queue()
         request = ipc_pb2.SubscribeRequest(id=member_id, app="shop", role=role, labels=labels)
@@ -104,12 +108,24 @@ class Worker:
                 if msg.op == "ipc:subscribed":
                     self.subscribed.set()
                 elif msg.reply_to:
-                    self.stub.Reply(ipc_pb2.ReplyRequest(reply_to=msg.reply_to, op="ok", data=value({"done": msg.op})), metadata=OPS)
+                    self.asked[msg.op] = self.asked.get(msg.op, 0) + 1
+                    threading.Thread(target=self._answer, args=(msg,), daemon=True).start()
                 else:
                     self.messages.put(msg)
         except grpc.RpcError as error:
             self.error = error
             self.subscribed.set()
+
+    def _answer(self, msg: ipc_pb2.Msg) -> None:
+        held = self.hold.get(msg.op)
+        if held is not None:
+            held.wait(WAIT_LIMIT)
+        if msg.op in self.fail_once:
+            self.fail_once.discard(msg.op)
+            reply = ipc_pb2.ReplyRequest(reply_to=msg.reply_to, op="failed", error="health check failed after the deploy")
+        else:
+            reply = ipc_pb2.ReplyRequest(reply_to=msg.reply_to, op="ok", data=value({"done": msg.op}))
+        self.stub.Reply(reply, metadata=OPS)
 
     def next(self, limit: float = WAIT_LIMIT) -> ipc_pb2.Msg:
         try:
@@ -127,8 +143,10 @@ class Fleet:
         args = ["--redis", redis_url, "--tokens", str(tokens), "--admin-listen", "127.0.0.1:0", "--presence-ttl-ms", "3000"]
         self.a = IpcServer(app="shop", args=[*args, "--node", "replica-a"])
         self.b = IpcServer(app="shop", args=[*args, "--node", "replica-b"])
-        assert self.b.admin_addr, f"no admin= in the readiness line: {self.b.describe()}"
+        assert self.a.admin_addr and self.b.admin_addr, f"no admin= in the readiness line: {self.b.describe()}"
+        # The page is served by B; A's console is where a rollout is resumed.
         self.url = f"http://{self.b.admin_addr}"
+        self.url_a = f"http://{self.a.admin_addr}"
         self.workers = [
             Worker(self.a, "shop:w1", "worker", {"zone": "a"}),
             Worker(self.b, "shop:w2", "worker", {"zone": "b"}),
@@ -195,10 +213,22 @@ def browser() -> Iterator[object]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def screenshot(driver, name: str) -> None:
-    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+def screenshot(driver, name: str, whole_page: bool = False, show: str | None = None) -> None:
+    """Saves docs/console/NAME.png with UPDATE_SCREENSHOTS=1; `whole_page`: the
+    window is made as tall as the page for it; `show`: scrolled to that element."""
+    if os.environ.get("UPDATE_SCREENSHOTS") != "1":
+        return
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    if show:
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", driver.find_element(By.CSS_SELECTOR, show))
+    size = driver.get_window_size()
+    if whole_page:
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(size["width"], height + size["height"] - driver.execute_script("return window.innerHeight"))
+    try:
         driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    finally:
+        driver.set_window_size(size["width"], size["height"])
 
 
 def visible(driver, css: str):
@@ -206,8 +236,9 @@ def visible(driver, css: str):
     return found[0] if found else None
 
 
-def log_in(driver, fleet: Fleet, secret: str) -> None:
-    driver.get(fleet.url + "/")
+def log_in(driver, fleet: Fleet, secret: str, url: str | None = None) -> None:
+    """Logs in to the console of replica B (or the one at `url`)."""
+    driver.get((url or fleet.url) + "/")
     # The page asks whether its cookie is a live session, then shows one or the other.
     wait_until(lambda: visible(driver, "#login-token") or visible(driver, "#logout"), "the login form or the app")
     if visible(driver, "#logout"):
@@ -388,6 +419,169 @@ def test_gather_and_rollout_forms_say_when_the_server_lacks_them(browser, fleet:
     screenshot(browser, "ops")
 
 
+ROLLOUT_FORM = {
+    "rollout-target": ":worker",
+    "rollout-op": "deploy:v2",
+    "rollout-data": '{"version": 2}',
+    "rollout-wave": "1",
+    "rollout-failures": "0",
+    # Per member: long enough for the test to look at the grid while w1 is held.
+    "rollout-timeout": "20000",
+    "rollout-key": "deploy-v2-from-the-console",
+}
+
+
+def fill(driver, fields: dict[str, str]) -> None:
+    for field, text in fields.items():
+        box = driver.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(text)
+
+
+def rollout_cells(driver) -> dict[str, str]:
+    """Each member's cell in the rollout grid: its status, `+asking` while asked."""
+    return {
+        cell.get_attribute("data-member"): cell.get_attribute("data-status") + ("+asking" if cell.get_attribute("data-asking") else "")
+        for cell in driver.find_elements(By.CSS_SELECTOR, "#rollout-grid .cell")
+    }
+
+
+def table_rows(driver, css: str, key: str) -> dict[str, list[str]]:
+    return {row.get_attribute(key): [td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in driver.find_elements(By.CSS_SELECTOR, css)}
+
+
+def preview_rollout(driver) -> str:
+    start = driver.find_element(By.ID, "rollout-submit")
+    assert not start.is_enabled(), "a rollout can only start after its preview"
+    driver.find_element(By.ID, "rollout-preview").click()
+    preview = wait_until(
+        lambda: (text := driver.find_element(By.ID, "rollout-result").text).startswith("Preview:") and text,
+        "the rollout preview",
+    )
+    wait_until(start.is_enabled, "the start button after the preview")
+    return preview
+
+
+def finished_state(driver) -> str:
+    return wait_until(
+        lambda: (text := driver.find_element(By.ID, "rollout-run-state").text) not in ("", "RUNNING") and text,
+        "the rollout to end",
+    )
+
+
+def test_a_rollout_from_the_page_is_previewed_shown_as_it_runs_and_resumed_on_the_other_replica(browser, fleet: Fleet):
+    w1, w2, w3 = fleet.workers  # w1 and w3 on replica A, w2 on replica B
+    op = ROLLOUT_FORM["rollout-op"]
+    release_w1 = threading.Event()
+    w1.hold[op] = release_w1
+    w2.fail_once.add(op)
+    try:
+        log_in(browser, fleet, OPS_SECRET)
+        tab(browser, "ops")
+        fill(browser, ROLLOUT_FORM)
+
+        # The dry run: who would be asked, in which wave; nothing is sent.
+        preview = preview_rollout(browser)
+        assert "3 member(s) of shop:worker in 3 wave(s)" in preview, preview
+        plan = table_rows(browser, "#rollout-result tr[data-member]", "data-member")
+        assert {m: (cells[2], cells[3]) for m, cells in plan.items()} == {
+            "shop:w1": ("1", "PENDING"),
+            "shop:w2": ("2", "PENDING"),
+            "shop:w3": ("3", "PENDING"),
+        }, plan
+        assert sum(w.asked.get(op, 0) for w in fleet.workers) == 0, "the preview sent nothing"
+        screenshot(browser, "ops", whole_page=True)
+
+        # As it runs: wave 1 (w1, held by the test) is being asked, the others wait.
+        browser.find_element(By.ID, "rollout-submit").click()
+        wait_until(
+            lambda: rollout_cells(browser) == {"shop:w1": "PENDING+asking", "shop:w2": "PENDING", "shop:w3": "PENDING"},
+            "w1 being asked while w2 and w3 wait",
+        )
+        assert browser.find_element(By.ID, "rollout-run-state").text == "RUNNING"
+        wait_until(lambda: w1.asked.get(op) == 1, "the request to w1")
+        assert w2.asked.get(op, 0) == 0, "wave 2 waits for wave 1"
+        release_w1.set()
+
+        # w2 fails; with no failure allowed the rollout stops before w3's wave.
+        assert finished_state(browser) == "STOPPED"
+        assert rollout_cells(browser) == {"shop:w1": "OK", "shop:w2": "FAILED", "shop:w3": "PENDING"}
+        colours = {
+            member: browser.find_element(By.CSS_SELECTOR, f'#rollout-grid .cell[data-member="{member}"]').value_of_css_property("background-color")
+            for member in ("shop:w1", "shop:w2", "shop:w3")
+        }
+        assert colours["shop:w1"] == "rgba(227, 244, 234, 1)", colours  # OK: green
+        assert colours["shop:w2"] == "rgba(251, 231, 229, 1)", colours  # FAILED: red
+        assert len(set(colours.values())) == 3, colours  # PENDING: grey
+        ledger = table_rows(browser, "#rollout-ledger tr[data-member]", "data-member")
+        assert {m: cells[3] for m, cells in ledger.items()} == {"shop:w1": "OK", "shop:w2": "FAILED", "shop:w3": "PENDING"}
+        assert "health check failed" in ledger["shop:w2"][5]
+        assert ledger["shop:w1"][1] == "replica-a" and ledger["shop:w2"][1] == "replica-b"
+        counts = browser.find_element(By.ID, "rollout-counts").text
+        assert "1 OK" in counts and "1 failed" in counts, counts
+        ledger_id = browser.find_element(By.CSS_SELECTOR, "#rollout-ledger h3").text
+        assert w3.asked.get(op, 0) == 0, "stopped before w3's wave"
+        assert visible(browser, "#rollout-resume"), "a stopped rollout offers to resume"
+        screenshot(browser, "rollout", show="#rollout-run")
+
+        # Resumed by its key from replica A's console: the ledger comes from Redis,
+        # w1 (OK before) is skipped, w2 and w3 are asked.
+        log_in(browser, fleet, OPS_SECRET, url=fleet.url_a)
+        tab(browser, "ops")
+        fill(browser, ROLLOUT_FORM)
+        preview = preview_rollout(browser)
+        assert "1 already OK under this key (skipped)" in preview, preview
+        plan = table_rows(browser, "#rollout-result tr[data-member]", "data-member")
+        assert {m: cells[3] for m, cells in plan.items()} == {"shop:w1": "SKIPPED", "shop:w2": "PENDING", "shop:w3": "PENDING"}
+        browser.find_element(By.ID, "rollout-submit").click()
+        assert finished_state(browser) == "DONE"
+        assert rollout_cells(browser) == {"shop:w1": "SKIPPED", "shop:w2": "OK", "shop:w3": "OK"}
+        assert browser.find_element(By.CSS_SELECTOR, "#rollout-ledger h3").text == ledger_id, "the same ledger, resumed"
+        assert (w1.asked[op], w2.asked[op], w3.asked[op]) == (1, 2, 1)
+        assert not visible(browser, "#rollout-resume")
+        screenshot(browser, "rollout-resumed", show="#rollout-run")
+    finally:
+        release_w1.set()
+        w1.hold.clear()
+        w2.fail_once.clear()
+
+
+def test_locks_and_limits_in_use_are_listed_fleet_wide(browser, fleet: Fleet):
+    # Taken through replica A; the page is served by B.
+    lease = fleet.stub_a.Lock(ipc_pb2.LockRequest(name=":db-migrate", ttl_ms=600_000), metadata=OPS)
+    assert lease.acquired
+    drawn = fleet.stub_a.Limit(ipc_pb2.LimitRequest(name=":mail", rate=10, interval_ms=60_000, burst=20, cost=5), metadata=OPS)
+    assert drawn.allowed and drawn.remaining == 15
+    try:
+        log_in(browser, fleet, OPS_SECRET)
+        tab(browser, "locks")
+        locks = wait_until(lambda: table_rows(browser, "#locks-list tr.lock", "data-name"), "the lock in the list")
+        name, holder, fence, expires = locks["shop:db-migrate"]
+        assert (name, holder, fence) == ("shop:db-migrate", "ops", str(lease.fence))
+        assert expires.startswith("in ") and expires.endswith(" min"), expires
+        limits = table_rows(browser, "#limits-list tr.limit", "data-name")
+        name, tokens, refill, full = limits["shop:mail"]
+        assert (tokens, refill) == ("15 / 20", "10 per 60 s"), limits
+        assert "Shown: the locks your token may take (shop:>)" in browser.find_element(By.ID, "locks-scope").text
+        screenshot(browser, "locks")
+
+        # A token whose grants cover neither sees neither: the server filters.
+        log_in(browser, fleet, VIEWER_SECRET)
+        tab(browser, "locks")
+        wait_until(lambda: "No lock is held" in browser.find_element(By.ID, "locks-list").text, "an empty list for the viewer")
+        listed = browser.execute_async_script("const done = arguments[0]; fetch('/api/locks').then(r => r.json()).then(done);")
+        assert listed["locks"] == [] and listed["limits"] == [], listed
+
+        # Released through A: gone from B's list at its next refresh.
+        assert fleet.stub_a.Unlock(ipc_pb2.UnlockRequest(name=":db-migrate", fence=lease.fence), metadata=OPS).released
+        log_in(browser, fleet, OPS_SECRET)
+        tab(browser, "locks")
+        wait_until(lambda: "No lock is held" in browser.find_element(By.ID, "locks-list").text, "the released lock gone")
+        assert "shop:mail" in table_rows(browser, "#limits-list tr.limit", "data-name")
+    finally:
+        fleet.stub_a.Unlock(ipc_pb2.UnlockRequest(name=":db-migrate", fence=lease.fence), metadata=OPS)
+
+
 def test_health_view_shows_every_replica_and_the_bus(browser, fleet: Fleet):
     log_in(browser, fleet, OPS_SECRET)
     tab(browser, "health")
@@ -403,10 +597,6 @@ def test_health_view_shows_every_replica_and_the_bus(browser, fleet: Fleet):
     cards = browser.find_element(By.ID, "health-cards").text
     assert "redis" in cards and "healthy" in cards
     screenshot(browser, "health")
-    tab(browser, "locks")
-    locks = browser.find_element(By.ID, "locks-status").text
-    assert "no call that lists" in locks and "Your token may lock nothing" in locks, locks
-    screenshot(browser, "locks")
 
 
 def test_the_page_fits_a_phone_screen(browser, fleet: Fleet):

@@ -33,13 +33,9 @@ impl Bucket {
     /// Refills for the time since the last call, then takes `cost` if there is
     /// enough. A clock that went back refills nothing.
     pub fn take(&mut self, spec: &LimitSpec, now_ms: f64) -> BucketAnswer {
-        let burst = f64::from(spec.burst);
         let per_ms = f64::from(spec.rate) / f64::from(spec.interval_ms);
-        if now_ms > self.at_ms {
-            self.tokens += (now_ms - self.at_ms) * per_ms;
-            self.at_ms = now_ms;
-        }
-        self.tokens = self.tokens.min(burst);
+        self.tokens = self.refilled(spec, now_ms);
+        self.at_ms = self.at_ms.max(now_ms);
         let cost = f64::from(spec.cost);
         if self.tokens >= cost {
             self.tokens -= cost;
@@ -55,6 +51,14 @@ impl Bucket {
                 retry_after_ms: ((cost - self.tokens) / per_ms).ceil().max(1.0) as u32,
             }
         }
+    }
+
+    /// The tokens at `now_ms`: refilled for the time since the last call, at most
+    /// `burst`. A clock that went back refills nothing.
+    pub fn refilled(&self, spec: &LimitSpec, now_ms: f64) -> f64 {
+        let per_ms = f64::from(spec.rate) / f64::from(spec.interval_ms);
+        let elapsed = (now_ms - self.at_ms).max(0.0);
+        (self.tokens + elapsed * per_ms).min(f64::from(spec.burst))
     }
 
     /// How long after its last call a bucket is full again, so can be forgotten.

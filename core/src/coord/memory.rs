@@ -14,7 +14,10 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::bucket::Bucket;
-use super::{LimitAnswer, LimitSpec, LockAnswer, LockSpec, UnlockSpec, fence_floor};
+use super::{
+    BucketInfo, InUse, LeaseInfo, LimitAnswer, LimitSpec, LockAnswer, LockSpec, UnlockSpec,
+    fence_floor,
+};
 
 /// Most buckets kept before idle (full) ones are swept.
 const SWEEP_AT: usize = 10_000;
@@ -191,6 +194,37 @@ impl MemoryCoord {
         }
     }
 
+    /// The live leases and the buckets not full again, at most `max` of each.
+    pub fn in_use(&self, max: usize) -> InUse {
+        let now = crate::now_ms();
+        let clock = self.clock_ms();
+        let state = self.state.lock();
+        let locks = state
+            .names
+            .iter()
+            .filter_map(|(name, entry)| {
+                let lease = entry.lease.as_ref().filter(|l| l.expires_ms > now)?;
+                Some(LeaseInfo {
+                    name: name.clone(),
+                    holder: lease.holder.clone(),
+                    fence: lease.fence,
+                    expires_ms: lease.expires_ms,
+                })
+            })
+            .collect();
+        let limits = state
+            .buckets
+            .iter()
+            .filter_map(|(name, (spec, bucket))| BucketInfo::of(name, spec, bucket, clock))
+            .collect();
+        InUse {
+            locks,
+            limits,
+            truncated: false,
+        }
+        .finish(max)
+    }
+
     fn clock_ms(&self) -> f64 {
         self.started.elapsed().as_secs_f64() * 1000.0
     }
@@ -306,6 +340,36 @@ mod tests {
         assert!(
             !coord.unlock(&unlock(first.fence)),
             "an expired fence frees nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn in_use_lists_live_leases_and_buckets_not_full() {
+        let coord = MemoryCoord::new();
+        let lease = coord.lock(&spec("a", 0)).await;
+        let limit = LimitSpec {
+            rate: 1,
+            interval_ms: 60_000,
+            burst: 3,
+            cost: 1,
+        };
+        coord.limit("mail", &limit);
+        let in_use = coord.in_use(10);
+        assert_eq!(
+            in_use.locks,
+            [LeaseInfo {
+                name: "shop:job".into(),
+                holder: "a".into(),
+                fence: lease.fence,
+                expires_ms: lease.expires_ms,
+            }]
+        );
+        assert_eq!(in_use.limits.len(), 1);
+        assert_eq!((in_use.limits[0].tokens, in_use.limits[0].burst), (2, 3));
+        assert!(coord.unlock(&unlock(lease.fence)));
+        assert!(
+            coord.in_use(10).locks.is_empty(),
+            "a released lease is gone"
         );
     }
 

@@ -8,6 +8,8 @@
 //! - [`MemoryCoord`]: the in-node implementation, the default of
 //!   [`crate::Bus::lock`], [`crate::Bus::unlock`] and [`crate::Bus::limit`]. The
 //!   Redis bus keeps the same state in Redis with scripts that follow the same rules.
+//! - [`InUse`]: the leases and buckets in use, listed for people (the admin
+//!   console; no RPC lists them), filtered by the caller's grants in [`Node::in_use`].
 //! - [`Session`]: the lifetime of a caller's connection, for a node that ties leases
 //!   to it (the sidecar releases a lock once the local process that took it is gone).
 //!
@@ -25,6 +27,7 @@
 //! one given, so they keep growing even where the counter itself was lost.
 
 mod bucket;
+mod in_use;
 mod memory;
 mod ops;
 mod session;
@@ -37,9 +40,12 @@ use ipc_proto::pb::{LimitRequest, LockRequest, UnlockRequest};
 
 use crate::channel;
 use crate::metrics::Metrics;
+#[cfg(doc)]
+use crate::node::Node;
 use crate::node::NodeError;
 
 pub use bucket::{Bucket, BucketAnswer};
+pub use in_use::{BucketInfo, InUse, LeaseInfo, MAX_LISTED};
 pub use memory::MemoryCoord;
 pub use session::{LocalConnection, Session, SessionGuard, SessionStream, session_incoming};
 

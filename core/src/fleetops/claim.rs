@@ -32,6 +32,15 @@ use crate::node::{Node, NodeError};
 /// again after this.
 pub const CLAIM_TTL: Duration = Duration::from_secs(5);
 
+/// How a claim's lease name starts (`op#APP/KEY`): `#` is not allowed in lock
+/// names, so no Lock call can take a claim's name.
+pub const CLAIM_PREFIX: &str = "op#";
+
+/// Whether a lease is a claim of a keyed operation rather than a lock.
+pub fn is_claim(lease_name: &str) -> bool {
+    lease_name.starts_with(CLAIM_PREFIX)
+}
+
 /// A key claimed by this node for one run.
 pub(crate) struct Claim {
     name: String,
@@ -52,8 +61,7 @@ impl Node {
         let Some((key, scoped)) = &asked.key else {
             return Ok(None);
         };
-        // `#` is not allowed in lock names, so no Lock call can take a claim's name.
-        let name = format!("op#{scoped}");
+        let name = format!("{CLAIM_PREFIX}{scoped}");
         let holder = self.config().name.clone();
         let answer = self
             .bus()
