@@ -251,6 +251,11 @@ const SERVE_NOTICES: usize = 64;
 
 /// Delivers the replies of a Serve stream; reports each failure on the stream.
 /// A message that cannot be decoded ends the stream with its status.
+///
+/// Replies are read until the client ends its side, also after the subscription
+/// ended: a responder that answers and then leaves (a worker restarting under its
+/// id, which replaces this subscription) has its answer delivered, not dropped with
+/// the stream; only the notice of a failure can no longer be sent then.
 async fn relay_replies(
     node: Arc<Node>,
     caller: Caller,
@@ -258,10 +263,7 @@ async fn relay_replies(
     notices: tokio::sync::mpsc::Sender<Result<Arc<Msg>, Status>>,
 ) {
     loop {
-        let next = tokio::select! {
-            () = notices.closed() => return,
-            next = requests.message() => next,
-        };
+        let next = requests.message().await;
         let reply = match next {
             Ok(None) => return,
             Err(status) => {
@@ -290,7 +292,7 @@ async fn relay_replies(
                 .await
                 .is_err()
         {
-            return;
+            tracing::debug!(%reply_to, "a reply on an ended Serve stream was not delivered");
         }
     }
 }

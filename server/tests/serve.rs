@@ -106,3 +106,63 @@ async fn the_first_message_must_subscribe() {
         .expect_err("refused");
     assert_eq!(empty.code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_sent_after_the_subscription_was_replaced_is_still_delivered() {
+    // A worker restarting under its id: it answers on its old stream while its new
+    // subscription (same id) has already replaced the old one.
+    let server = server(&["--app", "shop"]);
+    let mut client = server.client().await;
+    let subscribe = || ServeRequest {
+        kind: Some(serve_request::Kind::Subscribe(SubscribeRequest {
+            id: "shop:w:1".into(),
+            role: "worker".into(),
+            ..SubscribeRequest::default()
+        })),
+    };
+    let (to_node, outgoing) = mpsc::channel(8);
+    to_node.send(subscribe()).await.unwrap();
+    let mut old = client
+        .serve(ReceiverStream::new(outgoing))
+        .await
+        .expect("serve opens")
+        .into_inner();
+    assert_eq!(next(&mut old).await.op, "ipc:subscribed");
+
+    let mut caller = server.client().await;
+    let asked = tokio::spawn(async move {
+        caller
+            .send_msg(SendMsgRequest {
+                target: "shop:w:1".into(),
+                op: "worker:restart".into(),
+                timeout_ms: 10_000,
+                ..SendMsgRequest::default()
+            })
+            .await
+    });
+    let request = next(&mut old).await;
+    assert_eq!(request.op, "worker:restart");
+
+    let (to_new, new_outgoing) = mpsc::channel(8);
+    to_new.send(subscribe()).await.unwrap();
+    let mut new = client
+        .serve(ReceiverStream::new(new_outgoing))
+        .await
+        .expect("serve opens")
+        .into_inner();
+    assert_eq!(next(&mut new).await.op, "ipc:subscribed");
+    // The old stream is over; its sending side is still open.
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(_)) = old.message().await {}
+    });
+    ended.await.expect("the replaced stream ends");
+
+    to_node
+        .send(reply(&request.reply_to, json!({"restarted": true})))
+        .await
+        .unwrap();
+    drop(to_node);
+    let answer = asked.await.unwrap().expect("answered").into_inner();
+    let data = ipc_proto::json::from_optional(answer.reply.unwrap().data.as_ref());
+    assert_eq!(data, json!({"restarted": true}));
+}

@@ -222,7 +222,7 @@ def test_rollout_goes_in_waves_waits_for_restarts_and_names_every_outcome(fleet:
         events = list(rollout)
     ledger = rollout.ledger
     assert ledger is not None and events[-1].ledger == ledger
-    assert (ledger.state, ledger.expected, ledger.waves) == ("DONE", 7, 4), ledger
+    assert (ledger.state, ledger.expected, ledger.waves) == ("DONE", 7, 4), [(o.member, o.status, o.detail) for o in ledger.outcomes]
     assert statuses(ledger) == {
         "m1": "OK",
         "m2": "OK",
