@@ -23,20 +23,7 @@ fn subscriber(id: &str, role: &str, tag: &str, channels: &[&str]) -> SubscribeRe
 
 /// The ids of the members a broadcast on `channel` would reach, sorted.
 async fn reached(client: &mut IpcClient<Channel>, channel: &str) -> Vec<String> {
-    let mut ids: Vec<String> = client
-        .members(MembersRequest {
-            channel: channel.into(),
-            ..MembersRequest::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("members of {channel}: {e}"))
-        .into_inner()
-        .members
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
-    ids.sort();
-    ids
+    ipc_testkit::reached(client, None, channel).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,20 +191,7 @@ async fn another_replica_lists_the_local_subscribers_of_a_pod() {
 
 /// The ids of the members a broadcast on `channel` would reach, asked of `client`.
 async fn reached(client: &mut Client, channel: &str) -> Vec<String> {
-    let mut ids: Vec<String> = client
-        .members(with_app(MembersRequest {
-            channel: channel.into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_or_else(|e| panic!("members of {channel}: {e}"))
-        .into_inner()
-        .members
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
-    ids.sort();
-    ids
+    ipc_testkit::reached(client, Some(APP), channel).await
 }
 
 #[tokio::test]

@@ -200,3 +200,33 @@ impl Drop for ServerProcess {
         self.kill();
     }
 }
+
+/// The ids of every member a broadcast on `channel` would reach (Members with
+/// `channel`), sorted; `app` goes as `ipc-app` metadata when given. Panics with the
+/// status when the node refuses.
+pub async fn reached(
+    client: &mut ipc_proto::pb::ipc_client::IpcClient<tonic::transport::Channel>,
+    app: Option<&str>,
+    channel: &str,
+) -> Vec<String> {
+    let mut request = tonic::Request::new(ipc_proto::pb::MembersRequest {
+        channel: channel.into(),
+        ..Default::default()
+    });
+    if let Some(app) = app {
+        request
+            .metadata_mut()
+            .insert("ipc-app", app.parse().expect("an app id"));
+    }
+    let mut reached: Vec<String> = client
+        .members(request)
+        .await
+        .unwrap_or_else(|e| panic!("members of {channel}: {e}"))
+        .into_inner()
+        .members
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    reached.sort();
+    reached
+}

@@ -320,6 +320,22 @@ fn millis(duration: Duration) -> u32 {
         .max(1)
 }
 
+impl<K> Operation<'_, K> {
+    /// The fields Gather and Rollout share, as a GatherRequest.
+    fn gather_request(&self) -> pb::GatherRequest {
+        pb::GatherRequest {
+            target: self.target.clone(),
+            op: self.op.clone(),
+            data: payload(&self.data),
+            headers: self.headers.clone().into_iter().collect(),
+            timeout_ms: millis(self.timeout),
+            labels: self.labels.clone().into_iter().collect(),
+            dry_run: self.dry_run,
+            key: self.key.clone(),
+        }
+    }
+}
+
 impl<'a> IntoFuture for Operation<'a, GatherKind> {
     type Output = Result<Ledger, Error>;
     type IntoFuture = BoxFuture<'a, Self::Output>;
@@ -327,16 +343,7 @@ impl<'a> IntoFuture for Operation<'a, GatherKind> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let client = self.client;
-            let request = pb::GatherRequest {
-                target: self.target.clone(),
-                op: self.op,
-                data: payload(&self.data),
-                headers: self.headers.into_iter().collect(),
-                timeout_ms: millis(self.timeout),
-                labels: self.labels.into_iter().collect(),
-                dry_run: self.dry_run,
-                key: self.key,
-            };
+            let request = self.gather_request();
             // Slack over `timeout_ms`, so that the node (which names who did not
             // answer) answers, not the transport.
             let deadline = self.timeout + Duration::from_millis(500);
@@ -360,15 +367,25 @@ impl<'a> IntoFuture for Operation<'a, RolloutKind> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let client = self.client;
+            let pb::GatherRequest {
+                target,
+                op,
+                data,
+                headers,
+                timeout_ms,
+                labels,
+                dry_run,
+                key,
+            } = self.gather_request();
             let request = pb::RolloutRequest {
-                target: self.target.clone(),
-                op: self.op,
-                data: payload(&self.data),
-                headers: self.headers.into_iter().collect(),
-                timeout_ms: millis(self.timeout),
-                labels: self.labels.into_iter().collect(),
-                dry_run: self.dry_run,
-                key: self.key,
+                target,
+                op,
+                data,
+                headers,
+                timeout_ms,
+                labels,
+                dry_run,
+                key,
                 wave_size: self.wave_size,
                 max_failures: self.max_failures,
                 ready_timeout_ms: if self.ready_timeout.is_zero() {

@@ -647,7 +647,13 @@ fn members_table(members: &[Member], now_ms: i64) -> String {
             dash(&labels.join(",")),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
+    table(&rows)
+}
+
+/// Left-aligned columns, two spaces apart, trailing spaces trimmed.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|col| {
             rows.iter()
                 .map(|row| row[col].chars().count())

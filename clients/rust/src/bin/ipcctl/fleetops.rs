@@ -21,7 +21,7 @@ use ipc_client::{
     Client, Error, Ledger, LedgerState, Operation, Outcome, OutcomeStatus, RolloutEvent,
 };
 
-use super::{Payload, exit, fail, report};
+use super::{Payload, exit, fail, report, table};
 
 /// The options `gather` and `rollout` share.
 #[derive(Debug, clap::Args)]
@@ -524,25 +524,6 @@ pub fn summary(ledger: &Ledger) -> String {
         rows.push(row);
     }
     out.push_str(&table(&rows));
-    out
-}
-
-/// Left-aligned columns, two spaces apart.
-fn table(rows: &[Vec<String>]) -> String {
-    let columns = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
     out
 }
 
