@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from google.protobuf import json_format, struct_pb2
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DOC = ROOT / "docs" / "grpcurl.md"
 README = ROOT / "README.md"
+EXAMPLE_WORKER = ROOT / "clients" / "python" / "examples" / "worker.py"
 DOC_ADDR = "localhost:7700"
 
 BLOCK = re.compile(r"^```(?:sh|bash|shell)\n(.*?)^```", re.S | re.M)
@@ -155,10 +157,15 @@ def check_idempotent_broadcast(shell: Shell, blocks: list[str], stub, subscribe)
     assert worker.next().op == "marker", "the repeat was not delivered"
 
 
+def json_stream(printed: str) -> list[dict]:
+    """The JSON objects grpcurl prints for a stream, one after another."""
+    return [json.loads(part) for part in re.split(r"(?<=\})\s*(?=\{)", printed.strip())]
+
+
 def check_publish(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     reader = subscribe(channels=["shop:metrics"])
     printed = shell.ok(blocks[0]).stdout
-    answers = [json.loads(part) for part in re.split(r"(?<=\})\s*(?=\{)", printed.strip())]
+    answers = json_stream(printed)
     assert len(answers) == 3, printed
     for n, answer in enumerate(answers, start=1):
         assert answer["cursor"] and not answer.get("error"), answer
@@ -241,6 +248,76 @@ def check_members(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     assert "shop:worker" in members[0]["channels"]
 
 
+def example_workers(shell: Shell, *ids: str) -> list[Process]:
+    """clients/python/examples/worker.py under each id, subscribed."""
+    env = dict(os.environ, PYTHONPATH=str(EXAMPLE_WORKER.parents[1]))
+    workers = []
+    for member in ids:
+        argv = [sys.executable, str(EXAMPLE_WORKER), "--addr", shell.server.grpc_addr, "--app", "shop", "--id", member]
+        workers.append(Process(argv, env=env))
+    for worker in workers:
+        worker.wait_for(r'"event": "subscribed"')
+    return workers
+
+
+def events(worker: Process, name: str) -> list[dict]:
+    """The example worker's events of that name printed so far (read up to the last)."""
+    return [e for e in map(json.loads, worker.lines) if e["event"] == name]
+
+
+def check_gather(shell: Shell, blocks: list[str], stub, subscribe) -> None:
+    workers = example_workers(shell, "worker-1", "worker-2")
+    try:
+        subscribe(app="shop", role="worker", id="worker-3")  # subscribed, never answers
+        ledger = shell.json(blocks[0])
+        assert (ledger["state"], ledger["expected"], ledger["ok"], ledger["noReply"]) == ("DONE", 3, 2, 1), ledger
+        outcomes = {o["member"]: o for o in ledger["outcomes"]}
+        assert outcomes["worker-1"]["reply"]["data"] == {"key": "db", "value": "postgres://db.internal:5432/shop"}
+        assert outcomes["worker-2"]["status"] == "OK"
+        assert (outcomes["worker-3"]["status"], outcomes["worker-3"]["detail"]) == ("NO_REPLY", "no answer within 2000 ms")
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
+def check_rollout(shell: Shell, blocks: list[str], stub, subscribe) -> None:
+    plan_block, rollout_block, keyed_block = blocks
+    workers = example_workers(shell, "worker-1", "worker-2", "worker-3")
+    try:
+        [plan] = json_stream(shell.ok(plan_block).stdout)
+        assert plan["ledger"]["state"] == "DRY_RUN"
+        assert [(o["member"], o["wave"]) for o in plan["ledger"]["outcomes"]] == [
+            ("worker-1", 1),
+            ("worker-2", 1),
+            ("worker-3", 2),
+        ]
+
+        printed = json_stream(shell.ok(rollout_block).stdout)
+        *progress, last = printed
+        assert sorted((e.get("wave"), e["outcome"]["member"], e["outcome"]["status"]) for e in progress) == [
+            (1, "worker-1", "OK"),
+            (1, "worker-2", "OK"),
+            (2, "worker-3", "OK"),
+        ]
+        ledger = last["ledger"]
+        assert (ledger["state"], ledger["ok"], ledger["waves"]) == ("DONE", 3, 2), ledger
+        for n, worker in enumerate(workers, start=1):
+            worker.wait_for(r'"event": "restart"')
+            worker.wait_for(r'"event": "subscribed"')
+            assert [e["id"] for e in events(worker, "subscribed")] == [f"worker-{n}"] * 2
+            assert [e["operation"] for e in events(worker, "restart")] == [ledger["id"]], "not restarted by the plan"
+
+        first = json_stream(shell.ok(keyed_block).stdout)[-1]["ledger"]
+        [again] = json_stream(shell.ok(keyed_block).stdout)
+        assert first["state"] == "DONE" and again["ledger"] == first, "the rerun asked again"
+        for worker in workers:
+            worker.wait_for(r'"event": "subscribed"')
+            assert len(events(worker, "restart")) == 2
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
 def check_lock(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     held = shell.json(blocks[0])
     assert held["acquired"] is True and int(held["fence"]) > 0, held
@@ -276,6 +353,8 @@ CHECKS = {
     "Tail every channel of an app (Subscribe)": check_tail,
     "Act as a worker and answer a request by hand (Subscribe, Reply)": check_answer_by_hand,
     "List the workers (Members)": check_members,
+    "Ask every worker and see who answered (Gather)": check_gather,
+    "Restart every worker in waves (Rollout)": check_rollout,
     "Hold a lock, then release it (Lock, Unlock)": check_lock,
     "Draw from a shared rate limit (Limit)": check_limit,
 }
