@@ -11,13 +11,14 @@ Behaviours, for every request (Gather, Rollout, SendMsg):
 - ``silent``: never answers;
 - ``restart``: answers, ends its subscription and subscribes again under its id;
 - ``gone``: answers, ends its subscription and exits (it never comes back);
-- ``stall-first``: never answers the first request of an operation (``ipc-op-id``),
-  answers its repeats as ``ok`` — a worker busy when its coordinator died.
+- ``stall-first``: never answers the first request of an operation, answers its
+  repeats as ``ok`` — a worker busy when its coordinator died.
 ``--watch PATTERN`` subscribes to a channel pattern only, as a watcher (no role).
 
 Each line of the events file is one JSON object with ``member`` and ``event``:
 ``subscribed``; ``start`` when a request arrives (with ``op``, ``op_id``, ``key``,
-``wave`` from the ``ipc-op-*`` headers, and ``repeat``: this operation asked before);
+``wave`` from the ``ipc-op-*`` headers, and ``repeat``: this operation — the same
+``ipc-op-id`` or ``ipc-op-key`` — asked before);
 ``end`` just before the act that settles the member for its coordinator (the answer;
 for ``restart``, the new subscription, which a Rollout with ``ready_timeout_ms``
 waits for); ``broadcast`` for a message that is not a request. Lines are appended
@@ -75,7 +76,7 @@ def main() -> int:
 
     events = Events(args.events, args.id)
     labels = dict(label.split("=", 1) for label in args.label)
-    asked: set[str] = set()  # operations (ipc-op-id) that asked this worker before
+    asked: set[tuple[str, str]] = set()  # operations (by ipc-op-id and ipc-op-key) that asked before
     client = Client(args.addr, app=args.app)
     while True:
         if args.watch:
@@ -92,8 +93,11 @@ def main() -> int:
                 events.write("broadcast", op=msg.op, id=msg.id, channel=msg.channel)
                 continue
             fields = request_fields(msg)
-            repeat = bool(fields["op_id"]) and fields["op_id"] in asked
-            asked.add(fields["op_id"])
+            # The same operation again: the same id (a Rollout resumed), or the same
+            # key (a Gather rerun, which has a new id when the first stored nothing).
+            marks = {("id", fields["op_id"]), ("key", fields["key"])} - {("id", ""), ("key", "")}
+            repeat = bool(marks & asked)
+            asked |= marks
             events.write("start", repeat=repeat, **fields)
             if args.behaviour == "silent" or (args.behaviour == "stall-first" and not repeat):
                 continue

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fleet_ipc import Client, FailedPrecondition, Ledger, NoResponders, Unavailable
+from fleet_ipc import Aborted, Client, FailedPrecondition, Ledger, NoResponders, Unavailable
 from fleet_ipc.testing import WAIT_LIMIT, IpcServer, IpcSidecar, Process, RedisServer, wait_until
 
 WORKER = Path(__file__).resolve().parent / "fleet_worker.py"
@@ -325,8 +326,11 @@ def test_a_rollout_whose_coordinator_died_is_resumed_on_another_replica(replicas
         rollout = operator.rollout(":worker", "worker:restart", key="restart-42", timeout=20)
         events = iter(rollout)
         assert next(events).outcome.member == "c1"
-        # c2 has the request and is still at it when the coordinator is killed.
+        # c2 has the request and is still at it.
         wait_until(lambda: any(e["member"] == "c2" for e in fleet.starts()), "c2 asked")
+        # While the coordinator lives, a rerun elsewhere is refused: one run per key.
+        with Client(survivor.grpc_addr, app="shop") as other, pytest.raises(Aborted, match="in use"):
+            other.rollout(":worker", "worker:restart", key="restart-42").wait()
         coordinator.signal(signal.SIGKILL)
         with pytest.raises(Unavailable):
             next(events)
@@ -345,3 +349,40 @@ def test_a_rollout_whose_coordinator_died_is_resumed_on_another_replica(replicas
         (resumed.id, "restart-42", False),
         (resumed.id, "restart-42", True),
     ]
+
+
+def test_a_gather_whose_coordinator_died_is_asked_again_under_its_key(replicas: Fleet) -> None:
+    fleet = replicas
+    coordinator, survivor = fleet.replicas
+    for member, behaviour in {"h1": "ok", "h2": "stall-first"}.items():
+        fleet.worker(member, behaviour, addr=survivor.grpc_addr).wait_for(r'"event": "subscribed"')
+    fleet.wait_members({"h1", "h2"})
+
+    cut_off: list[Unavailable] = []
+
+    def gather_on_the_coordinator() -> None:
+        with Client(coordinator.grpc_addr, app="shop") as operator:
+            try:
+                operator.gather(":worker", "health:check", key="audit-9", timeout=20)
+            except Unavailable as error:
+                cut_off.append(error)
+
+    gathering = threading.Thread(target=gather_on_the_coordinator, daemon=True)
+    gathering.start()
+    wait_until(lambda: {e["member"] for e in fleet.starts()} == {"h1", "h2"}, "both asked")
+    coordinator.signal(signal.SIGKILL)
+    gathering.join(WAIT_LIMIT)
+    assert cut_off, "the Gather on the killed replica did not fail with UNAVAILABLE"
+    assert coordinator.wait() == -signal.SIGKILL
+
+    with Client(survivor.grpc_addr, app="shop") as operator:
+        ledger = operator.gather(":worker", "health:check", key="audit-9", timeout=20)
+    assert (ledger.state, statuses(ledger)) == ("DONE", {"h1": "OK", "h2": "OK"})
+    # A Gather stores its ledger when it ends: nothing was stored, so everyone is
+    # asked again — under the same key, with a new operation id.
+    starts = fleet.starts("health:check")
+    assert Counter(e["member"] for e in starts) == {"h1": 2, "h2": 2}
+    assert {e["key"] for e in starts} == {"audit-9"}
+    first_id, second_id = dict.fromkeys(e["op_id"] for e in starts)
+    assert second_id == ledger.id and first_id != ledger.id
+    assert [e["repeat"] for e in starts if e["member"] == "h2"] == [False, True]

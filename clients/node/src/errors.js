@@ -29,6 +29,8 @@ class ResourceExhaustedError extends IpcError {}
 class UnavailableError extends IpcError {}
 /** Gather/Rollout: the key was used by a different operation (FAILED_PRECONDITION). */
 class FailedPreconditionError extends IpcError {}
+/** Gather/Rollout: a run under this key is still going, coordinated elsewhere (ABORTED). */
+class AbortedError extends IpcError {}
 
 /** SendMsg: the target answered with `error` set; the whole reply is in `reply`. */
 class ReplyError extends IpcError {
@@ -39,6 +41,7 @@ class ReplyError extends IpcError {
 }
 
 const BY_CODE = {
+  [status.ABORTED]: AbortedError,
   [status.DEADLINE_EXCEEDED]: DeadlineExceededError,
   [status.FAILED_PRECONDITION]: FailedPreconditionError,
   [status.INVALID_ARGUMENT]: InvalidArgumentError,
@@ -67,6 +70,7 @@ module.exports = {
   ResourceExhaustedError,
   UnavailableError,
   FailedPreconditionError,
+  AbortedError,
   ReplyError,
   fromGrpcError,
 };

@@ -354,7 +354,8 @@ class Client {
    * one with the whole ledger (as gather's). `timeoutMs` is each member's time to
    * answer; `deadlineMs` (none by default) bounds the whole call; `dryRun` yields the
    * plan only. A rerun with the same `key` resumes, on any replica: members already
-   * OK are 'SKIPPED'. Leaving the loop (break) cancels the call: no further wave.
+   * OK are 'SKIPPED'; it throws AbortedError while a run under the key is still going
+   * elsewhere. Leaving the loop (break) cancels the call: no further wave.
    */
   async *rollout(
     target,

@@ -35,6 +35,7 @@ from .client import (
     Subscription,
 )
 from .errors import (
+    Aborted,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -47,6 +48,7 @@ from .errors import (
 )
 
 __all__ = [
+    "Aborted",
     "Broadcasted",
     "Client",
     "DeadlineExceeded",

@@ -603,7 +603,9 @@ class Client:
         ``dry_run`` yields the plan only (members and waves). A rerun with the same
         ``key`` resumes, from any replica: members already ``OK`` are ``SKIPPED``.
         Errors (no responders, bad input, a key used for another operation) are
-        raised when iteration starts.
+        raised when iteration starts; :class:`~fleet_ipc.errors.Aborted` when a run
+        under the key is still going elsewhere (the node first waits a few seconds,
+        so that the run of a replica that died is resumed instead).
         """
         request = ipc_pb2.RolloutRequest(
             target=target,

@@ -61,7 +61,12 @@ class FailedPrecondition(IpcError):
     """Gather/Rollout: the key was used by a different operation (FAILED_PRECONDITION)."""
 
 
+class Aborted(IpcError):
+    """Gather/Rollout: a run under this key is still going, coordinated elsewhere (ABORTED)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[IpcError]] = {
+    grpc.StatusCode.ABORTED: Aborted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
