@@ -11,7 +11,9 @@ use ipc_inject::{INJECT_PATH, InjectConfig, inject_manifests_report};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use serde_json::Value;
@@ -31,6 +33,7 @@ fn parse_all(objects: &[Value]) {
                 drop(parse_strict::<ServiceAccount>(object, &what))
             }
             (Some("v1"), Some("Service")) => drop(parse_strict::<Service>(object, &what)),
+            (Some("v1"), Some("ConfigMap")) => drop(parse_strict::<ConfigMap>(object, &what)),
             (Some("apps/v1"), Some("Deployment")) => {
                 drop(parse_strict::<Deployment>(object, &what))
             }
@@ -608,4 +611,338 @@ fn the_base_itself_is_left_untouched_by_injection() {
     let out = inject_manifests_report(&yaml, &InjectConfig::default()).expect("inject");
     assert!(out.injected.is_empty());
     assert_eq!(out.yaml, yaml);
+}
+
+// ---- overlays/sentinel: Redis with Sentinel and TLS ----
+
+/// The sentinel overlay, rendered and checked strictly.
+fn sentinel_overlay() -> Vec<Value> {
+    let objects = render(&k8s_dir("overlays/sentinel"));
+    parse_all(&objects);
+    objects
+}
+
+fn statefulset(objects: &[Value], name: &str) -> (StatefulSet, PodSpec, Container) {
+    let set = parse_strict::<StatefulSet>(find(objects, "StatefulSet", name), name);
+    let pod = set.spec.template.spec.clone().unwrap();
+    let container = pod.containers[0].clone();
+    (set, pod, container)
+}
+
+fn the_server(objects: &[Value]) -> (PodSpec, Container) {
+    let deployment =
+        parse_strict::<Deployment>(find(objects, "Deployment", "ipc-server"), "ipc-server");
+    let pod = deployment.spec.template.spec.unwrap();
+    let container = pod.containers[0].clone();
+    (pod, container)
+}
+
+fn env<'a>(container: &'a Container, name: &str) -> &'a str {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| panic!("{}: no env {name}", container.name))
+}
+
+/// The Secret and key a file path is read from: the path must be
+/// `MOUNT/KEY` of a Secret volume mounted in `container`.
+fn secret_file(pod: &PodSpec, container: &Container, path: &str) -> (String, String) {
+    let (dir, key) = path.rsplit_once('/').expect("an absolute path");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == dir)
+        .unwrap_or_else(|| panic!("{}: nothing mounted at {dir} for {path}", container.name));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| panic!("no volume {}", mount.name));
+    let secret = volume
+        .secret
+        .as_ref()
+        .and_then(|s| s.secret_name.clone())
+        .unwrap_or_else(|| panic!("{path}: volume {} is not a Secret", volume.name));
+    (secret, key.to_owned())
+}
+
+/// Each `--redis-sentinel` address, as `(StatefulSet pod, Service, port)`.
+fn sentinel_addresses(server: &Container) -> Vec<(String, String, i32)> {
+    arg(server, "--redis-sentinel")
+        .split(',')
+        .map(|address| {
+            let (host, port) = address.rsplit_once(':').expect("HOST:PORT");
+            let labels: Vec<&str> = host.split('.').collect();
+            assert!(
+                matches!(labels[..], [_, _, "fleet-ipc", "svc"]),
+                "{address}: not POD.SERVICE.fleet-ipc.svc"
+            );
+            (
+                labels[0].to_owned(),
+                labels[1].to_owned(),
+                port.parse().expect("a port"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_sentinel_overlay_runs_a_tls_redis_primary_with_replicas_and_three_sentinels() {
+    let objects = sentinel_overlay();
+    let (redis, redis_pod, redis_container) = statefulset(&objects, "redis");
+    let (sentinels, sentinel_pod, sentinel) = statefulset(&objects, "redis-sentinel");
+    let redis_replicas = redis.spec.replicas.unwrap();
+    let sentinel_replicas = sentinels.spec.replicas.unwrap();
+    assert_eq!(redis_replicas, 3, "a primary and two replicas");
+    assert_eq!(sentinel_replicas, 3);
+
+    // TLS only, on the port the Service names; the bus log stays append-only.
+    let redis_service = parse_strict::<Service>(find(&objects, "Service", "redis"), "redis");
+    let redis_port = redis_service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+    assert_eq!(arg(&redis_container, "--port"), "0", "no plain-text port");
+    assert_eq!(arg(&redis_container, "--tls-port"), redis_port.to_string());
+    assert_eq!(container_port(&redis_container, "redis"), redis_port);
+    assert_eq!(arg(&redis_container, "--appendonly"), "yes");
+    for container in [&redis_container, &sentinel] {
+        for flag in ["--tls-auth-clients", "--tls-replication"] {
+            assert_eq!(arg(container, flag), "yes", "{}: {flag}", container.name);
+        }
+        let pod = if container.name == "redis" {
+            &redis_pod
+        } else {
+            &sentinel_pod
+        };
+        for flag in ["--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"] {
+            let (secret, _) = secret_file(pod, container, arg(container, flag));
+            assert_eq!(secret, "redis-tls", "{}: {flag}", container.name);
+        }
+        // The scripts find the other pods by these.
+        assert_eq!(env(container, "REDIS_REPLICAS"), redis_replicas.to_string());
+        assert_eq!(
+            env(container, "SENTINEL_REPLICAS"),
+            sentinel_replicas.to_string()
+        );
+        assert_eq!(env(container, "SENTINEL_SERVICE"), "redis-sentinel");
+    }
+    assert_eq!(
+        arg(&sentinel, "--tls-port"),
+        env(&sentinel, "SENTINEL_PORT")
+    );
+    // A failover needs a majority of the Sentinels to agree.
+    let quorum: i32 = env(&sentinel, "SENTINEL_QUORUM").parse().unwrap();
+    assert_eq!(quorum, sentinel_replicas / 2 + 1);
+
+    // The start scripts exist where the pods run them and are valid shell.
+    let scripts = parse_strict::<ConfigMap>(
+        find(&objects, "ConfigMap", "redis-scripts"),
+        "redis-scripts",
+    )
+    .data
+    .expect("scripts");
+    for container in [&redis_container, &sentinel] {
+        let command = container.command.clone().unwrap();
+        let script = command[1].strip_prefix("/scripts/").expect("/scripts/...");
+        assert!(scripts.contains_key(script), "{script}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in &scripts {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let check = std::process::Command::new("sh")
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .expect("sh");
+        assert!(
+            check.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+
+    // Replication and Sentinel may reach Redis; only those and the server may.
+    let policy = find(&objects, "NetworkPolicy", "redis");
+    let allowed: BTreeSet<&str> = policy["spec"]["ingress"][0]["from"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str())
+        .collect();
+    assert_eq!(
+        allowed,
+        BTreeSet::from(["ipc-server", "redis", "redis-sentinel"])
+    );
+}
+
+#[test]
+fn the_sentinel_overlay_server_flags_name_sentinels_files_and_replicas_that_exist() {
+    let objects = sentinel_overlay();
+    let (pod, server) = the_server(&objects);
+    let args = server.args.clone().unwrap();
+    assert!(
+        !args.iter().any(|a| a == "--redis"),
+        "--redis and --redis-sentinel exclude each other"
+    );
+
+    // Every Sentinel address is a pod of the Sentinel StatefulSet behind its
+    // headless Service, on the port Sentinel listens on.
+    let addresses = sentinel_addresses(&server);
+    let (sentinels, _, sentinel) = statefulset(&objects, "redis-sentinel");
+    let sentinels = sentinels.spec;
+    assert_eq!(addresses.len() as i32, sentinels.replicas.unwrap());
+    for (index, (pod_name, service_name, port)) in addresses.iter().enumerate() {
+        assert_eq!(pod_name, &format!("redis-sentinel-{index}"));
+        assert_eq!(service_name, &sentinels.service_name.clone().unwrap());
+        let service =
+            parse_strict::<Service>(find(&objects, "Service", service_name), service_name)
+                .spec
+                .unwrap();
+        assert_eq!(
+            service.cluster_ip.as_deref(),
+            Some("None"),
+            "pods have DNS names"
+        );
+        assert!(
+            service.ports.unwrap().iter().any(|p| p.port == *port),
+            "Service {service_name} has port {port}"
+        );
+        assert_eq!(container_port(&sentinel, "sentinel"), *port);
+    }
+    assert_eq!(
+        arg(&server, "--redis-master"),
+        env(&sentinel, "REDIS_MASTER")
+    );
+    let (redis, redis_pod, redis_container) = statefulset(&objects, "redis");
+    assert_eq!(
+        arg(&server, "--redis-master"),
+        env(&redis_container, "REDIS_MASTER")
+    );
+
+    // TLS: the CA and client certificate come from the server's Secret, whose CA is
+    // the one Redis checks clients with (same file name in both Secrets).
+    let (ca_secret, ca_key) = secret_file(&pod, &server, arg(&server, "--redis-ca"));
+    assert_eq!(
+        (ca_secret.as_str(), ca_key.as_str()),
+        ("ipc-server-redis-tls", "ca.crt")
+    );
+    for (flag, key) in [("--redis-cert", "tls.crt"), ("--redis-key", "tls.key")] {
+        assert_eq!(
+            secret_file(&pod, &server, arg(&server, flag)),
+            ("ipc-server-redis-tls".to_owned(), key.to_owned()),
+            "{flag}"
+        );
+    }
+    let redis_ca = arg(&redis_container, "--tls-ca-cert-file");
+    assert_eq!(
+        secret_file(&redis_pod, &redis_container, redis_ca).1,
+        ca_key
+    );
+    // The password Redis is given (the script reads /etc/redis/auth/password) is
+    // the one the server sends.
+    let password = secret_file(&pod, &server, arg(&server, "--redis-password-file"));
+    assert_eq!(
+        secret_file(&redis_pod, &redis_container, "/etc/redis/auth/password"),
+        password
+    );
+
+    // Acknowledged once a replica holds it, with a replica to spare.
+    let min_replicas: i32 = arg(&server, "--redis-min-replicas").parse().unwrap();
+    assert_eq!(min_replicas, 1);
+    assert!(redis.spec.replicas.unwrap() > min_replicas + 1);
+
+    // What the secrets script creates is what the pods mount.
+    let script = std::fs::read_to_string(k8s_dir("overlays/sentinel/gen-redis-secrets.sh"))
+        .expect("gen-redis-secrets.sh");
+    for secret in ["redis-tls", "ipc-server-redis-tls", "redis-auth"] {
+        assert!(script.contains(secret), "the script makes {secret}");
+    }
+}
+
+/// The secrets script's certificates, checked the way ipc-server (rustls) and
+/// Redis check them: Redis's and Sentinel's for every name in use, the server's as
+/// a client certificate of the same CA.
+#[cfg(feature = "webhook")]
+#[test]
+fn the_redis_secrets_script_certifies_every_name_the_overlay_uses() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls::RootCertStore;
+    use tokio_rustls::rustls::client::WebPkiServerVerifier;
+    use tokio_rustls::rustls::client::danger::ServerCertVerifier;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use tokio_rustls::rustls::server::WebPkiClientVerifier;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = k8s_dir("overlays/sentinel/gen-redis-secrets.sh");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .env("OUT_DIR", dir.path())
+        .output()
+        .expect("bash");
+    assert!(
+        output.status.success(),
+        "{} failed (it needs openssl):\n{}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let certificate =
+        |path: std::path::PathBuf| CertificateDer::from_pem_file(&path).expect("a PEM certificate");
+    let ca = certificate(dir.path().join("ipc-server-redis-tls/ca.crt"));
+    assert_eq!(ca, certificate(dir.path().join("redis-tls/ca.crt")));
+    let mut roots = RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let roots = Arc::new(roots);
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+
+    let objects = sentinel_overlay();
+    let (_, server) = the_server(&objects);
+    let mut names: Vec<String> = sentinel_addresses(&server)
+        .into_iter()
+        .map(|(pod, service, _)| format!("{pod}.{service}.fleet-ipc.svc"))
+        .collect();
+    // The primary and replicas as Sentinel names them (redis.sh's replica-announce-ip).
+    names.extend((0..3).map(|i| format!("redis-{i}.redis.fleet-ipc.svc")));
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .unwrap();
+    let redis = certificate(dir.path().join("redis-tls/tls.crt"));
+    for name in &names {
+        verifier
+            .verify_server_cert(
+                &redis,
+                &[],
+                &ServerName::try_from(name.clone()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let outsider = ServerName::try_from("redis-0.elsewhere.fleet-ipc.svc").unwrap();
+    assert!(
+        verifier
+            .verify_server_cert(&redis, &[], &outsider, &[], UnixTime::now())
+            .is_err()
+    );
+
+    // Redis and Sentinel (tls-auth-clients yes) accept the server's certificate,
+    // and each other's (replication, Sentinel to Redis).
+    let clients = WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .build()
+        .unwrap();
+    for client in ["ipc-server-redis-tls", "redis-tls"] {
+        clients
+            .verify_client_cert(
+                &certificate(dir.path().join(client).join("tls.crt")),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_or_else(|e| panic!("{client}: {e}"));
+    }
+    let password = std::fs::read_to_string(dir.path().join("redis-auth/password")).unwrap();
+    assert!(password.len() >= 32 && !password.contains('\n'));
 }
