@@ -127,6 +127,20 @@ function toMsg(pb) {
   };
 }
 
+/** The fields GatherRequest and RolloutRequest share. */
+function operationRequest(target, op, data, { headers, labels, dryRun, key, timeoutMs }) {
+  return {
+    target,
+    op,
+    data: toValue(data),
+    headers,
+    labels,
+    dry_run: dryRun,
+    key,
+    timeout_ms: Math.max(1, Math.round(timeoutMs)),
+  };
+}
+
 /** An ipc.v1.Outcome: status by name ('OK', 'FAILED', ...), reply as a message or null. */
 function toOutcome(pb) {
   return {
@@ -332,16 +346,7 @@ class Client {
    * NoRespondersError, or FailedPreconditionError for a key used by another operation.
    */
   async gather(target, op, data, { headers = {}, labels = {}, dryRun = false, key = '', timeoutMs = DEFAULT_SEND_TIMEOUT_MS } = {}) {
-    const request = {
-      target,
-      op,
-      data: toValue(data),
-      headers,
-      labels,
-      dry_run: dryRun,
-      key,
-      timeout_ms: Math.max(1, Math.round(timeoutMs)),
-    };
+    const request = operationRequest(target, op, data, { headers, labels, dryRun, key, timeoutMs });
     return toLedger(await this._unary('Gather', request, timeoutMs + DEADLINE_SLACK_MS));
   }
 
@@ -374,14 +379,7 @@ class Client {
     } = {},
   ) {
     const request = {
-      target,
-      op,
-      data: toValue(data),
-      headers,
-      labels,
-      dry_run: dryRun,
-      key,
-      timeout_ms: Math.max(1, Math.round(timeoutMs)),
+      ...operationRequest(target, op, data, { headers, labels, dryRun, key, timeoutMs }),
       wave_size: waveSize,
       max_failures: maxFailures,
       ready_timeout_ms: readyTimeoutMs,

@@ -157,6 +157,29 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
+def _operation(
+    target: str,
+    op: str,
+    data: Any,
+    headers: Mapping[str, str] | None,
+    labels: Mapping[str, str] | None,
+    dry_run: bool,
+    key: str | None,
+    timeout: float,
+) -> dict[str, Any]:
+    """The fields GatherRequest and RolloutRequest share."""
+    return {
+        "target": target,
+        "op": op,
+        "data": to_value(data),
+        "headers": headers or {},
+        "timeout_ms": max(1, _ms(timeout)),
+        "labels": labels or {},
+        "dry_run": dry_run,
+        "key": key or "",
+    }
+
+
 @dataclass(frozen=True)
 class Member:
     """A connected subscriber, as listed by ``Client.members``."""
@@ -563,16 +586,7 @@ class Client:
         :class:`~fleet_ipc.errors.FailedPrecondition` for a key used by another
         operation.
         """
-        request = ipc_pb2.GatherRequest(
-            target=target,
-            op=op,
-            data=to_value(data),
-            headers=headers or {},
-            timeout_ms=max(1, round(timeout * 1000)),
-            labels=labels or {},
-            dry_run=dry_run,
-            key=key or "",
-        )
+        request = ipc_pb2.GatherRequest(**_operation(target, op, data, headers, labels, dry_run, key, timeout))
         return Ledger.from_pb(self._unary(self._stub.Gather, request, timeout + _DEADLINE_SLACK))
 
     def rollout(
@@ -608,14 +622,7 @@ class Client:
         so that the run of a replica that died is resumed instead).
         """
         request = ipc_pb2.RolloutRequest(
-            target=target,
-            op=op,
-            data=to_value(data),
-            headers=headers or {},
-            timeout_ms=max(1, round(timeout * 1000)),
-            labels=labels or {},
-            dry_run=dry_run,
-            key=key or "",
+            **_operation(target, op, data, headers, labels, dry_run, key, timeout),
             wave_size=wave_size,
             max_failures=max_failures,
             ready_timeout_ms=_ms(ready_timeout),
