@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
-use crate::link::{Backoff, Link};
+use crate::link::{Link, reconnect_backoff};
 
 /// KEYS: lease, fence counter. ARGV: ttl_ms, fence, holder, proven (0/1).
 /// Returns {acquired, fence, holder, expires_ms}.
@@ -399,7 +399,7 @@ impl Coordination {
     /// Listens for release notices until cancelled, reconnecting with backoff.
     /// While it is disconnected, waiters still try again every [`RECHECK`].
     pub async fn listen(self: Arc<Self>, link: Arc<Link>, keys: Keys, cancel: CancellationToken) {
-        let mut backoff = Backoff::default();
+        let mut backoff = reconnect_backoff();
         loop {
             let subscribed = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -436,7 +436,7 @@ impl Coordination {
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(backoff.next_delay()) => {}
+                () = tokio::time::sleep(backoff.next_pause()) => {}
             }
         }
     }

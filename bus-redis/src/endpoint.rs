@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::ConfigError;
 use crate::config::{RedisBusConfig, Target, TlsFiles};
-use crate::link::Backoff;
+use crate::link::reconnect_backoff;
 
 /// The primary every connection should use now.
 #[derive(Clone)]
@@ -128,14 +128,14 @@ impl Endpoint {
             let (host, port) = (host.clone(), *port);
             tokio::spawn(endpoint.listen_switches(host, port, cancel.clone()));
         }
-        let mut backoff = Backoff::default();
+        let mut backoff = reconnect_backoff();
         loop {
             let wait = match self.ask_sentinels().await {
                 Ok(()) => {
                     backoff.reset();
                     RECHECK
                 }
-                Err(()) => backoff.next_delay().min(RECHECK),
+                Err(()) => backoff.next_pause().min(RECHECK),
             };
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -267,7 +267,7 @@ impl Endpoint {
         let Some(sentinels) = &self.sentinels else {
             return;
         };
-        let mut backoff = Backoff::default();
+        let mut backoff = reconnect_backoff();
         loop {
             let subscribed = tokio::time::timeout(self.timeout, async {
                 let client = sentinels.to_sentinel.client(&host, port)?;
@@ -304,7 +304,7 @@ impl Endpoint {
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(backoff.next_delay()) => {}
+                () = tokio::time::sleep(backoff.next_pause()) => {}
             }
         }
     }

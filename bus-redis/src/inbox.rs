@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
-use crate::link::{Backoff, Link, Part};
+use crate::link::{Link, Part, reconnect_backoff};
 
 /// What one replica sends another.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -255,7 +255,7 @@ impl Exchange {
     /// Listens on this replica's inbox until cancelled, reconnecting with backoff.
     pub async fn listen(self: Arc<Self>, cancel: CancellationToken) {
         let channel = self.keys.inbox(self.node());
-        let mut backoff = Backoff::default();
+        let mut backoff = reconnect_backoff();
         let mut ever_subscribed = false;
         loop {
             let subscribed = tokio::select! {
@@ -293,7 +293,7 @@ impl Exchange {
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(backoff.next_delay()) => {}
+                () = tokio::time::sleep(backoff.next_pause()) => {}
             }
         }
     }

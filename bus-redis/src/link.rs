@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ipc_core::bus::BusError;
+use ipc_proto::backoff::{Attempts, Backoff, Jitter};
 use parking_lot::Mutex;
 use redis::aio::{MultiplexedConnection, PubSub};
 use redis::{AsyncConnectionConfig, RedisError};
@@ -232,7 +233,7 @@ impl Link {
 
     /// Keeps the link up until cancelled: reconnects with backoff, pings.
     pub async fn supervise(self: Arc<Self>, cancel: CancellationToken) {
-        let mut backoff = Backoff::default();
+        let mut backoff = reconnect_backoff();
         loop {
             let current = self.current.lock().clone();
             let primary = current.as_ref().map(|c| c.primary);
@@ -244,7 +245,7 @@ impl Link {
                     }
                     Err(error) => {
                         tracing::debug!(%error, "Redis still unreachable");
-                        backoff.next_delay()
+                        backoff.next_pause()
                     }
                 },
                 Some(mut conn) => {
@@ -480,40 +481,11 @@ pub(crate) fn unavailable(error: &RedisError) -> BusError {
     BusError::Unavailable(format!("Redis: {error}"))
 }
 
-/// Jittered exponential backoff between [`BACKOFF_MIN`] and [`BACKOFF_MAX`].
-#[derive(Debug, Default)]
-pub(crate) struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
-        let base = BACKOFF_MIN
-            .saturating_mul(1 << self.attempt.min(8))
-            .min(BACKOFF_MAX);
-        self.attempt = self.attempt.saturating_add(1);
-        // Up to half again, so replicas that lost Redis together do not retry in step.
-        base + base.mul_f64(rand::random::<f64>() * 0.5)
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap() {
-        let mut backoff = Backoff::default();
-        let first = backoff.next_delay();
-        assert!(first >= BACKOFF_MIN && first <= BACKOFF_MIN.mul_f64(1.5));
-        let later: Vec<Duration> = (0..20).map(|_| backoff.next_delay()).collect();
-        assert!(later.iter().all(|d| *d <= BACKOFF_MAX.mul_f64(1.5)));
-        assert!(*later.last().unwrap() >= BACKOFF_MAX);
-        backoff.reset();
-        assert!(backoff.next_delay() <= BACKOFF_MIN.mul_f64(1.5));
-    }
+/// The pauses between reconnection attempts of every Redis connection: from
+/// [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`], each up to half again, so that
+/// replicas that lost Redis together do not retry in step.
+pub(crate) fn reconnect_backoff() -> Attempts {
+    Backoff::new(BACKOFF_MIN, BACKOFF_MAX)
+        .with_jitter(Jitter::UpToHalfMore)
+        .attempts()
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dedup::{self, Keyed, Written};
 use crate::keys::Keys;
-use crate::link::{Backoff, Dedicated, Link, Part, Replication};
+use crate::link::{Dedicated, Link, Part, Replication, reconnect_backoff};
 use crate::metrics::RedisMetrics;
 
 /// The stream field holding the encoded message.
@@ -385,7 +385,7 @@ pub(crate) async fn run_tail(
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(TAIL_BLOCK + timeout));
     let health = probe.health().clone();
-    let mut backoff = Backoff::default();
+    let mut backoff = reconnect_backoff();
     let mut ever_connected = false;
     let mut reported = Vec::new();
     loop {
@@ -428,7 +428,7 @@ pub(crate) async fn run_tail(
         tracing::debug!(%error, "log tail interrupted; reconnecting");
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = tokio::time::sleep(backoff.next_pause()) => {}
         }
     }
 }

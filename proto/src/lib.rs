@@ -8,6 +8,8 @@
 //!   for CLIs, hooks and logs that speak JSON.
 //! - [`code_name`]: a status code as gRPC spells it (`NOT_FOUND`), for every place
 //!   that shows one to people or to JSON.
+//! - [`backoff`]: the pauses between reconnection attempts of every client of the
+//!   contract (the Rust client, the sidecar's upstream, the Redis bus).
 
 /// Generated code for package `ipc.v1`.
 pub mod pb {
@@ -19,6 +21,7 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ipc_descriptor.bin"));
 
+pub mod backoff;
 pub mod json;
 
 pub use prost_types;

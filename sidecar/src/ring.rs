@@ -133,10 +133,14 @@ impl Ring {
             .min_by_key(|c| c.position())
     }
 
-    /// Entries after `after` if the ring has all of them for `patterns`.
+    /// Entries after `after` if the ring has all of them for `patterns`. A cursor
+    /// beyond the last position the sidecar reached is not answered: it may be
+    /// ahead of the control plane's log (which refuses it), or a position the
+    /// sidecar has not reached yet (a Broadcast's own cursor); only the control
+    /// plane can tell.
     pub fn replay(&self, after: &Cursor, patterns: &[Pattern]) -> Option<Vec<Arc<Msg>>> {
         let last = self.last?;
-        if last.epoch != after.epoch {
+        if last.epoch != after.epoch || is_after(after, &last) {
             return None;
         }
         if self
@@ -225,6 +229,15 @@ mod tests {
         ring.cover(&[p("shop:>")], &HashSet::new(), None, Some(c(1)));
         assert!(ring.replay(&c(1), &[p("shop:worker")]).is_some());
         assert!(ring.replay(&c(1), &[p("shop:*")]).is_none());
+    }
+
+    #[test]
+    fn a_cursor_beyond_the_last_position_is_left_to_the_upstream() {
+        let mut ring = ring();
+        ring.cover(&[p("a")], &HashSet::new(), None, Some(c(0)));
+        ring.push(c(1), entry(1, "a"));
+        assert_eq!(ring.replay(&c(1), &[p("a")]).unwrap().len(), 0);
+        assert!(ring.replay(&c(2), &[p("a")]).is_none());
     }
 
     #[test]

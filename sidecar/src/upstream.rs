@@ -42,6 +42,7 @@ use ipc_core::node::{BUILTIN_OPS, DEADLINE_HEADER};
 use ipc_core::notice::{self, Gap, Subscribed};
 use ipc_core::responders;
 use ipc_core::{Caller, Node, NodeError};
+use ipc_proto::backoff::{Attempts, Backoff};
 use ipc_proto::json;
 use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::{
@@ -280,12 +281,21 @@ impl Bus for UpstreamBus {
         // failure to ask it now is no loss, so the resume is refused (retryable)
         // rather than answered with `ipc:gap` and newer messages. A gap comes only
         // from the control plane itself, when the log no longer has the entries.
-        self.inner.fetch(after, patterns).await.map_err(|reason| {
-            BusError::Unavailable(format!(
-                "the sidecar cannot fetch what was published after cursor {after} yet \
-                 ({reason}); nothing was skipped: subscribe again with the same cursor"
-            ))
-        })
+        self.inner
+            .fetch(after, patterns)
+            .await
+            .map_err(|failure| match failure {
+                // The control plane refuses the cursor itself (ahead of its log): the
+                // local caller gets the answer its port gives.
+                OpenError::Refused(status) if status.code() == Code::InvalidArgument => {
+                    BusError::BadCursor(format!("control plane: {}", status.message()))
+                }
+                failure => BusError::Unavailable(format!(
+                    "the sidecar cannot fetch what was published after cursor {after} yet \
+                     ({}); nothing was skipped: subscribe again with the same cursor",
+                    String::from(failure)
+                )),
+            })
     }
 
     async fn head(&self) -> Result<Option<Cursor>, BusError> {
@@ -490,6 +500,24 @@ struct Opened {
     replies: Option<tokio::sync::mpsc::Sender<ipc_proto::pb::ServeRequest>>,
 }
 
+/// Why an upstream stream could not be opened.
+enum OpenError {
+    /// The control plane answered with this refusal.
+    Refused(Status),
+    /// It could not be asked or did not answer as it should (unreachable, timed
+    /// out, ended early, a first message other than `ipc:subscribed`).
+    Failed(String),
+}
+
+impl From<OpenError> for String {
+    fn from(error: OpenError) -> String {
+        match error {
+            OpenError::Refused(status) => describe("subscribe", &status),
+            OpenError::Failed(reason) => reason,
+        }
+    }
+}
+
 /// How a session with one replica ended.
 struct SessionEnd {
     acknowledged: bool,
@@ -678,7 +706,7 @@ impl Inner {
 
     async fn run(self: Arc<Self>) {
         let mut wanted = self.wanted.subscribe();
-        let mut backoff = Backoff::new(Duration::from_millis(100), self.config.reconnect_max);
+        let mut backoff = reconnect_backoff(&self.config);
         let mut index = 0usize;
         loop {
             let address = self.config.addresses[index % self.config.addresses.len()].clone();
@@ -717,7 +745,7 @@ impl Inner {
             index = index.wrapping_add(1);
             tokio::select! {
                 () = self.stop.cancelled() => return,
-                () = tokio::time::sleep(backoff.next()) => {}
+                () = tokio::time::sleep(backoff.next_pause()) => {}
             }
         }
     }
@@ -879,7 +907,7 @@ impl Inner {
         client: &mut IpcClient<Channel>,
         request: SubscribeRequest,
         serve: bool,
-    ) -> Result<Opened, String> {
+    ) -> Result<Opened, OpenError> {
         let mut replies = None;
         let opening = async {
             let opened = if serve {
@@ -889,19 +917,19 @@ impl Inner {
             } else {
                 client.subscribe(self.request(request, "", None)).await
             };
-            let mut stream = opened
-                .map_err(|status| describe("subscribe", &status))?
-                .into_inner();
+            let mut stream = opened.map_err(OpenError::Refused)?.into_inner();
             let hello = stream
                 .message()
                 .await
-                .map_err(|status| describe("subscribe", &status))?
-                .ok_or("the stream ended before ipc:subscribed")?;
+                .map_err(OpenError::Refused)?
+                .ok_or_else(|| {
+                    OpenError::Failed("the stream ended before ipc:subscribed".into())
+                })?;
             let Some(subscribed) = Subscribed::from_msg(&hello) else {
-                return Err(format!(
+                return Err(OpenError::Failed(format!(
                     "expected ipc:subscribed first, got op {:?}",
                     hello.op
-                ));
+                )));
             };
             Ok((
                 stream,
@@ -911,7 +939,7 @@ impl Inner {
         };
         let (stream, replayed, position) = tokio::time::timeout(self.config.call_timeout, opening)
             .await
-            .map_err(|_| "subscribe timed out".to_string())??;
+            .map_err(|_| OpenError::Failed("subscribe timed out".into()))??;
         Ok(Opened {
             stream,
             replayed,
@@ -1242,8 +1270,8 @@ impl Inner {
         self: &Arc<Self>,
         after: &Cursor,
         patterns: &[Pattern],
-    ) -> Result<Replay, String> {
-        let link = self.link_or_unavailable()?;
+    ) -> Result<Replay, OpenError> {
+        let link = self.link_or_unavailable().map_err(OpenError::Failed)?;
         let identity = &self.config.identity;
         let request = SubscribeRequest {
             channels: patterns.iter().map(|p| p.as_str().to_string()).collect(),
@@ -1288,7 +1316,9 @@ impl Inner {
         };
         tokio::time::timeout(self.config.call_timeout, reading)
             .await
-            .map_err(|_| "reading the replay timed out".to_string())?
+            .map_err(|_| "reading the replay timed out".to_string())
+            .and_then(|read| read)
+            .map_err(OpenError::Failed)
     }
 }
 
@@ -1379,49 +1409,16 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Exponential backoff with "equal jitter": a pause between half and all of the
-/// current step, so that pods of a fleet do not reconnect in lockstep.
-struct Backoff {
-    base: Duration,
-    max: Duration,
-    step: Duration,
-}
-
-impl Backoff {
-    fn new(base: Duration, max: Duration) -> Self {
-        Self {
-            base,
-            max: max.max(base),
-            step: base,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.step = self.base;
-    }
-
-    fn next(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (self.step * 2).min(self.max);
-        let half = step / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
+/// The pauses between attempts to reach the control plane: 100 ms doubling up to
+/// `reconnect_max` (never below 100 ms), equal jitter.
+fn reconnect_backoff(config: &UpstreamConfig) -> Attempts {
+    let first = Duration::from_millis(100);
+    Backoff::new(first, config.reconnect_max.max(first)).attempts()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_bound_with_jitter() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let pauses: Vec<Duration> = (0..8).map(|_| backoff.next()).collect();
-        assert!(pauses[0] >= Duration::from_millis(50) && pauses[0] <= Duration::from_millis(100));
-        assert!(pauses.iter().all(|p| *p <= Duration::from_secs(1)));
-        assert!(pauses[7] >= Duration::from_millis(500));
-        backoff.reset();
-        assert!(backoff.next() <= Duration::from_millis(100));
-    }
 
     #[test]
     fn coverage_counts_wildcards_for_exact_names() {

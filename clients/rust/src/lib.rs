@@ -61,6 +61,7 @@ pub use fleetops::{
     RolloutEvent, RolloutEvents, RolloutKind,
 };
 pub use handlers::{HandlerResult, Handlers};
+pub use ipc_proto::backoff::{Backoff, Jitter};
 pub use msg::{Broadcasted, Member, Msg, OP_GAP, OP_REPLY_ERROR, OP_SUBSCRIBED};
 pub use publish::Publication;
-pub use subscribe::{Backoff, SubscribeOptions, Subscription};
+pub use subscribe::{SubscribeOptions, Subscription};

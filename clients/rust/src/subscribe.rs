@@ -11,12 +11,11 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::Stream;
 use futures::stream::BoxStream;
+use ipc_proto::backoff::Backoff;
 use ipc_proto::pb;
-use rand::Rng;
 use tracing::{debug, warn};
 
 use crate::msg::{OP_GAP, OP_SUBSCRIBED};
@@ -90,39 +89,6 @@ impl SubscribeOptions {
     pub fn cursor(mut self, cursor: impl Into<String>) -> Self {
         self.cursor = cursor.into();
         self
-    }
-}
-
-/// Exponential backoff with jitter between reconnection attempts: attempt `n` waits a
-/// random time between half and all of `min(initial * 2^n, max)`, so that a fleet
-/// reconnecting after a restart does not arrive all at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// The base delay of the first reconnection.
-    pub initial: Duration,
-    /// The longest delay between attempts.
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before reconnection attempt `attempt` (0 for the first).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(1u32 << attempt.min(20))
-            .min(self.max)
-            .max(self.initial.min(self.max));
-        let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(rand::rng().random_range(ceiling_ms / 2..=ceiling_ms))
     }
 }
 
@@ -480,21 +446,5 @@ mod tests {
         }
         assert_eq!(seen.set.len(), SEEN_CURSORS);
         assert!(seen.insert("0"), "the oldest cursors are forgotten");
-    }
-
-    #[test]
-    fn backoff_grows_to_its_ceiling_with_jitter() {
-        let backoff = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        };
-        for attempt in 0..40 {
-            let ceiling = Duration::from_millis(100 << attempt.min(5)).min(backoff.max);
-            let delay = backoff.delay(attempt);
-            assert!(
-                delay <= ceiling && delay >= ceiling / 2,
-                "{attempt}: {delay:?}"
-            );
-        }
     }
 }

@@ -29,7 +29,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use super::{Backoff, Inner, Link, bus_error, describe};
+use super::{Inner, Link, bus_error, describe, reconnect_backoff};
+use ipc_proto::backoff::Attempts;
 
 /// Messages waiting for the relay task; a submitter waits (within its timeout)
 /// when the queue is full.
@@ -145,7 +146,7 @@ struct Relay {
     queue: mpsc::Receiver<Relayed>,
     /// Sent on a stream that was lost before answering: sent again first.
     resend: VecDeque<Relayed>,
-    backoff: Backoff,
+    backoff: Attempts,
 }
 
 /// Why a stream was left.
@@ -159,10 +160,7 @@ enum Left {
 
 impl Relay {
     fn new(inner: Arc<Inner>, queue: mpsc::Receiver<Relayed>) -> Self {
-        let backoff = Backoff::new(
-            std::time::Duration::from_millis(100),
-            inner.config.reconnect_max,
-        );
+        let backoff = reconnect_backoff(&inner.config);
         Self {
             inner,
             queue,
@@ -184,7 +182,7 @@ impl Relay {
                 Left::Link => {}
                 Left::Failed(error) => {
                     tracing::warn!(%error, "the pod's Publish stream upstream failed; reopening");
-                    let pause = self.backoff.next();
+                    let pause = self.backoff.next_pause();
                     if self.idle_until(Instant::now() + pause, &mut links).await {
                         break;
                     }
