@@ -21,9 +21,12 @@
 //! - [`payload`]: 128-byte payloads stamped with their send time.
 //! - [`workloads`]: throughput, latency, round trips, fan-out, idle memory.
 //! - [`coord`]: Lock+Unlock and Limit through a replica vs directly on Redis.
+//! - [`durable`]: a TLS Redis with a replica, for broadcasts with and without
+//!   `--redis-min-replicas 1` vs `XADD` and `XADD`+`WAIT` over TLS.
 //! - [`report`]: rows, the table, the targets, JSON.
 
 mod coord;
+mod durable;
 mod fleet;
 mod nats;
 mod payload;
@@ -56,7 +59,7 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these workloads (comma separated): throughput, latency, request,
-    /// fanout, memory, sidecar, coord.
+    /// fanout, memory, sidecar, coord, durable.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Subscribers in the fan-out workload [default: 10000, or 1000 with --quick].
@@ -95,6 +98,8 @@ struct Sizes {
     memory_counts: Vec<usize>,
     deadline: Duration,
     throughput_only: Vec<usize>,
+    /// Workload 8's broadcasts per throughput run (an XADD+WAIT waits for a replica).
+    durable_messages: usize,
 }
 
 impl Sizes {
@@ -107,6 +112,7 @@ impl Sizes {
         sizes.latency_duration = sizes.latency_duration.mul_f64(args.scale);
         sizes.sequential_requests = scale(sizes.sequential_requests);
         sizes.concurrent_requests = scale(sizes.concurrent_requests);
+        sizes.durable_messages = scale(sizes.durable_messages);
         sizes.deadline = sizes.deadline.mul_f64(args.scale.max(1.0));
         sizes
     }
@@ -124,6 +130,7 @@ impl Sizes {
                 memory_counts: vec![1_000],
                 deadline: Duration::from_secs(15),
                 throughput_only: args.subscribers.clone(),
+                durable_messages: 300,
             }
         } else {
             Self {
@@ -137,6 +144,7 @@ impl Sizes {
                 memory_counts: vec![1_000, 10_000],
                 deadline: Duration::from_secs(90),
                 throughput_only: args.subscribers.clone(),
+                durable_messages: 50_000,
             }
         }
     }
@@ -330,7 +338,11 @@ fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
         peers_out.push((
             peers::REDIS_XADD.into(),
             redis_client().map(|(client, pid)| {
-                Box::new(redis_peers::RedisStream { client, pid }) as Box<dyn PubSub>
+                Box::new(redis_peers::RedisStream {
+                    client,
+                    pid,
+                    wait_replicas: 0,
+                }) as Box<dyn PubSub>
             }),
         ));
     }
@@ -828,6 +840,122 @@ async fn run_coordination(report: &mut Report, systems: &Systems, sizes: &Sizes)
     }
 }
 
+/// Workload 8: broadcast throughput (1 subscriber) and latency (1k msg/s) on a TLS
+/// Redis with one replica: two replicas without and with `--redis-min-replicas 1`,
+/// and `XADD`, `XADD`+`WAIT 1 0` over TLS on the same Redis.
+async fn run_durable(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let pair = durable::TlsPair::start()
+        .await
+        .map_err(|e| format!("TLS Redis pair: {e:#}"));
+    let binary = systems.server.as_ref().map_err(Clone::clone);
+    let limits = systems.server_limits();
+    let mut servers = Vec::new();
+    let mut systems_now: Vec<(&str, Available<Box<dyn PubSub>>)> = Vec::new();
+    for (name, min_replicas) in [
+        (peers::FLEET_REDIS_TLS, 0),
+        (peers::FLEET_REDIS_TLS_WAIT, 1),
+    ] {
+        let started = match (&pair, &binary) {
+            (Ok(pair), Ok(binary)) => pair
+                .servers(binary, min_replicas, &limits)
+                .map_err(|e| format!("{e:#}")),
+            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        };
+        systems_now.push((
+            name,
+            started.map(|[a, b]| {
+                let fleet = Fleet {
+                    subscribe_to: vec![Target::Tcp(b.grpc)],
+                    publish_to: Target::Tcp(a.grpc),
+                    pids: [a.process.pid(), b.process.pid()]
+                        .into_iter()
+                        .chain(pair.as_ref().ok().and_then(|p| p.primary.pid()))
+                        .collect(),
+                    publish_stream: false,
+                };
+                servers.extend([a, b]);
+                Box::new(fleet) as Box<dyn PubSub>
+            }),
+        ));
+    }
+    for (name, wait_replicas) in [(peers::REDIS_XADD_TLS, 0), (peers::REDIS_XADD_WAIT_TLS, 1)] {
+        let stream = pair.as_ref().map_err(Clone::clone).and_then(|pair| {
+            Ok(Box::new(redis_peers::RedisStream {
+                client: pair.client().map_err(|e| format!("{e:#}"))?,
+                pid: pair.primary.pid().unwrap_or_default(),
+                wait_replicas,
+            }) as Box<dyn PubSub>)
+        });
+        systems_now.push((name, stream));
+    }
+    let messages = sizes.durable_messages;
+    let rate = sizes.latency_rates[0];
+    let throughput_case = "throughput, 1 subscriber";
+    let latency_case = format!("latency at {}k msg/s, 1 subscriber", rate / 1000);
+    for (name, system) in &systems_now {
+        let system = match system {
+            Ok(system) => system,
+            Err(reason) => {
+                report.skip(names::DURABLE, throughput_case, name, reason.clone());
+                report.skip(names::DURABLE, &latency_case, name, reason.clone());
+                continue;
+            }
+        };
+        eprintln!("ipc-bench: durable {throughput_case}, {name}: {messages} messages");
+        match workloads::throughput(
+            system.as_ref(),
+            &subject("tls"),
+            1,
+            messages,
+            sizes.deadline,
+        )
+        .await
+        {
+            Ok(t) => report.add(
+                names::DURABLE,
+                throughput_case,
+                name,
+                vec![
+                    ("deliveries/s", t.deliveries_per_s, "/s"),
+                    ("publishes/s", t.publishes_per_s, "/s"),
+                ],
+                note(&t.incomplete),
+            ),
+            Err(e) => report.skip(
+                names::DURABLE,
+                throughput_case,
+                name,
+                format!("failed: {e:#}"),
+            ),
+        }
+        eprintln!("ipc-bench: durable {latency_case}, {name}");
+        match workloads::latency(
+            system.as_ref(),
+            &subject("tls-lat"),
+            rate,
+            sizes.latency_duration,
+            sizes.deadline,
+        )
+        .await
+        {
+            Ok(l) => report.add(
+                names::DURABLE,
+                &latency_case,
+                name,
+                latency_figures(&l.histogram),
+                note(&l.incomplete),
+            ),
+            Err(e) => report.skip(
+                names::DURABLE,
+                &latency_case,
+                name,
+                format!("failed: {e:#}"),
+            ),
+        }
+    }
+    drop(servers);
+}
+
 fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
@@ -907,6 +1035,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("coord") {
         run_coordination(&mut report, &systems, &sizes).await;
+    }
+    if wants("durable") {
+        run_durable(&mut report, &systems, &sizes).await;
     }
     report.check_targets();
 

@@ -82,10 +82,16 @@ const XREAD_COUNT: usize = 512;
 pub struct RedisStream {
     pub client: redis::Client,
     pub pid: u32,
+    /// Each `XADD` followed by `WAIT N 0` in the same pipeline: acknowledged once N
+    /// Redis replicas hold it (0: no `WAIT`).
+    pub wait_replicas: u32,
 }
 
 struct StreamConnection(redis::Client);
-struct XaddPublisher(MultiplexedConnection);
+struct XaddPublisher {
+    connection: MultiplexedConnection,
+    wait_replicas: u32,
+}
 
 #[async_trait]
 impl PubSub for RedisStream {
@@ -94,7 +100,10 @@ impl PubSub for RedisStream {
     }
 
     async fn publisher(&self) -> anyhow::Result<Arc<dyn Publisher>> {
-        Ok(Arc::new(XaddPublisher(connection(&self.client).await?)))
+        Ok(Arc::new(XaddPublisher {
+            connection: connection(&self.client).await?,
+            wait_replicas: self.wait_replicas,
+        }))
     }
 
     fn processes(&self) -> Vec<u32> {
@@ -109,7 +118,8 @@ fn stream_key(subject: &str) -> String {
 #[async_trait]
 impl Publisher for XaddPublisher {
     async fn publish(&self, subject: &str, payload: Bytes) -> anyhow::Result<()> {
-        let _id: Value = redis::cmd("XADD")
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
             .arg(stream_key(subject))
             .arg("MAXLEN")
             .arg("~")
@@ -117,8 +127,18 @@ impl Publisher for XaddPublisher {
             .arg("*")
             .arg("d")
             .arg(payload.as_ref())
-            .query_async(&mut self.0.clone())
-            .await?;
+            .ignore();
+        if self.wait_replicas == 0 {
+            pipe.query_async::<()>(&mut self.connection.clone()).await?;
+            return Ok(());
+        }
+        pipe.cmd("WAIT").arg(self.wait_replicas).arg(0);
+        let (acked,): (u32,) = pipe.query_async(&mut self.connection.clone()).await?;
+        anyhow::ensure!(
+            acked >= self.wait_replicas,
+            "WAIT {} answered {acked}",
+            self.wait_replicas
+        );
         Ok(())
     }
 }

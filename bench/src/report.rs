@@ -26,6 +26,11 @@ pub mod peers {
     pub const FLEET_REDIS_REPLICA: &str = "fleet-ipc+Redis (one replica)";
     /// The same operations sent straight to Redis by the benchmark.
     pub const REDIS_DIRECT: &str = "Redis direct";
+    /// Workload 8: two replicas on a TLS Redis with one Redis replica.
+    pub const FLEET_REDIS_TLS: &str = "fleet-ipc+Redis TLS";
+    pub const FLEET_REDIS_TLS_WAIT: &str = "fleet-ipc+Redis TLS, --redis-min-replicas 1";
+    pub const REDIS_XADD_TLS: &str = "Redis XADD+XREAD, TLS";
+    pub const REDIS_XADD_WAIT_TLS: &str = "Redis XADD+WAIT 1 0+XREAD, TLS";
 }
 
 /// Names of the workloads.
@@ -37,6 +42,7 @@ pub mod workloads {
     pub const MEMORY: &str = "5 memory per idle subscriber";
     pub const SIDECAR_HOP: &str = "6 sidecar hop";
     pub const COORD: &str = "7 lock and limit";
+    pub const DURABLE: &str = "8 TLS Redis with a replica";
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -186,6 +192,17 @@ impl Report {
                 compare(peers::FLEET, "fleet-ipc ÷ this", false);
                 compare(peers::FLEET_PUBLISH, "fleet-ipc Publish ÷ this", false);
             }
+            peers::FLEET_REDIS_TLS_WAIT => compare(
+                peers::FLEET_REDIS_TLS,
+                "fleet-ipc TLS without waiting ÷ this",
+                false,
+            ),
+            peers::REDIS_XADD_TLS => compare(peers::FLEET_REDIS_TLS, "fleet-ipc TLS ÷ this", false),
+            peers::REDIS_XADD_WAIT_TLS => compare(
+                peers::FLEET_REDIS_TLS_WAIT,
+                "fleet-ipc TLS min-replicas 1 ÷ this",
+                false,
+            ),
             peers::REDIS_DIRECT => {
                 compare(peers::FLEET_REDIS_REPLICA, "fleet-ipc+Redis ÷ this", false)
             }

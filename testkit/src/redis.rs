@@ -88,6 +88,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The running redis-server's process id (for CPU accounting).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// `redis://127.0.0.1:PORT/`, or `rediss://…` when it speaks TLS.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() {
