@@ -54,9 +54,11 @@ if [[ -n "${OUT_DIR:-}" ]]; then
 fi
 
 "$KUBECTL" get namespace "$NAMESPACE" >/dev/null 2>&1 || "$KUBECTL" create namespace "$NAMESPACE"
+# Server-side apply: a client-side apply would copy the private key into the
+# Secret's last-applied-configuration annotation.
 "$KUBECTL" -n "$NAMESPACE" create secret tls "$SECRET" \
   --cert="$work/tls.crt" --key="$work/tls.key" --dry-run=client -o yaml |
-  "$KUBECTL" apply -f -
+  "$KUBECTL" apply --server-side --force-conflicts --field-manager=fleet-ipc-gen-webhook-cert -f -
 
 ca_bundle=$(base64 <"$work/ca.crt" | tr -d '\n')
 if "$KUBECTL" get mutatingwebhookconfiguration "$WEBHOOK" >/dev/null 2>&1; then

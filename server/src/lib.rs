@@ -321,6 +321,11 @@ impl Server {
         self.security.tokens.clone()
     }
 
+    /// How often the tokens file is checked for changes (`--tokens-watch`).
+    pub fn tokens_watch(&self) -> Option<Duration> {
+        self.security.tokens_watch
+    }
+
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc
             .local_addr()

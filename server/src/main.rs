@@ -1,5 +1,5 @@
 //! `ipc-server`: parses flags, starts the control plane, reloads the tokens file on
-//! SIGHUP, stops on SIGTERM/SIGINT.
+//! SIGHUP (and on change with --tokens-watch), stops on SIGTERM/SIGINT.
 
 use clap::Parser;
 use ipc_server::{Config, Server, init_logging};
@@ -12,7 +12,11 @@ async fn main() -> anyhow::Result<()> {
     // Installed before the readiness line, so a SIGTERM sent right after it is
     // handled (graceful stop, exit 0) rather than killing the process.
     let shutdown = shutdown_signal()?;
-    ipc_server::security::reload_tokens_on_sighup(server.tokens(), server.node().clone())?;
+    ipc_server::security::reload_tokens(
+        server.tokens(),
+        server.tokens_watch(),
+        server.node().clone(),
+    )?;
     tracing::info!(grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), node = %server.node().name(), "serving");
     // The readiness line: tests and scripts wait for it instead of sleeping.
     let injector = server

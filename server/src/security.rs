@@ -22,6 +22,11 @@ pub struct SecurityConfig {
     /// `authorization: Bearer <secret>` and get the grants of its entry. Reloaded on SIGHUP.
     #[arg(long, env = "IPC_TOKENS")]
     pub tokens: Option<PathBuf>,
+    /// Also reload the tokens file when its contents change, checked this often
+    /// (`10s`, `500ms`): for a file that changes without a signal, such as a
+    /// Kubernetes Secret mounted as a volume. Without it, reload with SIGHUP.
+    #[arg(long, env = "IPC_TOKENS_WATCH", requires = "tokens", value_parser = ipc_core::publish::parse_window)]
+    pub tokens_watch: Option<Duration>,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "IPC_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -93,6 +98,8 @@ pub struct Security {
     pub identity: Arc<dyn Identify>,
     /// The tokens file's identity, to reload on SIGHUP.
     pub tokens: Option<Arc<TokenIdentity>>,
+    /// How often to check the tokens file for changes (`--tokens-watch`).
+    pub tokens_watch: Option<Duration>,
     pub tls: Option<ServerTlsConfig>,
 }
 
@@ -150,6 +157,7 @@ impl Security {
         Ok(Self {
             identity,
             tokens,
+            tokens_watch: config.tokens_watch,
             tls,
         })
     }
@@ -178,39 +186,68 @@ pub fn check_admin_listen(config: &SecurityConfig, admin: SocketAddr) -> anyhow:
     Ok(())
 }
 
-/// Re-reads the tokens file on every SIGHUP. Streams opened with a token the new
+/// Re-reads the tokens file on every SIGHUP and, with `watch`, whenever its
+/// contents change (checked every `watch`). Streams opened with a token the new
 /// file removes or changes end (UNAUTHENTICATED, counted in
 /// `ipc_revoked_streams_total`); every other stream and connection stays.
 /// A file that does not parse is logged and the previous one stays in force.
 /// Each reload is counted in `ipc_token_reloads_total{result}`. Without a tokens
 /// file SIGHUP is only logged: it must not stop the server (its default action).
-pub fn reload_tokens_on_sighup(
+pub fn reload_tokens(
     tokens: Option<Arc<TokenIdentity>>,
+    watch: Option<Duration>,
     node: Arc<ipc_core::Node>,
 ) -> anyhow::Result<()> {
-    let metrics = node.metrics().clone();
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            let Some(tokens) = &tokens else {
+        let Some(tokens) = tokens else {
+            while hangup.recv().await.is_some() {
                 tracing::info!("SIGHUP: no --tokens file to reload");
-                continue;
-            };
-            match tokens.reload_revoking() {
-                Ok((entries, revoked)) => {
-                    metrics.token_reloads.fetch_add(1, Ordering::Relaxed);
-                    let ended = node.revoke(&revoked);
-                    tracing::info!(entries, ?revoked, streams_ended = ended, path = ?tokens.path(), "tokens file reloaded");
-                }
-                Err(error) => {
-                    metrics
-                        .token_reload_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%error, "tokens file not reloaded; the previous one stays in force");
-                }
             }
+            return;
+        };
+        let mut ticks = watch.map(tokio::time::interval);
+        // The contents last read (at start, just after the table was loaded): a
+        // tick reloads only when they change.
+        let read = || tokens.path().and_then(|path| std::fs::read(path).ok());
+        let mut seen = read();
+        loop {
+            let signalled = tokio::select! {
+                signal = hangup.recv() => {
+                    if signal.is_none() {
+                        return;
+                    }
+                    true
+                }
+                _ = async { ticks.as_mut().expect("guarded").tick().await }, if ticks.is_some() => false,
+            };
+            let contents = read();
+            if !signalled && (contents.is_none() || contents == seen) {
+                // Unchanged, or briefly missing while a Secret volume is updated.
+                continue;
+            }
+            seen = contents;
+            reload(&tokens, &node);
         }
     });
     Ok(())
+}
+
+/// One reload of the tokens file; see [`reload_tokens`].
+fn reload(tokens: &TokenIdentity, node: &ipc_core::Node) {
+    let metrics = node.metrics();
+    match tokens.reload_revoking() {
+        Ok((entries, revoked)) => {
+            metrics.token_reloads.fetch_add(1, Ordering::Relaxed);
+            let ended = node.revoke(&revoked);
+            tracing::info!(entries, ?revoked, streams_ended = ended, path = ?tokens.path(), "tokens file reloaded");
+        }
+        Err(error) => {
+            metrics
+                .token_reload_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "tokens file not reloaded; the previous one stays in force");
+        }
+    }
 }

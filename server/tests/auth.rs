@@ -427,6 +427,39 @@ async fn sighup_reloads_the_tokens_file_without_dropping_streams() {
 }
 
 #[tokio::test]
+async fn tokens_watch_reloads_a_changed_file_without_a_signal() {
+    let grants = "broadcast = [\":>\"]\nsubscribe = [\":>\"]";
+    let (gone, gone_entry) = token("gone", "shop", grants);
+    let file = TokensFile::new(&gone_entry);
+    let server = server(&["--tokens", file.arg(), "--tokens-watch", "100ms"]);
+    let mut client = server.client().await;
+    let (mut stream, _) = subscribe(&mut client, authed(subscription(&[":news"]), &gone)).await;
+    // Unchanged contents are not reloaded, however many ticks pass: the first
+    // reload counted is the change below.
+    let (fresh, fresh_entry) = token("fresh", "shop", grants);
+    file.rewrite(&fresh_entry);
+    wait_for_metric(&server, "ipc_token_reloads_total{result=\"ok\"}", |n| {
+        n >= 1
+    })
+    .await;
+    let ended = tokio::time::timeout(PATIENCE, futures::StreamExt::next(&mut stream))
+        .await
+        .expect("the removed token's stream stayed open")
+        .expect("a status")
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    client
+        .broadcast(authed(broadcast(":news", "x", json!(null)), &fresh))
+        .await
+        .expect("the new token is in force");
+    assert_eq!(
+        metric(&server, "ipc_token_reloads_total{result=\"ok\"}").await,
+        1,
+        "one change, one reload"
+    );
+}
+
+#[tokio::test]
 async fn sighup_without_a_tokens_file_does_not_stop_the_server() {
     let server = server(&[]);
     let mut client = server.client().await;

@@ -12,6 +12,9 @@ pub const DEFAULT_UPSTREAM: &str = "ipc-server.fleet-ipc.svc:7700";
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/fleet-ipc";
 /// The sidecar's `--health-listen` port, probed by the kubelet.
 pub const DEFAULT_HEALTH_PORT: u16 = 7701;
+/// The Secret, in each pod's namespace, whose key `token` is the sidecar's bearer
+/// token: `deploy/k8s/issue-token.sh NAMESPACE APP...` creates it.
+pub const DEFAULT_TOKEN_SECRET: &str = "fleet-ipc-token";
 
 /// How the webhook and `ipcctl inject` build the sidecar.
 ///
@@ -99,13 +102,14 @@ pub struct InjectConfig {
     pub memory_limit: String,
 
     /// Name of a Secret in the pod's namespace with a `token` key: mounted read-only
-    /// into the sidecar, its path given as `IPC_TOKEN_FILE` (empty: no token).
+    /// into the sidecar, its path given as `IPC_TOKEN_FILE`. Empty: no token (only
+    /// for a control plane that accepts unauthenticated callers).
     #[cfg_attr(
         feature = "clap",
         arg(
             long = "sidecar-token-secret",
             env = "IPC_SIDECAR_TOKEN_SECRET",
-            default_value = ""
+            default_value = DEFAULT_TOKEN_SECRET
         )
     )]
     pub token_secret: String,
@@ -123,7 +127,7 @@ impl Default for InjectConfig {
             memory_request: "16Mi".to_owned(),
             cpu_limit: String::new(),
             memory_limit: "64Mi".to_owned(),
-            token_secret: String::new(),
+            token_secret: DEFAULT_TOKEN_SECRET.to_owned(),
         }
     }
 }

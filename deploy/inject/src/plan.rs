@@ -48,6 +48,9 @@ pub const SOCKET_ENV: &str = "IPC_SOCKET";
 pub const TOKEN_VOLUME: &str = "fleet-ipc-token";
 /// Where the token Secret is mounted in the sidecar.
 pub const TOKEN_DIR: &str = "/var/run/secrets/fleet-ipc";
+/// The key of the token Secret that holds the bearer token (`IPC_TOKEN_FILE` is
+/// `TOKEN_DIR/TOKEN_KEY`).
+pub const TOKEN_KEY: &str = "token";
 /// Name of the sidecar's health port.
 pub const HEALTH_PORT_NAME: &str = "ipc-health";
 
@@ -142,7 +145,7 @@ pub fn plan(template: &Value, config: &InjectConfig) -> Result<Injection, Inject
     let mut warnings = Vec::new();
     if identity.app.is_none() {
         warnings.push(format!(
-            "fleet-ipc: no app for the sidecar (set the {ANNOTATION_APP} annotation or an `app` label); it uses its default"
+            "fleet-ipc: no app for the sidecar (set the {ANNOTATION_APP} annotation or an `app` label); it uses its default, which its namespace's token does not cover"
         ));
     }
 
@@ -350,6 +353,14 @@ fn validate_segment(value: &str) -> Result<(), &'static str> {
     }
 }
 
+/// The pod's subscriber id upstream, `APP:pod:NAMESPACE:POD` (the kubelet expands
+/// the downward-API variables): inside the app's channels, so that the token of
+/// the pod's namespace, granted `APP:>`, covers it; with the namespace, so that
+/// pods of one name in two namespaces never take each other's place.
+pub fn pod_id(app: &str) -> String {
+    format!("{app}:pod:$(POD_NAMESPACE):$(POD_NAME)")
+}
+
 /// The sidecar: a native sidecar (an init container with `restartPolicy: Always`),
 /// started before the app containers and, thanks to its startup probe, serving the
 /// socket before they start.
@@ -371,6 +382,9 @@ fn sidecar_container(config: &InjectConfig, identity: &Identity) -> Container {
             args.extend([flag.to_owned(), value.clone()]);
         }
     }
+    if let Some(app) = &identity.app {
+        args.extend(["--id".to_owned(), pod_id(app)]);
+    }
     for hook in &identity.hooks {
         args.extend(["--hook".to_owned(), hook.clone()]);
     }
@@ -384,7 +398,7 @@ fn sidecar_container(config: &InjectConfig, identity: &Identity) -> Container {
     if !config.token_secret.is_empty() {
         env.push(EnvVar {
             name: "IPC_TOKEN_FILE".to_owned(),
-            value: Some(format!("{TOKEN_DIR}/token")),
+            value: Some(format!("{TOKEN_DIR}/{TOKEN_KEY}")),
             ..Default::default()
         });
         volume_mounts.push(VolumeMount {
@@ -624,6 +638,8 @@ mod tests {
                 "worker",
                 "--tag",
                 "eu-1",
+                "--id",
+                "shop:pod:$(POD_NAMESPACE):$(POD_NAME)",
                 "--hook",
                 "worker:restart=kill -TERM 1",
                 "--hook",
@@ -696,10 +712,12 @@ mod tests {
             out["spec"]["containers"][0]["env"],
             json!([{"name": "IPC_SOCKET", "value": "/custom.sock"}])
         );
+        // The user's socket volume is kept; the token volume is added after it.
         assert_eq!(
-            out["spec"]["volumes"],
-            json!([{"name": SOCKET_VOLUME, "emptyDir": {"medium": "Memory"}}])
+            out["spec"]["volumes"][0],
+            json!({"name": SOCKET_VOLUME, "emptyDir": {"medium": "Memory"}})
         );
+        assert_eq!(out["spec"]["volumes"][1]["name"], TOKEN_VOLUME);
     }
 
     #[test]
@@ -718,25 +736,35 @@ mod tests {
     }
 
     #[test]
-    fn token_secret_is_mounted_into_the_sidecar_only() {
-        let config = InjectConfig {
-            token_secret: "fleet-ipc-token".to_owned(),
-            ..Default::default()
-        };
-        let template = pod(json!({"fleet-ipc.io/inject": "true"}));
-        let mut out = template.clone();
-        json_patch::patch(&mut out, &plan(&template, &config).unwrap().json_patch(&[])).unwrap();
+    fn the_namespace_token_is_mounted_into_the_sidecar_only_by_default() {
+        let out = patched(&pod(json!({"fleet-ipc.io/inject": "true"})));
         assert_eq!(
             out["spec"]["volumes"][1]["secret"]["secretName"],
-            "fleet-ipc-token"
+            crate::config::DEFAULT_TOKEN_SECRET
         );
         let sidecar_env = out["spec"]["initContainers"][0]["env"].to_string();
-        assert!(sidecar_env.contains("IPC_TOKEN_FILE"), "{sidecar_env}");
+        assert!(
+            sidecar_env.contains(r#""IPC_TOKEN_FILE","value":"/var/run/secrets/fleet-ipc/token""#),
+            "{sidecar_env}"
+        );
         assert!(
             !out["spec"]["containers"][0]
                 .to_string()
                 .contains(TOKEN_VOLUME)
         );
+    }
+
+    #[test]
+    fn without_a_token_secret_nothing_is_mounted() {
+        let config = InjectConfig {
+            token_secret: String::new(),
+            ..Default::default()
+        };
+        let template = pod(json!({"fleet-ipc.io/inject": "true"}));
+        let mut out = template.clone();
+        json_patch::patch(&mut out, &plan(&template, &config).unwrap().json_patch(&[])).unwrap();
+        assert_eq!(out["spec"]["volumes"].as_array().unwrap().len(), 1);
+        assert!(!out.to_string().contains("IPC_TOKEN_FILE"));
     }
 
     #[test]

@@ -946,3 +946,220 @@ fn the_redis_secrets_script_certifies_every_name_the_overlay_uses() {
     let password = std::fs::read_to_string(dir.path().join("redis-auth/password")).unwrap();
     assert!(password.len() >= 32 && !password.contains('\n'));
 }
+
+// ---- authentication: tokens, and the laptop overlay's opt-out ----
+
+/// The default a script gives to `VAR`, from its `VAR=${VAR:-default}` line.
+fn script_default(script: &str, var: &str) -> String {
+    let text = std::fs::read_to_string(k8s_dir(script)).unwrap_or_else(|e| panic!("{script}: {e}"));
+    let prefix = format!("{var}=${{{var}:-");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.strip_suffix('}'))
+        .unwrap_or_else(|| panic!("{script} has no {prefix}...}} line"))
+        .to_owned()
+}
+
+/// Every YAML file under deploy/ (recursively), but those under `except`.
+fn yaml_files(dir: &std::path::Path, except: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("readable directory") {
+        let path = entry.expect("directory entry").path();
+        if path.starts_with(except) {
+            continue;
+        }
+        if path.is_dir() {
+            yaml_files(&path, except, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+}
+
+/// Whether a rendered object turns authentication off anywhere: an `--insecure`
+/// argument or an `IPC_INSECURE` variable.
+fn runs_insecure(object: &Value) -> bool {
+    match object {
+        Value::String(s) => s == "--insecure" || s.starts_with("--insecure="),
+        Value::Array(items) => items.iter().any(runs_insecure),
+        Value::Object(map) => {
+            map.get("name").and_then(Value::as_str) == Some("IPC_INSECURE")
+                || map.values().any(runs_insecure)
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn no_shipped_manifest_but_the_laptop_overlay_turns_authentication_off() {
+    let deploy = repo_root().join("deploy");
+    let laptop = k8s_dir("overlays/laptop");
+    let mut files = Vec::new();
+    yaml_files(&deploy, &laptop, &mut files);
+    assert!(files.len() >= 8, "{files:?}");
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for word in ["--insecure", "IPC_INSECURE"] {
+            assert!(
+                !text.contains(word),
+                "{} mentions {word}: only the laptop overlay may turn authentication off",
+                file.display()
+            );
+        }
+    }
+    for dir in ["", "example"] {
+        let objects = render(&k8s_dir(dir));
+        assert!(
+            !objects.iter().any(runs_insecure),
+            "deploy/k8s/{dir} renders a manifest without authentication"
+        );
+    }
+    // The one exception says so loudly, and is what it says.
+    let overlay = std::fs::read_to_string(laptop.join("kustomization.yaml")).unwrap();
+    assert!(overlay.contains("WARNING: INSECURE"), "{overlay}");
+    let rendered = render(&laptop);
+    let server = find(&rendered, "Deployment", "ipc-server");
+    assert!(runs_insecure(server), "the laptop overlay runs --insecure");
+    let readme = std::fs::read_to_string(deploy.join("README.md")).unwrap();
+    assert!(
+        readme.contains("overlays/laptop") && readme.contains("**insecure**"),
+        "deploy/README.md warns about the laptop overlay"
+    );
+}
+
+#[test]
+fn the_control_plane_requires_tokens_from_the_secret_the_script_writes() {
+    let (_, _, pod, server) = server_deployment();
+    assert!(
+        !arg(&server, "--tokens-watch").is_empty(),
+        "a Secret volume changes without a signal"
+    );
+    let (secret, key) = secret_file(&pod, &server, arg(&server, "--tokens"));
+    assert_eq!(
+        (secret.as_str(), key.as_str()),
+        (
+            script_default("issue-token.sh", "TOKENS_SECRET").as_str(),
+            "tokens.toml"
+        ),
+        "the Secret and key issue-token.sh writes"
+    );
+    let optional = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| {
+            v.secret
+                .as_ref()
+                .filter(|s| s.secret_name.as_ref() == Some(&secret))
+        })
+        .and_then(|s| s.optional);
+    assert_ne!(optional, Some(true), "no tokens, no start");
+
+    // The injector gives sidecars the namespace Secret the script writes.
+    let token_secret = env(&server, "IPC_SIDECAR_TOKEN_SECRET");
+    assert_eq!(token_secret, InjectConfig::default().token_secret);
+    assert_eq!(
+        token_secret,
+        script_default("issue-token.sh", "TOKEN_SECRET")
+    );
+    let script = std::fs::read_to_string(k8s_dir("issue-token.sh")).unwrap();
+    assert!(
+        script.contains(&format!(
+            "apply_secret \"$subject\" \"$TOKEN_SECRET\" {} ",
+            ipc_inject::plan::TOKEN_KEY
+        )),
+        "the script writes the key the sidecar reads"
+    );
+}
+
+/// The injection config the control plane of `objects` runs its webhook with: the
+/// defaults and the `IPC_SIDECAR_*` variables of its Deployment that this test knows.
+fn injector_config(objects: &[Value]) -> InjectConfig {
+    let deployment =
+        parse_strict::<Deployment>(find(objects, "Deployment", "ipc-server"), "ipc-server");
+    let container = deployment.spec.template.spec.unwrap().containers.remove(0);
+    let mut config = InjectConfig::default();
+    for var in container.env.into_iter().flatten() {
+        match var.name.as_str() {
+            "IPC_SIDECAR_TOKEN_SECRET" => config.token_secret = var.value.unwrap_or_default(),
+            name if name.starts_with("IPC_SIDECAR_") => panic!("{name}: teach this test"),
+            _ => {}
+        }
+    }
+    config
+}
+
+#[test]
+fn injected_sidecars_mount_their_namespace_token_and_only_they() {
+    use ipc_inject::plan::{TOKEN_DIR, TOKEN_KEY, TOKEN_VOLUME, pod_id};
+    let config = injector_config(&render(&k8s_dir("")));
+    for (file, kind, name) in [
+        ("worker.yaml", "Deployment", "worker"),
+        ("config-init-job.yaml", "Job", "config-init"),
+    ] {
+        let out = inject_manifests_report(&example_file(file), &config).expect(file);
+        let objects = common::yaml_documents(&out.yaml);
+        let template = &find(&objects, kind, name)["spec"]["template"];
+        let spec: PodSpec = parse_strict(&template["spec"], file);
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == TOKEN_VOLUME)
+            .expect("the token volume");
+        assert_eq!(
+            volume
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
+            Some(config.token_secret.as_str()),
+            "{file}"
+        );
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        let mount = sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == TOKEN_VOLUME)
+            .expect("the sidecar mounts its token");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (TOKEN_DIR, Some(true))
+        );
+        let env: Vec<(&str, Option<&str>)> = sidecar
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        let token_file = format!("{TOKEN_DIR}/{TOKEN_KEY}");
+        assert!(
+            env.contains(&("IPC_TOKEN_FILE", Some(token_file.as_str()))),
+            "{env:?}"
+        );
+        // Its id is within the app's channels, which the namespace's token is
+        // granted (`shop:>`); the variables it names are the sidecar's own.
+        let args = sidecar.args.clone().unwrap();
+        let id_at = args.iter().position(|a| a == "--id").expect("--id");
+        assert_eq!(args[id_at + 1], pod_id("shop"));
+        assert!(args[id_at + 1].starts_with("shop:"));
+        for var in ["POD_NAMESPACE", "POD_NAME"] {
+            assert!(env.iter().any(|(n, _)| *n == var), "{var} for $({var})");
+        }
+        for container in &spec.containers {
+            assert!(
+                !container
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .any(|m| m.name == TOKEN_VOLUME),
+                "{file}: {} must not see the pod's token",
+                container.name
+            );
+        }
+    }
+
+    // The laptop overlay's injector gives sidecars no token.
+    let laptop = injector_config(&render(&k8s_dir("overlays/laptop")));
+    assert_eq!(laptop.token_secret, "");
+    let out = inject_manifests_report(&example_file("worker.yaml"), &laptop).unwrap();
+    assert!(!out.yaml.contains(TOKEN_VOLUME) && !out.yaml.contains("IPC_TOKEN_FILE"));
+}

@@ -79,6 +79,17 @@ impl SidecarProcess {
     /// Starts a sidecar on `socket`; `Err` with its stderr if it exits instead of
     /// printing its readiness line.
     pub fn start_at(socket: &Path, upstream: &str, args: &[String]) -> Result<Self, String> {
+        Self::start_with_env(socket, upstream, args, &[])
+    }
+
+    /// As [`Self::start_at`], with environment variables (the downward-API ones
+    /// are otherwise removed).
+    pub fn start_with_env(
+        socket: &Path,
+        upstream: &str,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self, String> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ipc-sidecar"));
         command
             .arg("--socket")
@@ -92,6 +103,7 @@ impl SidecarProcess {
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
             .env_remove("NODE_NAME")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
