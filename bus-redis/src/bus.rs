@@ -15,7 +15,9 @@ use ipc_core::coord::{
 };
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
+use ipc_core::telemetry::{Hop, Kind};
 use ipc_proto::pb::{Member, Msg};
+use opentelemetry::KeyValue;
 use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -228,6 +230,13 @@ impl Bus for RedisBus {
         // Refuse at once while Redis is known to be unreachable.
         self.inner.link.get()?;
         msg.cursor.clear();
+        // The Redis hop of a broadcast: queued for the writer, then its XADD.
+        let mut hop = Hop::child("redis XADD", Kind::Client, &msg.headers, || {
+            vec![
+                KeyValue::new("db.system", "redis"),
+                KeyValue::new("ipc.msg_id", msg.id.clone()),
+            ]
+        });
         let (done, stored) = oneshot::channel();
         let append = Append {
             payload: msg.encode_to_vec(),
@@ -246,8 +255,11 @@ impl Bus for RedisBus {
         Ok(Box::pin(async move {
             let written = tokio::time::timeout_at(deadline.into(), stored)
                 .await
-                .map_err(|_| unconfirmed())?
-                .map_err(|_| shutting_down())??;
+                .map_err(|_| unconfirmed())
+                .and_then(|r| r.map_err(|_| shutting_down()))
+                .and_then(|r| r)
+                .inspect_err(|error| hop.fail(|| error.to_string()))?;
+            drop(hop);
             Ok(match written {
                 Written::Stored(cursor) => {
                     msg.cursor = cursor.to_string();
@@ -332,16 +344,26 @@ impl Bus for RedisBus {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 return Err(RequestError::DeadlineExceeded(target.to_string()));
             };
+            let mut msg = request.clone();
+            let mut hop = Hop::child("redis inbox request", Kind::Client, &msg.headers, || {
+                vec![
+                    KeyValue::new("ipc.node", hub.node().to_string()),
+                    KeyValue::new("ipc.replica", node.clone()),
+                    KeyValue::new("ipc.target", target.to_string()),
+                    KeyValue::new("db.system", "redis"),
+                ]
+            });
+            hop.stamp(&mut msg.headers);
             let body = Body::Request(RemoteRequest {
                 target: target.to_string(),
-                msg: Some(request.clone()),
+                msg: Some(msg),
                 timeout_ms: left.as_millis() as u64,
             });
-            match exchange
-                .ask(&node, body, deadline)
-                .await
-                .map_err(unavailable)?
-            {
+            let asked = exchange.ask(&node, body, deadline).await;
+            if let Ok(answer) = &asked {
+                hop.set(|| vec![KeyValue::new("ipc.answer", answer.describe())]);
+            }
+            match asked.map_err(unavailable)? {
                 Asked::Answered(Body::Response(response)) => match response.outcome {
                     outcome::OK => return Ok(response.reply.unwrap_or_default()),
                     // Its subscriber left meanwhile: another replica may have one.
@@ -375,6 +397,14 @@ impl Bus for RedisBus {
             return Err(ReplyError::NotFound(reply_to));
         };
         let deadline = Instant::now() + self.inner.config.command_timeout;
+        let mut reply = reply;
+        let hop = Hop::child("redis inbox reply", Kind::Client, &reply.headers, || {
+            vec![
+                KeyValue::new("ipc.replica", node.to_string()),
+                KeyValue::new("db.system", "redis"),
+            ]
+        });
+        hop.stamp(&mut reply.headers);
         match exchange.ask(node, Body::Reply(reply), deadline).await {
             Ok(Asked::Answered(Body::ReplyAck(ack))) if ack.outcome == outcome::OK => Ok(()),
             // The request is gone, or so is the replica that delivered it.

@@ -15,12 +15,16 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use ipc_core::bus::{BusError, RequestError};
+use ipc_core::fleetops::OP_ID_HEADER;
 use ipc_core::hub::Hub;
+use ipc_core::telemetry::{self, Hop, Kind, TraceContext};
 use ipc_proto::pb::Msg;
+use opentelemetry::KeyValue;
 use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::keys::Keys;
 use crate::link::{Link, Part, reconnect_backoff};
@@ -87,6 +91,18 @@ pub(crate) mod outcome {
     pub const DEADLINE: i32 = 2;
     pub const UNAVAILABLE: i32 = 3;
     pub const NOT_FOUND: i32 = 4;
+
+    /// An outcome in words, for spans.
+    pub fn name(outcome: i32) -> &'static str {
+        match outcome {
+            OK => "ok",
+            NO_RESPONDERS => "no responders",
+            DEADLINE => "deadline exceeded",
+            UNAVAILABLE => "unavailable",
+            NOT_FOUND => "not found",
+            _ => "unknown",
+        }
+    }
 }
 
 /// What became of a message sent with [`Exchange::ask`].
@@ -99,6 +115,19 @@ pub(crate) enum Asked {
     NoListener,
     /// No answer before the deadline.
     TimedOut,
+}
+
+impl Asked {
+    /// What became of the ask, in words, for spans.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Asked::Answered(Body::Response(r)) => outcome::name(r.outcome),
+            Asked::Answered(Body::ReplyAck(a)) => outcome::name(a.outcome),
+            Asked::Answered(_) => "unexpected answer",
+            Asked::NoListener => "no listener",
+            Asked::TimedOut => "timed out",
+        }
+    }
 }
 
 /// One replica's end of the inbox protocol.
@@ -198,12 +227,45 @@ impl Exchange {
         };
         let Envelope { from, id, body } = envelope;
         match body {
-            Some(Body::Request(request)) => {
+            Some(Body::Request(mut request)) => {
                 let exchange = self.clone();
-                tokio::spawn(async move {
-                    let response = exchange.serve_request(request).await;
-                    exchange.answer(&from, id, Body::Response(response)).await;
+                let headers = request.msg.as_ref().map(|m| &m.headers);
+                let mut hop = headers.map_or(Hop::NONE, |headers| {
+                    Hop::child("redis inbox serve", Kind::Server, headers, || {
+                        vec![
+                            KeyValue::new("ipc.node", self.node().to_string()),
+                            KeyValue::new("ipc.from_replica", from.clone()),
+                            KeyValue::new("ipc.target", request.target.clone()),
+                        ]
+                    })
                 });
+                if let Some(msg) = &mut request.msg {
+                    hop.stamp(&mut msg.headers);
+                }
+                let op_id = request
+                    .msg
+                    .as_ref()
+                    .and_then(|m| m.headers.get(OP_ID_HEADER).cloned());
+                let log = telemetry::log_span(
+                    request
+                        .msg
+                        .as_ref()
+                        .and_then(|m| TraceContext::from_headers(&m.headers))
+                        .as_ref(),
+                    op_id.as_deref(),
+                );
+                tokio::spawn(
+                    async move {
+                        let response = exchange.serve_request(request).await;
+                        if response.outcome != outcome::OK {
+                            hop.fail(|| {
+                                format!("{} {}", outcome::name(response.outcome), response.detail)
+                            });
+                        }
+                        exchange.answer(&from, id, Body::Response(response)).await;
+                    }
+                    .instrument(log),
+                );
             }
             Some(Body::Reply(reply)) => {
                 let outcome = match self.hub.complete_request(reply) {

@@ -543,6 +543,7 @@ impl Identify for TokenIdentity {
             app: app.clone().or_else(|| entry.app.clone()),
             sender: entry.name.clone(),
             grants: Some(entry.grants.clone()),
+            trace: None,
         };
         if let Some(value) = metadata.get(AUTHORIZATION_METADATA) {
             let text = value
@@ -572,6 +573,7 @@ impl Identify for TokenIdentity {
                     app,
                     sender: peer.cert_names[0].clone(),
                     grants: Some(Arc::new(Grants::all())),
+                    trace: None,
                 });
             }
             return Err(unauthenticated(format!(

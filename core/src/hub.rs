@@ -23,6 +23,8 @@ use crate::metrics::Metrics;
 use crate::pattern_index::PatternIndex;
 use crate::queue::{Charge, Delivery, PushError, Queue, QueueLimits};
 use crate::responders;
+use crate::telemetry::{Hop, Kind, TraceContext};
+use opentelemetry::KeyValue;
 
 /// Why the node ended a subscriber's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +190,8 @@ fn request_routes(spec: &SubscriberSpec) -> Vec<(String, Arc<str>)> {
 pub struct Delivered {
     /// The subscriber it went to.
     pub key: u64,
+    /// The member it is for (the subscriber, or a member it relays).
+    pub member: Arc<str>,
     pub reply_to: String,
     pub reply: oneshot::Receiver<Msg>,
 }
@@ -198,6 +202,8 @@ struct Pending {
     subscriber: u64,
     /// The authenticated identity of that subscriber: only it may reply.
     owner: Option<String>,
+    /// The trace the request is part of: its reply's parent.
+    trace: Option<TraceContext>,
 }
 
 /// The live subscribers of one node.
@@ -436,6 +442,14 @@ impl Hub {
     /// Delivers a log entry to every local subscriber whose patterns match its
     /// channel. Buses call this in log order. Returns the number of deliveries.
     pub fn dispatch(&self, msg: &Arc<Msg>) -> usize {
+        let mut fanout = Hop::child("fanout", Kind::Internal, &msg.headers, || {
+            vec![
+                KeyValue::new("ipc.node", self.node.clone()),
+                KeyValue::new("ipc.msg_id", msg.id.clone()),
+                KeyValue::new("ipc.channel", msg.channel.clone()),
+                KeyValue::new("ipc.cursor", msg.cursor.clone()),
+            ]
+        });
         let mut delivered = 0;
         let mut slow = Vec::new();
         {
@@ -465,6 +479,7 @@ impl Hub {
         self.metrics
             .delivered
             .fetch_add(delivered as u64, Ordering::Relaxed);
+        fanout.set(|| vec![KeyValue::new("ipc.deliveries", delivered as i64)]);
         delivered
     }
 
@@ -591,6 +606,7 @@ impl Hub {
                     tx,
                     subscriber: route.key,
                     owner: sub.spec.verified_owner.then(|| sub.spec.owner.clone()),
+                    trace: TraceContext::from_headers(&request.headers),
                 },
             );
             let request = Arc::new(request.clone());
@@ -602,6 +618,7 @@ impl Hub {
                 Ok(()) => {
                     return Some(Delivered {
                         key: route.key,
+                        member: route.member.clone(),
                         reply_to,
                         reply: rx,
                     });
@@ -629,14 +646,41 @@ impl Hub {
             crate::node::DEADLINE_HEADER.to_string(),
             (crate::now_ms() + left.as_millis() as i64).to_string(),
         );
+        let mut hop = Hop::child("deliver", Kind::Producer, &request.headers, || {
+            vec![
+                KeyValue::new("ipc.node", self.node.clone()),
+                KeyValue::new("ipc.target", target.to_string()),
+                KeyValue::new("ipc.msg_id", request.id.clone()),
+            ]
+        });
+        hop.stamp(&mut request.headers);
+        let result = self
+            .ask_responders(target, request, deadline, &mut hop)
+            .await;
+        if let Err(error) = &result {
+            hop.fail(|| error.to_string());
+        }
+        result
+    }
+
+    async fn ask_responders(
+        &self,
+        target: &str,
+        request: Msg,
+        deadline: std::time::Instant,
+        hop: &mut Hop,
+    ) -> Result<Msg, RequestError> {
         let mut tried = Vec::new();
         loop {
             let Some(delivered) = self.deliver_request(target, request.clone(), &tried) else {
                 return Err(RequestError::NoResponders(target.to_string()));
             };
+            tracing::debug!(target, member = %delivered.member, node = %self.node, "request handed to a responder");
+            hop.set(|| vec![KeyValue::new("ipc.member", delivered.member.to_string())]);
             match tokio::time::timeout_at(deadline.into(), delivered.reply).await {
                 Ok(Ok(reply)) if responders::cannot_answer(&reply) => {
                     tracing::debug!(target, node = %self.node, "a relay could not answer; asking another responder");
+                    hop.event("relay could not answer");
                     tried.push(delivered.key);
                 }
                 Ok(Ok(reply)) => return Ok(reply),
@@ -651,6 +695,11 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// The trace context of a request this node handed out and still waits on.
+    pub fn request_trace(&self, reply_to: &str) -> Option<TraceContext> {
+        self.pending.lock().get(reply_to)?.trace.clone()
     }
 
     /// Forgets a request whose caller stopped waiting.

@@ -22,6 +22,8 @@
 //!   and Unix listeners, with the same limits, status mapping and drain.
 //! - [`fleetops`]: Gather and Rollout, their ledgers and keys.
 //! - [`logging`]: the binaries' `tracing` set-up.
+//! - [`telemetry`]: W3C trace context in metadata and headers, spans per hop,
+//!   exported over OTLP when an endpoint is set.
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities;
 //!   [`revocation`]: the streams of a revoked token ended.
@@ -60,6 +62,7 @@ pub mod queue;
 pub mod responders;
 pub mod revocation;
 pub mod service;
+pub mod telemetry;
 pub mod text;
 
 pub use bus::Bus;

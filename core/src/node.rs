@@ -23,6 +23,9 @@ use crate::cursor::Cursor;
 use crate::hub::{Closed, Hub, RegisterError, StreamLimits, SubscriberSpec, Subscription};
 use crate::limits::RateLimiter;
 use crate::metrics::{Metrics, Refusal, SendOutcome};
+use crate::telemetry::{self, Hop, TraceContext};
+use opentelemetry::KeyValue;
+use tracing::Instrument as _;
 
 /// How a node behaves; every field has a default fit for tests and small fleets.
 #[derive(Debug, Clone)]
@@ -128,6 +131,10 @@ pub struct Caller {
     /// What an authenticated caller may do; `None` for an unauthenticated caller
     /// (loopback, a pod's socket, `--insecure`), who may do everything.
     pub grants: Option<Arc<Grants>>,
+    /// The trace context of the call (`traceparent` metadata): what the operation's
+    /// spans and messages are part of. Without it, a message's own `traceparent`
+    /// header is used.
+    pub trace: Option<crate::telemetry::TraceContext>,
 }
 
 impl Caller {
@@ -374,7 +381,32 @@ impl Node {
         grpc_timeout: Option<Duration>,
     ) -> Result<Msg, NodeError> {
         let started = Instant::now();
-        let result = self.send_msg_inner(caller, req, grpc_timeout).await;
+        let parent = caller
+            .trace
+            .clone()
+            .or_else(|| TraceContext::from_headers(&req.headers));
+        let mut hop = Hop::accept("SendMsg", parent, || {
+            vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.method", "SendMsg"),
+                KeyValue::new("ipc.node", self.config.name.clone()),
+                KeyValue::new("ipc.target", req.target.clone()),
+                KeyValue::new("ipc.op", req.op.clone()),
+            ]
+        });
+        let log = hop.log_span(None);
+        let mut result = self
+            .send_msg_inner(caller, req, grpc_timeout, &hop)
+            .instrument(log)
+            .await;
+        match &mut result {
+            // The reply goes back with the trace: the replier's hop, or this one.
+            Ok(reply) if !reply.headers.contains_key(telemetry::TRACEPARENT) => {
+                hop.stamp(&mut reply.headers);
+            }
+            Ok(_) => {}
+            Err(error) => hop.fail(|| error.to_string()),
+        }
         let outcome = match &result {
             Ok(_) => SendOutcome::Replied,
             Err(NodeError::NoResponders(_)) => SendOutcome::NoResponders,
@@ -394,6 +426,7 @@ impl Node {
         caller: &Caller,
         req: SendMsgRequest,
         grpc_timeout: Option<Duration>,
+        accepted: &Hop,
     ) -> Result<Msg, NodeError> {
         self.check_size(req.encoded_len())?;
         check_op(&req.op)?;
@@ -405,7 +438,7 @@ impl Node {
         }
         let target = channel::parse_name(&req.target, self.app(caller))?;
         self.authorize(caller, "send to", &target, |g| g.may_send(&target))?;
-        let request = Msg {
+        let mut request = Msg {
             op: req.op,
             data: req.data,
             headers: req.headers,
@@ -415,13 +448,37 @@ impl Node {
             ts_ms: crate::now_ms(),
             ..Msg::default()
         };
-        if self.hub.has_responder(&target) {
-            match self.request_local(&target, request.clone(), deadline).await {
+        let local = self.hub.has_responder(&target);
+        let mut route = accepted.under("route", telemetry::Kind::Internal, || {
+            vec![
+                KeyValue::new("ipc.msg_id", request.id.clone()),
+                KeyValue::new("ipc.channel", target.clone()),
+                KeyValue::new("ipc.local_responder", local),
+            ]
+        });
+        route.stamp(&mut request.headers);
+        let result = self.route_request(&target, request, deadline, local).await;
+        if let Err(error) = &result {
+            route.fail(|| error.to_string());
+        }
+        Ok(result?)
+    }
+
+    /// A request to a local responder when there is one, else through the bus.
+    async fn route_request(
+        &self,
+        target: &str,
+        request: Msg,
+        deadline: Instant,
+        local: bool,
+    ) -> Result<Msg, RequestError> {
+        if local {
+            match self.request_local(target, request.clone(), deadline).await {
                 Err(RequestError::NoResponders(_)) => {}
-                other => return Ok(other?),
+                other => return other,
             }
         }
-        Ok(self.bus.request(&target, request, deadline).await?)
+        self.bus.request(target, request, deadline).await
     }
 
     /// How long a request may wait: `timeout_ms` (the default when 0), bounded by
@@ -825,7 +882,7 @@ impl Node {
                 crate::text::shorten(&req.reply_to, 128)
             )));
         }
-        let reply = Msg {
+        let mut reply = Msg {
             op: req.op,
             data: req.data,
             headers: req.headers,
@@ -836,11 +893,42 @@ impl Node {
             error: req.error,
             ..Msg::default()
         };
-        if self.hub.owns_reply_to(&reply.reply_to) {
-            Ok(self.hub.complete_request(reply)?)
+        let owned = self.hub.owns_reply_to(&reply.reply_to);
+        // A replier rarely sends a trace context of its own: the reply is part of
+        // the request it answers.
+        let parent = caller
+            .trace
+            .clone()
+            .or_else(|| TraceContext::from_headers(&reply.headers))
+            .or_else(|| {
+                owned
+                    .then(|| self.hub.request_trace(&reply.reply_to))
+                    .flatten()
+            });
+        let mut hop = Hop::accept("Reply", parent, || {
+            vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.method", "Reply"),
+                KeyValue::new("ipc.node", self.config.name.clone()),
+                KeyValue::new("ipc.op", reply.op.clone()),
+                KeyValue::new("ipc.sender", reply.sender.clone()),
+                KeyValue::new("ipc.replied_with_error", !reply.error.is_empty()),
+            ]
+        });
+        hop.stamp(&mut reply.headers);
+        let delivered = if owned {
+            self.hub.complete_request(reply).map_err(NodeError::from)
         } else {
-            Ok(self.bus.forward_reply(reply).await?)
+            self.bus
+                .forward_reply(reply)
+                .instrument(hop.log_span(None))
+                .await
+                .map_err(NodeError::from)
+        };
+        if let Err(error) = &delivered {
+            hop.fail(|| error.to_string());
         }
+        delivered
     }
 
     /// Fleet-wide members matching the filter. With `channel`, only those a

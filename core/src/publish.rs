@@ -24,6 +24,9 @@ use crate::channel;
 use crate::hub::Closed;
 use crate::node::{Caller, Node, NodeError, check_op};
 use crate::revocation::RevocationWatch;
+use crate::telemetry::{Hop, Kind, TraceContext};
+use opentelemetry::KeyValue;
+use tracing::Instrument as _;
 
 /// Most messages of one Publish stream submitted and not yet answered. Enough for
 /// the Redis writer to fill pipelines; the stream reads no further until the
@@ -75,7 +78,7 @@ impl Node {
             key: req.key,
             window: self.config().dedup_window,
         });
-        let msg = Msg {
+        let mut msg = Msg {
             op: req.op,
             data: req.data,
             headers: req.headers,
@@ -85,9 +88,46 @@ impl Node {
             ts_ms: crate::now_ms(),
             ..Msg::default()
         };
-        let pending = self.bus().submit(msg, key).await?;
+        let parent = caller
+            .trace
+            .clone()
+            .or_else(|| TraceContext::from_headers(&msg.headers));
+        let accepted = Hop::accept("Broadcast", parent, || {
+            vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("ipc.node", self.name().to_string()),
+                KeyValue::new("ipc.msg_id", msg.id.clone()),
+                KeyValue::new("ipc.channel", msg.channel.clone()),
+                KeyValue::new("ipc.op", msg.op.clone()),
+                KeyValue::new("ipc.keyed", key.is_some()),
+            ]
+        });
+        // Stored with the store hop's context: every replica's fan-out and every
+        // subscriber's work nest under it.
+        let mut store = accepted.under("store", Kind::Internal, Vec::new);
+        store.stamp(&mut msg.headers);
+        let pending = match self
+            .bus()
+            .submit(msg, key)
+            .instrument(accepted.log_span(None))
+            .await
+        {
+            Ok(pending) => pending,
+            Err(error) => {
+                store.fail(|| error.to_string());
+                return Err(error.into());
+            }
+        };
         let metrics = self.metrics().clone();
         Ok(pending
+            .map(move |appended| {
+                let mut hops = (accepted, store);
+                if let Err(error) = &appended {
+                    hops.1.fail(|| error.to_string());
+                    hops.0.fail(|| error.to_string());
+                }
+                appended
+            })
             .map(move |appended| match appended? {
                 Appended::Stored(stored) => {
                     metrics.accepted.fetch_add(1, Ordering::Relaxed);

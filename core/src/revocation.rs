@@ -99,6 +99,7 @@ mod tests {
             app: None,
             sender: name.into(),
             grants: Some(Arc::default()),
+            ..Caller::default()
         }
     }
 

@@ -139,6 +139,7 @@ impl Identify for MetadataIdentity {
             app,
             sender,
             grants: None,
+            trace: None,
         })
     }
 }
@@ -167,7 +168,7 @@ impl IpcService {
         if let Some(process) = &peer.process {
             tracing::debug!(pid = ?process.pid, uid = process.uid, gid = process.gid, "local request");
         }
-        let caller = self
+        let mut caller = self
             .identity
             .identify(request.metadata(), &peer)
             .inspect_err(|status| {
@@ -176,6 +177,7 @@ impl IpcService {
                 }
             })?;
         self.node.admit(&caller).map_err(status)?;
+        caller.trace = crate::telemetry::TraceContext::from_metadata(request.metadata());
         Ok(caller)
     }
 
@@ -233,7 +235,13 @@ impl IpcService {
             .map_err(status)?
             .map(|item| Some(item.map_err(closed_status)));
         let (notices, notices_rx) = tokio::sync::mpsc::channel(SERVE_NOTICES);
-        tokio::spawn(relay_replies(self.node.clone(), caller, requests, notices));
+        // The stream's own trace context is the subscription's; each reply is part
+        // of the request it answers.
+        let replier = Caller {
+            trace: None,
+            ..caller
+        };
+        tokio::spawn(relay_replies(self.node.clone(), replier, requests, notices));
         // The stream lasts as long as the subscription: the replies' side may end
         // first (a client that only subscribes closes its side).
         let messages = messages.chain(futures::stream::once(async { None }));

@@ -91,6 +91,10 @@ pub struct Config {
     /// Log as JSON lines (for log collectors) instead of text.
     #[arg(long, env = "IPC_LOG_JSON")]
     pub log_json: bool,
+    /// OTLP/gRPC collector to export trace spans to (`http://HOST:4317`); off when
+    /// absent. The W3C `traceparent` of callers is passed on either way.
+    #[arg(long, env = "IPC_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Redis shared by the replicas (`redis://[user:password@]host:port[/db]`, or
     /// `rediss://…` for TLS); without it the server runs alone on the memory bus.
     #[arg(long, env = "IPC_REDIS", group = "redis_target")]
@@ -258,6 +262,8 @@ pub struct Server {
     transport: transport::TransportConfig,
     injector: Option<Injector>,
     admin: Option<Admin>,
+    /// Span export (`--otlp-endpoint`); flushed when serving ends.
+    telemetry: Option<ipc_core::telemetry::ExportGuard>,
 }
 
 impl Server {
@@ -266,6 +272,21 @@ impl Server {
         let security = security::Security::load(&config.security, config.listen)?;
         let bus = build_bus(&config).await?;
         let node = Node::new(config.node_config(), bus);
+        let telemetry = config
+            .otlp_endpoint
+            .as_deref()
+            .map(|endpoint| {
+                ipc_core::telemetry::start(
+                    endpoint,
+                    ipc_core::telemetry::ServiceInfo {
+                        name: "ipc-server",
+                        instance: node.name().to_string(),
+                        version: ipc_build_info::VERSION,
+                    },
+                )
+            })
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let grpc = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding gRPC listener {}", config.listen))?;
@@ -313,6 +334,7 @@ impl Server {
             transport: config.transport.clone(),
             injector,
             admin,
+            telemetry,
         })
     }
 
@@ -370,6 +392,7 @@ impl Server {
             transport,
             injector,
             admin,
+            telemetry,
         } = self;
         let console = admin.map(|admin| {
             let console = ipc_console::Console::new(
@@ -462,6 +485,7 @@ impl Server {
             let _ = task.await;
         }
         node.bus().shutdown().await;
+        drop(telemetry);
         Ok(())
     }
 }

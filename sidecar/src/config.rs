@@ -134,6 +134,10 @@ pub struct Config {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IPC_LOG_JSON")]
     pub log_json: bool,
+    /// OTLP/gRPC collector to export trace spans to (`http://HOST:4317`); off when
+    /// absent. The W3C `traceparent` of callers is passed on either way.
+    #[arg(long, env = "IPC_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Who the pod is, as the control plane and operators see it.

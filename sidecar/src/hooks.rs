@@ -2,8 +2,9 @@
 //! obeys fleet commands (`worker:restart=kill -TERM 1`).
 //!
 //! A hook runs `/bin/sh -c COMMAND` in its own process group with the message as JSON
-//! on stdin and `IPC_OP`, `IPC_CHANNEL`, `IPC_SENDER`, `IPC_MSG_ID` in the
-//! environment. Past the timeout the whole group is killed. Runs of one hook never
+//! on stdin and `IPC_OP`, `IPC_CHANNEL`, `IPC_SENDER`, `IPC_MSG_ID` (and `TRACEPARENT`
+//! when the message is part of a trace) in the environment. Past the timeout the
+//! whole group is killed. Runs of one hook never
 //! overlap: while one runs, the next broadcast waits its turn and any further
 //! broadcast is skipped (logged) — a burst of `config:reload` runs the hook twice, not
 //! N times; a request waits its turn until its deadline. A request is answered with
@@ -16,10 +17,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use ipc_core::metrics::{Exposition, Kind};
+use ipc_core::metrics::{Exposition, Kind as MetricKind};
+use ipc_core::telemetry::{Hop, Kind, TraceContext};
 use ipc_proto::pb::Msg;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use opentelemetry::KeyValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -177,7 +180,7 @@ impl Hooks {
     pub fn write_metrics(&self, out: &mut Exposition) {
         out.family(
             "ipc_sidecar_hook_runs_total",
-            Kind::Counter,
+            MetricKind::Counter,
             "Hook commands this sidecar ran for ops sent to the pod, by op and how they ended (exit code, timeout, signal, not_started, or skipped while busy).",
         );
         let mut ops: Vec<_> = self.hooks.iter().collect();
@@ -231,7 +234,35 @@ pub fn msg_json(msg: &Msg) -> serde_json::Value {
 /// Runs `command` for `msg`, killing its process group after `timeout`.
 async fn run(command: &str, msg: &Msg, timeout: Duration) -> Outcome {
     let op = &msg.op;
-    match spawn_and_wait(command, msg, timeout).await {
+    let mut hop = Hop::child("hook", Kind::Internal, &msg.headers, || {
+        vec![
+            KeyValue::new("ipc.op", op.clone()),
+            KeyValue::new("ipc.msg_id", msg.id.clone()),
+        ]
+    });
+    // The command is told its trace context (`TRACEPARENT`): its own spans nest
+    // under the hook's.
+    let traceparent = hop
+        .context()
+        .cloned()
+        .or_else(|| TraceContext::from_headers(&msg.headers))
+        .map(|context| context.traceparent());
+    let outcome = run_traced(command, msg, timeout, traceparent.as_deref()).await;
+    hop.set(|| vec![KeyValue::new("ipc.hook_status", outcome.status())]);
+    if let Some(error) = &outcome.error {
+        hop.fail(|| error.clone());
+    }
+    outcome
+}
+
+async fn run_traced(
+    command: &str,
+    msg: &Msg,
+    timeout: Duration,
+    traceparent: Option<&str>,
+) -> Outcome {
+    let op = &msg.op;
+    match spawn_and_wait(command, msg, timeout, traceparent).await {
         Ok(mut outcome) => {
             outcome.error = if outcome.timed_out {
                 Some(format!(
@@ -256,7 +287,12 @@ async fn run(command: &str, msg: &Msg, timeout: Duration) -> Outcome {
     }
 }
 
-async fn spawn_and_wait(command: &str, msg: &Msg, timeout: Duration) -> std::io::Result<Outcome> {
+async fn spawn_and_wait(
+    command: &str,
+    msg: &Msg,
+    timeout: Duration,
+    traceparent: Option<&str>,
+) -> std::io::Result<Outcome> {
     use std::os::unix::process::ExitStatusExt;
 
     // One pipe for stdout and stderr, so the tail interleaves them as they came.
@@ -269,11 +305,15 @@ async fn spawn_and_wait(command: &str, msg: &Msg, timeout: Duration) -> std::io:
         .env("IPC_CHANNEL", &msg.channel)
         .env("IPC_SENDER", &msg.sender)
         .env("IPC_MSG_ID", &msg.id)
+        .env_remove("TRACEPARENT")
         .stdin(Stdio::piped())
         .stdout(Stdio::from(writer))
         .stderr(Stdio::from(writer_err))
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(traceparent) = traceparent {
+        cmd.env("TRACEPARENT", traceparent);
+    }
     let mut child = cmd.spawn()?;
     // Our copies of the write end must close, or the output never ends.
     drop(cmd);

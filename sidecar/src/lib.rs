@@ -60,6 +60,8 @@ pub struct Sidecar {
     socket: socket::BoundSocket,
     health: TcpListener,
     grace: Duration,
+    /// Span export (`--otlp-endpoint`); flushed when serving ends.
+    telemetry: Option<ipc_core::telemetry::ExportGuard>,
 }
 
 impl Sidecar {
@@ -100,6 +102,7 @@ impl Sidecar {
             max_timeout_ms,
             grace_ms,
             log_json: _,
+            otlp_endpoint,
         } = config;
         anyhow::ensure!(!upstream.is_empty(), "no --upstream address given");
         let node_name = node.unwrap_or_else(|| identity.id.clone());
@@ -157,6 +160,20 @@ impl Sidecar {
             bus.clone() as Arc<dyn Bus>,
         );
         bus.start(&node);
+        let telemetry = otlp_endpoint
+            .as_deref()
+            .map(|endpoint| {
+                ipc_core::telemetry::start(
+                    endpoint,
+                    ipc_core::telemetry::ServiceInfo {
+                        name: "ipc-sidecar",
+                        instance: node.name().to_string(),
+                        version: ipc_build_info::VERSION,
+                    },
+                )
+            })
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         Ok(Self {
             node,
             bus,
@@ -165,6 +182,7 @@ impl Sidecar {
             socket,
             health,
             grace: Duration::from_millis(grace_ms),
+            telemetry,
         })
     }
 
@@ -198,6 +216,7 @@ impl Sidecar {
             socket,
             health,
             grace,
+            telemetry,
         } = self;
         // The same routes, limits, status mapping and drain as the control plane's port.
         let mount = Mount::new(
@@ -227,6 +246,7 @@ impl Sidecar {
         served?;
         bus.shutdown().await;
         drop(socket);
+        drop(telemetry);
         Ok(())
     }
 }

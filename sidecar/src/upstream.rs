@@ -36,11 +36,13 @@ use ipc_core::coord::{
     InUse, LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec,
 };
 use ipc_core::cursor::Cursor;
+use ipc_core::fleetops::OP_ID_HEADER;
 use ipc_core::hub::Hub;
 use ipc_core::metrics::Exposition;
 use ipc_core::node::{BUILTIN_OPS, DEADLINE_HEADER};
 use ipc_core::notice::{self, Gap, Subscribed};
 use ipc_core::responders;
+use ipc_core::telemetry::{self, Hop, Kind, TraceContext};
 use ipc_core::{Caller, Node, NodeError};
 use ipc_proto::backoff::{Attempts, Backoff};
 use ipc_proto::json;
@@ -49,12 +51,14 @@ use ipc_proto::pb::{
     BroadcastRequest, BroadcastResponse, Member, MembersRequest, Msg, ReplyRequest, SendMsgRequest,
     SubscribeRequest,
 };
+use opentelemetry::KeyValue;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::config::PodIdentity;
 use crate::grants::PodGrants;
@@ -247,20 +251,36 @@ impl Bus for UpstreamBus {
         msg: Msg,
         key: Option<IdempotencyKey>,
     ) -> Result<PendingAppend, BusError> {
-        let request = BroadcastRequest {
+        let mut hop = Hop::child("upstream Broadcast", Kind::Client, &msg.headers, || {
+            self.inner.upstream_attributes()
+        });
+        let mut request = BroadcastRequest {
             channel: msg.channel.clone(),
             op: msg.op.clone(),
             data: msg.data.clone(),
             headers: msg.headers.clone(),
             key: key.map(|k| k.key).unwrap_or_default(),
         };
+        // On the stream the message's own header is its context upstream.
+        hop.stamp(&mut request.headers);
         if self.inner.upstream_sender(&msg.sender) != self.inner.config.identity.id {
-            let response = self.inner.broadcast_unary(request, &msg.sender).await?;
+            let response = self
+                .inner
+                .broadcast_unary(request, &msg.sender)
+                .await
+                .inspect_err(|error| hop.fail(|| error.to_string()))?;
             return Ok(Box::pin(std::future::ready(Ok(appended(msg, response)))));
         }
-        let answer = self.publish.submit(&self.inner, request).await?;
+        let answer = self
+            .publish
+            .submit(&self.inner, request)
+            .await
+            .inspect_err(|error| hop.fail(|| error.to_string()))?;
         Ok(Box::pin(async move {
-            let response = answer.await?;
+            let response = answer
+                .await
+                .inspect_err(|error| hop.fail(|| error.to_string()))?;
+            drop(hop);
             Ok(appended(msg, response))
         }))
     }
@@ -331,6 +351,9 @@ impl Bus for UpstreamBus {
             .inner
             .link_or_unavailable()
             .map_err(ReplyError::Unavailable)?;
+        let hop = Hop::child("upstream Reply", Kind::Client, &reply.headers, || {
+            self.inner.upstream_attributes()
+        });
         let request = ReplyRequest {
             reply_to: reply.reply_to.clone(),
             op: reply.op,
@@ -338,9 +361,10 @@ impl Bus for UpstreamBus {
             headers: reply.headers,
             error: reply.error,
         };
-        let request =
+        let mut request =
             self.inner
                 .request(request, &reply.sender, Some(self.inner.config.call_timeout));
+        hop.stamp_metadata(request.metadata_mut());
         match link.client.clone().reply(request).await {
             Ok(_) => Ok(()),
             Err(status) if status.code() == Code::NotFound => {
@@ -570,6 +594,18 @@ impl Inner {
             .await
             .map_err(|status| bus_error("broadcast", &status))?
             .into_inner())
+    }
+
+    /// What a span of a call to the control plane says about it.
+    fn upstream_attributes(&self) -> Vec<KeyValue> {
+        let mut attributes = vec![
+            KeyValue::new("ipc.node", self.config.node_name.clone()),
+            KeyValue::new("rpc.system", "grpc"),
+        ];
+        if let Some(link) = self.link.borrow().as_ref() {
+            attributes.push(KeyValue::new("ipc.upstream", link.address.clone()));
+        }
+        attributes
     }
 
     /// A request with the metadata every upstream call carries.
@@ -1131,16 +1167,41 @@ impl Inner {
         tracing::warn!(reached, reason, "ipc:gap sent to local subscribers");
     }
 
-    fn spawn_request(self: &Arc<Self>, msg: Msg) {
+    fn spawn_request(self: &Arc<Self>, mut msg: Msg) {
         let inner = self.clone();
-        tokio::spawn(async move {
-            let deadline = request_deadline(&msg, inner.config.default_request_wait);
-            let reply_to = msg.reply_to.clone();
-            let Some(reply) = inner.answer(msg, deadline).await else {
-                return;
-            };
-            inner.send_reply(reply_to, reply).await;
+        // The sidecar's hop of a request from the fleet: answered in the pod, the
+        // reply sent back upstream.
+        let mut hop = Hop::child("sidecar request", Kind::Server, &msg.headers, || {
+            vec![
+                KeyValue::new("ipc.node", self.config.node_name.clone()),
+                KeyValue::new("ipc.channel", msg.channel.clone()),
+                KeyValue::new("ipc.op", msg.op.clone()),
+                KeyValue::new("ipc.msg_id", msg.id.clone()),
+            ]
         });
+        hop.stamp(&mut msg.headers);
+        let log = telemetry::log_span(
+            TraceContext::from_headers(&msg.headers).as_ref(),
+            msg.headers.get(OP_ID_HEADER).map(String::as_str),
+        );
+        tokio::spawn(
+            async move {
+                let deadline = request_deadline(&msg, inner.config.default_request_wait);
+                let reply_to = msg.reply_to.clone();
+                let Some(mut reply) = inner.answer(msg, deadline).await else {
+                    hop.fail(|| "no answer before the deadline".into());
+                    return;
+                };
+                // The reply's header is its context upstream (it goes on the Serve
+                // stream, where a message has no metadata of its own).
+                let upstream = hop.under("upstream Reply", Kind::Client, || {
+                    inner.upstream_attributes()
+                });
+                upstream.stamp(&mut reply.headers);
+                inner.send_reply(reply_to, reply).await;
+            }
+            .instrument(log),
+        );
     }
 
     /// Answers a request that came from upstream: a hook or a built-in of the pod, or
@@ -1236,6 +1297,10 @@ impl Inner {
         }
         let mut headers = request.headers;
         headers.remove(DEADLINE_HEADER);
+        let mut hop = Hop::child("upstream SendMsg", Kind::Client, &headers, || {
+            self.upstream_attributes()
+        });
+        hop.stamp(&mut headers);
         let body = SendMsgRequest {
             target: target.to_string(),
             op: request.op,
@@ -1246,21 +1311,25 @@ impl Inner {
         // The gRPC deadline a little later than timeout_ms, so that the control
         // plane's DEADLINE_EXCEEDED (with its reason) arrives before tonic cancels.
         let grpc_timeout = left + (left / 10).min(Duration::from_millis(50));
-        let call = self.request(body, &request.sender, Some(grpc_timeout));
+        let mut call = self.request(body, &request.sender, Some(grpc_timeout));
+        hop.stamp_metadata(call.metadata_mut());
         match link.client.clone().send_msg(call).await {
             Ok(response) => response.into_inner().reply.ok_or_else(|| {
                 RequestError::Unavailable("the control plane sent an empty reply".into())
             }),
-            Err(status) => Err(match status.code() {
-                Code::DeadlineExceeded | Code::Cancelled if Instant::now() >= deadline => {
-                    RequestError::DeadlineExceeded(target.to_string())
-                }
-                Code::DeadlineExceeded => RequestError::DeadlineExceeded(target.to_string()),
-                Code::Unavailable if status.message().starts_with("no responders") => {
-                    RequestError::NoResponders(target.to_string())
-                }
-                _ => RequestError::Unavailable(describe("send_msg", &status)),
-            }),
+            Err(status) => {
+                hop.fail(|| describe("send_msg", &status));
+                Err(match status.code() {
+                    Code::DeadlineExceeded | Code::Cancelled if Instant::now() >= deadline => {
+                        RequestError::DeadlineExceeded(target.to_string())
+                    }
+                    Code::DeadlineExceeded => RequestError::DeadlineExceeded(target.to_string()),
+                    Code::Unavailable if status.message().starts_with("no responders") => {
+                        RequestError::NoResponders(target.to_string())
+                    }
+                    _ => RequestError::Unavailable(describe("send_msg", &status)),
+                })
+            }
         }
     }
 

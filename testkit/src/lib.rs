@@ -10,6 +10,7 @@
 //!   restarted.
 //! - [`tls`]: a test certificate authority and the certificates it signs.
 //! - [`bad_input`]: the bad-input campaign's requests and the codes they get.
+//! - [`otlp`]: an OTLP/gRPC trace receiver that keeps the spans it is sent.
 //! - [`proxy`]: a TCP proxy that holds back a server's answers and cuts connections.
 
 use std::io::{BufRead, BufReader};
@@ -23,6 +24,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod bad_input;
+pub mod otlp;
 pub mod proxy;
 pub mod redis;
 pub mod tls;

@@ -11,6 +11,9 @@ use prost::Message as _;
 use super::ledger::{self, Kind};
 use super::{Asked, Fields};
 use crate::node::{Caller, Node, NodeError};
+use crate::telemetry::{self, Hop};
+use opentelemetry::KeyValue;
+use tracing::Instrument as _;
 
 impl Node {
     /// Asks every responder of the target and returns the ledger. `grpc_timeout`
@@ -22,6 +25,26 @@ impl Node {
         req: GatherRequest,
         grpc_timeout: Option<Duration>,
     ) -> Result<Ledger, NodeError> {
+        let mut hop = self.accept_operation("Gather", caller, &req.headers, &req.target, &req.op);
+        let log = telemetry::operation_log_span(hop.context(), None);
+        let result = self
+            .gather_traced(caller, req, grpc_timeout, &mut hop)
+            .instrument(log)
+            .await;
+        match &result {
+            Ok(ledger) => hop.set(|| vec![KeyValue::new("ipc.op_id", ledger.id.clone())]),
+            Err(error) => hop.fail(|| error.to_string()),
+        }
+        result
+    }
+
+    async fn gather_traced(
+        &self,
+        caller: &Caller,
+        req: GatherRequest,
+        grpc_timeout: Option<Duration>,
+        hop: &mut Hop,
+    ) -> Result<Ledger, NodeError> {
         let fields = Fields {
             encoded_len: req.encoded_len(),
             target: req.target,
@@ -31,7 +54,8 @@ impl Node {
             labels: req.labels,
             key: req.key,
         };
-        let asked = self.check_operation(caller, Kind::Gather, fields)?;
+        let mut asked = self.check_operation(caller, Kind::Gather, fields)?;
+        hop.stamp(&mut asked.headers);
         let timeout = self.request_timeout(req.timeout_ms, grpc_timeout)?;
         let deadline = Instant::now() + timeout;
         if req.dry_run {
@@ -75,6 +99,7 @@ impl Node {
             .resolve_responders(&asked.target, &asked.labels)
             .await?;
         let mut ledger = ledger::new_ledger(self.new_id(), &asked.target, &asked.op, &members);
+        super::log_op_id(&ledger.id);
         if members.is_empty() {
             return Err(NodeError::NoResponders(format!(
                 "no responders for {:?}{}",

@@ -27,7 +27,9 @@ use crate::bus::RequestError;
 use crate::channel;
 use crate::node::{Caller, Node, NodeError};
 use crate::responders;
+use crate::telemetry::{self, Hop, TraceContext};
 use ledger::{Kind, StoredOperation};
+use opentelemetry::KeyValue;
 
 /// Header on every request of an operation: the ledger id (the same on a rerun).
 pub const OP_ID_HEADER: &str = "ipc-op-id";
@@ -120,6 +122,31 @@ impl Node {
         })
     }
 
+    /// The span of a Gather or Rollout call, under the caller's trace context (or
+    /// its headers').
+    pub(crate) fn accept_operation(
+        &self,
+        name: &'static str,
+        caller: &Caller,
+        headers: &HashMap<String, String>,
+        target: &str,
+        op: &str,
+    ) -> Hop {
+        let parent = caller
+            .trace
+            .clone()
+            .or_else(|| TraceContext::from_headers(headers));
+        Hop::accept(name, parent, || {
+            vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.method", name),
+                KeyValue::new("ipc.node", self.name().to_string()),
+                KeyValue::new("ipc.target", target.to_string()),
+                KeyValue::new("ipc.op", op.to_string()),
+            ]
+        })
+    }
+
     /// The responders of `target` fleet-wide with every one of `labels`, once each,
     /// in a stable order (member id, then node).
     pub(crate) async fn resolve_responders(
@@ -157,6 +184,31 @@ impl Node {
             headers.insert(OP_WAVE_HEADER.into(), wave.to_string());
         }
         headers.insert(responders::MEMBER_HEADER.into(), member.to_string());
+        let mut route = Hop::child("route", telemetry::Kind::Internal, &headers, || {
+            let mut attributes = vec![
+                KeyValue::new("ipc.member", member.to_string()),
+                KeyValue::new("ipc.op_id", ledger_id.to_string()),
+            ];
+            if let Some(wave) = wave {
+                attributes.push(KeyValue::new("ipc.wave", i64::from(wave)));
+            }
+            attributes
+        });
+        route.stamp(&mut headers);
+        let result = self.ask_routed(member, headers, asked, deadline).await;
+        if let Err(error) = &result {
+            route.fail(|| error.to_string());
+        }
+        result
+    }
+
+    async fn ask_routed(
+        &self,
+        member: &str,
+        headers: HashMap<String, String>,
+        asked: &Asked,
+        deadline: Instant,
+    ) -> Result<Msg, RequestError> {
         let request = Msg {
             op: asked.op.clone(),
             data: asked.data.clone(),
@@ -228,6 +280,11 @@ impl Node {
             .await?;
         Ok(())
     }
+}
+
+/// Puts an operation's ledger id on its log lines (`op_id`) from now on.
+fn log_op_id(id: &str) {
+    tracing::Span::current().record("op_id", id);
 }
 
 /// Keys are scoped to the app (`_` for callers without one).

@@ -23,6 +23,9 @@ use super::claim::CLAIM_TTL;
 use super::ledger::{self, Kind};
 use super::{Asked, Fields};
 use crate::node::{Caller, Node, NodeError};
+use crate::telemetry::{self, Hop};
+use opentelemetry::KeyValue;
+use tracing::Instrument as _;
 
 /// The events of a Rollout: one per outcome, then one with the ledger.
 pub type RolloutStream = Pin<Box<dyn Stream<Item = Result<RolloutEvent, NodeError>> + Send>>;
@@ -52,6 +55,19 @@ impl Node {
         caller: &Caller,
         req: RolloutRequest,
     ) -> Result<RolloutStream, NodeError> {
+        let hop = self.accept_operation("Rollout", caller, &req.headers, &req.target, &req.op);
+        let log = telemetry::operation_log_span(hop.context(), None);
+        self.start_rollout(caller, req, hop).instrument(log).await
+    }
+
+    /// Checks and plans a Rollout; its waves run on their own task, which keeps the
+    /// call's span (`hop`) open until the ledger is final.
+    async fn start_rollout(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: RolloutRequest,
+        mut hop: Hop,
+    ) -> Result<RolloutStream, NodeError> {
         let fields = Fields {
             encoded_len: req.encoded_len(),
             target: req.target,
@@ -61,7 +77,10 @@ impl Node {
             labels: req.labels,
             key: req.key,
         };
-        let asked = self.check_operation(caller, Kind::Rollout, fields)?;
+        let mut asked = self
+            .check_operation(caller, Kind::Rollout, fields)
+            .inspect_err(|error| hop.fail(|| error.to_string()))?;
+        hop.stamp(&mut asked.headers);
         let timeout = self.request_timeout(req.timeout_ms, None)?;
         let ready_timeout = Duration::from_millis(u64::from(req.ready_timeout_ms));
         if ready_timeout > self.config().max_timeout {
@@ -95,6 +114,8 @@ impl Node {
                 return Err(error);
             }
         };
+        super::log_op_id(&ledger.id);
+        hop.set(|| vec![KeyValue::new("ipc.op_id", ledger.id.clone())]);
         if ledger.state == State::Done as i32 {
             // Finished: the rerun's answer is the ledger.
             self.release(claim).await;
@@ -103,11 +124,15 @@ impl Node {
         plan_waves(&mut ledger, pace.wave_size);
         let (tx, rx) = mpsc::channel(64);
         let node = self.clone();
-        tokio::spawn(async move {
-            node.while_claimed(claim.as_ref(), node.run_rollout(&asked, ledger, pace, &tx))
-                .await;
-            node.release(claim).await;
-        });
+        tokio::spawn(
+            async move {
+                node.while_claimed(claim.as_ref(), node.run_rollout(&asked, ledger, pace, &tx))
+                    .await;
+                node.release(claim).await;
+                drop(hop);
+            }
+            .in_current_span(),
+        );
         Ok(Box::pin(tokio_stream_from(rx)))
     }
 

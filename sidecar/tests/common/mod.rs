@@ -39,6 +39,8 @@ pub struct SidecarProcess {
     child: Child,
     pub socket: PathBuf,
     pub health: SocketAddr,
+    /// Everything the sidecar wrote on stderr, sent once it exits.
+    logs: mpsc::Receiver<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -66,12 +68,22 @@ impl SidecarProcess {
     /// Starts a sidecar of the usual test pod on a socket in a new temporary
     /// directory, with `extra` flags.
     pub fn start(upstream: &str, extra: &[&str]) -> Self {
+        Self::start_logging(upstream, extra, None)
+    }
+
+    /// [`SidecarProcess::start`] logging what `rust_log` selects (else `RUST_LOG`
+    /// of the test, else warnings).
+    pub fn start_logging(upstream: &str, extra: &[&str], rust_log: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let socket = dir.path().join("run").join("ipc.sock");
         let mut args = pod_args();
         args.extend(extra.iter().map(|a| a.to_string()));
+        let env: Vec<(String, String)> = rust_log
+            .map(|filter| ("RUST_LOG".to_string(), filter.to_string()))
+            .into_iter()
+            .collect();
         let mut sidecar =
-            Self::start_at(&socket, upstream, &args).unwrap_or_else(|e| panic!("{e}"));
+            Self::start_with_env(&socket, upstream, &args, &env).unwrap_or_else(|e| panic!("{e}"));
         sidecar._dir = Some(dir);
         sidecar
     }
@@ -137,6 +149,7 @@ impl SidecarProcess {
                     child,
                     socket: PathBuf::from(field("socket=")),
                     health: field("health=").parse().expect("health address"),
+                    logs: log_rx,
                     _dir: None,
                 })
             }
@@ -198,6 +211,14 @@ impl SidecarProcess {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         self.child.wait().expect("waiting for the sidecar")
+    }
+
+    /// SIGTERM, then everything the sidecar logged.
+    pub fn terminate_for_logs(&mut self) -> String {
+        self.terminate();
+        self.logs
+            .recv_timeout(PATIENCE)
+            .expect("the sidecar's stderr closes once it exited")
     }
 }
 
