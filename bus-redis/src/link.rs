@@ -386,6 +386,9 @@ pub(crate) struct Dedicated {
     config: AsyncConnectionConfig,
     /// The connection, and the command link's connection it was opened under.
     current: tokio::sync::Mutex<Option<(Conn, u64)>>,
+    /// Connections this one opened, numbering them: the command link's
+    /// generation counts only its own (`ipc_redis_reconnects_total{connection="command"}`).
+    opened: AtomicU64,
 }
 
 impl Dedicated {
@@ -394,6 +397,7 @@ impl Dedicated {
             config: link.config.clone(),
             link,
             current: tokio::sync::Mutex::new(None),
+            opened: AtomicU64::new(0),
         }
     }
 
@@ -425,7 +429,7 @@ impl Dedicated {
                         .map_err(|error| unavailable(&error))?;
                     let (conn, primary) = opened;
                     let conn = Conn {
-                        generation: self.link.generation.fetch_add(1, Ordering::Relaxed) + 1,
+                        generation: self.opened.fetch_add(1, Ordering::Relaxed) + 1,
                         primary,
                         conn,
                     };
