@@ -265,6 +265,25 @@ async fn status_at_end<T>(what: &str, stream: &mut tonic::Streaming<T>) -> tonic
     }
 }
 
+/// Sends one broadcast (op `op`, to `shop:a`) on an open Publish stream and
+/// checks that it is accepted.
+async fn publish_one(
+    stream: &tokio::sync::mpsc::Sender<ipc_proto::pb::BroadcastRequest>,
+    answers: &mut tonic::Streaming<ipc_proto::pb::BroadcastResponse>,
+    op: &str,
+) {
+    stream
+        .send(broadcast("shop:a", op, json!(null)))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(PATIENCE, answers.next())
+        .await
+        .expect("an answer")
+        .expect("the stream goes on")
+        .expect("answered");
+    assert!(answer.error.is_empty(), "{answer:?}");
+}
+
 #[tokio::test]
 async fn removing_a_token_and_sighup_ends_its_publish_and_serve_streams() {
     use ipc_proto::pb::{ServeRequest, serve_request};
@@ -286,16 +305,7 @@ async fn removing_a_token_and_sighup_ends_its_publish_and_serve_streams() {
             .await
             .expect("publish opens")
             .into_inner();
-        to_node
-            .send(broadcast("shop:a", "before", json!(null)))
-            .await
-            .unwrap();
-        let answer = tokio::time::timeout(PATIENCE, answers.next())
-            .await
-            .expect("an answer")
-            .expect("the stream goes on")
-            .expect("answered");
-        assert!(answer.error.is_empty(), "{answer:?}");
+        publish_one(&to_node, &mut answers, "before").await;
         publishers.push((to_node, answers));
     }
     // A Serve stream of the token to be removed, greeted and left open.
@@ -332,14 +342,5 @@ async fn removing_a_token_and_sighup_ends_its_publish_and_serve_streams() {
 
     // The other token's Publish stream goes on.
     let mut kept_answers = kept_answers;
-    kept_publisher
-        .send(broadcast("shop:a", "after", json!(null)))
-        .await
-        .unwrap();
-    let answer = tokio::time::timeout(PATIENCE, kept_answers.next())
-        .await
-        .expect("an answer")
-        .expect("the stream goes on")
-        .expect("answered");
-    assert!(answer.error.is_empty(), "{answer:?}");
+    publish_one(&kept_publisher, &mut kept_answers, "after").await;
 }
