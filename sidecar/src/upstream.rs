@@ -124,6 +124,12 @@ impl Upstream {
     }
 }
 
+/// `ipc-app` and `ipc-sender` of the pod's own calls.
+struct PodMetadata {
+    app: Option<tonic::metadata::AsciiMetadataValue>,
+    sender: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
 #[derive(Clone)]
 struct Link {
     client: IpcClient<Channel>,
@@ -158,6 +164,8 @@ struct Inner {
     upstream_gaps: AtomicU64,
     last_error: Mutex<String>,
     token: RwLock<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>>,
+    /// The pod's app and id as metadata, made once rather than on every call.
+    pod_metadata: PodMetadata,
     /// Where the pod's replies go: the current subscription's Serve stream.
     serve_replies: replies::ServeReplies,
     /// The pod token's grants, once the control plane told them.
@@ -178,6 +186,10 @@ impl UpstreamBus {
             .filter_map(|c| Pattern::parse(c).ok())
             .collect();
         let ring = Ring::new(config.buffer);
+        let pod_metadata = PodMetadata {
+            app: config.identity.app.parse().ok(),
+            sender: config.identity.id.parse().ok(),
+        };
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -197,6 +209,7 @@ impl UpstreamBus {
                 upstream_gaps: AtomicU64::new(0),
                 last_error: Mutex::new("not connected yet".into()),
                 token: RwLock::new(None),
+                pod_metadata,
                 serve_replies: replies::ServeReplies::default(),
                 grants: RwLock::new(None),
                 notice_prefix: format!("{:08x}", rand::random::<u32>()),
@@ -614,13 +627,16 @@ impl Inner {
         if let Some(timeout) = timeout {
             request.set_timeout(timeout);
         }
-        let identity = &self.config.identity;
         let sender = self.upstream_sender(sender);
         let metadata = request.metadata_mut();
-        if let Ok(app) = identity.app.parse() {
-            metadata.insert(ipc_core::service::APP_METADATA, app);
+        if let Some(app) = &self.pod_metadata.app {
+            metadata.insert(ipc_core::service::APP_METADATA, app.clone());
         }
-        if let Ok(sender) = sender.parse() {
+        let sender = match &self.pod_metadata.sender {
+            Some(pod) if sender == self.config.identity.id => Some(pod.clone()),
+            _ => sender.parse().ok(),
+        };
+        if let Some(sender) = sender {
             metadata.insert(ipc_core::service::SENDER_METADATA, sender);
         }
         if let Some(token) = self.token.read().clone() {
