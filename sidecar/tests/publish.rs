@@ -10,13 +10,7 @@ use ipc_proto::pb::BroadcastRequest;
 use serde_json::json;
 
 fn keyed(key: &str, n: i64) -> BroadcastRequest {
-    BroadcastRequest {
-        channel: ":jobs".into(),
-        op: "job:run".into(),
-        data: json(json!(n)),
-        key: key.into(),
-        ..Default::default()
-    }
+    job(key, json!(n))
 }
 
 #[tokio::test]

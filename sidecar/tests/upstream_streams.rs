@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use common::*;
 use futures::StreamExt;
-use ipc_proto::pb::{BroadcastRequest, SubscribeRequest};
+use ipc_proto::pb::SubscribeRequest;
 use ipc_testkit::proxy::HoldingProxy;
 use serde_json::json;
 
@@ -25,15 +25,6 @@ async fn calls(metrics: SocketAddr, method: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(&series))
         .map_or(0.0, |value| value.parse().expect("a number"))
-}
-
-fn job(n: i64) -> BroadcastRequest {
-    BroadcastRequest {
-        channel: ":jobs".into(),
-        op: "job:run".into(),
-        data: json(json!(n)),
-        ..Default::default()
-    }
 }
 
 #[tokio::test]
@@ -73,7 +64,7 @@ async fn the_pod_publishes_and_answers_on_streams_and_keeps_its_own_requests() {
     }
     let answers: Vec<_> = local
         .publish(with_app(futures::stream::iter(
-            (UNARY..UNARY + STREAMED).map(job),
+            (UNARY..UNARY + STREAMED).map(|n| job("", json!(n))),
         )))
         .await
         .expect("publish")
@@ -185,11 +176,7 @@ async fn a_broadcast_whose_acknowledgement_was_lost_is_stored_once() {
     // The sidecar may still be reconnecting its subscription: retried with a key,
     // as clients do.
     let mut local = sidecar.client().await;
-    let after = BroadcastRequest {
-        key: "after".into(),
-        data: json(json!("after")),
-        ..job(0)
-    };
+    let after = job("after", json!("after"));
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while let Err(status) = local.broadcast(with_app(after.clone())).await {
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");

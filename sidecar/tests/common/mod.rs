@@ -271,6 +271,18 @@ pub fn with_app<T>(body: T) -> tonic::Request<T> {
     request
 }
 
+/// A `job:run` broadcast on `:jobs` carrying `n`, with idempotency key `key` (none
+/// when empty).
+pub fn job(key: &str, n: serde_json::Value) -> BroadcastRequest {
+    BroadcastRequest {
+        channel: ":jobs".into(),
+        op: "job:run".into(),
+        data: json(n),
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
 pub fn json(value: serde_json::Value) -> Option<prost_types::Value> {
     Some(to_value(&value))
 }
