@@ -57,10 +57,13 @@ impl HoldingProxy {
                             to_client.write_all(&buffer[..n]).await?;
                         }
                     };
+                    // A cut wins over answers released at the same time: a test
+                    // cuts, then releases, and the held answer must be lost.
                     tokio::select! {
+                        biased;
+                        _ = cut.changed() => {}
                         _ = up => {}
                         _ = down => {}
-                        _ = cut.changed() => {}
                     }
                 });
             }
