@@ -84,6 +84,11 @@ struct Args {
     /// Multiplies message counts and durations (e.g. 5 to profile a longer run).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
+    /// Tracing on: every ipc-server and ipc-sidecar the run starts exports all its
+    /// spans (100% sampling) with --otlp-endpoint to an OTLP/gRPC receiver the bench
+    /// runs, which counts them. Compare with a run without it (same binaries).
+    #[arg(long)]
+    trace: bool,
 }
 
 /// Counts and durations of one run.
@@ -161,14 +166,27 @@ struct Systems {
     redis: Result<RedisServer, String>,
     /// `--peers`: empty for all.
     peers: Vec<String>,
+    /// `--trace`: where the binaries send their spans.
+    trace_sink: Option<ipc_testkit::otlp::OtlpReceiver>,
 }
 
 impl Systems {
     fn start(args: &Args) -> Self {
-        let server = match &args.server {
+        let trace_sink = args
+            .trace
+            .then(ipc_testkit::otlp::OtlpReceiver::start_counting);
+        let traced = |binary: Result<Binary, String>| {
+            binary.map(|mut binary| {
+                if let Some(sink) = &trace_sink {
+                    binary.extra = vec!["--otlp-endpoint".into(), sink.endpoint()];
+                }
+                binary
+            })
+        };
+        let server = traced(match &args.server {
             Some(path) => Binary::given(path),
             None => procs::find_binary("ipc-server", "ipc-server"),
-        };
+        });
         match &server {
             Ok(b) if b.profile == "debug" => eprintln!(
                 "ipc-bench: WARNING: using a DEBUG ipc-server ({}): its numbers mean nothing; \
@@ -182,10 +200,10 @@ impl Systems {
             ),
             Err(e) => eprintln!("ipc-bench: {e}"),
         }
-        let sidecar = match &args.sidecar {
+        let sidecar = traced(match &args.sidecar {
             Some(path) => Binary::given(path),
             None => procs::find_binary("ipc-sidecar", "ipc-sidecar"),
-        };
+        });
         if let Ok(b) = &sidecar
             && b.profile == "debug"
         {
@@ -198,6 +216,7 @@ impl Systems {
             server,
             sidecar,
             peers: args.peers.clone(),
+            trace_sink,
             nats: NatsServer::start().map_err(|e| format!("{e:#}")),
             redis: RedisServer::start().map_err(|e| format!("{e:#}")),
         }
@@ -1042,12 +1061,19 @@ async fn main() -> anyhow::Result<()> {
     report.check_targets();
 
     println!(
-        "ipc-bench{}: {}\nipc-server: {}\nipc-sidecar: {}",
+        "ipc-bench{}{}: {}\nipc-server: {}\nipc-sidecar: {}",
         if args.quick { " --quick" } else { "" },
+        if args.trace { " --trace" } else { "" },
         report.machine,
         report.server_binary,
         report.sidecar_binary
     );
+    if let Some(sink) = &systems.trace_sink {
+        println!(
+            "tracing on: every ipc-server and ipc-sidecar exported its spans; the bench's OTLP receiver counted {} (so far: a batch may still be on its way)",
+            sink.count()
+        );
+    }
     println!(
         "1 publisher with {} publishes in flight, at most {} messages ahead of the slowest subscriber; payloads of {} bytes; ratios are fleet-ipc's figure ÷ the peer's, same run.\n",
         workloads::PUBLISH_WINDOW,

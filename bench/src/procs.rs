@@ -20,6 +20,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Binary {
     pub path: PathBuf,
     pub profile: &'static str,
+    /// Flags given to every process of this binary the run starts (`--trace`
+    /// adds `--otlp-endpoint`).
+    pub extra: Vec<String>,
 }
 
 impl Binary {
@@ -39,6 +42,7 @@ impl Binary {
         Ok(Self {
             path: path.to_path_buf(),
             profile,
+            extra: Vec::new(),
         })
     }
 }
@@ -56,7 +60,11 @@ pub fn find_binary(name: &str, package: &str) -> Result<Binary, String> {
     for profile in ["release", "debug"] {
         let path = target.join(profile).join(name);
         if path.is_file() {
-            return Ok(Binary { path, profile });
+            return Ok(Binary {
+                path,
+                profile,
+                extra: Vec::new(),
+            });
         }
     }
     Err(format!(
@@ -200,6 +208,7 @@ impl IpcServer {
         command
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
+            .args(&binary.extra)
             .env("RUST_LOG", "error");
         let (process, line) = spawn_until_line(command, "ipc-server", "listening ")?;
         let grpc = field(&line, "grpc=")?;
@@ -242,6 +251,7 @@ impl Sidecar {
             .arg("--socket")
             .arg(&socket)
             .args(["--upstream", upstream])
+            .args(&binary.extra)
             .env("RUST_LOG", "error");
         let (process, _line) = spawn_until_line(command, "ipc-sidecar", "listening ")?;
         Ok(Self {

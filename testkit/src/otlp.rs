@@ -52,6 +52,10 @@ impl ReceivedSpan {
 struct Received {
     spans: Mutex<Vec<ReceivedSpan>>,
     arrived: Condvar,
+    /// Spans received, kept or not.
+    count: std::sync::atomic::AtomicU64,
+    /// Only count them (a benchmark's sink).
+    count_only: bool,
 }
 
 struct Collector(Arc<Received>);
@@ -62,6 +66,19 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.0.count_only {
+            let count: usize = request
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0
+                .count
+                .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
+        }
         let mut spans = Vec::new();
         for resource_spans in request.into_inner().resource_spans {
             let resource = resource_spans
@@ -90,6 +107,9 @@ impl TraceService for Collector {
                 });
             }
         }
+        self.0
+            .count
+            .fetch_add(spans.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.0.spans.lock().unwrap().extend(spans);
         self.0.arrived.notify_all();
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
@@ -133,12 +153,25 @@ pub struct OtlpReceiver {
 impl OtlpReceiver {
     /// Binds a free loopback port and serves the OTLP `TraceService` on it.
     pub fn start() -> Self {
+        Self::serve(Received::default())
+    }
+
+    /// A receiver that only counts the spans it is sent ([`OtlpReceiver::count`]):
+    /// a sink for benchmarks, whose memory stays flat.
+    pub fn start_counting() -> Self {
+        Self::serve(Received {
+            count_only: true,
+            ..Received::default()
+        })
+    }
+
+    fn serve(received: Received) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind OTLP receiver");
         listener
             .set_nonblocking(true)
             .expect("non-blocking listener");
         let addr = listener.local_addr().expect("bound address");
-        let received = Arc::new(Received::default());
+        let received = Arc::new(received);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let collector = Collector(received.clone());
         let thread = std::thread::spawn(move || {
@@ -173,7 +206,14 @@ impl OtlpReceiver {
         format!("http://{}", self.addr)
     }
 
-    /// Every span received so far.
+    /// How many spans were received so far.
+    pub fn count(&self) -> u64 {
+        self.received
+            .count
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every span received so far (none for a counting receiver).
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.received.spans.lock().unwrap().clone()
     }

@@ -80,6 +80,10 @@ def worker(server: IpcServer) -> Iterator[Client]:
     def fail(msg: Msg) -> None:
         raise RuntimeError("cannot do that")
 
+    @calc.on("trace")
+    def trace(msg: Msg) -> str | None:
+        return msg.headers.get("traceparent")
+
     runner = threading.Thread(target=calc.run, kwargs={"role": "calc"}, daemon=True)
     runner.start()
     assert subscribed.wait(WAIT_LIMIT), "worker never subscribed"
@@ -126,6 +130,15 @@ def test_a_handler_return_value_answers_the_request(client: Client, worker: Clie
     assert reply.op == "sum"
     assert reply.data == 6
     assert not reply.error
+
+
+def test_a_traceparent_header_reaches_the_worker_and_comes_back(
+    client: Client, worker: Client
+) -> None:
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    reply = client.send_msg(":calc", "trace", headers={"traceparent": parent})
+    assert reply.data == parent, "the worker was asked in the caller's trace"
+    assert reply.headers.get("traceparent") == parent, "the reply comes back in it"
 
 
 def test_a_handler_exception_becomes_a_reply_error(client: Client, worker: Client) -> None:

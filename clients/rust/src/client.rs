@@ -408,6 +408,7 @@ impl Client {
         if let Some(authorization) = &self.settings.authorization {
             metadata.insert("authorization", authorization.clone());
         }
+        crate::trace_context::inject(metadata);
     }
 
     /// Runs a unary call with a local guard on its deadline, classifying failures.

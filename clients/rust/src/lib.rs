@@ -37,6 +37,9 @@
 //! - `handlers`: [`Handlers`], dispatch by op (`on`, `emit`, `run`).
 //! - `msg`: [`Msg`], [`Member`], [`Broadcasted`]: the values callers see, JSON-friendly.
 //! - `error`: [`Error`], one variant per outcome a caller handles differently.
+//! - `trace_context`: the caller's trace context (`tracing` span or OpenTelemetry
+//!   context) sent as W3C `traceparent` metadata on every call (feature
+//!   `opentelemetry`, on by default).
 //! - `src/bin/ipcctl.rs`: the operator's CLI (feature `cli`, on by default).
 
 pub mod addr;
@@ -48,6 +51,7 @@ mod handlers;
 mod msg;
 mod publish;
 mod subscribe;
+mod trace_context;
 
 pub use addr::Address;
 pub use client::{
