@@ -47,7 +47,9 @@ fn keyed(body: &str, key: &str) -> BroadcastRequest {
 async fn acknowledged_only_once_a_redis_replica_has_it() {
     let (primary, mut replica_redis) = primary_and_replica();
     wait_in_sync(&primary).await;
-    let min = ["--redis-min-replicas", "1"];
+    // WAIT gets half the call timeout: 2 s, so a loaded machine's replica still
+    // confirms in time while the refusals below stay quick enough.
+    let min = ["--redis-min-replicas", "1", "--redis-timeout-ms", "4000"];
     let a = replica_with(&primary.url(), "a", &min);
     let b = replica_with(&primary.url(), "b", &min);
     let (mut ca, mut cb) = (a.client().await, b.client().await);

@@ -45,9 +45,11 @@ pub fn replica_with(redis_url: &str, node: &str, extra: &[&str]) -> ServerProces
         "shop",
         "--presence-ttl-ms",
         PRESENCE_TTL_MS,
-        "--redis-timeout-ms",
-        "1000",
     ];
+    // Short by default so an unreachable Redis shows quickly; a test may set its own.
+    if !extra.contains(&"--redis-timeout-ms") {
+        args.extend_from_slice(&["--redis-timeout-ms", "1000"]);
+    }
     args.extend_from_slice(extra);
     ServerProcess::start(&args)
 }
