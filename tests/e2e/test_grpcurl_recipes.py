@@ -246,6 +246,8 @@ def check_members(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     assert members[0]["app"] == "shop"
     assert members[0]["labels"] == {"zone": "eu"}
     assert "shop:worker" in members[0]["channels"]
+    reached = shell.json(blocks[1])["members"]
+    assert [member["id"] for member in reached] == ["worker-7"]
 
 
 def example_workers(shell: Shell, *ids: str) -> list[Process]:
