@@ -324,9 +324,13 @@ class Client {
     await this._unary('Reply', { reply_to: replyTo, op, data: toValue(data), headers, error }, timeoutMs);
   }
 
-  /** Connected subscribers, fleet-wide, filtered by app, role and labels. */
-  async members({ app = '', role = '', labels = {}, timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
-    const response = await this._unary('Members', { app, role, labels }, timeoutMs);
+  /**
+   * Connected subscribers, fleet-wide, filtered by app, role and labels. With
+   * `channel` (`:` adds the app): only those a broadcast on it would reach, its
+   * subscribers and the watchers whose patterns match; nothing is sent.
+   */
+  async members({ app = '', role = '', labels = {}, channel = '', timeoutMs = DEFAULT_CALL_TIMEOUT_MS } = {}) {
+    const response = await this._unary('Members', { app, role, labels, channel }, timeoutMs);
     return response.members.map((member) => ({
       ...member,
       labels: { ...member.labels },

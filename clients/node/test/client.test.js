@@ -210,6 +210,12 @@ describe('against a real ipc-server', () => {
     assert.ok(member.channels.includes('shop:calc'));
   });
 
+  test('members a broadcast would reach', async () => {
+    const calc = await calcWorker();
+    assert.deepEqual((await client.members({ channel: ':calc' })).map((m) => m.id), [calc.id]);
+    assert.deepEqual(await client.members({ channel: ':nobody' }), []);
+  });
+
   test('run() without reconnect rejects with UnavailableError when the server stops', async () => {
     const calc = new Client(server.grpcAddr, { app: 'shop' });
     let ready;

@@ -556,10 +556,15 @@ class Client:
         app: str = "",
         role: str = "",
         labels: Mapping[str, str] | None = None,
+        channel: str = "",
         timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> list[Member]:
-        """Connected subscribers, fleet-wide, filtered by app, role and labels."""
-        request = ipc_pb2.MembersRequest(app=app, role=role, labels=labels or {})
+        """Connected subscribers, fleet-wide, filtered by app, role and labels.
+
+        With ``channel`` (``:`` adds the app): only those a broadcast on it would
+        reach, its subscribers and the watchers whose patterns match; nothing is sent.
+        """
+        request = ipc_pb2.MembersRequest(app=app, role=role, labels=labels or {}, channel=channel)
         response = self._unary(self._stub.Members, request, timeout)
         return [Member.from_pb(member) for member in response.members]
 

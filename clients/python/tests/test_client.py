@@ -198,6 +198,11 @@ def test_members_lists_the_worker(client: Client, worker: Client) -> None:
     assert "shop:calc" in member.channels
 
 
+def test_members_a_broadcast_would_reach(client: Client, worker: Client) -> None:
+    assert [member.id for member in client.members(channel=":calc")] == [worker.id]
+    assert client.members(channel=":nobody") == []
+
+
 def test_emit_calls_a_handler_in_process() -> None:
     local = Client("localhost:1")  # never connects: emit stays in this process
 
