@@ -12,8 +12,9 @@
 // Data is plain JSON values (google.protobuf.Value is converted both ways); failures
 // are Errors with the gRPC `code` (see ./errors.js). On top of subscribe sits a
 // handler API like backendjs's ipc.on(op, fn): `client.on(op, fn)` then
-// `client.run({ role })`, which answers requests with the handler's result and
-// reconnects, resuming from its cursor, when the stream is cut.
+// `client.run({ role })`, which answers requests with the handler's result on the same
+// stream (a Serve stream: no Reply call per request) and reconnects, resuming from its
+// cursor, when the stream is cut.
 
 const path = require('node:path');
 const fs = require('node:fs');
@@ -35,6 +36,27 @@ const BACKOFF_MAX_MS = 5000;
 
 const SUBSCRIBED_OP = 'ipc:subscribed';
 const GAP_OP = 'ipc:gap';
+// The notice a Serve stream sends when one of its replies was not delivered: data
+// {reply_to, code, error} (code a status name, NOT_FOUND when the requester gave up).
+const REPLY_ERROR_OP = 'ipc:reply-error';
+// The largest answer sent on the Serve stream. A node decodes stream messages of up to
+// 4 MiB whatever its --max-msg-bytes, and one it cannot decode ends the stream; a
+// larger answer goes as a Reply call, which fails alone if the node refuses it.
+const SERVE_REPLY_MAX = 4 * 1024 * 1024 - 1024;
+// JSON text shorter than this encodes below SERVE_REPLY_MAX however it is made up
+// (protobuf's Value takes at most ~5.5 bytes per JSON byte, a JSON byte at most 3 per
+// character): only longer answers are measured exactly.
+const SERVE_REPLY_SURE = Math.floor(SERVE_REPLY_MAX / 17);
+// How long stop() waits for the answers already given to be written before it ends
+// the stream (any still unwritten then go as Reply calls).
+const FLUSH_LIMIT_MS = DEFAULT_CALL_TIMEOUT_MS;
+// A refused answer (too large, bad headers): its requester is told so with an error
+// answer instead of waiting for its timeout.
+const REFUSED_ANSWER_CODES = new Map([
+  [grpc.status.RESOURCE_EXHAUSTED, 'RESOURCE_EXHAUSTED'],
+  [grpc.status.INVALID_ARGUMENT, 'INVALID_ARGUMENT'],
+  [grpc.status.OUT_OF_RANGE, 'OUT_OF_RANGE'],
+]);
 
 /** The directory holding ipc/v1/ipc.proto: $IPC_PROTO_ROOT, else the checkout's proto/. */
 function findProtoRoot() {
@@ -226,6 +248,66 @@ class Subscription {
 }
 
 /**
+ * The sending side of one Serve call of run(): the answers written on it, and which
+ * of them are not known to be written yet (their write callback has not run), to
+ * send as Reply calls if the call ends first.
+ */
+class ServeStream {
+  constructor(call) {
+    this._call = call;
+    this._open = true;
+    this._unwritten = new Set();
+    this._settled = () => {};
+    // Resolves once nothing more can be written: the call ended or was abandoned.
+    this._ended = new Promise((resolve) => {
+      this._end = resolve;
+    });
+    call.on('status', () => this._end());
+    call.on('error', () => this._end()); // also read by the subscription's iterator
+  }
+
+  /** Writes `reply`; false once the stream takes no more answers. Waits while the connection is behind. */
+  async send(reply) {
+    if (!this._open) return false;
+    this._unwritten.add(reply);
+    const more = this._call.write({ reply }, () => {
+      this._unwritten.delete(reply);
+      if (!this._unwritten.size) this._settled();
+    });
+    if (!more) await Promise.race([new Promise((resolve) => this._call.once('drain', resolve)), this._ended]);
+    return true;
+  }
+
+  /** Takes no more answers, waits up to `limitMs` for those given to be written, and returns the ones that were not. */
+  async finish(limitMs) {
+    if (this._open) {
+      this._open = false;
+      this._call.end();
+    }
+    let timer;
+    const written = new Promise((resolve) => {
+      this._settled = resolve;
+      if (!this._unwritten.size) resolve();
+    });
+    const late = new Promise((resolve) => {
+      timer = setTimeout(resolve, limitMs);
+    });
+    await Promise.race([written, this._ended, late]);
+    clearTimeout(timer);
+    return this.abandon();
+  }
+
+  /** The call ended: the answers not known to be written. */
+  abandon() {
+    this._open = false;
+    const unwritten = [...this._unwritten];
+    this._unwritten.clear();
+    this._end();
+    return unwritten;
+  }
+}
+
+/**
  * A connection to an ipc-server or a sidecar. `addr` is host:port (also
  * http://host:port) or a Unix socket path. `app` is sent as `ipc-app` metadata: it
  * expands channels written with a leading ':' (':worker' -> '<app>:worker').
@@ -242,7 +324,11 @@ class Client {
     this._handlers = new Map();
     this._stopping = false;
     this._running = null;
-    this._dispatching = false; // a message is being handled: stop() lets its answer go out first
+    this._serve = null; // the sending side of run()'s Serve stream open now, where answers go
+    this._serving = true; // false once a node answered Serve with UNIMPLEMENTED
+    this._inFlight = 0; // messages being handled: stop() lets their answers go out first
+    this._ending = null; // a stream of run() being ended by stop() or a handler
+    this._told = []; // requests told their answer was refused (the last 256)
     this._wake = null;
     /** The subscriber id of run(), once subscribed. */
     this.id = '';
@@ -474,32 +560,59 @@ class Client {
 
   /**
    * Subscribe and dispatch each message to its handler, one at a time in arrival
-   * order, until stop(). When the stream is cut (server restart, slow-subscriber
-   * cut-off) it reconnects with backoff under the same id, from the last cursor.
+   * order, until stop(); with `concurrency` N, up to N handlers run at once (reading
+   * waits while N are running). The subscription is a Serve stream: answers travel
+   * back on it, in the order handlers finish, instead of as one Reply call each.
+   * When the stream is cut (server restart, slow-subscriber cut-off) it reconnects
+   * with backoff under the same id, from the last cursor; an answer given while no
+   * stream is open, or not yet written when one was cut, goes as a Reply call.
    * `this.id` is then the subscriber id, to run again under (a worker that restarts).
    */
-  async run({ role = '', tag = '', channels = [], id = '', app = '', labels = {}, cursor = '', reconnect = true } = {}) {
+  async run({ role = '', tag = '', channels = [], id = '', app = '', labels = {}, cursor = '', reconnect = true, concurrency = 1 } = {}) {
+    if (!(concurrency >= 1)) throw new RangeError(`concurrency must be at least 1, not ${concurrency}`);
     this._stopping = false;
     let backoff = BACKOFF_FIRST_MS;
+    const handling = new Set();
     while (!this._stopping) {
-      const subscription = this.subscribe({ channels, role, tag, id, app, labels, cursor });
+      const { subscription, serve } = this._open({ channels, role, tag, id, app, labels, cursor });
       this._running = subscription;
+      this._serve = serve;
       try {
         for await (const msg of subscription) {
+          // Stopping: nothing new is handled, and the stream ends (cancelled by
+          // _endWhenIdle) once the handlers answered. Leaving the loop would cancel
+          // it at once, before the answers given on it are written.
+          if (this._stopping) continue;
           backoff = BACKOFF_FIRST_MS;
-          this._dispatching = true;
-          try {
-            await this._dispatch(msg);
-          } finally {
-            this._dispatching = false;
-          }
-          if (this._stopping) break;
+          if (msg.op === SUBSCRIBED_OP && msg.data) this.id = String(msg.data.id || '');
+          this._inFlight += 1;
+          const dispatched = this._dispatch(msg)
+            .catch((error) => console.error(`fleet-ipc: dispatching ${msg.op} failed:`, error))
+            .finally(() => {
+              this._inFlight -= 1;
+              handling.delete(dispatched);
+              this._endWhenIdle();
+            });
+          handling.add(dispatched);
+          if (handling.size >= concurrency) await Promise.race(handling);
         }
       } catch (error) {
+        if (serve && error.code === grpc.status.UNIMPLEMENTED && !subscription.id) {
+          this._serving = false; // an older node: Subscribe, and answers as Reply calls
+          continue;
+        }
         const cut = error instanceof errors.UnavailableError || error instanceof errors.ResourceExhaustedError;
         if (!reconnect || !cut) throw error;
       } finally {
-        subscription.cancel();
+        // Stopping: every handler still running answers before the stream ends.
+        if (this._stopping) await Promise.all(handling);
+        if (this._running === subscription) {
+          this._running = null;
+          this._serve = null;
+          await this._endStream(subscription, serve, this._stopping);
+        }
+        if (this._ending) await this._ending;
+        this._ending = null;
       }
       id = subscription.id || id;
       cursor = subscription.cursor || cursor;
@@ -514,25 +627,63 @@ class Client {
       this._wake = null;
       backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
     }
+    await Promise.all(handling);
     this._running = null;
   }
 
   /**
    * Make run() resolve (from a handler, a signal handler, anywhere). A message being
    * handled is answered first, then the subscription ends: a handler of
-   * worker:restart can call stop() and its caller still gets the answer.
+   * worker:restart can call stop() and its caller still gets the answer. Answers
+   * given from then on go as Reply calls, each confirmed by the node, and those
+   * already given on the stream are written before it ends.
    */
   stop() {
     this._stopping = true;
-    if (this._running && !this._dispatching) this._running.cancel();
+    this._endWhenIdle();
     if (this._wake) this._wake();
   }
 
   /** stop(), without waiting for a handler still running, and close the connection. */
   close() {
     this.stop();
-    if (this._running) this._running.cancel();
+    if (this._running) {
+      if (this._serve) this._serve.abandon();
+      this._running.cancel();
+      this._running = null;
+      this._serve = null;
+    }
     this._stub.close();
+  }
+
+  /** The next stream of run(): Serve, or Subscribe on a node without Serve. */
+  _open(request) {
+    if (!this._serving) return { subscription: this.subscribe(request), serve: null };
+    const call = this._stub.Serve(this._metadata);
+    const serve = new ServeStream(call);
+    call.write({ subscribe: request });
+    return { subscription: new Subscription(call), serve };
+  }
+
+  /** Once stopping and no handler runs: ends run()'s stream. */
+  _endWhenIdle() {
+    if (!this._stopping || this._inFlight || !this._running) return;
+    const [subscription, serve] = [this._running, this._serve];
+    this._running = null;
+    this._serve = null;
+    this._ending = this._endStream(subscription, serve, true);
+  }
+
+  /**
+   * Ends a stream of run(). With `flush` (stopping) the answers given on it are
+   * written first; those that could not be (a stream that broke) go as Reply calls
+   * before it is cancelled, while their requests may still wait.
+   */
+  async _endStream(subscription, serve, flush) {
+    let unwritten = [];
+    if (serve) unwritten = flush ? await serve.finish(FLUSH_LIMIT_MS) : serve.abandon();
+    for (const reply of unwritten) await this._replyCall(reply);
+    subscription.cancel();
   }
 
   _unary(method, request, timeoutMs) {
@@ -546,8 +697,8 @@ class Client {
   }
 
   async _dispatch(msg) {
-    if (msg.op === SUBSCRIBED_OP && msg.data) this.id = String(msg.data.id || '');
     if (msg.op === GAP_OP) console.warn(`fleet-ipc: messages were lost before ${msg.cursor}`);
+    if (msg.op === REPLY_ERROR_OP && !msg.cursor) await this._notDelivered(msg);
     const handler = this._handlers.get(msg.op);
     if (!msg.reply_to) {
       if (!handler) return;
@@ -573,12 +724,69 @@ class Client {
   }
 
   async _answer(request, { data, error = '' }) {
+    let value;
+    let size = 0;
     try {
-      await this.reply(request.reply_to, { op: request.op, data, error });
+      value = toValue(data);
+      size = data === undefined ? 0 : JSON.stringify(data).length;
     } catch (failure) {
-      if (!(failure instanceof errors.NotFoundError)) throw failure;
-      console.warn(`fleet-ipc: reply to ${request.op} came too late: the sender stopped waiting`);
+      value = undefined;
+      error = `the answer of '${request.op}' is not JSON data: ${failure.message}`;
     }
+    await this._sendAnswer({ reply_to: request.reply_to, op: request.op, data: value, headers: {}, error }, size);
+  }
+
+  /**
+   * On the Serve stream open now; as a Reply call when there is none, when stopping
+   * (confirmed before the stream ends) or when it is too large for the stream.
+   * `jsonSize` is the length of the data as JSON text.
+   */
+  async _sendAnswer(reply, jsonSize = 0) {
+    const serve = this._stopping ? null : this._serve;
+    const fits = jsonSize < SERVE_REPLY_SURE || this._stub.Reply.requestSerialize(reply).length <= SERVE_REPLY_MAX;
+    if (serve && fits && (await serve.send(reply))) return;
+    await this._replyCall(reply);
+  }
+
+  async _replyCall(reply) {
+    try {
+      await this._unary('Reply', reply, DEFAULT_CALL_TIMEOUT_MS);
+    } catch (failure) {
+      if (failure instanceof errors.NotFoundError) {
+        console.warn(`fleet-ipc: reply to ${reply.op} came too late: the sender stopped waiting`);
+      } else if (REFUSED_ANSWER_CODES.has(failure.code)) {
+        await this._tellRequester(reply.reply_to, failure.details || failure.message);
+      } else {
+        console.warn(`fleet-ipc: answer to ${reply.op} not delivered: ${failure.message}`);
+      }
+    }
+  }
+
+  /** An ipc:reply-error notice: an answer sent on the stream was not delivered. */
+  async _notDelivered(notice) {
+    const { reply_to: replyTo = '', code = '', error = '' } = notice.data || {};
+    if (code === 'NOT_FOUND') {
+      console.warn(`fleet-ipc: reply to ${replyTo} came too late: the sender stopped waiting`);
+    } else if (replyTo && [...REFUSED_ANSWER_CODES.values()].includes(code)) {
+      await this._tellRequester(replyTo, error);
+    } else {
+      console.warn(`fleet-ipc: answer to ${replyTo} not delivered: ${code} ${error}`);
+    }
+  }
+
+  /**
+   * The node refused an answer (too large, bad headers): its requester gets an error
+   * answer saying why, rather than waiting for its timeout (once per request).
+   */
+  async _tellRequester(replyTo, why) {
+    if (this._told.includes(replyTo)) {
+      console.warn(`fleet-ipc: answer to ${replyTo} not delivered: ${why}`);
+      return;
+    }
+    this._told.push(replyTo);
+    if (this._told.length > 256) this._told.shift();
+    console.warn(`fleet-ipc: the node refused an answer (${why}); its requester is told so`);
+    await this._sendAnswer({ reply_to: replyTo, op: '', headers: {}, error: `answer not delivered: ${why}` });
   }
 }
 

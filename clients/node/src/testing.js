@@ -7,6 +7,7 @@
 
 const { spawn } = require('node:child_process');
 const fs = require('node:fs');
+const http = require('node:http');
 const net = require('node:net');
 const path = require('node:path');
 const readline = require('node:readline');
@@ -143,7 +144,9 @@ async function startSidecar({ socket, upstream, app = 'shop', args = [] }) {
     env: { RUST_LOG: 'info', ...process.env },
   });
   try {
-    await sidecar.waitFor(/^listening socket=/, 'listening socket=PATH health=ADDR');
+    const ready = await sidecar.waitFor(/^listening socket=/, 'listening socket=PATH health=ADDR');
+    // Where it serves /healthz, /readyz and /metrics.
+    sidecar.healthAddr = ready.split(' health=')[1];
   } catch (error) {
     sidecar.kill();
     throw error;
@@ -223,4 +226,31 @@ class CuttingProxy {
   }
 }
 
-module.exports = { Child, CuttingProxy, startServer, startSidecar, WAIT_LIMIT_MS, ROOT };
+/**
+ * The sum of the samples of metric `name` whose labels include `labels`, on the
+ * /metrics page at `addr` (0 when there are none).
+ */
+async function scrape(addr, name, labels = {}) {
+  const text = await new Promise((resolve, reject) => {
+    const request = http.get(`http://${addr}/metrics`, { timeout: WAIT_LIMIT_MS }, (response) => {
+      let body = '';
+      response.setEncoding('utf8');
+      response.on('data', (chunk) => {
+        body += chunk;
+      });
+      response.on('end', () => resolve(body));
+    });
+    request.on('error', reject);
+    request.on('timeout', () => request.destroy(new Error(`no /metrics from ${addr} within ${WAIT_LIMIT_MS / 1000}s`)));
+  });
+  const wanted = Object.entries(labels).map(([key, value]) => `${key}="${value}"`);
+  let total = 0;
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
+    const space = line.lastIndexOf(' ');
+    if (wanted.every((label) => line.slice(0, space).includes(label))) total += Number(line.slice(space + 1));
+  }
+  return total;
+}
+
+module.exports = { Child, CuttingProxy, scrape, startServer, startSidecar, WAIT_LIMIT_MS, ROOT };

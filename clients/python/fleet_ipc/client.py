@@ -5,16 +5,19 @@ strings, numbers) instead of ``google.protobuf.Value``, and raising the exceptio
 :mod:`fleet_ipc.errors` instead of ``grpc.RpcError``. On top of ``subscribe`` sits a
 handler API in the spirit of backendjs's ``ipc.on(op, fn)``: register functions by op
 with ``client.on(op)``, then ``client.run(role=...)`` receives messages, calls the
-matching handler, answers requests with the handler's return value, and reconnects
-(resuming from its cursor) when the stream is cut.
+matching handler, answers requests with the handler's return value on the same
+stream (a Serve stream: no Reply call per request), and reconnects (resuming from its
+cursor) when the stream is cut.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +43,28 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 5.0
 
 SUBSCRIBED_OP = "ipc:subscribed"
 GAP_OP = "ipc:gap"
+#: The notice a Serve stream sends when one of its replies was not delivered:
+#: data ``{"reply_to", "code", "error"}`` (``code`` a status name, ``NOT_FOUND`` when
+#: the requester gave up).
+REPLY_ERROR_OP = "ipc:reply-error"
+
+#: Answers of ``run``'s handlers waiting to be written on the Serve stream; a handler
+#: answering faster than the connection takes them waits.
+_SERVE_QUEUE = 256
+#: The largest answer sent on the Serve stream. A node decodes stream messages of up
+#: to 4 MiB whatever its ``--max-msg-bytes``, and one it cannot decode ends the stream;
+#: a larger answer goes as a Reply call, which fails alone if the node refuses it.
+_SERVE_REPLY_MAX = (4 << 20) - 1024
+#: How long ``stop()`` waits for answers already given to be written before it ends
+#: the stream (any still unwritten then go as Reply calls).
+_FLUSH_LIMIT = DEFAULT_CALL_TIMEOUT
+#: Codes of a refused answer (too large, bad headers): its requester is then told so
+#: with an error answer instead of waiting for its timeout.
+_REFUSED_ANSWER_CODES = (
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE,
+)
 
 Handler = Callable[["Msg"], Any]
 
@@ -383,6 +408,79 @@ class Subscription:
         self.cancel()
 
 
+class _ServeStream:
+    """The sending side of one Serve call of ``Client.run``.
+
+    grpcio reads ``requests()`` on a thread of its own: first the subscription, then
+    every answer given to ``send``. It asks for the next message only once the
+    previous one is written, so a message handed over and not asked past is the only
+    one whose fate is unknown when the call ends. ``finish`` ends the sending side
+    once everything given is written; ``abandon`` (the call ended) hands back what was
+    not written, for Reply calls. Either one ends the generator, so grpcio's thread
+    never waits on it forever.
+    """
+
+    def __init__(self, subscribe: ipc_pb2.SubscribeRequest):
+        self._subscribe = subscribe
+        # Reentrant: stop() may run in a signal handler on a thread inside send().
+        self._cond = threading.Condition(threading.RLock())
+        self._queue: collections.deque[ipc_pb2.ReplyRequest] = collections.deque()
+        self._open = True
+        #: handed to grpcio and not known to be written
+        self._writing: ipc_pb2.ReplyRequest | None = None
+        #: nothing more will be written: the generator returned, or the call ended
+        self._over = threading.Event()
+
+    def requests(self) -> Iterator[ipc_pb2.ServeRequest]:
+        yield ipc_pb2.ServeRequest(subscribe=self._subscribe)
+        while True:
+            with self._cond:
+                self._writing = None  # asked for more: the previous one is written
+                self._cond.notify_all()
+                while self._open and not self._queue:
+                    self._cond.wait()
+                if not self._queue:
+                    self._over.set()
+                    return  # grpcio then closes the sending side
+                reply = self._writing = self._queue.popleft()
+                self._cond.notify_all()
+            yield ipc_pb2.ServeRequest(reply=reply)
+
+    def send(self, reply: ipc_pb2.ReplyRequest) -> bool:
+        """Queues ``reply``; ``False`` once the stream no longer takes answers."""
+        with self._cond:
+            while self._open and len(self._queue) >= _SERVE_QUEUE:
+                self._cond.wait()
+            if not self._open:
+                return False
+            self._queue.append(reply)
+            self._cond.notify_all()
+            return True
+
+    def finish(self, limit: float) -> list[ipc_pb2.ReplyRequest]:
+        """Takes no more answers, waits up to ``limit`` seconds for those given to be
+        written, and returns the ones that were not."""
+        with self._cond:
+            self._open = False
+            self._cond.notify_all()
+        self._over.wait(limit)
+        return self.abandon()
+
+    def call_ended(self) -> None:
+        self._over.set()
+
+    def abandon(self) -> list[ipc_pb2.ReplyRequest]:
+        """The call ended: the answers not written (the last one handed over
+        possibly was, a Reply call then finds it answered)."""
+        with self._cond:
+            self._open = False
+            unsent = ([self._writing] if self._writing is not None else []) + list(self._queue)
+            self._writing = None
+            self._queue.clear()
+            self._cond.notify_all()
+        return unsent
+
+
 def _target(addr: str) -> str:
     """gRPC target for ``host:port``, ``http://host:port`` or a Unix socket path."""
     for scheme in ("http://", "grpc://"):
@@ -422,8 +520,16 @@ class Client:
         self._handlers: dict[str, Handler] = {}
         self._stopping = threading.Event()
         self._running: Subscription | None = None
-        #: a message is being handled: stop() lets its answer go out first
-        self._dispatching = False
+        #: the sending side of run()'s Serve stream open now, where answers go
+        self._serve: _ServeStream | None = None
+        #: false once a node answered Serve with UNIMPLEMENTED: run() then subscribes
+        #: and answers with Reply calls
+        self._serving = True
+        #: messages being handled: stop() lets their answers go out first
+        self._in_flight = 0
+        #: requests told their answer was refused, so that a refused notice is not
+        #: answered again
+        self._told: collections.deque[str] = collections.deque(maxlen=256)
         # Reentrant: stop() may run in a signal handler on the thread inside run().
         self._lock = threading.RLock()
         #: The subscriber id of ``run``, once subscribed.
@@ -730,50 +836,87 @@ class Client:
         labels: Mapping[str, str] | None = None,
         cursor: str = "",
         reconnect: bool = True,
+        concurrency: int = 1,
     ) -> None:
         """Subscribe and dispatch every message to its handler until ``stop()``.
 
-        When the stream is cut (server restart, slow-subscriber cut-off) it
-        reconnects with backoff under the same id, resuming from the last cursor, so
-        nothing is missed. Handlers run one at a time, in arrival order. ``id`` is
-        then the subscriber id, to ``run`` again under (a worker that restarts).
+        The subscription is a Serve stream: the answers to requests travel back on
+        it, in the order the handlers finish, instead of as one Reply call each. When
+        the stream is cut (server restart, slow-subscriber cut-off) it reconnects
+        with backoff under the same id, resuming from the last cursor, so nothing is
+        missed; an answer given while no stream is open, or not yet written when one
+        was cut, goes as a Reply call. Handlers run one at a time, in arrival order;
+        with ``concurrency`` N, up to N run at once on threads (reading waits while N
+        are running). ``id`` is then the subscriber id, to ``run`` again under (a
+        worker that restarts).
         """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self._stopping.clear()
+        pool = ThreadPoolExecutor(concurrency, thread_name_prefix="fleet_ipc-handler") if concurrency > 1 else None
+        slots = threading.BoundedSemaphore(concurrency)
         backoff = _BACKOFF_FIRST
-        while not self._stopping.is_set():
-            subscription = self.subscribe(
-                channels, role=role, tag=tag, id=id, app=app, labels=labels, cursor=cursor
-            )
-            with self._lock:
-                self._running = subscription
-            if self._stopping.is_set():  # stop() raced with the (re)connect
-                subscription.cancel()
-                break
-            try:
-                for msg in subscription:
-                    backoff = _BACKOFF_FIRST
-                    with self._lock:
-                        self._dispatching = True
-                    try:
-                        self._dispatch(msg)
-                    finally:
-                        with self._lock:
-                            self._dispatching = False
-                    if self._stopping.is_set():
+        try:
+            while not self._stopping.is_set():
+                request = ipc_pb2.SubscribeRequest(
+                    channels=list(channels), id=id, app=app, role=role, tag=tag, labels=labels or {}, cursor=cursor
+                )
+                subscription, serve = self._open(request)
+                with self._lock:
+                    self._running, self._serve = subscription, serve
+                try:
+                    if self._stopping.is_set():  # stop() raced with the (re)connect
                         break
-            except (errors.Unavailable, errors.ResourceExhausted) as cut:
+                    for msg in subscription:
+                        backoff = _BACKOFF_FIRST
+                        if msg.op == SUBSCRIBED_OP and isinstance(msg.data, dict):
+                            self.id = str(msg.data.get("id", ""))
+                        if pool is None:
+                            with self._lock:
+                                self._in_flight += 1
+                            try:
+                                self._dispatch(msg)
+                            finally:
+                                with self._lock:
+                                    self._in_flight -= 1
+                        else:
+                            slots.acquire()
+                            with self._lock:
+                                self._in_flight += 1
+                            pool.submit(self._dispatch_pooled, msg, slots)
+                        if self._stopping.is_set():
+                            break
+                except errors.IpcError as failure:
+                    if failure.code == grpc.StatusCode.UNIMPLEMENTED and serve is not None and not subscription.id:
+                        log.info("the node has no Serve: subscribing, answering with Reply calls")
+                        self._serving = False
+                        continue
+                    if not isinstance(failure, (errors.Unavailable, errors.ResourceExhausted)) or not reconnect:
+                        raise
+                    log.warning("subscription cut (%s); reconnecting in %.1fs", failure.details, backoff)
+                finally:
+                    if pool is not None and self._stopping.is_set():
+                        # Every handler still running answers before the stream ends.
+                        for _ in range(concurrency):
+                            slots.acquire()
+                        for _ in range(concurrency):
+                            slots.release()
+                    with self._lock:
+                        ours = self._running is subscription
+                        if ours:
+                            self._running, self._serve = None, None
+                    if ours:
+                        self._end_stream(subscription, serve, flush=self._stopping.is_set())
+                id = subscription.id or id
+                cursor = subscription.cursor or cursor
                 if not reconnect:
-                    raise
-                log.warning("subscription cut (%s); reconnecting in %.1fs", cut.details, backoff)
-            finally:
-                subscription.cancel()
-            id = subscription.id or id
-            cursor = subscription.cursor or cursor
-            if not reconnect:
-                break
-            if self._stopping.wait(backoff):
-                break
-            backoff = min(backoff * 2, _BACKOFF_MAX)
+                    break
+                if self._stopping.wait(backoff):
+                    break
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def stop(self) -> None:
         """Make ``run`` return (from a handler, a signal handler or another thread).
@@ -781,19 +924,26 @@ class Client:
         A message being handled is answered first, then the subscription ends: a
         handler of ``worker:restart`` can call ``stop()`` and its caller still gets
         the answer (a subscription ended before the answer is a request not answered).
+        Answers given from then on go as Reply calls, each confirmed by the node, and
+        those already given on the stream are written before it ends.
         """
         self._stopping.set()
         with self._lock:
-            running = None if self._dispatching else self._running
-        if running is not None:
-            running.cancel()
+            if self._in_flight or self._running is None:
+                return  # run() ends the stream once the handlers answered
+            running, serve = self._running, self._serve
+            self._running, self._serve = None, None
+        self._end_stream(running, serve, flush=True)
 
     def close(self) -> None:
         """``stop()``, without waiting for a handler still running, and close the channel."""
         self.stop()
         with self._lock:
-            running = self._running
+            running, serve = self._running, self._serve
+            self._running, self._serve = None, None
         if running is not None:
+            if serve is not None:
+                serve.abandon()
             running.cancel()
         self._channel.close()
 
@@ -811,11 +961,47 @@ class Client:
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from error
 
+    def _open(self, request: ipc_pb2.SubscribeRequest) -> tuple[Subscription, _ServeStream | None]:
+        """The next stream of ``run``: Serve, or Subscribe on a node without Serve."""
+        if not self._serving:
+            return Subscription(self._stub.Subscribe(request, metadata=self._metadata)), None
+        serve = _ServeStream(request)
+        call = self._stub.Serve(serve.requests(), metadata=self._metadata)
+        call.add_done_callback(lambda _call: serve.call_ended())
+        return Subscription(call), serve
+
+    def _end_stream(self, subscription: Subscription, serve: _ServeStream | None, *, flush: bool) -> None:
+        """Ends a stream of ``run``. With ``flush`` (stopping) the answers given on it
+        are written first; the ones that could not be (a stream that broke) go as
+        Reply calls before it is cancelled, while their requests still wait."""
+        unsent = []
+        if serve is not None:
+            unsent = serve.finish(_FLUSH_LIMIT) if flush else serve.abandon()
+        for reply in unsent:
+            self._reply_call(reply)
+        subscription.cancel()
+
+    def _dispatch_pooled(self, msg: Msg, slots: threading.BoundedSemaphore) -> None:
+        try:
+            self._dispatch(msg)
+        except Exception:
+            log.exception("dispatching %s failed", msg.op)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                last = self._stopping.is_set() and not self._in_flight and self._running is not None
+                running, serve = (self._running, self._serve) if last else (None, None)
+                if last:
+                    self._running, self._serve = None, None
+            slots.release()
+            if running is not None:
+                self._end_stream(running, serve, flush=True)
+
     def _dispatch(self, msg: Msg) -> None:
-        if msg.op == SUBSCRIBED_OP and isinstance(msg.data, dict):
-            self.id = str(msg.data.get("id", ""))
         if msg.op == GAP_OP:
             log.warning("messages were lost before %s: %s", msg.cursor, msg.data)
+        if msg.op == REPLY_ERROR_OP and not msg.cursor:
+            self._not_delivered(msg)
         handler = self._handlers.get(msg.op)
         if not msg.is_request:
             if handler is not None:
@@ -837,6 +1023,54 @@ class Client:
 
     def _answer(self, request: Msg, data: Any = None, error: str = "") -> None:
         try:
-            self.reply(request.reply_to, request.op, data, error=error)
+            value = to_value(data)
+        except Exception as failure:  # not JSON-like: the requester learns why
+            log.exception("the answer of %s is not JSON data", request.op)
+            value, error = None, f"the answer of {request.op!r} is not JSON data: {failure}"
+        self._send_answer(ipc_pb2.ReplyRequest(reply_to=request.reply_to, op=request.op, data=value, error=error))
+
+    def _send_answer(self, reply: ipc_pb2.ReplyRequest) -> None:
+        """On the Serve stream open now; as a Reply call when there is none, when
+        stopping (confirmed before the stream ends) or when it is too large for it."""
+        with self._lock:
+            serve = None if self._stopping.is_set() else self._serve
+        if serve is not None and reply.ByteSize() <= _SERVE_REPLY_MAX and serve.send(reply):
+            return
+        self._reply_call(reply)
+
+    def _reply_call(self, reply: ipc_pb2.ReplyRequest) -> None:
+        try:
+            self._unary(self._stub.Reply, reply, DEFAULT_CALL_TIMEOUT)
         except errors.NotFound:
-            log.warning("reply to %s came too late: the sender stopped waiting", request.op)
+            log.warning("reply to %s came too late: the sender stopped waiting", reply.op)
+        except errors.IpcError as failure:
+            if failure.code in _REFUSED_ANSWER_CODES:
+                self._tell_requester(reply.reply_to, failure.details)
+            else:
+                log.warning("answer to %s not delivered: %s", reply.op, failure)
+        except Exception as failure:  # closed channel
+            log.warning("answer to %s not delivered: %s", reply.op, failure)
+
+    def _not_delivered(self, notice: Msg) -> None:
+        """An ``ipc:reply-error`` notice: an answer sent on the stream was not delivered."""
+        data = notice.data if isinstance(notice.data, dict) else {}
+        reply_to, code, why = (str(data.get(key, "")) for key in ("reply_to", "code", "error"))
+        if code == "NOT_FOUND":
+            log.warning("reply to %s came too late: the sender stopped waiting", reply_to)
+        elif reply_to and code in {status.name for status in _REFUSED_ANSWER_CODES}:
+            self._tell_requester(reply_to, why)
+        else:
+            log.warning("answer to %s not delivered: %s %s", reply_to, code, why)
+
+    def _tell_requester(self, reply_to: str, why: str) -> None:
+        """The node refused an answer (too large, bad headers): its requester gets
+        an error answer saying why, rather than waiting for its timeout."""
+        with self._lock:
+            told = reply_to in self._told
+            if not told:
+                self._told.append(reply_to)
+        if told:
+            log.warning("answer to %s not delivered: %s", reply_to, why)
+            return
+        log.warning("the node refused an answer (%s); its requester is told so", why)
+        self._send_answer(ipc_pb2.ReplyRequest(reply_to=reply_to, error=f"answer not delivered: {why}"))

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -213,17 +214,34 @@ class IpcSidecar(Process):
         argv = [str(sidecar_binary()), "--socket", str(socket), "--upstream", upstream, "--app", app, *args]
         super().__init__(argv, env=dict(os.environ))
         try:
-            self.wait_for(lambda line: line.startswith("listening socket="), "listening socket=PATH health=ADDR")
+            ready = self.wait_for(lambda line: line.startswith("listening socket="), "listening socket=PATH health=ADDR")
         except BaseException:
             self.kill()
             raise
         self.socket = str(socket)
+        #: Where the sidecar serves ``/healthz``, ``/readyz`` and ``/metrics``.
+        self.health_addr: str = ready.rpartition(" health=")[2]
 
     def __enter__(self) -> IpcSidecar:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def scrape(addr: str, name: str, **labels: str) -> float:
+    """The sum of the samples of metric ``name`` whose labels include ``labels``, on
+    the ``/metrics`` page at ``addr`` (0 when there are none)."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=WAIT_LIMIT) as response:
+        text = response.read().decode()
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, _, value = line.rpartition(" ")
+            if all(label in series for label in wanted):
+                total += float(value)
+    return total
 
 
 def free_port() -> int:
@@ -343,6 +361,12 @@ class CuttingProxy:
             except OSError:
                 pass
             sock.close()
+
+    def sever(self) -> None:
+        """Cuts every connection open now, as a network failure would; new ones are
+        relayed as before (a client reconnects through the proxy)."""
+        sockets, self._sockets = self._sockets, []
+        self._close(*sockets)
 
     def close(self) -> None:
         self._listener.close()
