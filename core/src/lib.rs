@@ -11,7 +11,9 @@
 //! - [`queue`]: a subscriber's queue, bounded in messages and bytes of memory;
 //!   [`msg_size`]: the memory a message really takes.
 //! - [`bus`]: the bus trait; [`memory`]: the in-memory bus of a node alone.
-//! - [`node`]: the five operations with their input rules and deadline rule.
+//! - [`node`]: the operations of `ipc.v1.Ipc` over a hub and a bus: its config and
+//!   errors, the input rules every operation checks (`node::rules`), SendMsg and
+//!   Reply, Subscribe with its replay.
 //! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
 //! - [`notice`]: `ipc:subscribed` and `ipc:gap`, built and read in one place.
 //! - [`responders`]: who takes requests (responders) and who only watches.
