@@ -49,12 +49,40 @@ impl Node {
         caller: &Caller,
         req: BroadcastRequest,
     ) -> Result<PendingBroadcast, NodeError> {
+        // Kept only while tracing is on: a refused broadcast gets its span too.
+        let refused_trace = crate::telemetry::enabled().then(|| {
+            let parent = caller
+                .trace
+                .clone()
+                .or_else(|| TraceContext::from_headers(&req.headers));
+            (parent, req.channel.clone(), req.op.clone())
+        });
         let result = self.submit_inner(caller, req).await;
-        if matches!(
-            result,
-            Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))
-        ) {
-            self.metrics().rejected.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = &result {
+            if matches!(
+                error,
+                NodeError::InvalidArgument(_) | NodeError::TooLarge(_)
+            ) {
+                self.metrics().rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            // Refused before it had a span (a failed store has its own).
+            if let (
+                NodeError::InvalidArgument(_)
+                | NodeError::TooLarge(_)
+                | NodeError::PermissionDenied(_),
+                Some((parent, channel, op)),
+            ) = (error, refused_trace)
+            {
+                let mut refused = Hop::accept("Broadcast", parent, || {
+                    vec![
+                        KeyValue::new("rpc.system", "grpc"),
+                        KeyValue::new("ipc.node", self.name().to_string()),
+                        KeyValue::new("ipc.channel", channel),
+                        KeyValue::new("ipc.op", op),
+                    ]
+                });
+                refused.fail(|| error.to_string());
+            }
         }
         result
     }

@@ -6,7 +6,9 @@
 mod support;
 
 use futures::StreamExt as _;
-use ipc_proto::pb::{BroadcastRequest, ReplyRequest, SendMsgRequest, SubscribeRequest};
+use ipc_proto::pb::{
+    BroadcastRequest, ReplyRequest, RolloutRequest, SendMsgRequest, SubscribeRequest,
+};
 use ipc_testkit::otlp::{OtlpReceiver, ReceivedSpan};
 use support::*;
 use tonic::Request;
@@ -170,4 +172,100 @@ async fn with_tracing_on_a_broadcast_starts_a_trace_of_accept_store_and_fan_out(
         traceparent.contains(&store.span_id),
         "{traceparent} vs {store:?}"
     );
+}
+
+#[tokio::test]
+async fn with_tracing_on_a_broadcast_refused_by_validation_still_has_its_failed_span() {
+    let otlp = OtlpReceiver::start();
+    let server = server(&["--app", "shop", "--otlp-endpoint", &otlp.endpoint()]);
+    let mut client = server.client().await;
+    let refused = client
+        .broadcast(traced(
+            broadcast("no spaces allowed", "restart", serde_json::json!(1)),
+            PARENT,
+        ))
+        .await
+        .expect_err("an invalid channel is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    let trace_id = PARENT.split('-').nth(1).unwrap();
+    let spans = otlp.wait_for(PATIENCE, |spans| {
+        spans
+            .iter()
+            .any(|s| s.name == "Broadcast" && s.trace_id == trace_id)
+    });
+    let span = spans
+        .iter()
+        .find(|s| s.name == "Broadcast" && s.trace_id == trace_id)
+        .unwrap_or_else(|| panic!("no Broadcast span of the refused call in {spans:#?}"));
+    assert_eq!(
+        span.parent_span_id, "00f067aa0ba902b7",
+        "under the caller's span"
+    );
+    assert_eq!(span.error.as_deref(), Some(refused.message()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tracing_on_a_stopped_rollout_has_a_failed_span() {
+    let otlp = OtlpReceiver::start();
+    let server = server(&["--app", "shop", "--otlp-endpoint", &otlp.endpoint()]);
+    let mut client = server.client().await;
+    // One worker, whose restart fails: a budget of no failures stops the rollout.
+    let (mut requests, _) = subscribe(
+        &mut client,
+        SubscribeRequest {
+            id: "w1".into(),
+            role: "worker".into(),
+            ..SubscribeRequest::default()
+        },
+    )
+    .await;
+    let mut worker = client.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(msg)) = requests.message().await {
+            if msg.reply_to.is_empty() {
+                continue;
+            }
+            let _ = worker
+                .reply(ReplyRequest {
+                    reply_to: msg.reply_to,
+                    error: "restart failed".into(),
+                    ..ReplyRequest::default()
+                })
+                .await;
+        }
+    });
+    let mut events = client
+        .rollout(traced(
+            RolloutRequest {
+                target: ":worker".into(),
+                op: "restart".into(),
+                wave_size: 1,
+                max_failures: 0,
+                timeout_ms: 10_000,
+                ..RolloutRequest::default()
+            },
+            PARENT,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = events.next().await {
+        last = event.unwrap().ledger.or(last);
+    }
+    let ledger = last.expect("the last event carries the ledger");
+    assert_eq!(ledger.state(), ipc_proto::pb::ledger::State::Stopped);
+
+    let trace_id = PARENT.split('-').nth(1).unwrap();
+    let spans = otlp.wait_for(PATIENCE, |spans| {
+        spans
+            .iter()
+            .any(|s| s.name == "Rollout" && s.trace_id == trace_id)
+    });
+    let span = spans
+        .iter()
+        .find(|s| s.name == "Rollout" && s.trace_id == trace_id)
+        .unwrap_or_else(|| panic!("no Rollout span in {spans:#?}"));
+    assert_eq!(span.error.as_deref(), Some("rollout stopped"));
 }

@@ -81,14 +81,18 @@ impl Node {
             .check_operation(caller, Kind::Rollout, fields)
             .inspect_err(|error| hop.fail(|| error.to_string()))?;
         hop.stamp(&mut asked.headers);
-        let timeout = self.request_timeout(req.timeout_ms, None)?;
+        let timeout = self
+            .request_timeout(req.timeout_ms, None)
+            .inspect_err(|error| hop.fail(|| error.to_string()))?;
         let ready_timeout = Duration::from_millis(u64::from(req.ready_timeout_ms));
         if ready_timeout > self.config().max_timeout {
-            return Err(NodeError::InvalidArgument(format!(
+            let error = NodeError::InvalidArgument(format!(
                 "ready_timeout_ms {} is above the largest accepted, {} ms",
                 req.ready_timeout_ms,
                 self.config().max_timeout.as_millis()
-            )));
+            ));
+            hop.fail(|| error.to_string());
+            return Err(error);
         }
         let pace = Pace {
             wave_size: req.wave_size.max(1) as usize,
@@ -97,7 +101,10 @@ impl Node {
             ready_timeout,
         };
         if req.dry_run {
-            let mut ledger = self.rollout_ledger(&asked, true).await?;
+            let mut ledger = self
+                .rollout_ledger(&asked, true)
+                .await
+                .inspect_err(|error| hop.fail(|| error.to_string()))?;
             plan_waves(&mut ledger, pace.wave_size);
             ledger.state = State::DryRun as i32;
             return Ok(last_event(0, ledger));
@@ -106,10 +113,12 @@ impl Node {
         // refuse while a live one holds it.
         let claim = self
             .claim(&asked, Instant::now() + CLAIM_TTL + CLAIM_GRACE)
-            .await?;
+            .await
+            .inspect_err(|error| hop.fail(|| error.to_string()))?;
         let mut ledger = match self.rollout_ledger(&asked, false).await {
             Ok(ledger) => ledger,
             Err(error) => {
+                hop.fail(|| error.to_string());
                 self.release(claim).await;
                 return Err(error);
             }
@@ -126,9 +135,15 @@ impl Node {
         let node = self.clone();
         tokio::spawn(
             async move {
-                node.while_claimed(claim.as_ref(), node.run_rollout(&asked, ledger, pace, &tx))
+                let finished = node
+                    .while_claimed(claim.as_ref(), node.run_rollout(&asked, ledger, pace, &tx))
                     .await;
                 node.release(claim).await;
+                // A Rollout that did not finish every wave is a failed operation in
+                // its trace, with why (the ledger says who failed).
+                if finished != State::Done {
+                    hop.fail(|| format!("rollout {}", finished.as_str_name().to_lowercase()));
+                }
                 drop(hop);
             }
             .in_current_span(),
@@ -174,7 +189,7 @@ impl Node {
         mut ledger: Ledger,
         pace: Pace,
         tx: &mpsc::Sender<Result<RolloutEvent, NodeError>>,
-    ) {
+    ) -> State {
         self.metrics().operation_started(Kind::Rollout);
         ledger.state = State::Running as i32;
         ledger::recount(&mut ledger);
@@ -221,6 +236,7 @@ impl Node {
                 ledger: Some(ledger),
             }))
             .await;
+        state
     }
 
     /// Asks the PENDING members of `wave` at once; each outcome is reported and
