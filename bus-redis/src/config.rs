@@ -8,9 +8,16 @@ use std::time::Duration;
 pub struct RedisBusConfig {
     /// Which Redis: one server by URL, or the primary a Sentinel names.
     pub target: Target,
+    /// The ACL user of the primary, when not in the URL (and with Sentinel, where
+    /// there is no URL); `None`: Redis's default user. A URL naming another user
+    /// is refused. It needs a password ([`RedisBusConfig::password`] or the URL's).
+    pub username: Option<String>,
     /// The password of the ACL user (or of `requirepass`), when not in the URL:
     /// it wins over a password in the URL. Never logged.
     pub password: Option<Secret>,
+    /// How the Sentinels are reached (with [`Target::Sentinel`] only): their
+    /// `requirepass`, or an ACL user of theirs and its password.
+    pub sentinel_auth: SentinelAuth,
     /// Certificates for TLS (with `rediss://`, or towards Sentinel and its primary).
     pub tls: TlsFiles,
     /// Redis replicas that must hold a write before it is acknowledged (`WAIT`);
@@ -53,6 +60,16 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// Credentials towards the Sentinels themselves (not the primary they name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentinelAuth {
+    /// An ACL user of the Sentinels; `None`: their default user. Needs `password`.
+    pub username: Option<String>,
+    /// The Sentinels' `requirepass`, or the password of `username`; `None`: the
+    /// Sentinels ask for none. Never logged.
+    pub password: Option<Secret>,
+}
+
 /// PEM files for TLS to Redis (and to Sentinel).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -76,7 +93,9 @@ impl RedisBusConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             target: Target::Url(url.into()),
+            username: None,
             password: None,
+            sentinel_auth: SentinelAuth::default(),
             tls: TlsFiles::default(),
             min_replicas: 0,
             prefix: "ipc".into(),
@@ -115,10 +134,11 @@ mod tests {
     fn a_secret_is_not_shown_by_debug() {
         let mut config = RedisBusConfig::new("redis://127.0.0.1/");
         config.password = Some(Secret::new("s3cret"));
+        config.sentinel_auth.password = Some(Secret::new("s3ntinel"));
         config.target = Target::Url("redis://app:s3cret@redis/".into());
         let shown = format!("{config:?}");
         assert!(
-            !shown.contains("s3cret") && shown.contains("***"),
+            !shown.contains("s3cret") && !shown.contains("s3ntinel") && shown.contains("***"),
             "{shown}"
         );
     }

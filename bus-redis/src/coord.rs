@@ -401,6 +401,7 @@ impl Coordination {
     pub async fn listen(self: Arc<Self>, link: Arc<Link>, keys: Keys, cancel: CancellationToken) {
         let mut backoff = reconnect_backoff();
         loop {
+            let tried = link.endpoint().generation();
             let subscribed = tokio::select! {
                 () = cancel.cancelled() => return,
                 s = tokio::time::timeout(link.timeout(), link.subscribe(&keys.released)) => s,
@@ -437,6 +438,7 @@ impl Coordination {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(backoff.next_pause()) => {}
+                () = link.endpoint().changed_from(tried) => {}
             }
         }
     }

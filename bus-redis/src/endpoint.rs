@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::ConfigError;
-use crate::config::{RedisBusConfig, Target, TlsFiles};
+use crate::config::{RedisBusConfig, SentinelAuth, Target, TlsFiles};
 use crate::link::reconnect_backoff;
 
 /// The primary every connection should use now.
@@ -61,7 +61,7 @@ struct Sentinels {
     /// `(host, port)` of each Sentinel, asked in order.
     addrs: Vec<(String, u16)>,
     master: String,
-    /// Towards the Sentinels: TLS as for the primary, no password.
+    /// Towards the Sentinels: TLS as for the primary, their own credentials.
     to_sentinel: Shape,
     to_primary: Shape,
 }
@@ -87,19 +87,19 @@ impl Endpoint {
         let tls = read_tls(&config.tls)?;
         let primary = match &config.target {
             Target::Url(url) => {
-                let mut info = url.as_str().into_connection_info()?;
-                if let Some(password) = &config.password {
-                    let settings = info
-                        .redis_settings()
-                        .clone()
-                        .set_password(password.expose());
-                    info = info.set_redis_settings(settings);
-                }
+                let info = url.as_str().into_connection_info()?;
+                let settings = primary_settings(info.redis_settings().clone(), config)?;
+                let info = info.set_redis_settings(settings);
                 Some(fixed(info, tls.clone(), url)?)
             }
             Target::Sentinel { .. } => None,
         };
         let sentinels = match &config.target {
+            Target::Url(_) if config.sentinel_auth != SentinelAuth::default() => {
+                return Err(ConfigError::Invalid(
+                    "--redis-sentinel-username and --redis-sentinel-password-file need --redis-sentinel (with --redis the URL and --redis-password-file give the credentials)".into(),
+                ));
+            }
             Target::Url(_) => None,
             Target::Sentinel { sentinels, master } => {
                 Some(sentinel_settings(sentinels, master, tls, config)?)
@@ -175,7 +175,10 @@ impl Endpoint {
                     continue;
                 }
                 Ok(Err(error)) => {
-                    why.push(format!("Sentinel {host}:{port}: {}", describe(&error)));
+                    why.push(format!(
+                        "Sentinel {host}:{port}: {}",
+                        describe_sentinel(&error)
+                    ));
                     continue;
                 }
                 Err(_) => {
@@ -320,6 +323,24 @@ impl Endpoint {
         })
     }
 
+    /// The generation of the primary known now, if any: taken before a connection
+    /// attempt, for [`Endpoint::changed_from`] while waiting to retry.
+    pub fn generation(&self) -> Option<u64> {
+        self.current.borrow().as_ref().map(|p| p.generation)
+    }
+
+    /// Resolves once the primary is another than `generation` (one is found where
+    /// none was known, or Sentinel named a new one). A connection waiting out its
+    /// backoff after a failure retries at once then: after a failover the backoff
+    /// has grown to seconds, and waiting it out would keep the replica down well
+    /// after Sentinel promoted a replica.
+    pub async fn changed_from(&self, generation: Option<u64>) {
+        let mut primaries = self.current.subscribe();
+        let _ = primaries
+            .wait_for(|p| p.as_ref().map(|p| p.generation) != generation)
+            .await;
+    }
+
     /// Resolves once the primary is no longer the one of `generation`.
     pub async fn moved(&self, generation: u64) {
         let mut primaries = self.current.subscribe();
@@ -384,19 +405,69 @@ fn sentinel_settings(
             "--redis-sentinel names no Sentinel".into(),
         ));
     }
-    let mut settings = RedisConnectionInfo::default();
-    if let Some(password) = &config.password {
-        settings = settings.set_password(password.expose());
+    let to_primary = primary_settings(RedisConnectionInfo::default(), config)?;
+    let SentinelAuth { username, password } = &config.sentinel_auth;
+    let mut to_sentinel = RedisConnectionInfo::default();
+    match (username, password) {
+        (Some(user), None) => {
+            return Err(ConfigError::Invalid(format!(
+                "--redis-sentinel-username {user:?} needs --redis-sentinel-password-file (its password)"
+            )));
+        }
+        (username, Some(password)) => {
+            to_sentinel = to_sentinel.set_password(password.expose());
+            if let Some(user) = username {
+                to_sentinel = to_sentinel.set_username(user);
+            }
+        }
+        (None, None) => {}
     }
     Ok(Sentinels {
         addrs,
         master: master.to_string(),
         to_sentinel: Shape {
-            settings: RedisConnectionInfo::default(),
+            settings: to_sentinel,
             tls: tls.clone(),
         },
-        to_primary: Shape { settings, tls },
+        to_primary: Shape {
+            settings: to_primary,
+            tls,
+        },
     })
+}
+
+/// The primary's ACL user and password on top of `settings` (a URL's, or none
+/// with Sentinel): `--redis-username` where the URL names no user (naming another
+/// one is an error), `--redis-password-file` over the URL's password.
+fn primary_settings(
+    mut settings: RedisConnectionInfo,
+    config: &RedisBusConfig,
+) -> Result<RedisConnectionInfo, ConfigError> {
+    if let Some(user) = &config.username {
+        if user.is_empty() {
+            return Err(ConfigError::Invalid("--redis-username is empty".into()));
+        }
+        if let Some(in_url) = settings.username()
+            && in_url != user.as_str()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--redis-username {user:?} and the user {in_url:?} of the --redis URL differ: name the ACL user once"
+            )));
+        }
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = &config.password {
+        settings = settings.set_password(password.expose());
+    }
+    if let Some(user) = &config.username
+        && settings.password().is_none()
+    {
+        // Without a password the client sends no AUTH: the user would be ignored.
+        return Err(ConfigError::Invalid(format!(
+            "--redis-username {user:?} needs a password: --redis-password-file (or one in the --redis URL)"
+        )));
+    }
+    Ok(settings)
 }
 
 /// The one primary of a `redis://` or `rediss://` URL.
@@ -489,14 +560,41 @@ pub(crate) fn describe(error: &RedisError) -> String {
         "TLS: Redis's certificate is not trusted (is --redis-ca the authority that signed it, and does it name the host?)"
     } else if text.contains("CertificateRequired") || text.contains("certificate required") {
         "TLS: Redis asks for a client certificate (--redis-cert, --redis-key)"
-    } else if text.contains("WRONGPASS") || text.contains("NOAUTH") || text.contains("NOPERM") {
-        "Redis refused the credentials (the ACL user and password of the URL or --redis-password-file)"
+    } else if is_refused_credentials(error) {
+        "Redis refused the credentials (the ACL user and password: of the URL, or --redis-username and --redis-password-file)"
     } else if text.contains("InvalidContentType") || text.contains("corrupt message") {
         "TLS: the server does not speak TLS on that port (use redis:// for plain TCP)"
     } else {
         return text;
     };
     format!("{hint}: {text}")
+}
+
+/// An error of a connection to a Sentinel said plainly: authentication is the
+/// Sentinel's own (`requirepass` or its ACL users), not the primary's.
+fn describe_sentinel(error: &RedisError) -> String {
+    let text = error.to_string();
+    let hint = if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        "authentication failed: the Sentinel refused the password (or has none) (--redis-sentinel-password-file, --redis-sentinel-username)"
+    } else if text.contains("NOAUTH") {
+        "authentication required: the Sentinel asks for a password (--redis-sentinel-password-file)"
+    } else if text.contains("WRONGPASS") {
+        "authentication failed: the Sentinel refused the user and password (--redis-sentinel-username, --redis-sentinel-password-file)"
+    } else if text.contains("NOPERM") {
+        "the Sentinel's ACL user (--redis-sentinel-username) may not run SENTINEL GET-MASTER-ADDR-BY-NAME or subscribe to +switch-master"
+    } else {
+        return describe(error);
+    };
+    format!("{hint}: {text}")
+}
+
+/// Whether Redis refused who the client said it is.
+fn is_refused_credentials(error: &RedisError) -> bool {
+    let text = error.to_string();
+    error.kind() == redis::ErrorKind::AuthenticationFailed
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+        || text.contains("NOPERM")
 }
 
 /// `url` without its password, for logs.
@@ -522,6 +620,7 @@ pub(crate) fn connect_config(timeout: Duration) -> redis::AsyncConnectionConfig 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
 
     #[test]
     fn urls_are_logged_without_passwords() {
@@ -539,6 +638,82 @@ mod tests {
             redacted("rediss://app:pw@redis:6380/"),
             "rediss://app:***@redis:6380/"
         );
+    }
+
+    #[test]
+    fn the_acl_user_is_named_once_and_has_a_password() {
+        let mut config = RedisBusConfig::new("redis://app@127.0.0.1/");
+        config.username = Some("ops".into());
+        config.password = Some(Secret::new("pw"));
+        let error = Endpoint::new(&config).err().unwrap().to_string();
+        assert!(
+            error.contains("--redis-username \"ops\"") && error.contains("\"app\""),
+            "{error}"
+        );
+        assert!(!error.contains("pw"), "{error}");
+
+        // The same user twice, or the flag with a URL naming none: fine.
+        config.username = Some("app".into());
+        assert!(Endpoint::new(&config).is_ok());
+        config.target = Target::Url("redis://127.0.0.1/".into());
+        assert!(Endpoint::new(&config).is_ok());
+        // A password in the URL serves the flag's user too.
+        config.password = None;
+        config.target = Target::Url("redis://:pw@127.0.0.1/".into());
+        assert!(Endpoint::new(&config).is_ok());
+
+        config.target = Target::Url("redis://127.0.0.1/".into());
+        let error = Endpoint::new(&config).err().unwrap().to_string();
+        assert!(error.contains("needs a password"), "{error}");
+        config.target = Target::Sentinel {
+            sentinels: vec!["127.0.0.1:26379".into()],
+            master: "fleet".into(),
+        };
+        let error = Endpoint::new(&config).err().unwrap().to_string();
+        assert!(error.contains("needs a password"), "{error}");
+        config.password = Some(Secret::new("pw"));
+        assert!(Endpoint::new(&config).is_ok());
+    }
+
+    #[test]
+    fn sentinel_credentials_go_with_sentinel_only() {
+        let mut config = RedisBusConfig::new("redis://127.0.0.1/");
+        config.sentinel_auth.password = Some(Secret::new("sentinel-pw"));
+        let error = Endpoint::new(&config).err().unwrap().to_string();
+        assert!(error.contains("need --redis-sentinel"), "{error}");
+
+        config.target = Target::Sentinel {
+            sentinels: vec!["127.0.0.1:26379".into()],
+            master: "fleet".into(),
+        };
+        config.sentinel_auth.username = Some("watcher".into());
+        assert!(Endpoint::new(&config).is_ok());
+        config.sentinel_auth.password = None;
+        let error = Endpoint::new(&config).err().unwrap().to_string();
+        assert!(
+            error.contains(
+                "--redis-sentinel-username \"watcher\" needs --redis-sentinel-password-file"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_refused_sentinel_password_is_said_to_be_the_sentinels() {
+        let refused = RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        let said = describe_sentinel(&refused);
+        assert!(
+            said.contains("authentication failed")
+                && said.contains("--redis-sentinel-password-file"),
+            "{said}"
+        );
+        // Towards the primary, the same error names the primary's flags.
+        let said = describe(&refused);
+        assert!(said.contains("--redis-password-file"), "{said}");
+        assert!(!said.contains("sentinel"), "{said}");
     }
 
     #[test]

@@ -320,6 +320,7 @@ impl Exchange {
         let mut backoff = reconnect_backoff();
         let mut ever_subscribed = false;
         loop {
+            let tried = self.link.endpoint().generation();
             let subscribed = tokio::select! {
                 () = cancel.cancelled() => return,
                 s = tokio::time::timeout(self.link.timeout(), self.link.subscribe(&channel)) => s,
@@ -356,6 +357,7 @@ impl Exchange {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(backoff.next_pause()) => {}
+                () = self.link.endpoint().changed_from(tried) => {}
             }
         }
     }

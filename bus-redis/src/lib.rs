@@ -47,5 +47,5 @@ mod metrics;
 mod presence;
 
 pub use bus::RedisBus;
-pub use config::{RedisBusConfig, Secret, Target, TlsFiles};
+pub use config::{RedisBusConfig, Secret, SentinelAuth, Target, TlsFiles};
 pub use coord::LIMIT_SCRIPT;

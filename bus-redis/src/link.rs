@@ -237,6 +237,7 @@ impl Link {
         loop {
             let current = self.current.lock().clone();
             let primary = current.as_ref().map(|c| c.primary);
+            let tried = self.endpoint.generation();
             let wait = match current {
                 None => match self.connect().await {
                     Ok(()) => {
@@ -269,17 +270,27 @@ impl Link {
                     PING_INTERVAL
                 }
             };
+            // Connected: the primary moving replaces the connection. Not connected:
+            // a new primary is tried at once rather than after the backoff.
             let moved = async {
                 match primary {
-                    Some(primary) => self.endpoint.moved(primary).await,
-                    None => std::future::pending().await,
+                    Some(primary) => {
+                        self.endpoint.moved(primary).await;
+                        true
+                    }
+                    None => {
+                        self.endpoint.changed_from(tried).await;
+                        false
+                    }
                 }
             };
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = self.lost.notified() => {}
                 () = tokio::time::sleep(wait) => {}
-                () = moved => self.drop_connection("the Redis primary moved"),
+                connected = moved => if connected {
+                    self.drop_connection("the Redis primary moved");
+                },
             }
         }
     }

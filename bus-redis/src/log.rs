@@ -389,6 +389,7 @@ pub(crate) async fn run_tail(
     let mut ever_connected = false;
     let mut reported = Vec::new();
     loop {
+        let tried = probe.endpoint().generation();
         let connected = tokio::select! {
             () = cancel.cancelled() => return,
             c = probe.open(&config) => c,
@@ -429,6 +430,7 @@ pub(crate) async fn run_tail(
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(backoff.next_pause()) => {}
+            () = probe.endpoint().changed_from(tried) => {}
         }
     }
 }

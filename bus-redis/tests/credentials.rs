@@ -1,6 +1,7 @@
 //! Redis that wants a password: the replica reads it from `--redis-password-file`
 //! (so it stays out of the command line and the URL); without it, Redis refuses the
-//! replica's commands and the replica says so (NOT_SERVING, UNAVAILABLE).
+//! replica's commands and the replica says so (NOT_SERVING, UNAVAILABLE). An ACL
+//! user comes from the URL or from `--redis-username`, never two different ones.
 
 mod common;
 
@@ -37,4 +38,47 @@ async fn a_replica_reads_the_redis_password_from_a_file() {
         Code::Unavailable,
         "",
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_user_comes_from_the_url_or_from_redis_username() {
+    let password = format!(">{PASSWORD}");
+    let redis = RedisServer::start_with(&[
+        "--user", "app", "on", &password, "~*", "&*", "+@all", "--user", "default", "off",
+    ]);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("redis-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).expect("password file");
+    let file = file.to_str().expect("utf-8 path");
+    let url_with_user = format!("redis://app@127.0.0.1:{}/", redis.port());
+
+    let a = replica_with(&url_with_user, "a", &["--redis-password-file", file]);
+    let b = replica_with(
+        &redis.url(),
+        "b",
+        &["--redis-username", "app", "--redis-password-file", file],
+    );
+    wait_health(&a, ServingStatus::Serving).await;
+    wait_health(&b, ServingStatus::Serving).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await;
+    broadcast(&mut cb, "news", "as app")
+        .await
+        .expect("broadcast as the flag's user");
+    assert_eq!(texts(&mut stream, 1).await, ["as app"]);
+
+    // A URL naming one user and the flag another: refused at start, naming both.
+    let conflict = std::process::Command::new(ipc_testkit::binary("ipc-server"))
+        .args(["--redis", &url_with_user, "--redis-username", "ops"])
+        .args(["--redis-password-file", file])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .expect("running ipc-server");
+    assert!(!conflict.status.success());
+    let stderr = String::from_utf8_lossy(&conflict.stderr);
+    assert!(
+        stderr.contains("--redis-username \"ops\"") && stderr.contains("\"app\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
 }

@@ -8,6 +8,11 @@
 //! - Without it, a loss is forced (the replica is cut off before the primary dies):
 //!   every subscriber that misses an acknowledged message gets `ipc:gap`, live and
 //!   when resuming later — never a silent loss.
+//! - With credentials everywhere (Redis's default user off, an ACL user for the
+//!   replicas and the Sentinels; Sentinels with `requirepass`), the replicas find
+//!   the primary with `--redis-username`, `--redis-password-file` and
+//!   `--redis-sentinel-password-file`, and follow a failover; a wrong Sentinel
+//!   password is named in the log and keeps the replica up, NOT_SERVING.
 
 mod common;
 
@@ -25,10 +30,74 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 const MASTER: &str = "fleet";
 
+/// The ACL user of every Redis server of a cluster with [`Credentials::everywhere`].
+const REDIS_USER: &str = "fleet-ipc";
+const REDIS_PASSWORD: &str = "acl-pw-of-redis-5d1e";
+const SENTINEL_PASSWORD: &str = "sentinel-pw-9b2c";
+
+/// Who may talk to a cluster's Redis servers and Sentinels.
+#[derive(Clone, Default)]
+struct Credentials {
+    /// An ACL user and its password on every Redis server, whose default user is
+    /// off; replication and the Sentinels use it too.
+    redis: Option<(&'static str, &'static str)>,
+    /// The Sentinels' `requirepass`.
+    sentinel: Option<&'static str>,
+}
+
+impl Credentials {
+    fn everywhere() -> Self {
+        Self {
+            redis: Some((REDIS_USER, REDIS_PASSWORD)),
+            sentinel: Some(SENTINEL_PASSWORD),
+        }
+    }
+
+    /// `redis-server` arguments: the ACL user, the default user off, and how a
+    /// replica authenticates to its primary.
+    fn redis_args(&self) -> Vec<String> {
+        let Some((user, password)) = self.redis else {
+            return Vec::new();
+        };
+        [
+            "--user",
+            user,
+            "on",
+            &format!(">{password}"),
+            "~*",
+            "&*",
+            "+@all",
+            "--user",
+            "default",
+            "off",
+            "--masteruser",
+            user,
+            "--masterauth",
+            password,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `sentinel.conf` lines: the Sentinels' password and how they reach Redis.
+    fn sentinel_config(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(password) = self.sentinel {
+            lines.push(format!("requirepass {password}"));
+        }
+        if let Some((user, password)) = self.redis {
+            lines.push(format!("sentinel auth-user {MASTER} {user}"));
+            lines.push(format!("sentinel auth-pass {MASTER} {password}"));
+        }
+        lines
+    }
+}
+
 struct Cluster {
     primary: RedisServer,
     replicas: Vec<RedisServer>,
     sentinels: Vec<SentinelServer>,
+    credentials: Credentials,
 }
 
 impl Cluster {
@@ -36,36 +105,66 @@ impl Cluster {
     /// leaves the new primary none, and `--redis-min-replicas 1` then rightly
     /// acknowledges nothing).
     async fn start(replicas: usize) -> Self {
-        let primary = redis();
+        Self::start_with(replicas, Credentials::default()).await
+    }
+
+    async fn start_with(replicas: usize, credentials: Credentials) -> Self {
+        let redis_args = credentials.redis_args();
+        let redis_args: Vec<&str> = redis_args.iter().map(String::as_str).collect();
+        let primary = RedisServer::start_with(&redis_args);
         let port = primary.port().to_string();
         let replicas = (0..replicas)
-            .map(|_| RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]))
+            .map(|_| {
+                let mut args = vec!["--replicaof", "127.0.0.1", &port];
+                args.extend(&redis_args);
+                RedisServer::start_with(&args)
+            })
             .collect();
+        let sentinel_config = credentials.sentinel_config();
+        let sentinel_config: Vec<&str> = sentinel_config.iter().map(String::as_str).collect();
         let sentinels = (0..3)
-            .map(|_| SentinelServer::start(MASTER, primary.port()))
+            .map(|_| SentinelServer::start_with(MASTER, primary.port(), &sentinel_config))
             .collect();
         let cluster = Self {
             primary,
             replicas,
             sentinels,
+            credentials,
         };
         eventually(
             "the replicas in sync and known to the Sentinels",
             || async {
-                let info: String = query(
+                let info: String = cluster.ask_redis(
                     cluster.primary.port(),
                     redis::cmd("INFO").arg("replication"),
                 );
-                let known: Vec<redis::Value> = query(
-                    cluster.sentinels[0].port(),
-                    redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER),
-                );
+                let known: Vec<redis::Value> =
+                    cluster.ask_sentinel(redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER));
                 let online = info.matches("state=online").count();
                 (online == cluster.replicas.len() && known.len() == online).then_some(())
             },
         )
         .await;
         cluster
+    }
+
+    /// A command to the Redis server on `port`, with the cluster's credentials.
+    fn ask_redis<T: redis::FromRedisValue>(&self, port: u16, cmd: &mut redis::Cmd) -> T {
+        let user = match self.credentials.redis {
+            Some((user, password)) => format!("{user}:{password}@"),
+            None => String::new(),
+        };
+        query_url(&format!("redis://{user}127.0.0.1:{port}/"), cmd)
+    }
+
+    /// A command to the first Sentinel, with its password.
+    fn ask_sentinel<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        let password = match self.credentials.sentinel {
+            Some(password) => format!(":{password}@"),
+            None => String::new(),
+        };
+        let port = self.sentinels[0].port();
+        query_url(&format!("redis://{password}127.0.0.1:{port}/"), cmd)
     }
 
     fn sentinel_list(&self) -> String {
@@ -77,6 +176,17 @@ impl Cluster {
     }
 
     fn replica(&self, node: &str, extra: &[&str]) -> ServerProcess {
+        let args = self.replica_args(node, extra);
+        ServerProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// A replica whose log is kept for [`ServerProcess::log`].
+    fn logged_replica(&self, node: &str, extra: &[&str]) -> ServerProcess {
+        let args = self.replica_args(node, extra);
+        ServerProcess::start_logged(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn replica_args(&self, node: &str, extra: &[&str]) -> Vec<String> {
         let sentinels = self.sentinel_list();
         let mut args = vec![
             "--redis-sentinel",
@@ -95,13 +205,12 @@ impl Cluster {
             "1000",
         ];
         args.extend_from_slice(extra);
-        ServerProcess::start(&args)
+        args.into_iter().map(String::from).collect()
     }
 
     /// The port Sentinel names as the primary now.
     fn primary_port(&self) -> u16 {
-        let (_, port): (String, u16) = query(
-            self.sentinels[0].port(),
+        let (_, port): (String, u16) = self.ask_sentinel(
             redis::cmd("SENTINEL")
                 .arg("GET-MASTER-ADDR-BY-NAME")
                 .arg(MASTER),
@@ -120,7 +229,11 @@ impl Cluster {
 }
 
 fn query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) -> T {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("url");
+    query_url(&format!("redis://127.0.0.1:{port}/"), cmd)
+}
+
+fn query_url<T: redis::FromRedisValue>(url: &str, cmd: &mut redis::Cmd) -> T {
+    let client = redis::Client::open(url).expect("url");
     let mut conn = client.get_connection().expect("connecting to redis");
     cmd.query(&mut conn).expect("redis command")
 }
@@ -339,6 +452,156 @@ async fn without_min_replicas_a_lost_message_is_reported_as_a_gap() {
         before.cursor.split('.').next(),
         "same epoch: cursors stay valid"
     );
+}
+
+/// Password files of a replica for a cluster with [`Credentials::everywhere`]:
+/// the Redis ACL user's, and `sentinel_password` for the Sentinels.
+struct PasswordFiles {
+    _dir: tempfile::TempDir,
+    redis: String,
+    sentinel: String,
+}
+
+impl PasswordFiles {
+    fn new(sentinel_password: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let write = |name: &str, password: &str| {
+            let file = dir.path().join(name);
+            std::fs::write(&file, format!("{password}\n")).expect("password file");
+            file.to_str().expect("utf-8 path").to_string()
+        };
+        Self {
+            redis: write("redis-password", REDIS_PASSWORD),
+            sentinel: write("sentinel-password", sentinel_password),
+            _dir: dir,
+        }
+    }
+
+    /// The primary's ACL user and password only.
+    fn redis_args(&self) -> Vec<&str> {
+        vec![
+            "--redis-username",
+            REDIS_USER,
+            "--redis-password-file",
+            &self.redis,
+        ]
+    }
+
+    /// The primary's credentials and the Sentinels' password.
+    fn args(&self) -> Vec<&str> {
+        let mut args = self.redis_args();
+        args.extend(["--redis-sentinel-password-file", &self.sentinel]);
+        args
+    }
+}
+
+fn assert_no_password_in(log: &str) {
+    for password in [REDIS_PASSWORD, SENTINEL_PASSWORD] {
+        assert!(!log.contains(password), "a password is in the log:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_find_the_primary_through_sentinels_with_credentials_and_follow_a_failover() {
+    let cluster = Cluster::start_with(1, Credentials::everywhere()).await;
+    let files = PasswordFiles::new(SENTINEL_PASSWORD);
+    let (a, b) = (
+        cluster.logged_replica("a", &files.args()),
+        cluster.logged_replica("b", &files.args()),
+    );
+    wait_health(&a, ServingStatus::Serving).await;
+    wait_health(&b, ServingStatus::Serving).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await;
+    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await;
+    broadcast(&mut cb, "news", "before")
+        .await
+        .expect("a broadcast as the ACL user");
+    assert_eq!(texts(&mut on_a, 1).await, ["before"]);
+    assert_eq!(texts(&mut on_b, 1).await, ["before"]);
+
+    // The Redis replica holds "before" first (replication is asynchronous, and
+    // this test is about following the primary, not about what a failover loses).
+    let replica_port = cluster.replicas[0].port();
+    eventually("the Redis replica holds the first message", || async {
+        let len: usize = cluster.ask_redis(replica_port, redis::cmd("XLEN").arg("test:log"));
+        (len >= 1).then_some(())
+    })
+    .await;
+    let _: String = cluster.ask_sentinel(redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER));
+    let new_primary = cluster.wait_failed_over().await.port();
+
+    // Both replicas follow (Sentinel names the promoted replica before it announces
+    // +switch-master, and the old primary accepts writes until Sentinel demotes it:
+    // broadcast only once both replicas moved), still as the ACL user.
+    let moved = format!("Redis primary is now 127.0.0.1:{new_primary}");
+    for replica in [&a, &b] {
+        eventually("the replica moves to the new primary", || {
+            let followed = replica.log().contains(&moved);
+            async move { followed.then_some(()) }
+        })
+        .await;
+    }
+    // A broadcast on either reaches the subscribers of both.
+    broadcast_until_acknowledged(&mut ca, "after-from-a").await;
+    broadcast_until_acknowledged(&mut cb, "after-from-b").await;
+    let after = ["after-from-a".to_string(), "after-from-b".to_string()];
+    let want: BTreeSet<String> = after.iter().cloned().collect();
+    for (name, stream) in [("a", &mut on_a), ("b", &mut on_b)] {
+        let seen = collect(stream, &want, PATIENCE).await;
+        assert!(seen.gaps.is_empty(), "{name} got a gap: {:?}", seen.gaps);
+        assert_eq!(seen.bodies, after, "{name}");
+    }
+    wait_health(&a, ServingStatus::Serving).await;
+    wait_health(&b, ServingStatus::Serving).await;
+    for replica in [&a, &b] {
+        assert_no_password_in(&replica.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_sentinel_password_is_named_and_the_replica_stays_up_not_serving() {
+    let cluster = Cluster::start_with(0, Credentials::everywhere()).await;
+    let sentinel = cluster.sentinels[0].addr();
+
+    let wrong = PasswordFiles::new("not-the-sentinel-password");
+    let mut replica = cluster.logged_replica("wrong", &wrong.args());
+    let log = eventually(
+        "the log names the Sentinel and the refused password",
+        || {
+            let log = replica.log();
+            let named = log.contains(&format!("Sentinel {sentinel}: authentication failed"));
+            async move { named.then_some(log) }
+        },
+    )
+    .await;
+    assert!(log.contains("--redis-sentinel-password-file"), "{log}");
+    assert_no_password_in(&log);
+    wait_health(&replica, ServingStatus::NotServing).await;
+    let mut client = replica.client().await;
+    let refused = broadcast(&mut client, "news", "never stored").await;
+    assert_code(refused, Code::Unavailable, "authentication failed");
+    assert!(replica.running(), "the replica exited");
+
+    // No Sentinel password at all: the Sentinel asks for one, and the log says so.
+    let mut unauthenticated = cluster.logged_replica("none", &wrong.redis_args());
+    eventually("the log says the Sentinel wants a password", || {
+        let named = unauthenticated
+            .log()
+            .contains(&format!("Sentinel {sentinel}: authentication required"));
+        async move { named.then_some(()) }
+    })
+    .await;
+    assert!(unauthenticated.running(), "the replica exited");
+
+    // The right password, nothing else changed: SERVING.
+    let right = PasswordFiles::new(SENTINEL_PASSWORD);
+    let good = cluster.replica("right", &right.args());
+    wait_health(&good, ServingStatus::Serving).await;
+    let mut client = good.client().await;
+    broadcast(&mut client, "news", "stored")
+        .await
+        .expect("a broadcast with the right Sentinel password");
 }
 
 /// Subscribes, retrying while the replica answers UNAVAILABLE (it may still be

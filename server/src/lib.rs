@@ -113,11 +113,33 @@ pub struct Config {
     /// The name Sentinel knows the primary by (its `sentinel monitor NAME …`).
     #[arg(long, env = "IPC_REDIS_MASTER", requires = "redis_sentinel")]
     pub redis_master: Option<String>,
-    /// File holding the Redis password (of the URL's ACL user, or `requirepass`), read
+    /// ACL user of the Redis primary (with --redis-sentinel, where there is no URL;
+    /// with --redis, instead of a user in the URL — a URL naming another user is an
+    /// error). Its password: --redis-password-file. Default: Redis's default user.
+    #[arg(long, env = "IPC_REDIS_USERNAME", requires = "redis_target")]
+    pub redis_username: Option<String>,
+    /// File holding the Redis password (of the ACL user, or `requirepass`), read
     /// once at start, trailing newline ignored; it wins over a password in the URL.
     /// Never logged.
     #[arg(long, env = "IPC_REDIS_PASSWORD_FILE", requires = "redis_target")]
     pub redis_password_file: Option<std::path::PathBuf>,
+    /// File holding the Sentinels' own password (their `requirepass`, or the password
+    /// of --redis-sentinel-username), read once at start, trailing newline ignored.
+    /// Never logged. The primary's credentials are --redis-username/--redis-password-file.
+    #[arg(
+        long,
+        env = "IPC_REDIS_SENTINEL_PASSWORD_FILE",
+        requires = "redis_sentinel"
+    )]
+    pub redis_sentinel_password_file: Option<std::path::PathBuf>,
+    /// ACL user of the Sentinels (its password: --redis-sentinel-password-file);
+    /// default: the Sentinels' default user.
+    #[arg(
+        long,
+        env = "IPC_REDIS_SENTINEL_USERNAME",
+        requires_all = ["redis_sentinel", "redis_sentinel_password_file"]
+    )]
+    pub redis_sentinel_username: Option<String>,
     /// PEM certificate authority that signed Redis's certificate (TLS); the system's
     /// roots when absent.
     #[arg(long, env = "IPC_REDIS_CA", requires = "redis_target")]
@@ -195,23 +217,22 @@ async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
             })));
         }
     };
-    let password = match &config.redis_password_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --redis-password-file {}", path.display()))?;
-            let password = text.trim_end_matches(['\r', '\n']).to_string();
-            anyhow::ensure!(
-                !password.is_empty(),
-                "--redis-password-file {} is empty",
-                path.display()
-            );
-            Some(ipc_bus_redis::Secret::new(password))
-        }
-        None => None,
-    };
+    let password = read_secret(
+        "--redis-password-file",
+        config.redis_password_file.as_deref(),
+    )?;
+    let sentinel_password = read_secret(
+        "--redis-sentinel-password-file",
+        config.redis_sentinel_password_file.as_deref(),
+    )?;
     let bus = ipc_bus_redis::RedisBus::connect(ipc_bus_redis::RedisBusConfig {
         target,
+        username: config.redis_username.clone(),
         password,
+        sentinel_auth: ipc_bus_redis::SentinelAuth {
+            username: config.redis_sentinel_username.clone(),
+            password: sentinel_password,
+        },
         tls: ipc_bus_redis::TlsFiles {
             ca: config.redis_ca.clone(),
             cert: config.redis_cert.clone(),
@@ -226,6 +247,22 @@ async fn build_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
     .await
     .context("--redis")?;
     Ok(Arc::new(bus))
+}
+
+/// A password from the file a flag names: read once, trailing newline ignored, never
+/// empty.
+fn read_secret(
+    flag: &str,
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Option<ipc_bus_redis::Secret>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {flag} {}", path.display()))?;
+    let password = text.trim_end_matches(['\r', '\n']).to_string();
+    anyhow::ensure!(!password.is_empty(), "{flag} {} is empty", path.display());
+    Ok(Some(ipc_bus_redis::Secret::new(password)))
 }
 
 impl Config {

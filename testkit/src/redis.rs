@@ -184,6 +184,13 @@ pub struct SentinelServer {
 
 impl SentinelServer {
     pub fn start(master: &str, primary_port: u16) -> Self {
+        Self::start_with(master, primary_port, &[])
+    }
+
+    /// [`SentinelServer::start`] with extra lines of `sentinel.conf` after the
+    /// defaults (e.g. `requirepass PW`, `sentinel auth-user MASTER USER`,
+    /// `sentinel auth-pass MASTER PW` for a primary with an ACL user).
+    pub fn start_with(master: &str, primary_port: u16, extra_config: &[&str]) -> Self {
         let binary = which("redis-sentinel").unwrap_or_else(|| {
             panic!("redis-sentinel is not installed: `apt-get install -y redis-sentinel` (scripts/test does this)")
         });
@@ -197,8 +204,12 @@ impl SentinelServer {
                  sentinel monitor {master} 127.0.0.1 {primary_port} 2\n\
                  sentinel down-after-milliseconds {master} 1000\n\
                  sentinel failover-timeout {master} 3000\n\
-                 sentinel parallel-syncs {master} 1\n",
-                dir = dir.path().display()
+                 sentinel parallel-syncs {master} 1\n{extra}",
+                dir = dir.path().display(),
+                extra = extra_config
+                    .iter()
+                    .map(|line| format!("{line}\n"))
+                    .collect::<String>()
             ),
         )
         .expect("writing sentinel.conf");

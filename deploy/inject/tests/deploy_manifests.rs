@@ -849,6 +849,36 @@ fn the_sentinel_overlay_server_flags_name_sentinels_files_and_replicas_that_exis
         secret_file(&redis_pod, &redis_container, "/etc/redis/auth/password"),
         password
     );
+    // The Sentinels' own password: the file the server reads is the Secret the
+    // Sentinels' requirepass comes from, which the Redis pods' start script also
+    // reads to ask the Sentinels for the primary; it is not Redis's password.
+    let sentinel_password = secret_file(
+        &pod,
+        &server,
+        arg(&server, "--redis-sentinel-password-file"),
+    );
+    assert_eq!(
+        sentinel_password,
+        ("redis-sentinel-auth".to_owned(), "password".to_owned())
+    );
+    assert_ne!(sentinel_password.0, password.0);
+    let (_, sentinel_pod, sentinel) = statefulset(&objects, "redis-sentinel");
+    for (pod, container) in [(&sentinel_pod, &sentinel), (&redis_pod, &redis_container)] {
+        assert_eq!(
+            secret_file(pod, container, "/etc/redis/sentinel-auth/password"),
+            sentinel_password,
+            "{}",
+            container.name
+        );
+    }
+    let scripts = parse_strict::<ConfigMap>(
+        find(&objects, "ConfigMap", "redis-scripts"),
+        "redis-scripts",
+    )
+    .data
+    .expect("scripts");
+    assert!(scripts["common.sh"].contains("$(cat /etc/redis/sentinel-auth/password)"));
+    assert!(scripts["sentinel.sh"].contains("requirepass \"$SENTINEL_AUTH\""));
 
     // Acknowledged once a replica holds it, with a replica to spare.
     let min_replicas: i32 = arg(&server, "--redis-min-replicas").parse().unwrap();
@@ -858,7 +888,12 @@ fn the_sentinel_overlay_server_flags_name_sentinels_files_and_replicas_that_exis
     // What the secrets script creates is what the pods mount.
     let script = std::fs::read_to_string(k8s_dir("overlays/sentinel/gen-redis-secrets.sh"))
         .expect("gen-redis-secrets.sh");
-    for secret in ["redis-tls", "ipc-server-redis-tls", "redis-auth"] {
+    for secret in [
+        "redis-tls",
+        "ipc-server-redis-tls",
+        "redis-auth",
+        "redis-sentinel-auth",
+    ] {
         assert!(script.contains(secret), "the script makes {secret}");
     }
 }
@@ -945,6 +980,10 @@ fn the_redis_secrets_script_certifies_every_name_the_overlay_uses() {
     }
     let password = std::fs::read_to_string(dir.path().join("redis-auth/password")).unwrap();
     assert!(password.len() >= 32 && !password.contains('\n'));
+    let sentinel_password =
+        std::fs::read_to_string(dir.path().join("redis-sentinel-auth/password")).unwrap();
+    assert!(sentinel_password.len() >= 32 && !sentinel_password.contains('\n'));
+    assert_ne!(sentinel_password, password);
 }
 
 // ---- authentication: tokens, and the laptop overlay's opt-out ----

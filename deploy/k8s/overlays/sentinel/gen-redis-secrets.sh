@@ -6,7 +6,9 @@
 #                         connections between them (server and client use);
 #   ipc-server-redis-tls  CA + the control plane's client certificate;
 #   redis-auth            `password`: Redis's requirepass/masterauth, read by
-#                         ipc-server as --redis-password-file.
+#                         ipc-server as --redis-password-file;
+#   redis-sentinel-auth   `password`: the Sentinels' own requirepass, read by
+#                         ipc-server as --redis-sentinel-password-file.
 # Each Secret has the keys cert-manager writes (ca.crt, tls.crt, tls.key), so
 # cert-manager Certificates can replace this script (deploy/README.md).
 # Run it before or after `kubectl apply -k deploy/k8s/overlays/sentinel` (the pods
@@ -14,7 +16,8 @@
 # password: restart Redis, Sentinel and ipc-server afterwards.
 #
 # With OUT_DIR=DIR it only writes DIR/redis-tls/{ca.crt,tls.crt,tls.key},
-# DIR/ipc-server-redis-tls/{…} and DIR/redis-auth/password, touching no cluster.
+# DIR/ipc-server-redis-tls/{…}, DIR/redis-auth/password and
+# DIR/redis-sentinel-auth/password, touching no cluster.
 #
 # Environment: NAMESPACE (fleet-ipc), DAYS (825), KUBECTL (kubectl), OUT_DIR (unset).
 set -euo pipefail
@@ -27,7 +30,7 @@ command -v openssl >/dev/null || { echo "gen-redis-secrets.sh: openssl is requir
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/redis-tls" "$work/ipc-server-redis-tls" "$work/redis-auth"
+mkdir -p "$work/redis-tls" "$work/ipc-server-redis-tls" "$work/redis-auth" "$work/redis-sentinel-auth"
 
 openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days "$DAYS" \
   -keyout "$work/ca.key" -out "$work/ca.crt" \
@@ -61,11 +64,12 @@ done
 certificate "$work/redis-tls" "redis.$NAMESPACE.svc" serverAuth,clientAuth "$names"
 certificate "$work/ipc-server-redis-tls" ipc-server clientAuth
 openssl rand -hex 32 | tr -d '\n' >"$work/redis-auth/password"
+openssl rand -hex 32 | tr -d '\n' >"$work/redis-sentinel-auth/password"
 
 if [[ -n "${OUT_DIR:-}" ]]; then
   mkdir -p "$OUT_DIR"
-  cp -r "$work/redis-tls" "$work/ipc-server-redis-tls" "$work/redis-auth" "$OUT_DIR/"
-  echo "wrote $OUT_DIR/redis-tls, $OUT_DIR/ipc-server-redis-tls, $OUT_DIR/redis-auth"
+  cp -r "$work/redis-tls" "$work/ipc-server-redis-tls" "$work/redis-auth" "$work/redis-sentinel-auth" "$OUT_DIR/"
+  echo "wrote $OUT_DIR/redis-tls, $OUT_DIR/ipc-server-redis-tls, $OUT_DIR/redis-auth, $OUT_DIR/redis-sentinel-auth"
   exit 0
 fi
 
@@ -75,6 +79,8 @@ for secret in redis-tls ipc-server-redis-tls; do
     --from-file="$work/$secret/ca.crt" --from-file="$work/$secret/tls.crt" \
     --from-file="$work/$secret/tls.key" --dry-run=client -o yaml | "$KUBECTL" apply -f -
 done
-"$KUBECTL" -n "$NAMESPACE" create secret generic redis-auth \
-  --from-file="$work/redis-auth/password" --dry-run=client -o yaml | "$KUBECTL" apply -f -
-echo "Secrets redis-tls, ipc-server-redis-tls and redis-auth created in $NAMESPACE"
+for secret in redis-auth redis-sentinel-auth; do
+  "$KUBECTL" -n "$NAMESPACE" create secret generic "$secret" \
+    --from-file="$work/$secret/password" --dry-run=client -o yaml | "$KUBECTL" apply -f -
+done
+echo "Secrets redis-tls, ipc-server-redis-tls, redis-auth and redis-sentinel-auth created in $NAMESPACE"
