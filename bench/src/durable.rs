@@ -111,12 +111,18 @@ impl TlsPair {
 /// A testkit Redis, whose start panics with the reason (redis-server missing, not
 /// ready in time): the reason becomes this workload's skip note, not the run's end.
 fn start(redis: impl FnOnce() -> TestRedis) -> anyhow::Result<TestRedis> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(redis)).map_err(|panic| {
+    started("a TLS redis-server", redis)
+}
+
+/// Runs a testkit start (`what`: a redis-server, a redis-sentinel), which panics
+/// with the reason it failed; the reason becomes an error, not the run's end.
+pub fn started<T>(what: &str, start: impl FnOnce() -> T) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(start)).map_err(|panic| {
         let reason = panic
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown".into());
-        anyhow::anyhow!("starting a TLS redis-server: {reason}")
+        anyhow::anyhow!("starting {what}: {reason}")
     })
 }

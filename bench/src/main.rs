@@ -23,10 +23,13 @@
 //! - [`coord`]: Lock+Unlock and Limit through a replica vs directly on Redis.
 //! - [`durable`]: a TLS Redis with a replica, for broadcasts with and without
 //!   `--redis-min-replicas 1` vs `XADD` and `XADD`+`WAIT` over TLS.
+//! - [`failover`]: a killed Redis primary under Sentinel, the time until the next
+//!   acknowledged broadcast beside Sentinel's own failover time.
 //! - [`report`]: rows, the table, the targets, JSON.
 
 mod coord;
 mod durable;
+mod failover;
 mod fleet;
 mod nats;
 mod payload;
@@ -59,7 +62,7 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these workloads (comma separated): throughput, latency, request,
-    /// fanout, memory, sidecar, coord, durable.
+    /// fanout, memory, sidecar, coord, durable, failover.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Subscribers in the fan-out workload [default: 10000, or 1000 with --quick].
@@ -105,6 +108,8 @@ struct Sizes {
     throughput_only: Vec<usize>,
     /// Workload 8's broadcasts per throughput run (an XADD+WAIT waits for a replica).
     durable_messages: usize,
+    /// Workload 9's killed primaries, each with a fresh cluster.
+    failover_rounds: usize,
 }
 
 impl Sizes {
@@ -136,6 +141,7 @@ impl Sizes {
                 deadline: Duration::from_secs(15),
                 throughput_only: args.subscribers.clone(),
                 durable_messages: 300,
+                failover_rounds: 1,
             }
         } else {
             Self {
@@ -150,6 +156,7 @@ impl Sizes {
                 deadline: Duration::from_secs(90),
                 throughput_only: args.subscribers.clone(),
                 durable_messages: 50_000,
+                failover_rounds: 3,
             }
         }
     }
@@ -975,6 +982,72 @@ async fn run_durable(report: &mut Report, systems: &Systems, sizes: &Sizes) {
     drop(servers);
 }
 
+/// Workload 9: a killed Redis primary under Sentinel — the time from the kill to
+/// the first acknowledged broadcast, beside Sentinel's `+odown` and
+/// `+switch-master`, one fresh cluster per round.
+async fn run_failover(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let rounds = sizes.failover_rounds;
+    let case = |n: usize| format!("SIGKILL of the primary, round {n} of {rounds}");
+    let binary = match &systems.server {
+        Ok(binary) if procs::server_has_flag(binary, "--redis-sentinel") => binary,
+        Ok(_) => {
+            let reason = "ipc-server has no --redis-sentinel flag";
+            for n in 1..=rounds {
+                report.skip(names::FAILOVER, &case(n), peers::FLEET_SENTINEL, reason);
+            }
+            return;
+        }
+        Err(e) => {
+            for n in 1..=rounds {
+                report.skip(names::FAILOVER, &case(n), peers::FLEET_SENTINEL, e.clone());
+            }
+            return;
+        }
+    };
+    let limits = systems.server_limits();
+    for n in 1..=rounds {
+        eprintln!("ipc-bench: failover {}", case(n));
+        match failover::round(binary, &limits).await {
+            Ok(round) => {
+                let micros = |d: Duration| d.as_secs_f64() * 1e6;
+                let mut figures = Vec::new();
+                if let Some(odown) = round.odown {
+                    figures.push(("Sentinel +odown", micros(odown), "µs"));
+                }
+                figures.extend([
+                    ("Sentinel +switch-master", micros(round.switch_master), "µs"),
+                    (
+                        "first acknowledged broadcast",
+                        micros(round.first_ack),
+                        "µs",
+                    ),
+                    (
+                        "ack after +switch-master",
+                        (round.first_ack.as_secs_f64() - round.switch_master.as_secs_f64()) * 1e3,
+                        "ms",
+                    ),
+                ]);
+                report.add(
+                    names::FAILOVER,
+                    &case(n),
+                    peers::FLEET_SENTINEL,
+                    figures,
+                    Some(format!(
+                        "times from the kill; down-after-milliseconds 1000; a refused broadcast is sent again after {} ms",
+                        failover::RETRY_PAUSE.as_millis()
+                    )),
+                );
+            }
+            Err(e) => report.skip(
+                names::FAILOVER,
+                &case(n),
+                peers::FLEET_SENTINEL,
+                format!("failed: {e:#}"),
+            ),
+        }
+    }
+}
+
 fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
@@ -1057,6 +1130,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants("durable") {
         run_durable(&mut report, &systems, &sizes).await;
+    }
+    if wants("failover") {
+        run_failover(&mut report, &systems, &sizes).await;
     }
     report.check_targets();
 
