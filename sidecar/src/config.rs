@@ -68,6 +68,12 @@ pub struct Config {
     /// A label of the pod, `key=value`; repeat the flag or separate with commas.
     #[arg(long = "label", env = "IPC_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Also serve ipc.v1.Ipc on this loopback TCP address (`127.0.0.1:PORT`,
+    /// `[::1]:PORT`; port 0 picks a free one), for gRPC clients that cannot dial a
+    /// Unix socket. Loopback only: callers are trusted as the pod's own processes,
+    /// as on the socket, so the API must not be reachable from outside the pod.
+    #[arg(long, env = "IPC_LISTEN_TCP", value_parser = parse_loopback)]
+    pub listen_tcp: Option<SocketAddr>,
     /// TCP address for health: gRPC health (grpc.health.v1), `/healthz`, `/readyz`
     /// and `/metrics`. In a pod give a fixed port on all interfaces for the kubelet's
     /// probes (the injector passes `0.0.0.0:7701`).
@@ -266,6 +272,19 @@ fn parse_owner(text: &str) -> Result<SocketOwner, String> {
         return Err(format!("{text:?}: give UID, UID:GID or :GID"));
     }
     Ok(owner)
+}
+
+fn parse_loopback(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an address (127.0.0.1:PORT or [::1]:PORT)"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address: the pod's API has no authentication of its \
+             own, so it is served on 127.0.0.1 or ::1 only"
+        ));
+    }
+    Ok(addr)
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {

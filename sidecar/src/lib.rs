@@ -57,6 +57,8 @@ pub struct Sidecar {
     bus: Arc<UpstreamBus>,
     identity: PodIdentity,
     listener: UnixListener,
+    /// `--listen-tcp`: the same API on a loopback TCP address.
+    tcp: Option<TcpListener>,
     socket: socket::BoundSocket,
     health: TcpListener,
     grace: Duration,
@@ -84,6 +86,7 @@ impl Sidecar {
             node,
             labels: _,
             health_listen,
+            listen_tcp,
             hooks,
             hook_timeout,
             token_file,
@@ -123,6 +126,14 @@ impl Sidecar {
         let health = TcpListener::bind(health_listen)
             .await
             .with_context(|| format!("binding the health listener {health_listen}"))?;
+        let tcp = match listen_tcp {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --listen-tcp {addr}"))?,
+            ),
+            None => None,
+        };
 
         let max_timeout = Duration::from_millis(max_timeout_ms);
         let max_frame = ipc_core::mount::max_frame_bytes(max_msg_bytes);
@@ -179,6 +190,7 @@ impl Sidecar {
             bus,
             identity,
             listener,
+            tcp,
             socket,
             health,
             grace: Duration::from_millis(grace_ms),
@@ -188,6 +200,13 @@ impl Sidecar {
 
     pub fn socket_path(&self) -> &Path {
         self.socket.path()
+    }
+
+    /// The loopback TCP address the API is also served on (`--listen-tcp`).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+            .as_ref()
+            .map(|tcp| tcp.local_addr().expect("bound listener has an address"))
     }
 
     pub fn health_addr(&self) -> SocketAddr {
@@ -213,6 +232,7 @@ impl Sidecar {
             bus,
             identity: _,
             listener,
+            tcp,
             socket,
             health,
             grace,
@@ -236,7 +256,9 @@ impl Sidecar {
                 let _ = stop.wait_for(|stop| *stop).await;
             },
         ));
-        let served = mount.serve(vec![Listener::Unix(listener)], shutdown).await;
+        let mut listeners = vec![Listener::Unix(listener)];
+        listeners.extend(tcp.map(Listener::Tcp));
+        let served = mount.serve(listeners, shutdown).await;
         let _ = stop_tx.send(true);
         match health.await {
             Ok(Err(error)) => tracing::warn!(%error, "health endpoint failed"),

@@ -17,9 +17,14 @@ async fn main() -> anyhow::Result<()> {
     let sidecar = Sidecar::start(config).await?;
     let socket = sidecar.socket_path().display().to_string();
     let health = sidecar.health_addr();
-    tracing::info!(%socket, %health, id = %sidecar.identity().id, node = %sidecar.node().name(), "serving");
-    // The readiness line: tests and scripts wait for it instead of sleeping.
-    println!("listening socket={socket} health={health}");
+    let tcp = sidecar
+        .tcp_addr()
+        .map(|addr| format!(" tcp={addr}"))
+        .unwrap_or_default();
+    tracing::info!(%socket, tcp = %tcp.trim_start(), %health, id = %sidecar.identity().id, node = %sidecar.node().name(), "serving");
+    // The readiness line: tests and scripts wait for it instead of sleeping
+    // (`health=` stays last: clients' test helpers take the rest of the line).
+    println!("listening socket={socket}{tcp} health={health}");
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {},

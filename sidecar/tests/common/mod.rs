@@ -39,6 +39,8 @@ pub struct SidecarProcess {
     child: Child,
     pub socket: PathBuf,
     pub health: SocketAddr,
+    /// The loopback TCP address of `--listen-tcp`, when given.
+    pub tcp: Option<SocketAddr>,
     /// Everything the sidecar wrote on stderr, sent once it exits.
     logs: mpsc::Receiver<String>,
     _dir: Option<tempfile::TempDir>,
@@ -149,6 +151,10 @@ impl SidecarProcess {
                     child,
                     socket: PathBuf::from(field("socket=")),
                     health: field("health=").parse().expect("health address"),
+                    tcp: line
+                        .split_whitespace()
+                        .find_map(|part| part.strip_prefix("tcp="))
+                        .map(|addr| addr.parse().expect("tcp address")),
                     logs: log_rx,
                     _dir: None,
                 })
