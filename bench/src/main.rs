@@ -21,6 +21,8 @@
 //! - [`payload`]: 128-byte payloads stamped with their send time.
 //! - [`workloads`]: throughput, latency, round trips, fan-out, idle memory.
 //! - [`coord`]: Lock+Unlock and Limit through a replica vs directly on Redis.
+//! - [`fleetops`]: Gather across many responders vs NATS scatter-gather, and a
+//!   Rollout's own overhead per wave.
 //! - [`durable`]: a TLS Redis with a replica, for broadcasts with and without
 //!   `--redis-min-replicas 1` vs `XADD` and `XADD`+`WAIT` over TLS.
 //! - [`failover`]: a killed Redis primary under Sentinel, the time until the next
@@ -31,6 +33,7 @@ mod coord;
 mod durable;
 mod failover;
 mod fleet;
+mod fleetops;
 mod nats;
 mod payload;
 mod peer;
@@ -62,12 +65,16 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these workloads (comma separated): throughput, latency, request,
-    /// fanout, memory, sidecar, coord, durable, failover.
+    /// fanout, memory, sidecar, coord, durable, failover, gather (Gather and Rollout).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Subscribers in the fan-out workload [default: 10000, or 1000 with --quick].
     #[arg(long)]
     fanout: Option<usize>,
+    /// Responders in the gather workload, each a case [default: 1000,10000, or 100
+    /// with --quick].
+    #[arg(long, value_delimiter = ',')]
+    responders: Vec<usize>,
     /// Only these subscriber counts in the throughput workload (of 1, 10, 100).
     #[arg(long, value_delimiter = ',')]
     subscribers: Vec<usize>,
@@ -110,6 +117,12 @@ struct Sizes {
     durable_messages: usize,
     /// Workload 9's killed primaries, each with a fresh cluster.
     failover_rounds: usize,
+    /// Workload 10: responders per Gather case, and timed rounds of each.
+    gather_responders: Vec<usize>,
+    gather_rounds: usize,
+    /// Workload 10: Rollouts as (members, wave_size), and timed rounds of each.
+    rollout_cases: Vec<(usize, usize)>,
+    rollout_rounds: usize,
 }
 
 impl Sizes {
@@ -123,11 +136,20 @@ impl Sizes {
         sizes.sequential_requests = scale(sizes.sequential_requests);
         sizes.concurrent_requests = scale(sizes.concurrent_requests);
         sizes.durable_messages = scale(sizes.durable_messages);
+        sizes.gather_rounds = scale(sizes.gather_rounds);
+        sizes.rollout_rounds = scale(sizes.rollout_rounds);
         sizes.deadline = sizes.deadline.mul_f64(args.scale.max(1.0));
         sizes
     }
 
     fn unscaled(args: &Args) -> Self {
+        let responders_or = |default: Vec<usize>| {
+            if args.responders.is_empty() {
+                default
+            } else {
+                args.responders.clone()
+            }
+        };
         if args.quick {
             Self {
                 throughput_messages: [(1, 10_000), (10, 3_000), (100, 500)],
@@ -142,6 +164,10 @@ impl Sizes {
                 throughput_only: args.subscribers.clone(),
                 durable_messages: 300,
                 failover_rounds: 1,
+                gather_responders: responders_or(vec![100]),
+                gather_rounds: 3,
+                rollout_cases: vec![(100, 10), (20, 1)],
+                rollout_rounds: 2,
             }
         } else {
             Self {
@@ -157,6 +183,10 @@ impl Sizes {
                 throughput_only: args.subscribers.clone(),
                 durable_messages: 50_000,
                 failover_rounds: 3,
+                gather_responders: responders_or(vec![1_000, 10_000]),
+                gather_rounds: 20,
+                rollout_cases: vec![(100, 10), (20, 1)],
+                rollout_rounds: 10,
             }
         }
     }
@@ -1048,6 +1078,145 @@ async fn run_failover(report: &mut Report, systems: &Systems, sizes: &Sizes) {
     }
 }
 
+/// Workload 10 (issue 13): Gather across many responders answering on their Serve
+/// streams vs NATS scatter-gather, then a Rollout's own overhead per wave. Each
+/// case gets a fresh embedded server. A wrong ledger fails the run.
+async fn run_fleet_operations(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let record_failure = |report: &mut Report, case: &str, name: &str, e: anyhow::Error| {
+        if let Some(wrong) = e.downcast_ref::<fleetops::WrongLedger>() {
+            report.fail(names::FLEET_OPS, case, name, wrong.to_string());
+        } else {
+            report.skip(names::FLEET_OPS, case, name, format!("failed: {e:#}"));
+        }
+    };
+    let rounds_figures = |r: &fleetops::Rounds| {
+        let mut figures = vec![
+            ("p50", percentile_us(&r.histogram, 50.0), "µs"),
+            ("p99", percentile_us(&r.histogram, 99.0), "µs"),
+            ("max", r.histogram.max() as f64 / 1000.0, "µs"),
+        ];
+        if let Some(cpu) = r.server_cpu_us_per_round {
+            figures.push(("server CPU/round", cpu, "µs"));
+        }
+        figures
+    };
+    for &responders in &sizes.gather_responders {
+        let case = format!(
+            "Gather, {} responders, {} per connection",
+            thousands(responders),
+            STREAMS_PER_CONNECTION
+        );
+        let rounds = sizes.gather_rounds;
+        match systems.embedded() {
+            Err(reason) => report.skip(names::FLEET_OPS, &case, peers::FLEET_GATHER, reason),
+            Ok(server) => {
+                eprintln!("ipc-bench: {case}, {}", peers::FLEET_GATHER);
+                match fleetops::fleet_gather(
+                    &Target::Tcp(server.grpc),
+                    server.process.pid(),
+                    responders,
+                    STREAMS_PER_CONNECTION,
+                    rounds,
+                    sizes.deadline,
+                )
+                .await
+                {
+                    Ok(r) => report.add(
+                        names::FLEET_OPS,
+                        &case,
+                        peers::FLEET_GATHER,
+                        rounds_figures(&r),
+                        Some(format!(
+                            "{rounds} rounds, every ledger all OK; opening took {:.1} s",
+                            r.open_seconds
+                        )),
+                    ),
+                    Err(e) => record_failure(report, &case, peers::FLEET_GATHER, e),
+                }
+            }
+        }
+        match &systems.nats {
+            Err(reason) => report.skip(names::FLEET_OPS, &case, peers::NATS_SCATTER, reason),
+            Ok(nats_server) => {
+                eprintln!("ipc-bench: {case}, {}", peers::NATS_SCATTER);
+                match fleetops::nats_scatter_gather(
+                    &nats_server.url(),
+                    nats_server.process.pid(),
+                    responders,
+                    STREAMS_PER_CONNECTION,
+                    rounds,
+                    sizes.deadline,
+                )
+                .await
+                {
+                    Ok(r) => report.add(
+                        names::FLEET_OPS,
+                        &case,
+                        peers::NATS_SCATTER,
+                        rounds_figures(&r),
+                        Some(format!(
+                            "{rounds} rounds, every reply once; subscribing took {:.1} s",
+                            r.open_seconds
+                        )),
+                    ),
+                    Err(e) => report.skip(
+                        names::FLEET_OPS,
+                        &case,
+                        peers::NATS_SCATTER,
+                        format!("failed: {e:#}"),
+                    ),
+                }
+            }
+        }
+    }
+    for &(members, wave_size) in &sizes.rollout_cases {
+        let waves = members.div_ceil(wave_size);
+        let case = format!("Rollout, {members} members, wave_size {wave_size} ({waves} waves)");
+        let name = peers::FLEET_ROLLOUT;
+        let server = match systems.embedded() {
+            Ok(server) => server,
+            Err(reason) => {
+                report.skip(names::FLEET_OPS, &case, name, reason);
+                continue;
+            }
+        };
+        eprintln!("ipc-bench: {case}, {name}");
+        match fleetops::fleet_rollout(
+            &Target::Tcp(server.grpc),
+            members,
+            wave_size,
+            STREAMS_PER_CONNECTION,
+            sizes.rollout_rounds,
+            sizes.deadline,
+        )
+        .await
+        {
+            Ok(r) => {
+                let rollout = percentile_us(&r.rollout, 50.0);
+                let per_wave = rollout / f64::from(r.waves.max(1));
+                let gather = percentile_us(&r.gather_of_wave, 50.0);
+                report.add(
+                    names::FLEET_OPS,
+                    &case,
+                    name,
+                    vec![
+                        ("Rollout p50", rollout, "µs"),
+                        ("per wave", per_wave, "µs"),
+                        ("one Gather of a wave p50", gather, "µs"),
+                        ("overhead per wave", per_wave - gather, "µs"),
+                    ],
+                    Some(format!(
+                        "{} Rollouts, {} Gathers of {wave_size} members in between; every ledger all OK",
+                        sizes.rollout_rounds,
+                        r.gather_of_wave.len()
+                    )),
+                );
+            }
+            Err(e) => record_failure(report, &case, name, e),
+        }
+    }
+}
+
 fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
@@ -1134,6 +1303,9 @@ async fn main() -> anyhow::Result<()> {
     if wants("failover") {
         run_failover(&mut report, &systems, &sizes).await;
     }
+    if wants("gather") {
+        run_fleet_operations(&mut report, &systems, &sizes).await;
+    }
     report.check_targets();
 
     println!(
@@ -1168,5 +1340,11 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
     eprintln!("ipc-bench: results written to {}", path.display());
+    if !report.failures.is_empty() {
+        anyhow::bail!(
+            "fleet-ipc answered wrongly (not a matter of speed):\n{}",
+            report.failures.join("\n")
+        );
+    }
     Ok(())
 }

@@ -15,7 +15,7 @@ pub struct Nats {
     pub pid: u32,
 }
 
-async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
         // Room for the bursts the workloads allow, so the client never drops.
         .subscription_capacity(1 << 16)
@@ -27,7 +27,7 @@ async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
 /// Returns once the server has processed every command this client sent so far:
 /// NATS handles a connection's commands in order, so a message to a private inbox
 /// coming back proves the earlier SUBs are in place.
-async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
+pub(crate) async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
     let inbox = client.new_inbox();
     let mut probe = client.subscribe(inbox.clone()).await?;
     client.publish(inbox, Bytes::new()).await?;

@@ -33,6 +33,12 @@ pub mod peers {
     pub const REDIS_XADD_WAIT_TLS: &str = "Redis XADD+WAIT 1 0+XREAD, TLS";
     /// Workload 9: one replica finding the primary through three Sentinels.
     pub const FLEET_SENTINEL: &str = "fleet-ipc via Sentinel";
+    /// Workload 10: Gather to responders answering on their Serve streams.
+    pub const FLEET_GATHER: &str = "fleet-ipc Gather, replies on Serve";
+    /// One request to a subject with N subscribers, N replies on one inbox.
+    pub const NATS_SCATTER: &str = "NATS scatter-gather";
+    /// A Rollout, against one Gather of a wave's size.
+    pub const FLEET_ROLLOUT: &str = "fleet-ipc Rollout";
 }
 
 /// Names of the workloads.
@@ -46,6 +52,7 @@ pub mod workloads {
     pub const COORD: &str = "7 lock and limit";
     pub const DURABLE: &str = "8 TLS Redis with a replica";
     pub const FAILOVER: &str = "9 a killed Redis primary";
+    pub const FLEET_OPS: &str = "10 Gather and Rollout";
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,6 +100,8 @@ pub struct Report {
     pub sidecar_binary: String,
     pub rows: Vec<Row>,
     pub targets: Vec<Target>,
+    /// Wrong answers (not slowness): the run exits non-zero when there are any.
+    pub failures: Vec<String>,
 }
 
 impl Report {
@@ -130,6 +139,23 @@ impl Report {
             peer: peer.into(),
             figures: Vec::new(),
             skipped: Some(reason),
+            note: None,
+        });
+    }
+
+    /// A wrong answer of the system under test: a row saying so, and the run
+    /// fails.
+    pub fn fail(&mut self, workload: &str, case: &str, peer: &str, reason: impl Into<String>) {
+        let reason = reason.into();
+        eprintln!("ipc-bench: {workload} / {case} / {peer}: FAILED: {reason}");
+        self.failures
+            .push(format!("{workload} / {case} / {peer}: {reason}"));
+        self.rows.push(Row {
+            workload: workload.into(),
+            case: case.into(),
+            peer: peer.into(),
+            figures: Vec::new(),
+            skipped: Some(format!("FAILED: {reason}")),
             note: None,
         });
     }
@@ -209,6 +235,7 @@ impl Report {
             peers::REDIS_DIRECT => {
                 compare(peers::FLEET_REDIS_REPLICA, "fleet-ipc+Redis ÷ this", false)
             }
+            peers::NATS_SCATTER => compare(peers::FLEET_GATHER, "fleet-ipc ÷ this", false),
             peers::NATS_REQUEST => {
                 compare(peers::FLEET, "fleet-ipc ÷ this", false);
                 compare(peers::FLEET_SERVE, "fleet-ipc Serve ÷ this", false);
@@ -410,6 +437,44 @@ impl Report {
                 &format!("≤ 16 KiB RSS per idle subscriber stream, {case} (ratio to 16 KiB)"),
                 self.figure(MEMORY, case, FLEET, "per subscriber")
                     .map(|v| (v, 16.0)),
+                None,
+                Some(1.0),
+            );
+        }
+        // Issue 13: Gather and Rollout.
+        let cases_of = |peer: &str| -> Vec<String> {
+            self.rows
+                .iter()
+                .filter(|r| r.workload == FLEET_OPS && r.peer == peer && r.skipped.is_none())
+                .map(|r| r.case.clone())
+                .collect()
+        };
+        let gather_cases = cases_of(FLEET_GATHER);
+        if gather_cases.is_empty() {
+            ratio_target("Gather ≤ 2 × NATS scatter-gather", None, None, None);
+        }
+        for case in gather_cases {
+            for metric in ["p50", "p99"] {
+                ratio_target(
+                    &format!("Gather {metric} ≤ 2 × NATS scatter-gather, {case}"),
+                    both(
+                        self.figure(FLEET_OPS, &case, FLEET_GATHER, metric),
+                        self.figure(FLEET_OPS, &case, NATS_SCATTER, metric),
+                    ),
+                    None,
+                    Some(2.0),
+                );
+            }
+        }
+        let rollout_cases = cases_of(FLEET_ROLLOUT);
+        if rollout_cases.is_empty() {
+            ratio_target("a Rollout's own overhead per wave ≤ 5 ms", None, None, None);
+        }
+        for case in rollout_cases {
+            ratio_target(
+                &format!("a Rollout's own overhead per wave ≤ 5 ms, {case} (ratio to 5 ms)"),
+                self.figure(FLEET_OPS, &case, FLEET_ROLLOUT, "overhead per wave")
+                    .map(|v| (v.max(0.0), 5_000.0)),
                 None,
                 Some(1.0),
             );

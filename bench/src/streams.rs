@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context as _, anyhow, ensure};
 use async_trait::async_trait;
 use bytes::Bytes;
+use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::{
-    BroadcastRequest, ReplyRequest, ServeRequest, SubscribeRequest, serve_request,
+    BroadcastRequest, Msg, ReplyRequest, ServeRequest, SubscribeRequest, serve_request,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Channel;
 
 use crate::fleet::{Target, connect, data};
 use crate::peer::Publisher;
@@ -91,13 +93,36 @@ impl Publisher for StreamPublisher {
 /// answered on the stream itself.
 pub async fn serve_echo(target: &Target, id: &str) -> anyhow::Result<()> {
     let client = connect(target).await?;
+    let subscribe = SubscribeRequest {
+        id: id.to_string(),
+        ..SubscribeRequest::default()
+    };
+    let answering = serve(&client, subscribe, |msg| ReplyRequest {
+        reply_to: msg.reply_to,
+        op: "bench:echo".into(),
+        data: msg.data,
+        ..ReplyRequest::default()
+    })
+    .await?;
+    tokio::spawn(async move {
+        let _client = client;
+        answering.await;
+    });
+    Ok(())
+}
+
+/// Opens a Serve stream on `client` subscribed as `subscribe` and waits until it is
+/// live (`ipc:subscribed`). Returns the loop that answers each request at once with
+/// `answer`, on the stream itself, until the stream ends: the caller spawns it.
+pub async fn serve<Answer: Fn(Msg) -> ReplyRequest + Send + 'static>(
+    client: &IpcClient<Channel>,
+    subscribe: SubscribeRequest,
+    answer: Answer,
+) -> anyhow::Result<impl Future<Output = ()> + Send + 'static + use<Answer>> {
     let (replies, outgoing) = mpsc::unbounded_channel();
     replies
         .send(ServeRequest {
-            kind: Some(serve_request::Kind::Subscribe(SubscribeRequest {
-                id: id.to_string(),
-                ..SubscribeRequest::default()
-            })),
+            kind: Some(serve_request::Kind::Subscribe(subscribe)),
         })
         .map_err(|_| anyhow!("Serve stream closed"))?;
     let mut stream = client
@@ -114,24 +139,17 @@ pub async fn serve_echo(target: &Target, id: &str) -> anyhow::Result<()> {
         "first message is {:?}",
         first.op
     );
-    tokio::spawn(async move {
-        let _client = client;
+    Ok(async move {
         while let Ok(Some(msg)) = stream.message().await {
             if msg.reply_to.is_empty() {
                 continue;
             }
             let reply = ServeRequest {
-                kind: Some(serve_request::Kind::Reply(ReplyRequest {
-                    reply_to: msg.reply_to,
-                    op: "bench:echo".into(),
-                    data: msg.data,
-                    ..ReplyRequest::default()
-                })),
+                kind: Some(serve_request::Kind::Reply(answer(msg))),
             };
             if replies.send(reply).is_err() {
                 return;
             }
         }
-    });
-    Ok(())
+    })
 }
