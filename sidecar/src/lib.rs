@@ -10,9 +10,11 @@
 //! # Layout
 //! - [`config`]: flags and `IPC_*` variables; the pod's identity.
 //! - [`socket`]: the Unix socket (stale replaced, live refused, file mode).
-//! - [`upstream`]: the upstream bus — subscription (a Serve stream that carries the
-//!   pod's replies back), resume, requests both ways; `upstream::publish`: the pod's
-//!   broadcasts on one Publish stream, resent with their keys after a loss.
+//! - [`upstream`]: the upstream bus — its session (a Serve stream that carries the
+//!   pod's replies back, reconnected and resumed), the coverage of the union of
+//!   local subscriptions, requests both ways, the plumbing of upstream calls;
+//!   `upstream::publish`: the pod's broadcasts on one Publish stream, resent with
+//!   their keys after a loss.
 //! - [`grants`]: what the pod's token may do upstream; local subscriptions beyond it refused.
 //! - [`ring`]: the recent upstream entries, for local subscribers that resume.
 //! - [`hooks`]: shell commands run for ops.

@@ -29,7 +29,9 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use super::{Inner, Link, bus_error, describe, reconnect_backoff};
+use super::Inner;
+use super::calls::{Link, bus_error, describe};
+use super::session::reconnect_backoff;
 use ipc_proto::backoff::Attempts;
 
 /// Messages waiting for the relay task; a submitter waits (within its timeout)

@@ -14,7 +14,8 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tonic::Code;
 
-use super::{Inner, describe};
+use super::Inner;
+use super::calls::describe;
 
 /// Replies waiting to be written on the Serve stream; a responder answering
 /// faster than the connection takes them waits.
