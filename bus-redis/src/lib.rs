@@ -25,7 +25,8 @@
 //!   every connection asks it, and moves when the primary does.
 //! - `link`: the shared command connection, reconnection with backoff, the bus's
 //!   health made of its parts.
-//! - `log`: entry ids and encoding, the batching writer, the tail, replay, the epoch.
+//! - `log`: entry ids and encoding, the epoch; `log::writer` the batching writer,
+//!   `log::tail` the tail and losses at failover, `log::replay` replay.
 //! - `dedup`: idempotency keys, checked and recorded with the append in one script.
 //! - `metrics`: the bus's families in the replica's `/metrics`.
 //! - `presence`: publishing this replica's subscribers; fleet-wide members and routes.
