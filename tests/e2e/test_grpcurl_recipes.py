@@ -335,11 +335,17 @@ def check_lock(shell: Shell, blocks: list[str], stub, subscribe) -> None:
 def check_limit(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     first = shell.json(blocks[0])
     assert first == {"allowed": True, "remaining": 99}, first
-    # The same bucket, drained: a whole burst at once is refused at the latest on
-    # the second try (the bucket refills 100 a second, not 100 at once).
+    # The same bucket, drained: a whole burst at once is refused as soon as two such
+    # calls come within a second (it refills 100 a second, not 100 at once). A loaded
+    # machine may space two calls by a second; ten in a row cannot all be.
     whole = ipc_pb2.LimitRequest(name="shop:mail:outbound", rate=100, cost=100)
-    refused = [stub.Limit(whole) for _ in range(2)][-1]
-    assert refused.allowed is False and refused.retry_after_ms > 0, refused
+    answers = []
+    for _ in range(10):
+        answers.append(stub.Limit(whole))
+        if not answers[-1].allowed:
+            break
+    refused = answers[-1]
+    assert refused.allowed is False and refused.retry_after_ms > 0, answers
 
 
 CHECKS = {
