@@ -100,6 +100,17 @@ fn push_epoch(pipe: &mut redis::Pipeline, keys: &Keys) {
         .arg(&keys.epoch);
 }
 
+/// Adds `XREVRANGE log START - COUNT 1` to `pipe`: the newest entry at or before
+/// `start` (`+`: the newest of the log).
+fn push_newest_from(pipe: &mut redis::Pipeline, keys: &Keys, start: &str) {
+    pipe.cmd("XREVRANGE")
+        .arg(&keys.log)
+        .arg(start)
+        .arg("-")
+        .arg("COUNT")
+        .arg(1);
+}
+
 fn bad_reply(what: &str) -> BusError {
     BusError::Internal(format!("unexpected Redis reply to {what}"))
 }
@@ -130,20 +141,25 @@ fn parse_entries(value: Value) -> Vec<(EntryId, Option<Vec<u8>>)> {
     entries
 }
 
-/// The payload field of an entry's field list.
-fn field_value(fields: Value) -> Option<Vec<u8>> {
-    let pairs: Vec<(Value, Value)> = match fields {
+/// A reply of keys and values as pairs: a RESP2 flat array or a RESP3 map.
+fn pairs(value: Value) -> Option<Vec<(Value, Value)>> {
+    match value {
         Value::Array(flat) => {
             let mut it = flat.into_iter();
             let mut pairs = Vec::new();
             while let (Some(k), Some(v)) = (it.next(), it.next()) {
                 pairs.push((k, v));
             }
-            pairs
+            Some(pairs)
         }
-        Value::Map(pairs) => pairs,
-        _ => return None,
-    };
+        Value::Map(pairs) => Some(pairs),
+        _ => None,
+    }
+}
+
+/// The payload field of an entry's field list.
+fn field_value(fields: Value) -> Option<Vec<u8>> {
+    let pairs = pairs(fields)?;
     pairs.into_iter().find_map(|(k, v)| match (k, v) {
         (Value::BulkString(k), Value::BulkString(v)) if k == FIELD.as_bytes() => Some(v),
         _ => None,

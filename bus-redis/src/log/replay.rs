@@ -10,7 +10,7 @@ use ipc_proto::pb::Msg;
 use redis::Value;
 
 use super::tail::loss_mark;
-use super::{EntryId, PAGE, bad_reply, decode, parse_entries, parse_epoch, push_epoch};
+use super::{EntryId, PAGE, bad_reply, decode, pairs, parse_entries, parse_epoch, push_epoch};
 use crate::keys::Keys;
 use crate::link::Link;
 
@@ -25,18 +25,7 @@ struct StreamInfo {
 }
 
 fn parse_stream_info(value: Value) -> Option<StreamInfo> {
-    let pairs: Vec<(Value, Value)> = match value {
-        Value::Array(flat) => {
-            let mut it = flat.into_iter();
-            let mut pairs = Vec::new();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                pairs.push((k, v));
-            }
-            pairs
-        }
-        Value::Map(pairs) => pairs,
-        _ => return None,
-    };
+    let pairs = pairs(value)?;
     let mut info = StreamInfo::default();
     for (key, value) in pairs {
         let key = match key {

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     EntryId, FIELD, PAGE, bad_reply, decode, parse_entries, parse_epoch, parse_xread, push_epoch,
+    push_newest_from,
 };
 use crate::keys::Keys;
 use crate::link::{Link, Part, Replication, reconnect_backoff};
@@ -41,12 +42,7 @@ pub(crate) async fn current_position(
 ) -> Result<Position, BusError> {
     let mut pipe = redis::pipe();
     push_epoch(&mut pipe, keys);
-    pipe.cmd("XREVRANGE")
-        .arg(&keys.log)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1);
+    push_newest_from(&mut pipe, keys, "+");
     let (epoch, last): (Value, Value) = pipe
         .query_async(conn)
         .await
@@ -291,18 +287,8 @@ async fn survivor(
     let mut pipe = redis::pipe();
     pipe.cmd("GET").arg(&keys.epoch);
     pipe.cmd("XRANGE").arg(&keys.log).arg(&last).arg(&last);
-    pipe.cmd("XREVRANGE")
-        .arg(&keys.log)
-        .arg(&last)
-        .arg("-")
-        .arg("COUNT")
-        .arg(1);
-    pipe.cmd("XREVRANGE")
-        .arg(&keys.log)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1);
+    push_newest_from(&mut pipe, keys, &last);
+    push_newest_from(&mut pipe, keys, "+");
     let (epoch, exact, before, newest): (Value, Value, Value, Value) = pipe
         .query_async(conn)
         .await
