@@ -12,6 +12,8 @@
 //! - [`bad_input`]: the bad-input campaign's requests and the codes they get.
 //! - [`otlp`]: an OTLP/gRPC trace receiver that keeps the spans it is sent.
 //! - [`proxy`]: a TCP proxy that holds back a server's answers and cuts connections.
+//! - [`conformance`]: the rules every bus must keep, written once, run in-process
+//!   against each bus through [`bus_conformance!`].
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod bad_input;
+pub mod conformance;
 pub mod otlp;
 pub mod proxy;
 pub mod redis;
