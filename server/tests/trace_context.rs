@@ -174,6 +174,20 @@ async fn with_tracing_on_a_broadcast_starts_a_trace_of_accept_store_and_fan_out(
     );
 }
 
+/// The span named `name` in the trace of [`PARENT`], once the receiver has it.
+fn span_of_parent_trace(otlp: &OtlpReceiver, name: &str) -> ReceivedSpan {
+    let trace_id = PARENT.split('-').nth(1).unwrap();
+    let spans = otlp.wait_for(PATIENCE, |spans| {
+        spans
+            .iter()
+            .any(|s| s.name == name && s.trace_id == trace_id)
+    });
+    spans
+        .into_iter()
+        .find(|s| s.name == name && s.trace_id == trace_id)
+        .unwrap_or_else(|| panic!("no {name} span in the caller's trace"))
+}
+
 #[tokio::test]
 async fn with_tracing_on_a_broadcast_refused_by_validation_still_has_its_failed_span() {
     let otlp = OtlpReceiver::start();
@@ -188,16 +202,7 @@ async fn with_tracing_on_a_broadcast_refused_by_validation_still_has_its_failed_
         .expect_err("an invalid channel is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
-    let trace_id = PARENT.split('-').nth(1).unwrap();
-    let spans = otlp.wait_for(PATIENCE, |spans| {
-        spans
-            .iter()
-            .any(|s| s.name == "Broadcast" && s.trace_id == trace_id)
-    });
-    let span = spans
-        .iter()
-        .find(|s| s.name == "Broadcast" && s.trace_id == trace_id)
-        .unwrap_or_else(|| panic!("no Broadcast span of the refused call in {spans:#?}"));
+    let span = span_of_parent_trace(&otlp, "Broadcast");
     assert_eq!(
         span.parent_span_id, "00f067aa0ba902b7",
         "under the caller's span"
@@ -257,15 +262,6 @@ async fn with_tracing_on_a_stopped_rollout_has_a_failed_span() {
     let ledger = last.expect("the last event carries the ledger");
     assert_eq!(ledger.state(), ipc_proto::pb::ledger::State::Stopped);
 
-    let trace_id = PARENT.split('-').nth(1).unwrap();
-    let spans = otlp.wait_for(PATIENCE, |spans| {
-        spans
-            .iter()
-            .any(|s| s.name == "Rollout" && s.trace_id == trace_id)
-    });
-    let span = spans
-        .iter()
-        .find(|s| s.name == "Rollout" && s.trace_id == trace_id)
-        .unwrap_or_else(|| panic!("no Rollout span in {spans:#?}"));
+    let span = span_of_parent_trace(&otlp, "Rollout");
     assert_eq!(span.error.as_deref(), Some("rollout stopped"));
 }
