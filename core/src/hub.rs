@@ -99,10 +99,12 @@ pub enum RegisterError {
     PerOwner,
 }
 
+/// A registered subscriber. Small on purpose: the registry's table holds one per
+/// subscriber (10,000 on a busy node) and its spec is shared with the
+/// [`Subscription`], not copied; its request routes are recomputed from the spec
+/// when it leaves rather than kept.
 struct Subscriber {
-    spec: SubscriberSpec,
-    /// The request channels indexed for it in `Registry::responders`.
-    routes: Vec<String>,
+    spec: Arc<SubscriberSpec>,
     connected_ms: i64,
     queue: Arc<Queue>,
 }
@@ -188,13 +190,22 @@ pub struct Hub {
 /// The receiving end of a subscription. Dropping it unsubscribes.
 pub struct Subscription {
     pub key: u64,
-    pub id: String,
-    pub patterns: Vec<Pattern>,
+    spec: Arc<SubscriberSpec>,
     queue: Arc<Queue>,
     hub: Weak<Hub>,
 }
 
 impl Subscription {
+    /// The subscriber's id.
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    /// What it listens to (channels expanded, its own id channel included).
+    pub fn patterns(&self) -> &[Pattern] {
+        &self.spec.patterns
+    }
+
     /// The next message; `Err` when the node ended the stream, `Ok(None)` when the
     /// subscription was removed without a reason.
     pub async fn recv(&mut self) -> Result<Option<Arc<Msg>>, Closed> {
@@ -203,7 +214,7 @@ impl Subscription {
 
     /// Whether this subscription receives messages of `channel`.
     pub fn matches(&self, channel: &str) -> bool {
-        self.patterns.iter().any(|p| p.matches(channel))
+        self.spec.patterns.iter().any(|p| p.matches(channel))
     }
 }
 
@@ -271,6 +282,7 @@ impl Hub {
     ) -> Result<Subscription, RegisterError> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let queue = Arc::new(Queue::new(self.queue_limits));
+        let spec = Arc::new(spec);
         let previous = {
             let mut reg = self.registry.write();
             let replaced = reg
@@ -313,7 +325,6 @@ impl Hub {
                 key,
                 Subscriber {
                     spec: spec.clone(),
-                    routes: routes.into_iter().map(|(channel, _)| channel).collect(),
                     connected_ms: crate::now_ms(),
                     queue: queue.clone(),
                 },
@@ -335,8 +346,7 @@ impl Hub {
         self.changed();
         Ok(Subscription {
             key,
-            id: spec.id,
-            patterns: spec.patterns,
+            spec,
             queue,
             hub: Arc::downgrade(self),
         })
@@ -368,11 +378,11 @@ impl Hub {
                     }
                 }
             }
-            for channel in &sub.routes {
-                if let Some(routes) = reg.responders.get_mut(channel) {
+            for (channel, _) in request_routes(&sub.spec) {
+                if let Some(routes) = reg.responders.get_mut(&channel) {
                     routes.retain(|r| r.key != key);
                     if routes.is_empty() {
-                        reg.responders.remove(channel);
+                        reg.responders.remove(&channel);
                     }
                 }
             }

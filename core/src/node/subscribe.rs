@@ -68,7 +68,7 @@ impl Node {
                 ),
             })
         })?;
-        self.bus.cover(&subscription.patterns).await;
+        self.bus.cover(subscription.patterns()).await;
         // A bus that cannot tell where its log stands (a replica that has not reached
         // Redis yet) could only serve this stream from an unknown position, losing
         // whatever lies between: refuse (UNAVAILABLE), the client retries.
@@ -79,7 +79,10 @@ impl Node {
         // entry after it comes live. Told to the subscriber as a resume point.
         let mut position = None;
         if let Some(cursor) = resume_from {
-            let replay = self.bus.replay_for(&cursor, &subscription.patterns).await?;
+            let replay = self
+                .bus
+                .replay_for(&cursor, subscription.patterns())
+                .await?;
             if let Some(reason) = replay.gap {
                 self.metrics.gaps.fetch_add(1, Ordering::Relaxed);
                 let gap = crate::notice::Gap::new(Some(cursor), reason);
@@ -103,7 +106,7 @@ impl Node {
         }
         // `replayed` tells a client where the head ends (a sidecar relies on it).
         let subscribed = crate::notice::Subscribed {
-            id: subscription.id.clone(),
+            id: subscription.id().to_string(),
             node: self.config.name.clone(),
             replayed: head.len(),
             cursor: position.map(|p| p.to_string()),
