@@ -49,42 +49,31 @@ impl Node {
         caller: &Caller,
         req: BroadcastRequest,
     ) -> Result<PendingBroadcast, NodeError> {
-        // Kept only while tracing is on: a refused broadcast gets its span too.
-        let refused_trace = crate::telemetry::enabled().then(|| {
-            let parent = caller
-                .trace
-                .clone()
-                .or_else(|| TraceContext::from_headers(&req.headers));
-            (parent, req.channel.clone(), req.op.clone())
-        });
         let result = self.submit_inner(caller, req).await;
-        if let Err(error) = &result {
-            if matches!(
-                error,
-                NodeError::InvalidArgument(_) | NodeError::TooLarge(_)
-            ) {
-                self.metrics().rejected.fetch_add(1, Ordering::Relaxed);
-            }
-            // Refused before it had a span (a failed store has its own).
-            if let (
-                NodeError::InvalidArgument(_)
-                | NodeError::TooLarge(_)
-                | NodeError::PermissionDenied(_),
-                Some((parent, channel, op)),
-            ) = (error, refused_trace)
-            {
-                let mut refused = Hop::accept("Broadcast", parent, || {
-                    vec![
-                        KeyValue::new("rpc.system", "grpc"),
-                        KeyValue::new("ipc.node", self.name().to_string()),
-                        KeyValue::new("ipc.channel", channel),
-                        KeyValue::new("ipc.op", op),
-                    ]
-                });
-                refused.fail(|| error.to_string());
-            }
+        if matches!(
+            result,
+            Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))
+        ) {
+            self.metrics().rejected.fetch_add(1, Ordering::Relaxed);
         }
         result
+    }
+
+    /// The input rules of a broadcast; its channel, resolved, when it passes.
+    fn check_broadcast(
+        &self,
+        caller: &Caller,
+        req: &BroadcastRequest,
+    ) -> Result<String, NodeError> {
+        self.check_size(req.encoded_len())?;
+        check_op(&req.op)?;
+        self.check_headers(&req.headers)?;
+        check_key(&req.key)?;
+        let channel = channel::parse_name(&req.channel, self.app(caller))?;
+        self.authorize(caller, "broadcast to", &channel, |g| {
+            g.may_broadcast(&channel)
+        })?;
+        Ok(channel)
     }
 
     async fn submit_inner(
@@ -92,17 +81,25 @@ impl Node {
         caller: &Caller,
         req: BroadcastRequest,
     ) -> Result<PendingBroadcast, NodeError> {
-        self.check_size(req.encoded_len())?;
-        check_op(&req.op)?;
-        self.check_headers(&req.headers)?;
-        check_key(&req.key)?;
-        let app = self.app(caller);
-        let channel = channel::parse_name(&req.channel, app)?;
-        self.authorize(caller, "broadcast to", &channel, |g| {
-            g.may_broadcast(&channel)
-        })?;
+        // The span starts before the checks, so that a refused broadcast is in
+        // the caller's trace too, failed with the reason it was given.
+        let parent = caller
+            .trace
+            .clone()
+            .or_else(|| TraceContext::from_headers(&req.headers));
+        let mut accepted = Hop::accept("Broadcast", parent, || {
+            vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("ipc.node", self.name().to_string()),
+                KeyValue::new("ipc.op", req.op.clone()),
+                KeyValue::new("ipc.keyed", !req.key.is_empty()),
+            ]
+        });
+        let channel = self
+            .check_broadcast(caller, &req)
+            .inspect_err(|error| accepted.fail(|| error.to_string()))?;
         let key = (!req.key.is_empty()).then(|| IdempotencyKey {
-            scoped: format!("{}:{}", app.unwrap_or_default(), req.key),
+            scoped: format!("{}:{}", self.app(caller).unwrap_or_default(), req.key),
             key: req.key,
             window: self.config().dedup_window,
         });
@@ -116,18 +113,10 @@ impl Node {
             ts_ms: crate::now_ms(),
             ..Msg::default()
         };
-        let parent = caller
-            .trace
-            .clone()
-            .or_else(|| TraceContext::from_headers(&msg.headers));
-        let accepted = Hop::accept("Broadcast", parent, || {
+        accepted.set(|| {
             vec![
-                KeyValue::new("rpc.system", "grpc"),
-                KeyValue::new("ipc.node", self.name().to_string()),
                 KeyValue::new("ipc.msg_id", msg.id.clone()),
                 KeyValue::new("ipc.channel", msg.channel.clone()),
-                KeyValue::new("ipc.op", msg.op.clone()),
-                KeyValue::new("ipc.keyed", key.is_some()),
             ]
         });
         // Stored with the store hop's context: every replica's fan-out and every
