@@ -250,21 +250,6 @@ async fn removing_a_token_and_sighup_ends_its_streams() {
     assert_eq!(next(&mut staying).await.op, "still");
 }
 
-/// Reads a stream until it ends with a status (answers before it are skipped);
-/// bounded by [`PATIENCE`].
-async fn status_at_end<T>(what: &str, stream: &mut tonic::Streaming<T>) -> tonic::Status {
-    loop {
-        match tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .unwrap_or_else(|_| panic!("the {what} stream stayed open"))
-        {
-            Some(Ok(_)) => continue,
-            Some(Err(status)) => return status,
-            None => panic!("the {what} stream ended without a status"),
-        }
-    }
-}
-
 /// Sends one broadcast (op `op`, to `shop:a`) on an open Publish stream and
 /// checks that it is accepted.
 async fn publish_one(
@@ -330,11 +315,11 @@ async fn removing_a_token_and_sighup_ends_its_publish_and_serve_streams() {
     )
     .unwrap();
 
-    let ended = status_at_end("Serve", &mut serving).await;
+    let ended = end_status(&mut serving).await;
     assert_eq!(ended.code(), Code::Unauthenticated, "Serve: {ended:?}");
     let (kept_publisher, kept_answers) = publishers.pop().unwrap();
     let (_gone_publisher, mut gone_answers) = publishers.pop().unwrap();
-    let ended = status_at_end("Publish", &mut gone_answers).await;
+    let ended = end_status(&mut gone_answers).await;
     assert_eq!(ended.code(), Code::Unauthenticated, "Publish: {ended:?}");
     assert!(ended.message().contains("tokens file"), "{ended:?}");
     // The Serve subscription and the Publish stream.

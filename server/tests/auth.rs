@@ -151,7 +151,7 @@ async fn grants_allow_what_they_name_and_refuse_the_rest() {
     let mut client = server.client().await;
 
     // The worker may subscribe to its role and tag channels under a granted id.
-    let (mut worker_stream, worker_id) = subscribe(
+    let (mut worker_stream, hello) = subscribe(
         &mut client,
         authed(
             SubscribeRequest {
@@ -164,6 +164,7 @@ async fn grants_allow_what_they_name_and_refuse_the_rest() {
         ),
     )
     .await;
+    let worker_id = subscriber_id(&hello);
     assert_eq!(worker_id, "shop:w:1");
 
     // ... and nothing else: an explicit pattern, another role, an ungranted id.
@@ -595,22 +596,6 @@ async fn tls_with_tokens_and_grpcurl_with_cacert() {
     assert!(out.contains("Unauthenticated"), "{out}");
     let (ok, out) = run(&[&addr, "list"]);
     assert!(ok && out.contains("ipc.v1.Ipc"), "{out}");
-}
-
-/// The grpcurl binary scripts/test installs.
-fn grpcurl() -> std::path::PathBuf {
-    let installed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/grpcurl");
-    if installed.exists() {
-        return installed;
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("grpcurl"))
-            .find(|p| p.exists())
-    });
-    on_path.unwrap_or_else(|| {
-        panic!("grpcurl not found in .venv/bin or PATH: run scripts/test (it installs grpcurl into .venv)")
-    })
 }
 
 #[tokio::test]

@@ -70,7 +70,7 @@ async fn the_console_page_is_served_with_a_strict_policy_and_asks_for_a_login() 
     let tokens = TokensFile::new(&entry);
     let server = server(&["--admin-listen", "127.0.0.1:0", "--tokens", tokens.arg()]);
     let addr = admin_addr(&server);
-    let page = http_get(addr, "/").await;
+    let page = http_answer(addr, "/").await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     let lower = page.to_ascii_lowercase();
     assert!(lower.contains("content-security-policy: default-src 'none'; script-src 'self'"));
@@ -80,12 +80,12 @@ async fn the_console_page_is_served_with_a_strict_policy_and_asks_for_a_login() 
     assert!(page.contains(r#"<script src="/app.js" defer></script>"#));
     assert!(!page.contains("<script>"));
 
-    let session = http_get(addr, "/api/session").await;
+    let session = http_answer(addr, "/api/session").await;
     assert!(
         session.contains(r#"{"logged_in":false,"requires_token":true}"#),
         "{session}"
     );
-    let members = http_get(addr, "/api/members").await;
+    let members = http_answer(addr, "/api/members").await;
     assert!(members.starts_with("HTTP/1.1 401"), "{members}");
     assert!(members.contains(r#""code":"UNAUTHENTICATED""#), "{members}");
 }

@@ -6,7 +6,6 @@
 
 mod support;
 
-use futures::StreamExt;
 use ipc_proto::json::from_optional;
 use serde_json::json;
 use support::*;
@@ -15,20 +14,6 @@ use tonic::Code;
 /// ~200 KB encoded, ~1.6 MB in memory: 50,000 empty values.
 fn heavy() -> serde_json::Value {
     json!(vec![serde_json::Value::Null; 50_000])
-}
-
-/// Reads a stream until it ends with a status; returns the status.
-async fn ended_with(stream: &mut tonic::Streaming<ipc_proto::pb::Msg>) -> tonic::Status {
-    loop {
-        match tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .expect("the stream neither ended nor delivered")
-        {
-            Some(Ok(_)) => continue,
-            Some(Err(status)) => return status,
-            None => panic!("the stream ended without a status"),
-        }
-    }
 }
 
 #[tokio::test]
@@ -44,7 +29,7 @@ async fn a_subscriber_that_never_reads_is_cut_off_by_bytes_not_message_count() {
         publisher.broadcast(message.clone()).await.unwrap();
     }
     wait_for_metric(&server, "ipc_slow_subscriber_cutoffs_total", |n| n >= 1).await;
-    let status = ended_with(&mut stalled).await;
+    let status = end_status(&mut stalled).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("cursor"), "{status:?}");
 }
@@ -67,7 +52,7 @@ async fn the_queues_together_stay_under_the_node_bound() {
         publisher.broadcast(message.clone()).await.unwrap();
     }
     wait_for_metric(&server, "ipc_slow_subscriber_cutoffs_total", |n| n >= 1).await;
-    let statuses = [ended_with(&mut one).await, ended_with(&mut two).await];
+    let statuses = [end_status(&mut one).await, end_status(&mut two).await];
     assert!(
         statuses.iter().all(|s| s.code() == Code::ResourceExhausted),
         "{statuses:?}"

@@ -5,14 +5,15 @@ mod support;
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use ipc_proto::json::{from_optional, to_value};
 use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::{
     BroadcastRequest, MembersRequest, Msg, ReplyRequest, SendMsgRequest, SubscribeRequest,
 };
 use serde_json::json;
-use support::{PATIENCE, broadcast, http_get, next, server, subscribe, subscription};
+use support::{
+    broadcast, end_status, http_get, next, server, subscribe, subscriber_id, subscription,
+};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Streaming};
 
@@ -22,20 +23,6 @@ fn with_app<T>(message: T, app: &str) -> Request<T> {
         .metadata_mut()
         .insert("ipc-app", app.parse().unwrap());
     request
-}
-
-/// Reads until the stream ends with an error status and returns it.
-async fn end_status(stream: &mut Streaming<Msg>) -> tonic::Status {
-    loop {
-        match tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .expect("stream neither ended nor failed")
-        {
-            Some(Ok(_)) => continue,
-            Some(Err(status)) => return status,
-            None => panic!("stream ended without a status"),
-        }
-    }
 }
 
 /// Broadcasts a marker and reads until it arrives, returning what came before it.
@@ -164,7 +151,7 @@ async fn colon_prefix_uses_ipc_app_metadata_else_the_server_default() {
 async fn role_and_tag_channels_and_the_own_id_are_subscribed_automatically() {
     let server = server(&["--app", "shop"]);
     let mut client = server.client().await;
-    let (mut blue, id) = subscribe(
+    let (mut blue, hello) = subscribe(
         &mut client,
         SubscribeRequest {
             role: "worker".into(),
@@ -173,6 +160,7 @@ async fn role_and_tag_channels_and_the_own_id_are_subscribed_automatically() {
         },
     )
     .await;
+    let id = subscriber_id(&hello);
     let (mut green, _) = subscribe(
         &mut client,
         SubscribeRequest {
@@ -229,7 +217,8 @@ async fn role_and_tag_channels_and_the_own_id_are_subscribed_automatically() {
 async fn resume_replays_exactly_the_missed_messages_in_order() {
     let server = server(&[]);
     let mut client = server.client().await;
-    let (mut stream, id) = subscribe(&mut client, subscription(&["orders"])).await;
+    let (mut stream, hello) = subscribe(&mut client, subscription(&["orders"])).await;
+    let id = subscriber_id(&hello);
     client
         .broadcast(broadcast("orders", "o", json!(1)))
         .await
@@ -434,7 +423,8 @@ async fn send_msg_reaches_exactly_one_subscriber_and_returns_its_reply() {
 async fn a_reply_with_error_comes_back_as_a_reply() {
     let server = server(&[]);
     let mut client = server.client().await;
-    let (mut worker, id) = subscribe(&mut client, subscription(&[])).await;
+    let (mut worker, hello) = subscribe(&mut client, subscription(&[])).await;
+    let id = subscriber_id(&hello);
     let mut caller = client.clone();
     let call = tokio::spawn(async move {
         caller
@@ -479,7 +469,8 @@ async fn no_subscriber_means_unavailable_at_once() {
 async fn send_msg_waits_for_the_smaller_of_timeout_ms_and_the_grpc_deadline() {
     let server = server(&[]);
     let mut client = server.client().await;
-    let (mut worker, id) = subscribe(&mut client, subscription(&[])).await;
+    let (mut worker, hello) = subscribe(&mut client, subscription(&[])).await;
+    let id = subscriber_id(&hello);
 
     // timeout_ms is the smaller: the server itself reports the timeout (the gRPC
     // deadline is far away, so the status must come from the server).
@@ -563,7 +554,7 @@ async fn unknown_and_empty_reply_to_are_refused() {
 async fn the_node_answers_ping_and_members_itself() {
     let server = server(&["--node", "node-a", "--app", "shop"]);
     let mut client = server.client().await;
-    let (_stream, id) = subscribe(
+    let (_stream, hello) = subscribe(
         &mut client,
         SubscribeRequest {
             role: "web".into(),
@@ -571,6 +562,7 @@ async fn the_node_answers_ping_and_members_itself() {
         },
     )
     .await;
+    let id = subscriber_id(&hello);
     let pong = client
         .send_msg(SendMsgRequest {
             op: "ping".into(),
@@ -758,7 +750,7 @@ async fn metrics_count_accepted_and_delivered_messages() {
             ..Default::default()
         })
         .await;
-    let text = http_get(server.metrics, "/metrics").await;
+    let (_, text) = http_get(server.metrics, "/metrics").await;
     assert!(text.contains("ipc_messages_accepted_total 3"), "{text}");
     assert!(text.contains("ipc_messages_delivered_total 3"), "{text}");
     assert!(text.contains("ipc_subscribers 1"), "{text}");

@@ -48,10 +48,15 @@ impl TestCa {
 
     /// A server certificate for `localhost` and 127.0.0.1.
     pub fn server_cert(&self) -> CertFiles {
+        self.server_cert_for(&["localhost", "127.0.0.1"])
+    }
+
+    /// A server certificate for `names` (the first is also its common name).
+    pub fn server_cert_for(&self, names: &[&str]) -> CertFiles {
         self.issue(
             "server",
-            "localhost",
-            &["localhost", "127.0.0.1"],
+            names[0],
+            names,
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         )
     }
