@@ -48,11 +48,11 @@ async fn operator(server: &ipc_testkit::ServerProcess) -> tokio::task::JoinHandl
     let mut client = server.client().await;
     let (mut stream, _) = subscribe(
         &mut client,
-        SubscribeRequest {
+        with_app(SubscribeRequest {
             id: "operator-1".into(),
             role: "operator".into(),
             ..Default::default()
-        },
+        }),
     )
     .await;
     tokio::spawn(async move {

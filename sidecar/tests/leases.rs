@@ -16,22 +16,8 @@ use ipc_testkit::ServerProcess;
 use ipc_testkit::redis::RedisServer;
 
 fn replica(redis: &RedisServer, node: &str) -> ServerProcess {
-    let url = redis.url();
-    server_on(
-        None,
-        &[
-            "--redis",
-            &url,
-            "--redis-prefix",
-            "leases",
-            "--node",
-            node,
-            "--presence-ttl-ms",
-            "1500",
-            "--redis-timeout-ms",
-            "1000",
-        ],
-    )
+    let extra = ["--presence-ttl-ms", "1500", "--redis-timeout-ms", "1000"];
+    ServerProcess::replica(&redis.url(), "leases", node, &extra)
 }
 
 fn lock(name: &str, ttl_ms: u32, wait_ms: u32) -> LockRequest {

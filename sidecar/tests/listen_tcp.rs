@@ -41,10 +41,10 @@ async fn the_tcp_port_serves_the_same_node_as_the_socket() {
     // A request from TCP reaches a responder on the socket and comes back.
     let (mut requests, _) = subscribe(
         &mut over_socket,
-        SubscribeRequest {
+        with_app(SubscribeRequest {
             id: "worker-1".into(),
             ..Default::default()
-        },
+        }),
     )
     .await;
     let mut responder = sidecar.client().await;

@@ -4,39 +4,10 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use ipc_proto::pb::{Member, MembersRequest, SubscribeRequest};
 use ipc_testkit::ServerProcess;
 use ipc_testkit::redis::RedisServer;
-
-/// Members asked of `server` until `done` holds for them; fails after [`PATIENCE`].
-async fn wait_members(
-    server: &ServerProcess,
-    what: &str,
-    done: impl Fn(&[Member]) -> bool,
-) -> Vec<Member> {
-    let mut operator = server.client().await;
-    let give_up = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let members = operator
-            .members(with_app(MembersRequest::default()))
-            .await
-            .expect("members")
-            .into_inner()
-            .members;
-        if done(&members) {
-            return members;
-        }
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "{what}: not within {PATIENCE:?}; members are {members:?}"
-        );
-        // Polling: presence is written in the background, there is no event to await.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn worker(id: &str) -> SubscribeRequest {
     SubscribeRequest {
@@ -82,9 +53,9 @@ async fn a_local_subscriber_is_a_member_of_the_control_plane_while_connected() {
     let sidecar = SidecarProcess::start(&server.url(), &["--label", "zone=eu-1"]);
     sidecar.wait_upstream(true).await;
     let mut local = sidecar.client().await;
-    let (w1, _) = subscribe(&mut local, worker("w1")).await;
+    let (w1, _) = subscribe(&mut local, with_app(worker("w1"))).await;
     let mut other = sidecar.client().await;
-    let (_w2, _) = subscribe(&mut other, worker("w2")).await;
+    let (_w2, _) = subscribe(&mut other, with_app(worker("w2"))).await;
 
     let members = wait_members(&server, "w1 and w2 listed", |members| {
         ["w1", "w2"]
@@ -141,19 +112,11 @@ async fn a_local_subscriber_is_a_member_of_the_control_plane_while_connected() {
 }
 
 fn replica(redis: &RedisServer, node: &str) -> ServerProcess {
-    let url = redis.url();
-    server_on(
-        None,
-        &[
-            "--redis",
-            &url,
-            "--redis-prefix",
-            "members",
-            "--node",
-            node,
-            "--presence-ttl-ms",
-            "1500",
-        ],
+    ServerProcess::replica(
+        &redis.url(),
+        "members",
+        node,
+        &["--presence-ttl-ms", "1500"],
     )
 }
 
@@ -165,7 +128,7 @@ async fn another_replica_lists_the_local_subscribers_of_a_pod() {
     let sidecar = SidecarProcess::start(&a.url(), &["--label", "zone=eu-1"]);
     sidecar.wait_upstream(true).await;
     let mut local = sidecar.client().await;
-    let (w1, _) = subscribe(&mut local, worker("w1")).await;
+    let (w1, _) = subscribe(&mut local, with_app(worker("w1"))).await;
 
     for (name, replica) in [("a", &a), ("b", &b)] {
         let members = wait_members(replica, &format!("w1 listed on replica {name}"), |m| {
@@ -200,19 +163,19 @@ async fn members_of_a_channel_asked_through_the_sidecar_name_the_pods_processes_
     let sidecar = SidecarProcess::start(&server.url(), &[]);
     sidecar.wait_upstream(true).await;
     let mut local = sidecar.client().await;
-    let (_w1, _) = subscribe(&mut local, worker("w1")).await;
+    let (_w1, _) = subscribe(&mut local, with_app(worker("w1"))).await;
     let mut local_tail = sidecar.client().await;
     let _tail = subscribe(
         &mut local_tail,
-        SubscribeRequest {
+        with_app(SubscribeRequest {
             id: "ltail".into(),
             channels: vec!["shop:worker:*".into()],
             ..Default::default()
-        },
+        }),
     )
     .await;
     let mut direct = server.client().await;
-    let (_w9, _) = subscribe(&mut direct, worker("w9")).await;
+    let (_w9, _) = subscribe(&mut direct, with_app(worker("w9"))).await;
     let mut orders = server.client().await;
     let _orders = subscribe_to(&mut orders, &["shop:orders"]).await;
     wait_members(&server, "w1 and ltail relayed", |members| {

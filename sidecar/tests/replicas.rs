@@ -12,22 +12,12 @@ use serde_json::json;
 use tonic::Streaming;
 
 fn replica(redis: &RedisServer, node: &str, port: Option<u16>) -> ServerProcess {
-    let url = redis.url();
-    server_on(
-        port,
-        &[
-            "--redis",
-            &url,
-            "--redis-prefix",
-            "sidecar",
-            "--node",
-            node,
-            "--presence-ttl-ms",
-            "1500",
-            "--redis-timeout-ms",
-            "1000",
-        ],
-    )
+    let listen = port.map(|p| format!("127.0.0.1:{p}"));
+    let mut extra = vec!["--presence-ttl-ms", "1500", "--redis-timeout-ms", "1000"];
+    if let Some(listen) = &listen {
+        extra.extend(["--listen", listen.as_str()]);
+    }
+    ServerProcess::replica(&redis.url(), "sidecar", node, &extra)
 }
 
 async fn publish(replica: &ServerProcess, range: std::ops::Range<u64>) {
@@ -88,7 +78,7 @@ async fn the_pod_moves_to_the_next_replica_and_is_reachable_through_any() {
         role: "worker".into(),
         ..Default::default()
     };
-    let (mut requests, _) = subscribe(&mut local, request).await;
+    let (mut requests, _) = subscribe(&mut local, with_app(request)).await;
 
     a.kill();
     publish(&b, 0..20).await;

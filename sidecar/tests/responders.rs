@@ -4,11 +4,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-use ipc_proto::pb::{Member, MembersRequest, Msg, SubscribeRequest};
-use ipc_testkit::ServerProcess;
+use ipc_proto::pb::{Msg, SubscribeRequest};
 use tonic::Streaming;
 
 /// Answers every request with `name`.
@@ -30,28 +27,6 @@ fn worker(id: &str) -> SubscribeRequest {
     }
 }
 
-/// Members of the control plane once `done` holds; polls (presence has no event).
-async fn wait_members(server: &ServerProcess, done: impl Fn(&[Member]) -> bool) -> Vec<Member> {
-    let mut operator = server.client().await;
-    let give_up = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let members = operator
-            .members(with_app(MembersRequest::default()))
-            .await
-            .expect("members")
-            .into_inner()
-            .members;
-        if done(&members) {
-            return members;
-        }
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "members are {members:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_only_sidecar_without_its_app_takes_no_request_from_a_live_worker() {
     let server = server();
@@ -59,9 +34,12 @@ async fn a_role_only_sidecar_without_its_app_takes_no_request_from_a_live_worker
     let sidecar = SidecarProcess::start(&server.url(), &[]);
     sidecar.wait_upstream(true).await;
     let mut direct = server.client().await;
-    let (stream, _) = subscribe(&mut direct, worker("w-live")).await;
+    let (stream, _) = subscribe(&mut direct, with_app(worker("w-live"))).await;
     answer_all(direct.clone(), stream, "w-live");
-    let members = wait_members(&server, |m| m.iter().any(|m| m.id == POD_ID)).await;
+    let members = wait_members(&server, "the pod listed", |m| {
+        m.iter().any(|m| m.id == POD_ID)
+    })
+    .await;
     let pod = members.iter().find(|m| m.id == POD_ID).unwrap();
     assert_eq!(pod.role, "web");
     assert!(
@@ -91,11 +69,11 @@ async fn a_worker_behind_a_sidecar_answers_requests_to_its_role_and_a_tail_takes
     let sidecar = SidecarProcess::start(&server.url(), &[]);
     sidecar.wait_upstream(true).await;
     let mut in_pod = sidecar.client().await;
-    let (stream, _) = subscribe(&mut in_pod, worker("w-pod")).await;
+    let (stream, _) = subscribe(&mut in_pod, with_app(worker("w-pod"))).await;
     answer_all(in_pod.clone(), stream, "w-pod");
     // A tail of everything, also in the pod: a watcher.
     let mut tail = subscribe_to(&mut in_pod, &["shop:>"]).await;
-    let members = wait_members(&server, |m| {
+    let members = wait_members(&server, "w-pod listed as a responder", |m| {
         m.iter().any(|m| m.id == "w-pod" && m.responder)
     })
     .await;

@@ -8,26 +8,11 @@ mod common;
 
 use common::*;
 use ipc_testkit::bad_input::{self, noise, raw_call};
-use tonic::transport::{Channel, Endpoint};
+use ipc_testkit::process::uds_channel;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 const MAX_MSG_BYTES: &str = "65536";
-
-/// A channel over the sidecar's Unix socket (the URI is unused: the connector dials).
-async fn uds_channel(path: &std::path::Path) -> Channel {
-    let path = path.to_path_buf();
-    Endpoint::try_from("http://sidecar.local")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .expect("connecting over the Unix socket")
-}
 
 fn code<T>(result: Result<T, Status>) -> Code {
     match result {

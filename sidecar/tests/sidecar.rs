@@ -80,7 +80,7 @@ async fn local_requests_are_answered_in_the_pod_even_without_the_control_plane()
         role: "worker".into(),
         ..Default::default()
     };
-    let (mut requests, _) = subscribe(&mut worker, request).await;
+    let (mut requests, _) = subscribe(&mut worker, with_app(request)).await;
     let answering = tokio::spawn(async move {
         loop {
             let msg = next(&mut requests).await;
@@ -132,7 +132,7 @@ async fn requests_from_the_control_plane_reach_the_pod_and_its_subscribers() {
         role: "worker".into(),
         ..Default::default()
     };
-    let (mut requests, _) = subscribe(&mut worker, request).await;
+    let (mut requests, _) = subscribe(&mut worker, with_app(request)).await;
     let mut operator = server.client().await;
 
     for target in [":worker", "w1"] {
@@ -197,7 +197,7 @@ async fn members_show_local_subscribers_with_the_pod_identity() {
         labels: [("version".to_string(), "7".to_string())].into(),
         ..Default::default()
     };
-    let (_stream, _) = subscribe(&mut local, request).await;
+    let (_stream, _) = subscribe(&mut local, with_app(request)).await;
 
     let members = local
         .members(with_app(MembersRequest::default()))
@@ -351,7 +351,7 @@ async fn a_resuming_local_subscriber_gets_what_it_missed() {
         cursor: cursor.into(),
         ..Default::default()
     };
-    let (mut stream, _) = subscribe(&mut local, resumer("")).await;
+    let (mut stream, _) = subscribe(&mut local, with_app(resumer(""))).await;
     broadcast(&mut operator, ":feed", "a1", json!({}))
         .await
         .unwrap();
@@ -371,7 +371,7 @@ async fn a_resuming_local_subscriber_gets_what_it_missed() {
     assert_eq!(next(&mut keeper).await.op, "a3");
     // `:solo` left the pod's subscription with the resumer: its message is fetched
     // from the control plane's log.
-    let (mut stream, hello) = subscribe(&mut local, resumer(&cursor)).await;
+    let (mut stream, hello) = subscribe(&mut local, with_app(resumer(&cursor))).await;
     assert_eq!(hello["replayed"], 3, "{hello}");
     let ops: Vec<String> = [
         next(&mut stream).await,
@@ -401,7 +401,7 @@ async fn a_subscriber_resumes_across_a_sidecar_restart() {
         cursor: cursor.into(),
         ..Default::default()
     };
-    let (mut stream, _) = subscribe(&mut local, resumer("")).await;
+    let (mut stream, _) = subscribe(&mut local, with_app(resumer(""))).await;
     let mut operator = server.client().await;
     broadcast(&mut operator, ":feed", "f1", json!({}))
         .await
@@ -414,7 +414,7 @@ async fn a_subscriber_resumes_across_a_sidecar_restart() {
         .unwrap();
     let sidecar = SidecarProcess::start_at(&socket, &server.url(), &pod_args()).unwrap();
     let mut local = sidecar.client().await;
-    let (mut stream, _) = subscribe(&mut local, resumer(&cursor)).await;
+    let (mut stream, _) = subscribe(&mut local, with_app(resumer(&cursor))).await;
     assert_eq!(
         next(&mut stream).await.op,
         "f2",

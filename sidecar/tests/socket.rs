@@ -118,7 +118,7 @@ async fn local_requests_carry_the_calling_process_as_sender() {
         id: "jobs".into(),
         ..Default::default()
     };
-    let (mut stream, _) = subscribe(&mut worker, request).await;
+    let (mut stream, _) = subscribe(&mut worker, with_app(request)).await;
     let mut caller = uds_client(&socket).await;
     let asking = tokio::spawn(async move { send(&mut caller, "jobs", "job:run", 5_000).await });
     let request = next(&mut stream).await;

@@ -21,18 +21,12 @@ fn traceparent() -> String {
 }
 
 fn replica(redis: &RedisServer, node: &str, otlp: &OtlpReceiver) -> ServerProcess {
-    server_on(
-        None,
-        &[
-            "--redis",
-            &redis.url(),
-            "--redis-prefix",
-            "traced",
-            "--node",
-            node,
-            "--otlp-endpoint",
-            &otlp.endpoint(),
-        ],
+    let endpoint = otlp.endpoint();
+    ServerProcess::replica(
+        &redis.url(),
+        "traced",
+        node,
+        &["--otlp-endpoint", &endpoint],
     )
 }
 
@@ -41,11 +35,11 @@ async fn worker(sidecar: &SidecarProcess) -> (Client, Streaming<Msg>) {
     let mut client = sidecar.client().await;
     let (stream, _) = subscribe(
         &mut client,
-        SubscribeRequest {
+        with_app(SubscribeRequest {
             id: "worker-1".into(),
             role: "worker".into(),
             ..Default::default()
-        },
+        }),
     )
     .await;
     (client, stream)

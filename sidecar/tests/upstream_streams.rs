@@ -39,10 +39,10 @@ async fn the_pod_publishes_and_answers_on_streams_and_keeps_its_own_requests() {
     let mut worker = sidecar.client().await;
     let (mut requests, _) = subscribe(
         &mut worker,
-        SubscribeRequest {
+        with_app(SubscribeRequest {
             id: "worker-1".into(),
             ..Default::default()
-        },
+        }),
     )
     .await;
     let answering = tokio::spawn(async move {
