@@ -243,7 +243,7 @@ async fn fences_keep_growing_across_a_redis_restart() {
     assert!(release(&mut ca, ":job", first.fence).await);
 
     redis.restart();
-    wait_health(&a, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
     // The counter itself came back from the append-only file.
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
@@ -267,7 +267,7 @@ async fn fences_keep_growing_across_a_redis_restart() {
     // Even a Redis that lost everything grants larger fences (they are at least
     // the grant's time in microseconds).
     redis.restart_empty();
-    wait_health(&a, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
     let third = eventually("a lock after losing the data", || {
         let mut ca = ca.clone();
         async move { ca.lock(lock(":job", 60_000, 0)).await.ok() }
@@ -345,22 +345,6 @@ async fn callers_on_two_replicas_share_one_bucket() {
         "second interval: {} allowed, expected rate = {RATE}",
         total[1]
     );
-}
-
-/// The value of a metric sample of a replica.
-async fn metric(server: &ipc_testkit::ServerProcess, sample: &str) -> i64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(server.metrics)
-        .await
-        .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {sample}"))
 }
 
 /// A node on the Redis of `redis_url` under `prefix`, in this process: what the

@@ -21,9 +21,9 @@ async fn a_replica_reads_the_redis_password_from_a_file() {
     let file = file.to_str().expect("utf-8 path");
 
     let a = replica_with(&redis.url(), "a", &["--redis-password-file", file]);
-    wait_health(&a, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
     let mut ca = a.client().await;
-    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await;
+    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await.0;
     broadcast(&mut ca, "news", "hello")
         .await
         .expect("broadcast");
@@ -31,7 +31,7 @@ async fn a_replica_reads_the_redis_password_from_a_file() {
 
     // Without the password Redis refuses every command: never a false acknowledgement.
     let b = replica(&redis.url(), "b");
-    wait_health(&b, ServingStatus::NotServing).await;
+    b.wait_health(ServingStatus::NotServing).await;
     let mut cb = b.client().await;
     assert_code(
         broadcast(&mut cb, "news", "refused").await,
@@ -58,10 +58,10 @@ async fn the_acl_user_comes_from_the_url_or_from_redis_username() {
         "b",
         &["--redis-username", "app", "--redis-password-file", file],
     );
-    wait_health(&a, ServingStatus::Serving).await;
-    wait_health(&b, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
+    b.wait_health(ServingStatus::Serving).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await;
+    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await.0;
     broadcast(&mut cb, "news", "as app")
         .await
         .expect("broadcast as the flag's user");

@@ -176,36 +176,19 @@ impl Cluster {
     }
 
     fn replica(&self, node: &str, extra: &[&str]) -> ServerProcess {
-        let args = self.replica_args(node, extra);
-        ServerProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        let sentinels = self.sentinel_list();
+        ServerProcess::start(&replica_args(&self.bus(&sentinels), node, extra))
     }
 
     /// A replica whose log is kept for [`ServerProcess::log`].
     fn logged_replica(&self, node: &str, extra: &[&str]) -> ServerProcess {
-        let args = self.replica_args(node, extra);
-        ServerProcess::start_logged(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        let sentinels = self.sentinel_list();
+        ServerProcess::start_logged(&replica_args(&self.bus(&sentinels), node, extra))
     }
 
-    fn replica_args(&self, node: &str, extra: &[&str]) -> Vec<String> {
-        let sentinels = self.sentinel_list();
-        let mut args = vec![
-            "--redis-sentinel",
-            &sentinels,
-            "--redis-master",
-            MASTER,
-            "--redis-prefix",
-            "test",
-            "--node",
-            node,
-            "--app",
-            "shop",
-            "--presence-ttl-ms",
-            PRESENCE_TTL_MS,
-            "--redis-timeout-ms",
-            "1000",
-        ];
-        args.extend_from_slice(extra);
-        args.into_iter().map(String::from).collect()
+    /// The flags that name the bus: the Sentinels and the primary's name.
+    fn bus<'a>(&self, sentinels: &'a str) -> [&'a str; 4] {
+        ["--redis-sentinel", sentinels, "--redis-master", MASTER]
     }
 
     /// The port Sentinel names as the primary now.
@@ -317,11 +300,11 @@ async fn failover_loses_nothing_acknowledged(kill: bool) {
     let mut cluster = Cluster::start(if kill { 2 } else { 1 }).await;
     let min = ["--redis-min-replicas", "1"];
     let (a, b) = (cluster.replica("a", &min), cluster.replica("b", &min));
-    wait_health(&a, ServingStatus::Serving).await;
-    wait_health(&b, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
+    b.wait_health(ServingStatus::Serving).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await;
-    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await;
+    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await.0;
+    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await.0;
 
     let (midway, mut reached) = mpsc::channel(1);
     let publisher = tokio::spawn(publish(vec![ca.clone(), cb.clone()], 60, 20, midway));
@@ -344,8 +327,8 @@ async fn failover_loses_nothing_acknowledged(kill: bool) {
         assert_eq!(seen.bodies, acked, "{name}: lost, duplicated or reordered");
     }
     // Both replicas work on the new primary: health back by itself, new broadcasts.
-    wait_health(&a, ServingStatus::Serving).await;
-    wait_health(&b, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
+    b.wait_health(ServingStatus::Serving).await;
     // The demoted primary may still be catching up as the new primary's replica,
     // so the first broadcasts can be refused (UNAVAILABLE) until it confirms them.
     broadcast_until_acknowledged(&mut cb, "after").await;
@@ -366,11 +349,11 @@ async fn a_killed_primary_with_min_replicas_loses_nothing_acknowledged() {
 async fn without_min_replicas_a_lost_message_is_reported_as_a_gap() {
     let mut cluster = Cluster::start(1).await;
     let (a, b) = (cluster.replica("a", &[]), cluster.replica("b", &[]));
-    wait_health(&a, ServingStatus::Serving).await;
-    wait_health(&b, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
+    b.wait_health(ServingStatus::Serving).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await;
-    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await;
+    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await.0;
+    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await.0;
     let before = broadcast(&mut cb, "news", "before").await.expect("before");
     assert_eq!(texts(&mut on_a, 1).await, ["before"]);
     assert_eq!(texts(&mut on_b, 1).await, ["before"]);
@@ -509,11 +492,11 @@ async fn replicas_find_the_primary_through_sentinels_with_credentials_and_follow
         cluster.logged_replica("a", &files.args()),
         cluster.logged_replica("b", &files.args()),
     );
-    wait_health(&a, ServingStatus::Serving).await;
-    wait_health(&b, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
+    b.wait_health(ServingStatus::Serving).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await;
-    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await;
+    let mut on_a = subscribe(&mut ca, channels("sa", &["news"])).await.0;
+    let mut on_b = subscribe(&mut cb, channels("sb", &["news"])).await.0;
     broadcast(&mut cb, "news", "before")
         .await
         .expect("a broadcast as the ACL user");
@@ -552,8 +535,8 @@ async fn replicas_find_the_primary_through_sentinels_with_credentials_and_follow
         assert!(seen.gaps.is_empty(), "{name} got a gap: {:?}", seen.gaps);
         assert_eq!(seen.bodies, after, "{name}");
     }
-    wait_health(&a, ServingStatus::Serving).await;
-    wait_health(&b, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
+    b.wait_health(ServingStatus::Serving).await;
     for replica in [&a, &b] {
         assert_no_password_in(&replica.log());
     }
@@ -577,7 +560,7 @@ async fn a_wrong_sentinel_password_is_named_and_the_replica_stays_up_not_serving
     .await;
     assert!(log.contains("--redis-sentinel-password-file"), "{log}");
     assert_no_password_in(&log);
-    wait_health(&replica, ServingStatus::NotServing).await;
+    replica.wait_health(ServingStatus::NotServing).await;
     let mut client = replica.client().await;
     let refused = broadcast(&mut client, "news", "never stored").await;
     assert_code(refused, Code::Unavailable, "authentication failed");
@@ -597,7 +580,7 @@ async fn a_wrong_sentinel_password_is_named_and_the_replica_stays_up_not_serving
     // The right password, nothing else changed: SERVING.
     let right = PasswordFiles::new(SENTINEL_PASSWORD);
     let good = cluster.replica("right", &right.args());
-    wait_health(&good, ServingStatus::Serving).await;
+    good.wait_health(ServingStatus::Serving).await;
     let mut client = good.client().await;
     broadcast(&mut client, "news", "stored")
         .await

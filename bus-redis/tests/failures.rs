@@ -21,8 +21,8 @@ async fn while_redis_is_down_broadcasts_are_refused_and_streams_stay_open_then_a
     let a = replica(&redis.url(), "a");
     let b = replica(&redis.url(), "b");
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut open = subscribe(&mut ca, channels("steady", &["news"])).await;
-    let mut worker = subscribe(&mut ca, channels("worker", &[])).await;
+    let mut open = subscribe(&mut ca, channels("steady", &["news"])).await.0;
+    let mut worker = subscribe(&mut ca, channels("worker", &[])).await.0;
     let before = broadcast(&mut cb, "news", "before")
         .await
         .expect("broadcast");
@@ -36,8 +36,8 @@ async fn while_redis_is_down_broadcasts_are_refused_and_streams_stay_open_then_a
             "",
         );
     }
-    wait_health(&a, ServingStatus::NotServing).await;
-    wait_health(&b, ServingStatus::NotServing).await;
+    a.wait_health(ServingStatus::NotServing).await;
+    b.wait_health(ServingStatus::NotServing).await;
     // Still refused, not acknowledged, while it lasts.
     assert_code(
         broadcast(&mut ca, "news", "lost?").await,
@@ -46,8 +46,8 @@ async fn while_redis_is_down_broadcasts_are_refused_and_streams_stay_open_then_a
     );
 
     redis.restart();
-    wait_health(&a, ServingStatus::Serving).await;
-    wait_health(&b, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
+    b.wait_health(ServingStatus::Serving).await;
     // SERVING means everything works again: broadcasts, requests across replicas.
     let after = broadcast(&mut cb, "news", "after")
         .await
@@ -70,7 +70,8 @@ async fn while_redis_is_down_broadcasts_are_refused_and_streams_stay_open_then_a
             ..channels("late", &["news"])
         },
     )
-    .await;
+    .await
+    .0;
     let msg = next(&mut resumed).await;
     assert_eq!(
         (text_of(&msg), msg.cursor),
@@ -83,12 +84,12 @@ async fn when_redis_lost_its_data_resuming_subscribers_and_live_ones_are_told_of
     let mut redis = redis();
     let a = replica(&redis.url(), "a");
     let mut ca = a.client().await;
-    let mut live = subscribe(&mut ca, channels("live", &["news"])).await;
+    let mut live = subscribe(&mut ca, channels("live", &["news"])).await.0;
     let old = broadcast(&mut ca, "news", "old").await.expect("broadcast");
     assert_eq!(texts(&mut live, 1).await, ["old"]);
 
     redis.restart_empty();
-    wait_health(&a, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
     // The replica may learn that its connection broke from this very broadcast
     // (UNAVAILABLE, never a false acknowledgement): a client retries.
     eventually("a broadcast accepted by the empty Redis", || {
@@ -117,7 +118,8 @@ async fn when_redis_lost_its_data_resuming_subscribers_and_live_ones_are_told_of
             ..channels("resumer", &["news"])
         },
     )
-    .await;
+    .await
+    .0;
     let gap = next(&mut resumed).await;
     assert_eq!(gap.op, "ipc:gap", "{gap:?}");
     let data = ipc_proto::json::from_optional(gap.data.as_ref());
@@ -132,8 +134,8 @@ async fn a_slow_redis_slows_broadcasts_but_loses_and_reorders_nothing() {
     let slow = replica(&proxy.url(), "slow");
     let fast = replica(&redis.url(), "fast");
     let (mut c_slow, mut c_fast) = (slow.client().await, fast.client().await);
-    let mut on_slow = subscribe(&mut c_slow, channels("s", &["ticks"])).await;
-    let mut on_fast = subscribe(&mut c_fast, channels("f", &["ticks"])).await;
+    let mut on_slow = subscribe(&mut c_slow, channels("s", &["ticks"])).await.0;
+    let mut on_fast = subscribe(&mut c_fast, channels("f", &["ticks"])).await.0;
 
     const PUBLISHERS: usize = 4;
     const EACH: usize = 25;
@@ -184,7 +186,7 @@ async fn a_replica_that_never_reached_redis_serves_no_subscription_from_an_unkno
     // A reaches Redis only through a proxy that does not listen yet.
     let gate = ipc_testkit::redis::free_port();
     let a = replica(&format!("redis://127.0.0.1:{gate}/"), "a");
-    wait_health(&a, ServingStatus::NotServing).await;
+    a.wait_health(ServingStatus::NotServing).await;
     let mut ca = a.client().await;
 
     let early = ca.subscribe(channels("early", &["news"])).await;
@@ -206,7 +208,7 @@ async fn a_replica_that_never_reached_redis_serves_no_subscription_from_an_unkno
         sent.push(body);
     }
     let _proxy = LatencyProxy::start_on(gate, redis.port(), Duration::ZERO).await;
-    wait_health(&a, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
     broadcast(&mut cb, "news", "after")
         .await
         .expect("broadcast");
@@ -223,7 +225,7 @@ async fn a_replica_that_never_reached_redis_serves_no_subscription_from_an_unkno
     }
     // Once A knows where the log stands, it serves, and misses nothing either (its
     // tail may not have passed "after" yet: then that comes too, as its cursor says).
-    let mut late = subscribe(&mut ca, channels("late", &["news"])).await;
+    let mut late = subscribe(&mut ca, channels("late", &["news"])).await.0;
     broadcast(&mut cb, "news", "later")
         .await
         .expect("broadcast");
@@ -342,7 +344,7 @@ async fn a_replica_started_while_redis_is_down_serves_once_redis_is_up() {
     let mut redis = redis();
     redis.stop();
     let a = replica(&redis.url(), "a");
-    wait_health(&a, ServingStatus::NotServing).await;
+    a.wait_health(ServingStatus::NotServing).await;
     let mut ca = a.client().await;
     assert_code(
         broadcast(&mut ca, "news", "too early").await,
@@ -351,8 +353,8 @@ async fn a_replica_started_while_redis_is_down_serves_once_redis_is_up() {
     );
 
     redis.restart();
-    wait_health(&a, ServingStatus::Serving).await;
-    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await;
+    a.wait_health(ServingStatus::Serving).await;
+    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await.0;
     broadcast(&mut ca, "news", "hello")
         .await
         .expect("broadcast");

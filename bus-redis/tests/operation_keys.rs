@@ -46,7 +46,8 @@ async fn a_keyed_rollout_runs_once_fleet_wide_and_resumes_after_its_coordinator_
             ..SubscribeRequest::default()
         },
     )
-    .await;
+    .await
+    .0;
     let (asked_tx, mut asked) = mpsc::unbounded_channel();
     let mut answering = cb.clone();
     tokio::spawn(async move {

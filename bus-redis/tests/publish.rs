@@ -25,7 +25,7 @@ async fn a_publish_stream_is_stored_in_order_and_read_in_order_on_every_replica(
     let a = replica(&redis.url(), "a");
     let b = replica(&redis.url(), "b");
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut on_b = subscribe(&mut cb, channels("reader", &["news"])).await;
+    let mut on_b = subscribe(&mut cb, channels("reader", &["news"])).await.0;
     let bodies: Vec<String> = (0..500).map(|n| format!("m{n}")).collect();
     let requests: Vec<_> = bodies
         .iter()
@@ -66,7 +66,7 @@ async fn a_key_repeated_on_any_replica_even_at_once_is_delivered_once() {
     let a = replica(&redis.url(), "a");
     let b = replica(&redis.url(), "b");
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut on_a = subscribe(&mut ca, channels("reader", &["jobs"])).await;
+    let mut on_a = subscribe(&mut ca, channels("reader", &["jobs"])).await.0;
 
     let first = ca
         .broadcast(keyed("restart-1", "first"))

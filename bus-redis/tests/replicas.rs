@@ -14,8 +14,8 @@ async fn a_broadcast_on_one_replica_reaches_subscribers_on_every_replica() {
     let a = replica(&redis.url(), "a");
     let b = replica(&redis.url(), "b");
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut on_a = subscribe(&mut ca, channels("sub-a", &["news"])).await;
-    let mut on_b = subscribe(&mut cb, channels("sub-b", &["news"])).await;
+    let mut on_a = subscribe(&mut ca, channels("sub-a", &["news"])).await.0;
+    let mut on_b = subscribe(&mut cb, channels("sub-b", &["news"])).await.0;
 
     let mut acks = Vec::new();
     for body in ["one", "two", "three"] {
@@ -44,7 +44,8 @@ async fn a_broadcast_on_one_replica_reaches_subscribers_on_every_replica() {
             ..channels("sub-late", &["news"])
         },
     )
-    .await;
+    .await
+    .0;
     assert_eq!(texts(&mut resumed, 2).await, ["two", "three"]);
     broadcast(&mut ca, "news", "four").await.expect("broadcast");
     assert_eq!(
@@ -68,7 +69,8 @@ async fn send_msg_reaches_a_subscriber_on_another_replica_and_a_reply_through_an
             ..channels("w1", &[])
         },
     )
-    .await;
+    .await
+    .0;
 
     // Asked through B by id, answered through A (where the request was delivered).
     let mut asker = cb.clone();
@@ -128,7 +130,7 @@ async fn no_responders_is_decided_fleet_wide_at_once_and_a_deadline_is_distinct(
     );
 
     // A subscriber on A that never answers: the deadline, not "no responders".
-    let mut silent = subscribe(&mut ca, channels("silent", &[])).await;
+    let mut silent = subscribe(&mut ca, channels("silent", &[])).await.0;
     let mut asker = cb.clone();
     let asked = tokio::spawn(async move { send(&mut asker, "silent", "status", 300).await });
     let request = next(&mut silent).await;
@@ -173,8 +175,8 @@ async fn members_are_fleet_wide_and_a_killed_replicas_members_vanish_within_the_
     let mut a = replica(&redis.url(), "a");
     let b = replica(&redis.url(), "b");
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let _on_a = subscribe(&mut ca, channels("m-a", &["news"])).await;
-    let _on_b = subscribe(&mut cb, channels("m-b", &["news"])).await;
+    let _on_a = subscribe(&mut ca, channels("m-a", &["news"])).await.0;
+    let _on_b = subscribe(&mut cb, channels("m-b", &["news"])).await.0;
 
     let expected = vec![
         ("m-a".to_string(), "a".to_string()),
@@ -209,7 +211,7 @@ async fn a_subscriber_of_a_killed_replica_resumes_on_another_with_exactly_what_i
     let mut a = replica(&redis.url(), "a");
     let b = replica(&redis.url(), "b");
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut on_a = subscribe(&mut ca, channels("roamer", &["jobs"])).await;
+    let mut on_a = subscribe(&mut ca, channels("roamer", &["jobs"])).await.0;
     for body in ["1", "2", "3"] {
         broadcast(&mut cb, "jobs", body).await.expect("broadcast");
     }
@@ -234,7 +236,8 @@ async fn a_subscriber_of_a_killed_replica_resumes_on_another_with_exactly_what_i
             ..channels("roamer", &["jobs"])
         },
     )
-    .await;
+    .await
+    .0;
     assert_eq!(texts(&mut on_b, 3).await, ["4", "5", "6"]);
     broadcast(&mut cb, "jobs", "7").await.expect("broadcast");
     assert_eq!(texts(&mut on_b, 1).await, ["7"]);
@@ -254,7 +257,11 @@ async fn per_channel_order_is_the_same_on_every_replica_under_concurrent_publish
     }
     let mut streams = Vec::new();
     for (i, client) in clients.iter_mut().enumerate() {
-        streams.push(subscribe(client, channels(&format!("o{i}"), &["orders"])).await);
+        streams.push(
+            subscribe(client, channels(&format!("o{i}"), &["orders"]))
+                .await
+                .0,
+        );
     }
     const EACH: usize = 100;
     let publishers = clients.iter().enumerate().map(|(p, client)| {
@@ -295,8 +302,8 @@ async fn a_replica_stopped_with_sigterm_withdraws_its_members_at_once() {
     let mut a = replica(&redis.url(), "a");
     let b = replica(&redis.url(), "b");
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let _on_a = subscribe(&mut ca, channels("leaving", &["news"])).await;
-    let _on_b = subscribe(&mut cb, channels("staying", &["news"])).await;
+    let _on_a = subscribe(&mut ca, channels("leaving", &["news"])).await.0;
+    let _on_b = subscribe(&mut cb, channels("staying", &["news"])).await.0;
     assert_eq!(members(&mut cb).await.len(), 2);
 
     assert!(a.terminate().success(), "replica a did not exit cleanly");
@@ -328,7 +335,8 @@ async fn a_cursor_older_than_the_retention_gets_a_gap_then_what_is_kept() {
             ..channels("late", &["news"])
         },
     )
-    .await;
+    .await
+    .0;
     let gap = next(&mut resumed).await;
     assert_eq!(gap.op, "ipc:gap", "{gap:?}");
     let kept = next(&mut resumed).await;
@@ -353,10 +361,12 @@ async fn members_of_a_channel_are_who_a_broadcast_would_reach_on_every_replica()
         role: "worker".into(),
         ..SubscribeRequest::default()
     };
-    let _w1 = subscribe(&mut ca, worker("w1")).await;
-    let _w2 = subscribe(&mut cb, worker("w2")).await;
-    let _tail = subscribe(&mut cb, channels("tail", &["shop:>"])).await;
-    let _orders = subscribe(&mut ca, channels("orders", &["shop:orders"])).await;
+    let _w1 = subscribe(&mut ca, worker("w1")).await.0;
+    let _w2 = subscribe(&mut cb, worker("w2")).await.0;
+    let _tail = subscribe(&mut cb, channels("tail", &["shop:>"])).await.0;
+    let _orders = subscribe(&mut ca, channels("orders", &["shop:orders"]))
+        .await
+        .0;
 
     // w1 is on replica a, tail and w2 on b.
     let expected = ["tail", "w1", "w2"];

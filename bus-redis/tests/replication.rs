@@ -53,7 +53,7 @@ async fn acknowledged_only_once_a_redis_replica_has_it() {
     let a = replica_with(&primary.url(), "a", &min);
     let b = replica_with(&primary.url(), "b", &min);
     let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await;
+    let mut stream = subscribe(&mut ca, channels("s", &["news"])).await.0;
 
     for i in 0..20 {
         broadcast(&mut cb, "news", &format!("m{i}"))

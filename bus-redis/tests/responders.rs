@@ -50,10 +50,10 @@ async fn a_tail_on_every_replica_takes_no_request_and_every_request_is_answered_
     };
     let taken = Arc::new(Mutex::new(Vec::new()));
     // Tails first: a tail subscribed before the workers must not be preferred.
-    record_requests(subscribe(&mut ca, tail("tail-a")).await, taken.clone());
-    record_requests(subscribe(&mut cb, tail("tail-b")).await, taken.clone());
-    answer_all(ca.clone(), subscribe(&mut ca, worker("w-a")).await, "w-a");
-    answer_all(cb.clone(), subscribe(&mut cb, worker("w-b")).await, "w-b");
+    record_requests(subscribe(&mut ca, tail("tail-a")).await.0, taken.clone());
+    record_requests(subscribe(&mut cb, tail("tail-b")).await.0, taken.clone());
+    answer_all(ca.clone(), subscribe(&mut ca, worker("w-a")).await.0, "w-a");
+    answer_all(cb.clone(), subscribe(&mut cb, worker("w-b")).await.0, "w-b");
 
     let mut answered_by = Vec::new();
     for i in 0..24 {
@@ -103,7 +103,7 @@ async fn a_keyed_gather_is_kept_in_redis_and_its_repeat_on_another_replica_retur
         role: "worker".into(),
         ..channels("w-a", &[])
     };
-    answer_all(ca.clone(), subscribe(&mut ca, worker).await, "w-a");
+    answer_all(ca.clone(), subscribe(&mut ca, worker).await.0, "w-a");
     let request = ipc_proto::pb::GatherRequest {
         target: ":worker".into(),
         op: "status".into(),

@@ -189,7 +189,7 @@ async fn throughput_against_raw_redis() {
     // Cross-replica latency: publish on B at 1,000 msg/s, receive on A.
     let mut ca = a.client().await;
     let mut cb = b.client().await;
-    let mut stream = subscribe(&mut ca, channels("lat", &["lat"])).await;
+    let mut stream = subscribe(&mut ca, channels("lat", &["lat"])).await.0;
     let epoch = Instant::now();
     let receiver = tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);

@@ -52,12 +52,12 @@ async fn replicas_reach_redis_over_mutual_tls_with_an_acl_user() {
     args_b.extend(["--redis-password-file", path(&password_file)]);
     let a = logged_replica(&url_a, "a", &tls);
     let b = logged_replica(&url_b, "b", &args_b);
-    wait_health(&a, ServingStatus::Serving).await;
-    wait_health(&b, ServingStatus::Serving).await;
+    a.wait_health(ServingStatus::Serving).await;
+    b.wait_health(ServingStatus::Serving).await;
 
     let (mut ca_client, mut cb_client) = (a.client().await, b.client().await);
-    let mut on_a = subscribe(&mut ca_client, channels("sa", &["news"])).await;
-    let mut on_b = subscribe(&mut cb_client, channels("sb", &["news"])).await;
+    let mut on_a = subscribe(&mut ca_client, channels("sa", &["news"])).await.0;
+    let mut on_b = subscribe(&mut cb_client, channels("sb", &["news"])).await.0;
     broadcast(&mut cb_client, "news", "over tls from b")
         .await
         .expect("broadcast on b");
@@ -104,7 +104,7 @@ async fn a_wrong_certificate_authority_is_refused_and_named() {
             path(&client.key),
         ],
     );
-    wait_health(&replica, ServingStatus::NotServing).await;
+    replica.wait_health(ServingStatus::NotServing).await;
     let mut grpc = replica.client().await;
     // Refused, never acknowledged; the error says what is wrong.
     let refused = broadcast(&mut grpc, "news", "never stored").await;
@@ -129,7 +129,7 @@ async fn a_wrong_certificate_authority_is_refused_and_named() {
     // Without a client certificate Redis (tls-auth-clients yes) refuses: named too.
     let ca_path = ca.cert_path();
     let no_cert = logged_replica(&url, "no-cert", &["--redis-ca", path(&ca_path)]);
-    wait_health(&no_cert, ServingStatus::NotServing).await;
+    no_cert.wait_health(ServingStatus::NotServing).await;
     let mut grpc = no_cert.client().await;
     let refused = broadcast(&mut grpc, "news", "never stored").await;
     assert_code(refused, Code::Unavailable, "Redis is unreachable");
@@ -147,20 +147,5 @@ async fn a_wrong_certificate_authority_is_refused_and_named() {
 }
 
 fn logged_replica(url: &str, node: &str, extra: &[&str]) -> ServerProcess {
-    let mut args = vec![
-        "--redis",
-        url,
-        "--redis-prefix",
-        "test",
-        "--node",
-        node,
-        "--app",
-        "shop",
-        "--presence-ttl-ms",
-        PRESENCE_TTL_MS,
-        "--redis-timeout-ms",
-        "1000",
-    ];
-    args.extend_from_slice(extra);
-    ServerProcess::start_logged(&args)
+    ServerProcess::start_logged(&replica_args(&["--redis", url], node, extra))
 }

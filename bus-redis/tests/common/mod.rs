@@ -1,27 +1,22 @@
-//! Shared harness of the Redis bus tests: a private redis-server, `ipc-server`
-//! replicas on it, and small client helpers. Every wait is bounded and waits on a
-//! real signal (a stream message, a health change) or polls a real answer.
+//! What only the Redis bus tests need: the flags of their `ipc-server` replicas
+//! (prefix `test`, app `shop`, a short presence TTL), and client calls carrying
+//! text payloads. The processes, the private redis-server, stream and health
+//! helpers every crate's tests share are in `ipc_testkit`, re-exported here for the
+//! tests' `use common::*`.
 
-#![allow(dead_code)]
-
-use std::future::Future;
-use std::time::Duration;
+#![allow(dead_code, unused_imports)] // each test file uses its own subset
 
 use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::{
     BroadcastRequest, BroadcastResponse, Member, MembersRequest, Msg, ReplyRequest, SendMsgRequest,
     SubscribeRequest,
 };
-use ipc_testkit::ServerProcess;
+use ipc_testkit::TEST_APP;
 use ipc_testkit::redis::RedisServer;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
-/// Longest wait for anything expected to happen; a test fails rather than hangs.
-pub const PATIENCE: Duration = Duration::from_secs(30);
+pub use ipc_testkit::{PATIENCE, ServerProcess, eventually, metric, next, subscribe};
 
 /// Presence TTL of replicas in tests: short, so a dead replica vanishes quickly.
 pub const PRESENCE_TTL_MS: &str = "1500";
@@ -34,24 +29,29 @@ pub fn replica(redis_url: &str, node: &str) -> ServerProcess {
 }
 
 pub fn replica_with(redis_url: &str, node: &str, extra: &[&str]) -> ServerProcess {
-    let mut args = vec![
-        "--redis",
-        redis_url,
+    ServerProcess::start(&replica_args(&["--redis", redis_url], node, extra))
+}
+
+/// The flags of a test replica named `node` on the Redis that `bus` names
+/// (`--redis URL`, or the Sentinel flags), then `extra`.
+pub fn replica_args<'a>(bus: &[&'a str], node: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = bus.to_vec();
+    args.extend([
         "--redis-prefix",
         "test",
         "--node",
         node,
         "--app",
-        "shop",
+        TEST_APP,
         "--presence-ttl-ms",
         PRESENCE_TTL_MS,
-    ];
+    ]);
     // Short by default so an unreachable Redis shows quickly; a test may set its own.
     if !extra.contains(&"--redis-timeout-ms") {
         args.extend_from_slice(&["--redis-timeout-ms", "1000"]);
     }
     args.extend_from_slice(extra);
-    ServerProcess::start(&args)
+    args
 }
 
 pub fn redis() -> RedisServer {
@@ -87,33 +87,11 @@ pub async fn broadcast(
         .map(tonic::Response::into_inner)
 }
 
-/// Subscribes and returns the stream after its `ipc:subscribed`.
-pub async fn subscribe(client: &mut Client, req: SubscribeRequest) -> Streaming<Msg> {
-    let mut stream = client
-        .subscribe(req)
-        .await
-        .unwrap_or_else(|e| panic!("subscribe refused: {e}"))
-        .into_inner();
-    let first = next(&mut stream).await;
-    assert_eq!(first.op, "ipc:subscribed", "{first:?}");
-    stream
-}
-
 pub fn channels(id: &str, channels: &[&str]) -> SubscribeRequest {
     SubscribeRequest {
         id: id.into(),
         channels: channels.iter().map(|c| c.to_string()).collect(),
         ..SubscribeRequest::default()
-    }
-}
-
-/// The next message of a stream; fails the test if none comes in time.
-pub async fn next(stream: &mut Streaming<Msg>) -> Msg {
-    match tokio::time::timeout(PATIENCE, stream.message()).await {
-        Ok(Ok(Some(msg))) => msg,
-        Ok(Ok(None)) => panic!("stream ended"),
-        Ok(Err(status)) => panic!("stream failed: {status}"),
-        Err(_) => panic!("no message within {PATIENCE:?}"),
     }
 }
 
@@ -172,53 +150,6 @@ pub fn member_ids(members: &[Member]) -> Vec<(String, String)> {
         .iter()
         .map(|m| (m.id.clone(), m.node.clone()))
         .collect()
-}
-
-/// Polls `check` until it returns `Some`, at most [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits, on the gRPC health Watch stream, until `server` reports `want`.
-pub async fn wait_health(server: &ServerProcess, want: ServingStatus) {
-    let channel = Channel::from_shared(server.url())
-        .expect("server url")
-        .connect()
-        .await
-        .expect("connecting for health");
-    let mut health = HealthClient::new(channel);
-    let mut updates = health
-        .watch(HealthCheckRequest {
-            service: "ipc.v1.Ipc".into(),
-        })
-        .await
-        .expect("health watch")
-        .into_inner();
-    let wait = async {
-        while let Some(update) = updates.message().await.expect("health stream") {
-            if update.status == want as i32 {
-                return;
-            }
-        }
-        panic!("health stream ended");
-    };
-    tokio::time::timeout(PATIENCE, wait)
-        .await
-        .unwrap_or_else(|_| panic!("health not {want:?} within {PATIENCE:?}"));
 }
 
 pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, containing: &str) {
