@@ -6,12 +6,14 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{HANG_GUARD, Server, next_msg, until_op};
+use common::{calls, server, server_on};
 use ipc_client::{Client, Error, Handlers, MembersFilter, OP_GAP, OP_SUBSCRIBED, SubscribeOptions};
+use ipc_testkit::redis::free_port;
+use ipc_testkit::{PATIENCE, ServerProcess, next, until};
 use serde_json::json;
 use tokio::sync::Notify;
 
-async fn connect(server: &Server, app: &str) -> Client {
+async fn connect(server: &ServerProcess, app: &str) -> Client {
     Client::builder(server.url())
         .app(app)
         .connect()
@@ -21,10 +23,10 @@ async fn connect(server: &Server, app: &str) -> Client {
 
 #[tokio::test]
 async fn a_broadcast_reaches_the_role_channel_with_data_and_headers() {
-    let server = Server::start();
+    let server = server();
     let client = connect(&server, "shop").await;
     let mut worker = client.subscribe(SubscribeOptions::new().role("worker"));
-    let subscribed = next_msg(&mut worker).await;
+    let subscribed = next(&mut worker).await;
     assert_eq!(subscribed.op, OP_SUBSCRIBED);
     assert!(subscribed.data["id"].is_string(), "{subscribed:?}");
 
@@ -35,7 +37,7 @@ async fn a_broadcast_reaches_the_role_channel_with_data_and_headers() {
         .expect("broadcast");
     assert_eq!(receipt.channel, "shop:worker");
 
-    let msg = next_msg(&mut worker).await;
+    let msg = next(&mut worker).await;
     assert_eq!(msg.op, "worker:restart");
     assert_eq!(msg.data, json!({"grace": 5}));
     assert_eq!(msg.channel, "shop:worker");
@@ -64,7 +66,7 @@ async fn run_worker(client: &Client, mut handlers: Handlers) -> tokio::task::Joi
             .await
             .expect("handlers stopped");
     });
-    tokio::time::timeout(HANG_GUARD, live.notified())
+    tokio::time::timeout(PATIENCE, live.notified())
         .await
         .expect("worker subscribed");
     task
@@ -83,7 +85,7 @@ fn config_handlers() -> Handlers {
 
 #[tokio::test]
 async fn a_request_is_answered_by_the_handler_registered_for_its_op() {
-    let server = Server::start();
+    let server = server();
     let client = connect(&server, "shop").await;
     let worker = run_worker(&client, config_handlers()).await;
 
@@ -107,7 +109,7 @@ async fn a_request_is_answered_by_the_handler_registered_for_its_op() {
 
     // An op nobody handles is answered at once instead of timing out.
     let err = client
-        .send_msg(":worker", "cache:flush", json!(null), Some(HANG_GUARD))
+        .send_msg(":worker", "cache:flush", json!(null), Some(PATIENCE))
         .await
         .expect_err("no handler");
     assert!(
@@ -116,18 +118,18 @@ async fn a_request_is_answered_by_the_handler_registered_for_its_op() {
     );
     // The answers travelled back on the worker's Serve stream, not as Reply calls.
     assert_eq!(
-        server.calls("Reply").await,
+        calls(&server, "Reply").await,
         0,
         "answers sent as unary Reply calls"
     );
-    assert_eq!(server.calls("Serve").await, 1);
-    assert_eq!(server.calls("SendMsg").await, 3);
+    assert_eq!(calls(&server, "Serve").await, 1);
+    assert_eq!(calls(&server, "SendMsg").await, 3);
     worker.abort();
 }
 
 #[tokio::test]
 async fn members_lists_subscribers_with_their_role_and_labels() {
-    let server = Server::start();
+    let server = server();
     let client = connect(&server, "shop").await;
     let worker = run_worker(&client, Handlers::new()).await;
 
@@ -154,11 +156,11 @@ async fn members_lists_subscribers_with_their_role_and_labels() {
 
 #[tokio::test]
 async fn no_responders_and_deadline_exceeded_are_distinct_errors() {
-    let server = Server::start();
+    let server = server();
     let client = connect(&server, "shop").await;
 
     let err = client
-        .send_msg("nobody", "config:get", json!(null), Some(HANG_GUARD))
+        .send_msg("nobody", "config:get", json!(null), Some(PATIENCE))
         .await
         .expect_err("nobody subscribed");
     assert!(
@@ -168,7 +170,7 @@ async fn no_responders_and_deadline_exceeded_are_distinct_errors() {
 
     // Subscribed, but never answers.
     let mut silent = client.subscribe(SubscribeOptions::new().id("silent"));
-    assert_eq!(next_msg(&mut silent).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut silent).await.op, OP_SUBSCRIBED);
     let err = client
         .send_msg(
             "silent",
@@ -180,14 +182,14 @@ async fn no_responders_and_deadline_exceeded_are_distinct_errors() {
         .expect_err("nobody answers");
     assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
     // The silent subscriber did receive the request, with a reply_to.
-    let request = next_msg(&mut silent).await;
+    let request = next(&mut silent).await;
     assert!(request.is_request(), "{request:?}");
     assert_eq!(request.op, "config:get");
 }
 
 #[tokio::test]
 async fn bad_input_and_built_ins() {
-    let server = Server::start();
+    let server = server();
     let client = connect(&server, "shop").await;
 
     let err = client
@@ -214,7 +216,7 @@ async fn bad_input_and_built_ins() {
 
 #[tokio::test]
 async fn an_unreachable_server_is_reported_as_such() {
-    let addr = format!("http://127.0.0.1:{}", common::closed_port());
+    let addr = format!("http://127.0.0.1:{}", free_port());
     let err = Client::connect(&addr).await.expect_err("nothing listens");
     assert!(
         matches!(&err, Error::Unreachable(m) if m.contains(&addr[7..])),
@@ -234,11 +236,11 @@ async fn an_unreachable_server_is_reported_as_such() {
 /// subscription: the client must come back by itself with the same id, report the
 /// lost log as `ipc:gap`, and receive what is broadcast after the restart.
 async fn survives_restart(graceful: bool) {
-    let first = Server::start();
+    let mut first = server();
     let port = first.grpc.port();
     let client = connect(&first, "shop").await;
     let mut sub = client.subscribe(SubscribeOptions::new().role("worker"));
-    let subscribed = next_msg(&mut sub).await;
+    let subscribed = next(&mut sub).await;
     assert_eq!(subscribed.op, OP_SUBSCRIBED);
     let id = subscribed.data["id"].clone();
 
@@ -246,18 +248,22 @@ async fn survives_restart(graceful: bool) {
         .broadcast(":worker", "before", json!(1))
         .await
         .expect("broadcast");
-    let before = next_msg(&mut sub).await;
+    let before = next(&mut sub).await;
     assert_eq!(before.op, "before");
 
     if graceful {
-        first.terminate();
+        let exit = first.terminate();
+        assert!(
+            exit.success(),
+            "ipc-server exited with {exit} after SIGTERM"
+        );
     } else {
         first.kill();
     }
-    let _second = Server::start_on(&format!("127.0.0.1:{port}"));
+    let _second = server_on(&format!("127.0.0.1:{port}"), &[]);
 
     // The memory bus lost its log: the subscription resumes with a stale cursor.
-    let (skipped, again) = until_op(&mut sub, OP_SUBSCRIBED).await;
+    let (skipped, again) = until(&mut sub, |m| m.op == OP_SUBSCRIBED).await;
     assert!(
         skipped.is_empty(),
         "unexpected before reconnecting: {skipped:?}"
@@ -266,7 +272,7 @@ async fn survives_restart(graceful: bool) {
         again.data["id"], id,
         "the subscriber id is kept across reconnects"
     );
-    let (skipped, gap) = until_op(&mut sub, OP_GAP).await;
+    let (skipped, gap) = until(&mut sub, |m| m.op == OP_GAP).await;
     assert!(skipped.is_empty(), "unexpected before the gap: {skipped:?}");
     assert_eq!(gap.data["cursor"], json!(before.cursor), "{gap:?}");
 
@@ -274,7 +280,7 @@ async fn survives_restart(graceful: bool) {
         .broadcast(":worker", "after", json!(2))
         .await
         .expect("broadcast after the restart");
-    let after = next_msg(&mut sub).await;
+    let after = next(&mut sub).await;
     assert_eq!(after.op, "after");
     assert_eq!(after.data, json!(2));
 
@@ -298,7 +304,7 @@ async fn a_subscription_survives_a_killed_server() {
 
 #[tokio::test]
 async fn a_subscription_resumes_from_its_cursor_without_duplicates() {
-    let server = Server::start();
+    let server = server();
     let client = connect(&server, "shop").await;
     let third = client
         .broadcast("shop:events", "tick", json!(3))
@@ -315,22 +321,22 @@ async fn a_subscription_resumes_from_its_cursor_without_duplicates() {
             .channel(":events")
             .cursor(third.cursor),
     );
-    assert_eq!(next_msg(&mut sub).await.op, OP_SUBSCRIBED);
-    let replayed = next_msg(&mut sub).await;
+    assert_eq!(next(&mut sub).await.op, OP_SUBSCRIBED);
+    let replayed = next(&mut sub).await;
     assert_eq!(replayed.data, json!(4));
     client
         .broadcast("shop:events", "tick", json!(5))
         .await
         .expect("broadcast");
-    assert_eq!(next_msg(&mut sub).await.data, json!(5));
+    assert_eq!(next(&mut sub).await.data, json!(5));
 }
 
 #[tokio::test]
 async fn a_bad_channel_ends_the_subscription_with_the_reason() {
-    let server = Server::start();
+    let server = server();
     let client = connect(&server, "shop").await;
     let mut sub = client.subscribe(SubscribeOptions::new().channel("bad channel!"));
-    let first = tokio::time::timeout(HANG_GUARD, futures::StreamExt::next(&mut sub))
+    let first = tokio::time::timeout(PATIENCE, futures::StreamExt::next(&mut sub))
         .await
         .expect("an answer");
     assert!(
@@ -343,10 +349,10 @@ async fn a_bad_channel_ends_the_subscription_with_the_reason() {
 #[tokio::test]
 async fn a_slow_consumer_cut_off_by_the_node_still_gets_every_message() {
     // A tiny per-subscriber queue: not reading makes the node cut the stream.
-    let server = Server::start_with("127.0.0.1:0", &["--subscriber-queue", "4"]);
+    let server = server_on("127.0.0.1:0", &["--subscriber-queue", "4"]);
     let client = connect(&server, "shop").await;
     let mut sub = client.subscribe(SubscribeOptions::new().channel(":bulk"));
-    assert_eq!(next_msg(&mut sub).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut sub).await.op, OP_SUBSCRIBED);
 
     // Enough data to fill the HTTP/2 windows while the subscriber does not read.
     let filler = "x".repeat(100_000);
@@ -361,7 +367,7 @@ async fn a_slow_consumer_cut_off_by_the_node_still_gets_every_message() {
     let mut received = Vec::new();
     let mut reconnects = 0;
     while received.len() < count {
-        let msg = next_msg(&mut sub).await;
+        let msg = next(&mut sub).await;
         match msg.op.as_str() {
             "chunk" => received.push(msg.data["n"].as_u64().expect("n")),
             OP_SUBSCRIBED => reconnects += 1,

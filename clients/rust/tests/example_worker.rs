@@ -7,10 +7,11 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
 
-use common::{HANG_GUARD, Server};
+use common::server;
 use futures::StreamExt;
 use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::{RolloutRequest, SendMsgRequest, ledger, outcome};
+use ipc_testkit::PATIENCE;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{ChildStdout, Command};
@@ -37,7 +38,7 @@ async fn ipcctl(addr: &str, args: &[&str]) -> Output {
         .args(args)
         .env_remove("IPC_TOKEN")
         .output();
-    tokio::time::timeout(HANG_GUARD, run)
+    tokio::time::timeout(PATIENCE, run)
         .await
         .expect("ipcctl finished")
         .expect("running ipcctl")
@@ -46,7 +47,7 @@ async fn ipcctl(addr: &str, args: &[&str]) -> Output {
 /// The next line the worker prints that starts with `prefix`.
 async fn line_starting(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> String {
     loop {
-        let line = tokio::time::timeout(HANG_GUARD, lines.next_line())
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
             .await
             .unwrap_or_else(|_| panic!("no {prefix:?} line in time"))
             .expect("reading the worker's output")
@@ -59,7 +60,7 @@ async fn line_starting(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) 
 
 #[tokio::test]
 async fn the_worker_example_answers_config_get_and_obeys_restart() {
-    let server = Server::start();
+    let server = server();
     let addr = server.url();
     let mut worker = Command::new(example_binary("worker"))
         .args(["--addr", &addr, "--app", "shop"])
@@ -129,7 +130,7 @@ fn subscribed_id(line: &str) -> String {
 
 #[tokio::test]
 async fn a_rollout_restarts_the_worker_and_waits_for_it_to_come_back() {
-    let server = Server::start();
+    let server = server();
     let mut worker = Command::new(example_binary("worker"))
         .args(["--addr", &server.url(), "--app", "shop", "--id", "worker-1"])
         .env_remove("IPC_ADDR")
@@ -151,7 +152,7 @@ async fn a_rollout_restarts_the_worker_and_waits_for_it_to_come_back() {
     };
     let mut events = rpc.rollout(request).await.expect("rollout").into_inner();
     let mut last = None;
-    while let Some(event) = tokio::time::timeout(HANG_GUARD, events.next())
+    while let Some(event) = tokio::time::timeout(PATIENCE, events.next())
         .await
         .expect("rollout event in time")
     {

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{Answer, Record, Shared, asked_counts, worker, worker_with};
-use common::{HANG_GUARD, Server};
+use common::server;
 use futures::StreamExt;
 use ipc_client::{Client, Error, LedgerState, OutcomeStatus, SubscribeOptions};
+use ipc_testkit::{PATIENCE, ServerProcess};
 use serde_json::json;
 
-async fn operator(server: &Server) -> Client {
+async fn operator(server: &ServerProcess) -> Client {
     Client::builder(server.url())
         .app("shop")
         .connect()
@@ -31,7 +32,7 @@ fn statuses(ledger: &ipc_client::Ledger) -> Vec<(String, OutcomeStatus)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gather_names_everyone_with_their_outcome() {
-    let server = Server::start();
+    let server = server();
     let record = Shared::default();
     let url = server.url();
     let _ok = worker(&url, "w-ok", "status", Answer::Ok, record.clone()).await;
@@ -134,7 +135,7 @@ async fn gather_names_everyone_with_their_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_streams_each_outcome_in_waves_and_ends_with_the_ledger() {
-    let server = Server::start();
+    let server = server();
     let record = Shared::default();
     let url = server.url();
     let mut workers = Vec::new();
@@ -167,7 +168,7 @@ async fn rollout_streams_each_outcome_in_waves_and_ends_with_the_ledger() {
     let mut events = rollout().await.expect("rollout");
     let mut seen = Vec::new();
     let mut ledger = None;
-    while let Some(event) = tokio::time::timeout(HANG_GUARD, events.next())
+    while let Some(event) = tokio::time::timeout(PATIENCE, events.next())
         .await
         .expect("an event in time")
     {
@@ -206,7 +207,7 @@ async fn rollout_streams_each_outcome_in_waves_and_ends_with_the_ledger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_stops_past_its_budget_and_a_rerun_by_key_resumes() {
-    let server = Server::start();
+    let server = server();
     let record: Shared = Arc::new(std::sync::Mutex::new(Record::default()));
     let url = server.url();
     let _a = worker(&url, "a", "deploy", Answer::Ok, record.clone()).await;

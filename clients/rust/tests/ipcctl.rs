@@ -6,8 +6,10 @@ mod common;
 use std::process::{Output, Stdio};
 use std::sync::Arc;
 
-use common::{HANG_GUARD, Server, closed_port, ipcctl, ipcctl_command, next_msg};
+use common::{ipcctl, ipcctl_command, server, server_on};
 use ipc_client::{Client, Handlers, OP_SUBSCRIBED, SubscribeOptions};
+use ipc_testkit::redis::free_port;
+use ipc_testkit::{PATIENCE, next};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::ChildStdout;
@@ -33,7 +35,7 @@ fn assert_fails(output: &Output, code: i32, expected: &str) {
 
 #[tokio::test]
 async fn success_prints_json_and_exits_0() {
-    let server = Server::start();
+    let server = server();
     let addr = server.url();
 
     let ping = ipcctl(&addr, None, &["send", "", "ping"]).await;
@@ -62,7 +64,7 @@ async fn success_prints_json_and_exits_0() {
 
 #[tokio::test]
 async fn bad_input_exits_2() {
-    let server = Server::start();
+    let server = server();
     let addr = server.url();
 
     // Usage errors are clap's (several lines, with a hint), status 2.
@@ -88,7 +90,7 @@ async fn bad_input_exits_2() {
 
 #[tokio::test]
 async fn no_responders_exits_3() {
-    let server = Server::start();
+    let server = server();
     let output = ipcctl(&server.url(), None, &["send", "nobody", "config:get"]).await;
     assert_fails(&output, 3, "no responders for target \"nobody\"");
     assert!(output.stdout.is_empty(), "{output:?}");
@@ -96,11 +98,11 @@ async fn no_responders_exits_3() {
 
 #[tokio::test]
 async fn deadline_exceeded_exits_4() {
-    let server = Server::start();
+    let server = server();
     let client = Client::connect(server.url()).await.expect("connect");
     // Subscribed, but never answers.
     let mut silent = client.subscribe(SubscribeOptions::new().id("silent"));
-    assert_eq!(next_msg(&mut silent).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut silent).await.op, OP_SUBSCRIBED);
 
     let args = ["send", "silent", "config:get", "--timeout", "200ms"];
     let output = ipcctl(&server.url(), None, &args).await;
@@ -113,7 +115,7 @@ async fn deadline_exceeded_exits_4() {
 
 #[tokio::test]
 async fn a_reply_carrying_error_exits_5_and_is_still_printed() {
-    let server = Server::start();
+    let server = server();
     let client = Client::builder(server.url())
         .app("shop")
         .connect()
@@ -139,7 +141,7 @@ async fn a_reply_carrying_error_exits_5_and_is_still_printed() {
             .await
             .expect("handlers");
     });
-    tokio::time::timeout(HANG_GUARD, live.notified())
+    tokio::time::timeout(PATIENCE, live.notified())
         .await
         .expect("worker subscribed");
 
@@ -156,7 +158,7 @@ async fn a_reply_carrying_error_exits_5_and_is_still_printed() {
 
 #[tokio::test]
 async fn an_unreachable_server_exits_6() {
-    let addr = format!("http://127.0.0.1:{}", closed_port());
+    let addr = format!("http://127.0.0.1:{}", free_port());
     let output = ipcctl(&addr, None, &["send", "", "ping"]).await;
     assert_fails(&output, 6, &format!("server unreachable: {addr}"));
 
@@ -168,7 +170,7 @@ async fn an_unreachable_server_exits_6() {
 
 #[tokio::test]
 async fn other_failures_exit_1() {
-    let server = Server::start();
+    let server = server();
     // A reply to a request this fleet never issued: NOT_FOUND.
     let output = ipcctl(&server.url(), None, &["reply", "no-such-request", "op"]).await;
     assert_fails(&output, 1, "NOT_FOUND: ");
@@ -176,7 +178,7 @@ async fn other_failures_exit_1() {
 
 /// Reads ipcctl's JSON lines.
 async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
-    let line = tokio::time::timeout(HANG_GUARD, lines.next_line())
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
         .await
         .expect("a line in time")
         .expect("reading ipcctl output")
@@ -186,7 +188,7 @@ async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
 
 #[tokio::test]
 async fn subscribe_prints_json_lines_and_keeps_going_across_a_restart() {
-    let first = Server::start();
+    let mut first = server();
     let port = first.grpc.port();
     let mut tail = ipcctl_command(&first.url(), Some("shop"), &["subscribe", ":events"])
         .stdout(Stdio::piped())
@@ -212,7 +214,7 @@ async fn subscribe_prints_json_lines_and_keeps_going_across_a_restart() {
     assert_eq!(msg["channel"], "shop:events");
 
     first.kill();
-    let _second = Server::start_on(&format!("127.0.0.1:{port}"));
+    let _second = server_on(&format!("127.0.0.1:{port}"), &[]);
     assert_eq!(next_line(&mut lines).await["op"], OP_SUBSCRIBED);
     assert_eq!(next_line(&mut lines).await["op"], "ipc:gap");
     client
@@ -226,7 +228,7 @@ async fn subscribe_prints_json_lines_and_keeps_going_across_a_restart() {
 
 #[tokio::test]
 async fn members_prints_a_table_or_json() {
-    let server = Server::start();
+    let server = server();
     let client = Client::builder(server.url())
         .app("shop")
         .connect()
@@ -237,14 +239,14 @@ async fn members_prints_a_table_or_json() {
         .role("worker")
         .label("zone", "eu");
     let mut worker = client.subscribe(options);
-    assert_eq!(next_msg(&mut worker).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut worker).await.op, OP_SUBSCRIBED);
     let mut other_app = Client::builder(server.url())
         .app("blog")
         .connect()
         .await
         .expect("connect")
         .subscribe(SubscribeOptions::new().id("b-1").role("web"));
-    assert_eq!(next_msg(&mut other_app).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut other_app).await.op, OP_SUBSCRIBED);
 
     let output = ipcctl(&server.url(), Some("shop"), &["members", "--json"]).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
@@ -284,7 +286,7 @@ async fn members_prints_a_table_or_json() {
         .await
         .expect("connect")
         .subscribe(SubscribeOptions::new().id("b-tail").channel("shop:>"));
-    assert_eq!(next_msg(&mut watcher).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut watcher).await.op, OP_SUBSCRIBED);
     let args = ["members", "--channel", ":worker", "--json"];
     let output = ipcctl(&server.url(), Some("shop"), &args).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
@@ -346,7 +348,7 @@ async fn issued_tokens_authenticate_and_refusals_exit_7() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
     std::fs::write(&tokens, entry).unwrap();
-    let server = Server::start_with("127.0.0.1:0", &["--tokens", tokens.to_str().unwrap()]);
+    let server = server_on("127.0.0.1:0", &["--tokens", tokens.to_str().unwrap()]);
     let addr = server.url();
 
     let anonymous = ipcctl(&addr, None, &["broadcast", "shop:worker", "x"]).await;

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::process::Output;
 
 use common::fleet::{Answer, Shared, asked_counts, worker, worker_with};
-use common::{HANG_GUARD, Server, ipcctl};
+use common::{ipcctl, server};
 use ipc_client::SubscribeOptions;
+use ipc_testkit::PATIENCE;
 use serde_json::Value;
 
 fn stdout(output: &Output) -> String {
@@ -58,7 +59,7 @@ async fn grouped(url: &str, id: &str, group: &str, answer: Answer, record: &Shar
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gather_prints_each_member_names_who_failed_and_exits_by_outcome() {
-    let server = Server::start();
+    let server = server();
     let (url, record) = (server.url(), Shared::default());
     let _ok1 = worker(&url, "ok-1", "status", Answer::Ok, record.clone()).await;
     let _ok2 = worker(&url, "ok-2", "status", Answer::Ok, record.clone()).await;
@@ -158,7 +159,7 @@ async fn gather_prints_each_member_names_who_failed_and_exits_by_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_exits_0_when_all_ok_9_when_some_failed_10_when_stopped_by_its_budget() {
-    let server = Server::start();
+    let server = server();
     let (url, record) = (server.url(), Shared::default());
     for id in ["g1", "g2", "g3", "g4", "g5"] {
         grouped(&url, id, "good", Answer::Ok, &record).await;
@@ -293,7 +294,7 @@ async fn rollout_exits_0_when_all_ok_9_when_some_failed_10_when_stopped_by_its_b
 /// `script` gives ipcctl a pseudo-terminal, as an operator's would be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_terminal_a_rollout_shows_a_progress_bar() {
-    let server = Server::start();
+    let server = server();
     let (url, record) = (server.url(), Shared::default());
     for id in ["t1", "t2", "t3"] {
         drop(worker(&url, id, "deploy", Answer::Ok, record.clone()).await);
@@ -307,7 +308,7 @@ async fn on_a_terminal_a_rollout_shows_a_progress_bar() {
         .env("NO_COLOR", "1")
         .kill_on_drop(true)
         .output();
-    let output = tokio::time::timeout(HANG_GUARD, run)
+    let output = tokio::time::timeout(PATIENCE, run)
         .await
         .expect("ipcctl finished")
         .expect("running script (util-linux)");

@@ -6,7 +6,8 @@ mod common;
 
 use std::process::{Output, Stdio};
 
-use common::{HANG_GUARD, Server};
+use common::server;
+use ipc_testkit::PATIENCE;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
@@ -25,7 +26,7 @@ fn ipcctl_command(addr: &str, args: &[&str]) -> Command {
 
 async fn ipcctl(addr: &str, args: &[&str]) -> Output {
     let run = ipcctl_command(addr, args).stdin(Stdio::null()).output();
-    tokio::time::timeout(HANG_GUARD, run)
+    tokio::time::timeout(PATIENCE, run)
         .await
         .expect("ipcctl finished")
         .expect("running ipcctl")
@@ -40,7 +41,7 @@ fn fence_of(output: &Output) -> u64 {
 
 #[tokio::test]
 async fn lock_runs_the_command_with_a_fence_and_refuses_a_second_holder() {
-    let server = Server::start();
+    let server = server();
     let addr = server.url();
 
     let first = ipcctl(
@@ -71,7 +72,7 @@ async fn lock_runs_the_command_with_a_fence_and_refuses_a_second_holder() {
     .spawn()
     .expect("starting the holder");
     let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(HANG_GUARD, lines.next_line())
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
         .await
         .expect("the holder printed its fence")
         .unwrap()
@@ -121,12 +122,12 @@ async fn lock_runs_the_command_with_a_fence_and_refuses_a_second_holder() {
     let mut stdin = holder.stdin.take().unwrap();
     stdin.write_all(b"go\n").await.unwrap();
     drop(stdin);
-    let status = tokio::time::timeout(HANG_GUARD, holder.wait())
+    let status = tokio::time::timeout(PATIENCE, holder.wait())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
-    let waited = tokio::time::timeout(HANG_GUARD, waiter)
+    let waited = tokio::time::timeout(PATIENCE, waiter)
         .await
         .unwrap()
         .unwrap()
@@ -137,7 +138,7 @@ async fn lock_runs_the_command_with_a_fence_and_refuses_a_second_holder() {
 
 #[tokio::test]
 async fn lock_passes_the_commands_status_through_and_releases() {
-    let server = Server::start();
+    let server = server();
     let addr = server.url();
 
     let failed = ipcctl(&addr, &["lock", "app:fails", "--", "sh", "-c", "exit 3"]).await;
@@ -161,7 +162,7 @@ async fn lock_passes_the_commands_status_through_and_releases() {
 
 #[tokio::test]
 async fn limit_allows_the_burst_then_refuses() {
-    let server = Server::start();
+    let server = server();
     let addr = server.url();
     let args = [
         "limit",
@@ -189,7 +190,7 @@ async fn limit_allows_the_burst_then_refuses() {
 
 #[tokio::test]
 async fn a_terminated_ipcctl_passes_the_signal_on_and_releases() {
-    let server = Server::start();
+    let server = server();
     let addr = server.url();
     let mut holder = ipcctl_command(
         &addr,
@@ -207,7 +208,7 @@ async fn a_terminated_ipcctl_passes_the_signal_on_and_releases() {
     .spawn()
     .expect("starting the holder");
     let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
-    tokio::time::timeout(HANG_GUARD, lines.next_line())
+    tokio::time::timeout(PATIENCE, lines.next_line())
         .await
         .expect("the holder printed its fence")
         .unwrap()
@@ -218,7 +219,7 @@ async fn a_terminated_ipcctl_passes_the_signal_on_and_releases() {
     let _stdin = holder.stdin.take();
     let pid = nix::unistd::Pid::from_raw(holder.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(HANG_GUARD, holder.wait())
+    let status = tokio::time::timeout(PATIENCE, holder.wait())
         .await
         .unwrap()
         .unwrap();

@@ -5,9 +5,10 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{HANG_GUARD, Server, next_msg};
+use common::server;
 use futures::StreamExt;
 use ipc_client::{Client, Error, OP_SUBSCRIBED, Publication, SubscribeOptions};
+use ipc_testkit::{PATIENCE, next};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -27,7 +28,7 @@ async fn ipcctl_with_stdin(addr: &str, args: &[&str], stdin: &str) -> std::proce
     let mut input = child.stdin.take().unwrap();
     input.write_all(stdin.as_bytes()).await.unwrap();
     drop(input);
-    tokio::time::timeout(HANG_GUARD, child.wait_with_output())
+    tokio::time::timeout(PATIENCE, child.wait_with_output())
         .await
         .expect("ipcctl finished")
         .unwrap()
@@ -42,14 +43,14 @@ fn lines(output: &std::process::Output) -> Vec<Value> {
 
 #[tokio::test]
 async fn client_publish_answers_each_message_in_order() {
-    let server = Server::start();
+    let server = server();
     let client = Client::builder(server.url())
         .app("shop")
         .connect()
         .await
         .unwrap();
     let mut reader = client.subscribe(SubscribeOptions::new().channel(":metrics"));
-    assert_eq!(next_msg(&mut reader).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut reader).await.op, OP_SUBSCRIBED);
     let mut messages: Vec<_> = (0..50)
         .map(|n| Publication::new(":metrics", "tick", json!(n)))
         .collect();
@@ -64,14 +65,14 @@ async fn client_publish_answers_each_message_in_order() {
     assert!(matches!(&answers[10], Err(Error::InvalidArgument(m)) if m.contains("op")));
     for (n, answer) in answers.iter().enumerate().filter(|(n, _)| *n != 10) {
         let stored = answer.as_ref().unwrap();
-        let msg = next_msg(&mut reader).await;
+        let msg = next(&mut reader).await;
         assert_eq!((&msg.id, msg.data.clone()), (&stored.id, json!(n)));
     }
 }
 
 #[tokio::test]
 async fn a_broadcast_key_is_stored_once() {
-    let server = Server::start();
+    let server = server();
     let client = Client::builder(server.url())
         .app("shop")
         .connect()
@@ -104,14 +105,14 @@ async fn a_broadcast_key_is_stored_once() {
 
 #[tokio::test]
 async fn ipcctl_publish_prints_one_answer_a_line_and_exits_with_the_first_refusal() {
-    let server = Server::start();
+    let server = server();
     let client = Client::builder(server.url())
         .app("shop")
         .connect()
         .await
         .unwrap();
     let mut reader = client.subscribe(SubscribeOptions::new().channel(":jobs"));
-    assert_eq!(next_msg(&mut reader).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut reader).await.op, OP_SUBSCRIBED);
 
     let stdin = [
         r#"{"data": 1}"#,
@@ -134,9 +135,9 @@ async fn ipcctl_publish_prints_one_answer_a_line_and_exits_with_the_first_refusa
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("1 message(s) refused"), "{stderr}");
     let seen: Vec<Value> = [
-        next_msg(&mut reader).await,
-        next_msg(&mut reader).await,
-        next_msg(&mut reader).await,
+        next(&mut reader).await,
+        next(&mut reader).await,
+        next(&mut reader).await,
     ]
     .into_iter()
     .map(|m| m.data)
@@ -155,7 +156,7 @@ async fn ipcctl_publish_prints_one_answer_a_line_and_exits_with_the_first_refusa
 /// so the retry is answered as a duplicate and the message is delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broadcast_retried_after_its_answer_was_lost_is_delivered_once() {
-    let server = Server::start();
+    let server = server();
     let proxy = ipc_testkit::proxy::HoldingProxy::start(server.grpc).await;
     let direct = Client::builder(server.url())
         .app("shop")
@@ -163,7 +164,7 @@ async fn a_broadcast_retried_after_its_answer_was_lost_is_delivered_once() {
         .await
         .unwrap();
     let mut jobs = direct.subscribe(SubscribeOptions::new().channel(":jobs"));
-    assert_eq!(next_msg(&mut jobs).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut jobs).await.op, OP_SUBSCRIBED);
     let through_proxy = Client::builder(format!("http://{}", proxy.addr))
         .app("shop")
         .timeout(std::time::Duration::from_secs(20))
@@ -182,12 +183,12 @@ async fn a_broadcast_retried_after_its_answer_was_lost_is_delivered_once() {
             .broadcast(":jobs", "job:run", json!("once"))
             .await
     });
-    let stored = next_msg(&mut jobs).await;
+    let stored = next(&mut jobs).await;
     assert_eq!(stored.data, json!("once"));
     proxy.cut();
     proxy.hold_answers(false);
 
-    let answer = tokio::time::timeout(HANG_GUARD, sending)
+    let answer = tokio::time::timeout(PATIENCE, sending)
         .await
         .expect("the retry is answered")
         .expect("the broadcasting task")
@@ -202,7 +203,7 @@ async fn a_broadcast_retried_after_its_answer_was_lost_is_delivered_once() {
         .await
         .unwrap();
     assert_eq!(
-        next_msg(&mut jobs).await.op,
+        next(&mut jobs).await.op,
         "marker",
         "the broadcast was delivered twice"
     );

@@ -5,8 +5,9 @@
 
 mod common;
 
-use common::{Server, next_msg};
+use common::server;
 use ipc_client::{Client, Msg, OP_SUBSCRIBED, SubscribeOptions};
+use ipc_testkit::next;
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
@@ -20,7 +21,7 @@ async fn worker(
     client: &Client,
 ) -> impl futures::Stream<Item = Result<Msg, ipc_client::Error>> + Unpin {
     let mut stream = client.subscribe(SubscribeOptions::new().role("worker"));
-    assert_eq!(next_msg(&mut stream).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut stream).await.op, OP_SUBSCRIBED);
     stream
 }
 
@@ -30,7 +31,7 @@ fn trace_id(msg: &Msg) -> Option<&str> {
 
 #[tokio::test]
 async fn a_broadcast_carries_the_opentelemetry_context_it_is_made_in() {
-    let server = Server::start();
+    let server = server();
     let client = Client::builder(server.url())
         .app("shop")
         .connect()
@@ -52,7 +53,7 @@ async fn a_broadcast_carries_the_opentelemetry_context_it_is_made_in() {
         .with_context(context)
         .await
         .unwrap();
-    let msg = next_msg(&mut stream).await;
+    let msg = next(&mut stream).await;
     assert_eq!(
         trace_id(&msg),
         Some("4bf92f3577b34da6a3ce929d0e0e4736"),
@@ -64,13 +65,13 @@ async fn a_broadcast_carries_the_opentelemetry_context_it_is_made_in() {
         .broadcast(":worker", "worker:restart", json!({}))
         .await
         .unwrap();
-    let msg = next_msg(&mut stream).await;
+    let msg = next(&mut stream).await;
     assert!(!msg.headers.contains_key("traceparent"), "{msg:?}");
 }
 
 #[tokio::test]
 async fn a_broadcast_carries_the_trace_of_the_current_tracing_span() {
-    let server = Server::start();
+    let server = server();
     let client = Client::builder(server.url())
         .app("shop")
         .connect()
@@ -90,6 +91,6 @@ async fn a_broadcast_carries_the_trace_of_the_current_tracing_span() {
         .instrument(span)
         .await
         .unwrap();
-    let msg = next_msg(&mut stream).await;
+    let msg = next(&mut stream).await;
     assert_eq!(trace_id(&msg), Some(expected.as_str()), "{msg:?}");
 }

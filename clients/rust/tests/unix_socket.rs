@@ -7,8 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Server, next_msg};
+use common::server;
 use ipc_client::{Client, OP_SUBSCRIBED, SubscribeOptions};
+use ipc_testkit::next;
 use serde_json::json;
 use tokio::net::{TcpStream, UnixListener};
 
@@ -32,7 +33,7 @@ fn socket_in(dir: &tempfile::TempDir) -> PathBuf {
 
 #[tokio::test]
 async fn the_client_works_over_a_unix_socket_in_every_address_form() {
-    let server = Server::start();
+    let server = server();
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = socket_in(&dir);
     relay(&socket, server.grpc);
@@ -67,19 +68,19 @@ async fn the_client_works_over_a_unix_socket_in_every_address_form() {
         .await
         .expect("tcp");
     let mut sub = local.subscribe(SubscribeOptions::new().role("worker"));
-    assert_eq!(next_msg(&mut sub).await.op, OP_SUBSCRIBED);
+    assert_eq!(next(&mut sub).await.op, OP_SUBSCRIBED);
     remote
         .broadcast(":worker", "worker:restart", json!({"via": "tcp"}))
         .await
         .expect("broadcast");
-    let msg = next_msg(&mut sub).await;
+    let msg = next(&mut sub).await;
     assert_eq!(msg.op, "worker:restart");
     assert_eq!(msg.data, json!({"via": "tcp"}));
 }
 
 #[tokio::test]
 async fn ipcctl_takes_a_socket_path_as_address() {
-    let server = Server::start();
+    let server = server();
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = socket_in(&dir);
     relay(&socket, server.grpc);

@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::HANG_GUARD;
+use ipc_testkit::PATIENCE;
 
 /// How a worker answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +105,7 @@ pub async fn worker_with(
     let task = tokio::spawn(async move {
         let _ = handlers.run(&client, options).await;
     });
-    tokio::time::timeout(HANG_GUARD, subscribed.notified())
+    tokio::time::timeout(PATIENCE, subscribed.notified())
         .await
         .expect("the worker subscribed");
     task
