@@ -11,7 +11,7 @@ use std::sync::Arc;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ipc_inject::{AdmissionReview, InjectConfig, ServeError, router, serve_https};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
+use ipc_testkit::tls::{CertFiles, TestCa};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -22,33 +22,6 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 /// The name the API server uses for the webhook Service.
 const SERVICE_HOST: &str = "ipc-server.fleet-ipc.svc";
-
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer =
-            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
-        Self { issuer }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A serving certificate for the webhook Service, as (cert PEM, key PEM).
-    fn server_cert(&self) -> (String, String) {
-        let params = CertificateParams::new(vec![SERVICE_HOST.to_owned()]).expect("params");
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("signed");
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 struct RunningWebhook {
     addr: SocketAddr,
@@ -91,13 +64,11 @@ impl RunningWebhook {
     }
 }
 
-fn write_pair(
-    dir: &Path,
-    (cert, key): &(String, String),
-) -> (std::path::PathBuf, std::path::PathBuf) {
+/// Writes a serving certificate and key as the webhook's `tls.crt` and `tls.key`.
+fn write_pair(dir: &Path, pair: &CertFiles) -> (std::path::PathBuf, std::path::PathBuf) {
     let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
-    std::fs::write(&cert_path, cert).expect("write cert");
-    std::fs::write(&key_path, key).expect("write key");
+    std::fs::write(&cert_path, &pair.cert_pem).expect("write cert");
+    std::fs::write(&key_path, &pair.key_pem).expect("write key");
     (cert_path, key_path)
 }
 
@@ -212,15 +183,15 @@ fn assert_injected(status: StatusCode, body: &[u8]) {
 #[tokio::test]
 async fn webhook_answers_over_h2_and_http1_on_the_deployed_path() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = TestCa::new();
-    let (cert, key) = write_pair(dir.path(), &ca.server_cert());
+    let ca = TestCa::new("webhook test CA");
+    let (cert, key) = write_pair(dir.path(), &ca.server_cert_for(&[SERVICE_HOST]));
     let webhook = RunningWebhook::start(&cert, &key).await;
     let path = deployed_webhook_path();
 
     for alpn in [&b"h2"[..], b"http/1.1"] {
         let (status, body) = request(
             webhook.addr,
-            &ca.pem(),
+            &ca.cert_pem(),
             alpn,
             http::Method::POST,
             &path,
@@ -232,7 +203,7 @@ async fn webhook_answers_over_h2_and_http1_on_the_deployed_path() {
     }
     let (status, body) = request(
         webhook.addr,
-        &ca.pem(),
+        &ca.cert_pem(),
         b"http/1.1",
         http::Method::GET,
         "/healthz",
@@ -253,13 +224,13 @@ async fn webhook_answers_over_h2_and_http1_on_the_deployed_path() {
 #[tokio::test]
 async fn malformed_review_gets_http_400_with_a_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = TestCa::new();
-    let (cert, key) = write_pair(dir.path(), &ca.server_cert());
+    let ca = TestCa::new("webhook test CA");
+    let (cert, key) = write_pair(dir.path(), &ca.server_cert_for(&[SERVICE_HOST]));
     let webhook = RunningWebhook::start(&cert, &key).await;
 
     let (status, body) = request(
         webhook.addr,
-        &ca.pem(),
+        &ca.cert_pem(),
         b"h2",
         http::Method::POST,
         ipc_inject::INJECT_PATH,
@@ -283,7 +254,7 @@ async fn malformed_review_gets_http_400_with_a_reason() {
     // The server keeps serving well-formed requests.
     let (status, body) = request(
         webhook.addr,
-        &ca.pem(),
+        &ca.cert_pem(),
         b"h2",
         http::Method::POST,
         ipc_inject::INJECT_PATH,
@@ -298,13 +269,16 @@ async fn malformed_review_gets_http_400_with_a_reason() {
 #[tokio::test]
 async fn a_client_that_does_not_trust_the_ca_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ca, stranger) = (TestCa::new(), TestCa::new());
-    let (cert, key) = write_pair(dir.path(), &ca.server_cert());
+    let (ca, stranger) = (
+        TestCa::new("webhook test CA"),
+        TestCa::new("webhook test CA"),
+    );
+    let (cert, key) = write_pair(dir.path(), &ca.server_cert_for(&[SERVICE_HOST]));
     let webhook = RunningWebhook::start(&cert, &key).await;
 
     let error = request(
         webhook.addr,
-        &stranger.pem(),
+        &stranger.cert_pem(),
         b"h2",
         http::Method::GET,
         "/healthz",
@@ -315,7 +289,7 @@ async fn a_client_that_does_not_trust_the_ca_is_refused() {
     assert!(error.starts_with("TLS:"), "{error}");
     request(
         webhook.addr,
-        &ca.pem(),
+        &ca.cert_pem(),
         b"h2",
         http::Method::GET,
         "/healthz",
@@ -329,12 +303,15 @@ async fn a_client_that_does_not_trust_the_ca_is_refused() {
 #[tokio::test]
 async fn a_replaced_certificate_is_served_without_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (old_ca, new_ca) = (TestCa::new(), TestCa::new());
-    let (cert, key) = write_pair(dir.path(), &old_ca.server_cert());
+    let (old_ca, new_ca) = (
+        TestCa::new("webhook test CA"),
+        TestCa::new("webhook test CA"),
+    );
+    let (cert, key) = write_pair(dir.path(), &old_ca.server_cert_for(&[SERVICE_HOST]));
     let webhook = RunningWebhook::start(&cert, &key).await;
     request(
         webhook.addr,
-        &old_ca.pem(),
+        &old_ca.cert_pem(),
         b"h2",
         http::Method::GET,
         "/healthz",
@@ -343,10 +320,10 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     .await
     .expect("old certificate served");
 
-    write_pair(dir.path(), &new_ca.server_cert());
+    write_pair(dir.path(), &new_ca.server_cert_for(&[SERVICE_HOST]));
     let (status, _) = request(
         webhook.addr,
-        &new_ca.pem(),
+        &new_ca.cert_pem(),
         b"h2",
         http::Method::GET,
         "/healthz",
@@ -357,7 +334,7 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     assert_eq!(status, StatusCode::OK);
     request(
         webhook.addr,
-        &old_ca.pem(),
+        &old_ca.cert_pem(),
         b"h2",
         http::Method::GET,
         "/healthz",
@@ -371,13 +348,13 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
 #[tokio::test]
 async fn a_broken_replacement_keeps_the_last_good_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = TestCa::new();
-    let (cert, key) = write_pair(dir.path(), &ca.server_cert());
+    let ca = TestCa::new("webhook test CA");
+    let (cert, key) = write_pair(dir.path(), &ca.server_cert_for(&[SERVICE_HOST]));
     let webhook = RunningWebhook::start(&cert, &key).await;
     // Serving (so past loading the files) before they are broken.
     request(
         webhook.addr,
-        &ca.pem(),
+        &ca.cert_pem(),
         b"http/1.1",
         http::Method::GET,
         "/healthz",
@@ -388,7 +365,7 @@ async fn a_broken_replacement_keeps_the_last_good_certificate() {
     std::fs::write(&cert, "not a certificate").expect("write");
     let (status, _) = request(
         webhook.addr,
-        &ca.pem(),
+        &ca.cert_pem(),
         b"http/1.1",
         http::Method::GET,
         "/healthz",
@@ -435,10 +412,12 @@ async fn the_cert_script_makes_a_certificate_the_api_server_would_accept() {
 #[tokio::test]
 async fn missing_or_bad_certificate_files_fail_at_start_naming_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = TestCa::new();
-    let (cert, key) = write_pair(dir.path(), &ca.server_cert());
+    let ca = TestCa::new("webhook test CA");
+    let (cert, key) = write_pair(dir.path(), &ca.server_cert_for(&[SERVICE_HOST]));
     let other_key = dir.path().join("other.key");
-    std::fs::write(&other_key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    // The key of another certificate: it does not match `cert`.
+    let other = ca.server_cert_for(&[SERVICE_HOST]);
+    std::fs::write(&other_key, other.key_pem).unwrap();
     let missing = dir.path().join("missing.crt");
 
     for (cert, key, named) in [

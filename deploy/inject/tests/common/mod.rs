@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: the repository's files, kustomize
-//! rendering, and strict parsing of Kubernetes objects.
+//! What only the injector's tests need: the repository's files, kustomize
+//! rendering, and strict parsing of Kubernetes objects. (The test CA and the
+//! process and stream helpers every crate's tests share are in `ipc_testkit`.)
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::{Path, PathBuf};
