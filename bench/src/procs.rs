@@ -1,7 +1,9 @@
 //! The processes a run starts and owns: `ipc-server` (embedded or on Redis),
 //! `ipc-sidecar`, `nats-server`, `redis-server`. Each is ready when it says so
 //! (a readiness line, or an answer on its port), is killed when dropped, and is
-//! found or reported missing with a reason the table can print.
+//! found or reported missing with a reason the table can print. The readiness
+//! line is read by `ipc_testkit`'s spawner, as in the tests (the bench already
+//! depends on the testkit for its test CA, so this adds no dependency).
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -11,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use ipc_testkit::process::{READY_PREFIX, ready_field, spawn_ready};
 
 /// How long a process may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -145,52 +148,33 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS line in /proc/PID/status")
 }
 
-/// Spawns `command` with stdout piped and waits for a stdout line starting with
-/// `prefix`; returns the process and that line.
-fn spawn_until_line(
-    mut command: Command,
-    name: &str,
-    prefix: &'static str,
-) -> anyhow::Result<(Process, String)> {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    let stdout = child.stdout.take().context("piped stdout")?;
-    let stderr = child.stderr.take().context("piped stderr")?;
-    let (line_tx, line_rx) = mpsc::channel();
-    // Drain both pipes for the life of the process so it never blocks on a full pipe;
-    // keep the last lines of stderr to explain a failure.
-    std::thread::spawn(move || {
-        let mut line_tx = Some(line_tx);
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(tx) = line_tx.take_if(|_| line.starts_with(prefix)) {
-                let _ = tx.send(line);
-            }
-        }
-    });
+/// Spawns `command` and waits for its readiness line (`listening …`), with the
+/// test harness's spawner; returns the process and that line. On failure, the
+/// error carries the last lines of its stderr.
+fn spawn_until_line(mut command: Command, name: &str) -> anyhow::Result<(Process, String)> {
+    command.stderr(Stdio::piped());
     let (err_tx, err_rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if err_tx.send(line).is_err() {
-                // Nobody listens any more: keep draining.
+    // Drain stderr for the life of the process so it never blocks on a full pipe;
+    // keep its lines to explain a failure.
+    let drain_stderr = |child: &mut Child| {
+        let Some(stderr) = child.stderr.take() else {
+            return;
+        };
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if err_tx.send(line).is_err() {
+                    // Nobody listens any more: keep draining.
+                }
             }
-        }
-    });
-    let mut process = Process { child };
-    match line_rx.recv_timeout(READY_TIMEOUT) {
-        Ok(line) => Ok((process, line)),
-        Err(_) => {
-            let _ = process.child.kill();
-            let _ = process.child.wait();
+        });
+    };
+    match spawn_ready(&mut command, READY_PREFIX, READY_TIMEOUT, drain_stderr) {
+        Ok((child, line)) => Ok((Process { child }, line)),
+        Err(why) => {
             let tail: Vec<String> = err_rx.try_iter().collect();
             let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
-            bail!("{name} printed no `{prefix}` line within {READY_TIMEOUT:?}; stderr: {tail}")
+            bail!("{name} {why}; stderr: {tail}")
         }
     }
 }
@@ -210,7 +194,7 @@ impl IpcServer {
             .args(extra)
             .args(&binary.extra)
             .env("RUST_LOG", "error");
-        let (process, line) = spawn_until_line(command, "ipc-server", "listening ")?;
+        let (process, line) = spawn_until_line(command, "ipc-server")?;
         let grpc = field(&line, "grpc=")?;
         Ok(Self { process, grpc })
     }
@@ -253,7 +237,7 @@ impl Sidecar {
             .args(["--upstream", upstream])
             .args(&binary.extra)
             .env("RUST_LOG", "error");
-        let (process, _line) = spawn_until_line(command, "ipc-sidecar", "listening ")?;
+        let (process, _line) = spawn_until_line(command, "ipc-sidecar")?;
         Ok(Self {
             _process: process,
             socket,
@@ -363,8 +347,7 @@ fn wait_for_greeting(
 
 /// `key=VALUE` from a readiness line.
 fn field(line: &str, key: &str) -> anyhow::Result<SocketAddr> {
-    line.split_whitespace()
-        .find_map(|part| part.strip_prefix(key))
+    ready_field(line, key)
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("readiness line without {key}: {line:?}"))
 }

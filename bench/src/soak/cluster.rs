@@ -3,14 +3,12 @@
 //! a `redis-server` with AOF (`appendfsync always`), `ipc-server` replicas on it,
 //! and `ipc-sidecar`s upstream of all replicas.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -66,32 +64,13 @@ impl Drop for Running {
     }
 }
 
-/// Spawns `command` and waits until its stdout has a line starting with `prefix`.
-fn spawn_ready(mut command: Command, name: &str, prefix: &'static str) -> anyhow::Result<Child> {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    let stdout = child.stdout.take().context("piped stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(tx) = tx.take_if(|_| line.starts_with(prefix)) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    if rx.recv_timeout(READY_TIMEOUT).is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("{name} did not print `{prefix}` within {READY_TIMEOUT:?}");
-    }
-    Ok(child)
+/// Spawns `command` and waits until its stdout has a line starting with `prefix`
+/// (with the test harness's spawner; `""`: any line).
+fn spawn_ready(mut command: Command, name: &str, prefix: &str) -> anyhow::Result<Child> {
+    command.stderr(Stdio::null());
+    ipc_testkit::spawn_ready(&mut command, prefix, READY_TIMEOUT, |_| {})
+        .map(|(child, _line)| child)
+        .map_err(|why| anyhow::anyhow!("{name} gave no `{prefix}` line: {why}"))
 }
 
 /// The private Redis: AOF with `appendfsync always`, so a restart loses nothing.
