@@ -8,6 +8,7 @@ mod support;
 use std::process::{Command, Stdio};
 
 use ipc_testkit::ServerProcess;
+use ipc_testkit::http::curl_post_json;
 use support::*;
 
 fn refused(args: &[&str]) -> String {
@@ -210,33 +211,14 @@ fn with_tls_cert_the_console_is_https_and_its_cookie_secure() {
     ]);
     let port = admin_addr(&server).port();
     let body = format!(r#"{{"token":"{secret}"}}"#);
-    let out = Command::new("curl")
-        .args(["-sS", "--fail", "-D", "-", "-o", "/dev/null"])
-        .args(["--cacert", ca.cert_path().to_str().unwrap()])
-        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
-        .args([
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            "@-",
-        ])
-        .arg(format!("https://localhost:{port}/api/login"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(body.as_bytes())?;
-            child.wait_with_output()
-        })
-        .expect("running curl (apt-get install -y curl)");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = curl_post_json(
+        &ca.cert_path(),
+        port,
+        "/api/login",
+        &body,
+        &["-D", "-", "-o", "/dev/null"],
     );
-    let headers = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let headers = String::from_utf8_lossy(&out).to_ascii_lowercase();
     let cookie = headers
         .lines()
         .find(|l| l.starts_with("set-cookie:"))

@@ -1,8 +1,10 @@
 //! Plain HTTP/1.1 against a process's side ports (`/metrics`, `/healthz`, the
-//! console): one request on a fresh connection, and Prometheus samples read from
-//! the answer.
+//! console): one request on a fresh connection, Prometheus samples read from the
+//! answer, and a JSON POST over HTTPS with curl (the webhook, the console's login).
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::process::ServerProcess;
@@ -69,4 +71,46 @@ pub async fn wait_for_metric(server: &ServerProcess, name: &str, done: impl Fn(u
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// POSTs `body` as JSON with curl to `https://localhost:PORT{path}` (localhost
+/// resolved to 127.0.0.1), trusting only the CA in `ca_file`, with `extra` curl
+/// flags (`-D - -o /dev/null`: the headers instead of the body). Returns curl's
+/// stdout; fails the test if curl fails.
+pub fn curl_post_json(
+    ca_file: &Path,
+    port: u16,
+    path: &str,
+    body: &str,
+    extra: &[&str],
+) -> Vec<u8> {
+    use std::io::Write;
+    let out = Command::new("curl")
+        .args(["-sS", "--fail"])
+        .args(extra)
+        .arg("--cacert")
+        .arg(ca_file)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-H", "content-type: application/json"])
+        .args(["--data-binary", "@-"])
+        .arg(format!("https://localhost:{port}{path}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(body.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("running curl (apt-get install -y curl)");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }

@@ -12,8 +12,8 @@
 //! - [`stream`]: [`next`], [`subscribe`] past `ipc:subscribed`, [`until`],
 //!   [`wait_health`] on the health Watch stream, [`eventually`] for polled
 //!   answers; all bounded by [`PATIENCE`].
-//! - [`http`]: one HTTP/1.1 GET on a side port, and Prometheus samples
-//!   ([`metric`], [`wait_for_metric`]).
+//! - [`http`]: one HTTP/1.1 GET on a side port, Prometheus samples ([`metric`],
+//!   [`wait_for_metric`]), a JSON POST over HTTPS with curl.
 //! - [`redis`]: a private `redis-server` on a free port that can be stopped and
 //!   restarted.
 //! - [`tls`]: a test certificate authority and the certificates it signs.

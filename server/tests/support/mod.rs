@@ -1,15 +1,13 @@
 //! What only the server's tests need: `ipc-server` from this crate's build, tokens
-//! files and bearer requests, request builders, a TLS client, resident memory. The
-//! helpers every crate's tests share (processes, streams, health, metrics, the test
-//! CA) are in `ipc_testkit`, re-exported here for the tests' `use support::*`.
+//! files and bearer requests, a TLS client, resident memory. The helpers every
+//! crate's tests share (processes, streams, health, metrics, the test CA, the
+//! request builders of the bad-input campaign) are in `ipc_testkit`, re-exported
+//! here for the tests' `use support::*`.
 #![allow(dead_code, unused_imports)] // each test file uses its own subset
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use ipc_proto::json::to_value;
 use ipc_proto::pb::ipc_client::IpcClient;
-use ipc_proto::pb::{BroadcastRequest, SubscribeRequest};
 use ipc_testkit::ServerProcess;
 use tonic::Request;
 use tonic::transport::Channel;
@@ -63,24 +61,7 @@ pub fn authed<T>(message: T, secret: &str) -> Request<T> {
     request
 }
 
-pub fn broadcast(channel: &str, op: &str, data: serde_json::Value) -> BroadcastRequest {
-    BroadcastRequest {
-        channel: channel.into(),
-        op: op.into(),
-        data: Some(to_value(&data)),
-        headers: HashMap::new(),
-        ..BroadcastRequest::default()
-    }
-}
-
-pub fn subscription(channels: &[&str]) -> SubscribeRequest {
-    SubscribeRequest {
-        channels: channels.iter().map(|c| c.to_string()).collect(),
-        ..SubscribeRequest::default()
-    }
-}
-
-pub use ipc_testkit::bad_input::RawCodec;
+pub use ipc_testkit::bad_input::{RawCodec, broadcast, subscription};
 pub use ipc_testkit::tls::{CertFiles, TestCa};
 pub use ipc_testkit::{
     PATIENCE, end_status, grpcurl, http_answer, http_get, metric, next, subscribe, subscriber_id,
