@@ -432,7 +432,7 @@ impl tonic::codec::Decoder for RawDecoder {
 }
 
 /// Calls `method` with `request`'s raw bytes as its request message; the first
-/// response item (waiting at most 30 s).
+/// response item (waiting at most [`PATIENCE`](crate::stream::PATIENCE)).
 pub async fn raw_call(
     channel: &Channel,
     method: &'static str,
@@ -450,7 +450,7 @@ pub async fn raw_call(
         )
         .await?;
     let mut stream = response.into_inner();
-    match tokio::time::timeout(std::time::Duration::from_secs(30), stream.message()).await {
+    match tokio::time::timeout(crate::stream::PATIENCE, stream.message()).await {
         Ok(Ok(Some(item))) => Ok(item),
         Ok(Ok(None)) => Ok(Vec::new()),
         Ok(Err(status)) => Err(status),

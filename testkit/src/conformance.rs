@@ -25,7 +25,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
 use ipc_core::cursor::Cursor;
 use ipc_core::node::{DEADLINE_HEADER, SubscribeStream};
 use ipc_core::notice::{self, Gap};
@@ -35,8 +34,8 @@ use ipc_proto::pb::{
     BroadcastRequest, MembersRequest, Msg, ReplyRequest, SendMsgRequest, SubscribeRequest,
 };
 
-/// Longest wait for anything expected to happen: a test fails rather than hangs.
-pub const PATIENCE: Duration = Duration::from_secs(30);
+pub use crate::stream::PATIENCE;
+use crate::stream::next;
 
 /// What a fleet under test is made with.
 #[derive(Debug, Clone, Copy)]
@@ -196,13 +195,6 @@ fn watching(id: &str, channels: &[&str], cursor: &str) -> SubscribeRequest {
         cursor: cursor.to_string(),
         ..SubscribeRequest::default()
     }
-}
-
-async fn next(stream: &mut SubscribeStream) -> Arc<Msg> {
-    patiently("next message", stream.next())
-        .await
-        .expect("the stream ended")
-        .unwrap_or_else(|closed| panic!("the node closed the stream: {closed:?}"))
 }
 
 /// The number a message of the suite carries.
