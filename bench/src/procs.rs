@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use ipc_testkit::find_program;
 use ipc_testkit::process::{READY_PREFIX, ready_field, spawn_ready};
 
 /// How long a process may take to become ready.
@@ -73,15 +74,6 @@ pub fn find_binary(name: &str, package: &str) -> Result<Binary, String> {
     Err(format!(
         "{name} not built (cargo build --release -p {package})"
     ))
-}
-
-/// Finds a system program on PATH or in the usual system directories.
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"])
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
 }
 
 /// A port that was free a moment ago.

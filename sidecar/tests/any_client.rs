@@ -33,12 +33,7 @@ fn proto_root() -> PathBuf {
 
 /// A program on the `PATH`, or a failure naming what provides it.
 fn tool(name: &str, install: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(name))
-                .find(|candidate| candidate.exists())
-        })
+    ipc_testkit::find_program(name)
         .unwrap_or_else(|| panic!("{name} not found: {install} (scripts/test does)"))
 }
 

@@ -34,13 +34,8 @@ fn python() -> std::path::PathBuf {
     if venv.exists() {
         return venv;
     }
-    which("python3").expect("python3 with grpcio not found: scripts/test installs it")
-}
-
-fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.exists())
+    ipc_testkit::find_program("python3")
+        .expect("python3 with grpcio not found: scripts/test installs it")
 }
 
 #[tokio::test]

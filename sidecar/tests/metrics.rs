@@ -17,14 +17,9 @@ use ipc_testkit::ServerProcess;
 use ipc_testkit::redis::RedisServer;
 use serde_json::json;
 
-/// `promtool` from PATH (Debian: /usr/bin, package `prometheus`).
+/// `promtool` (Debian: /usr/bin, package `prometheus`).
 fn promtool() -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("promtool"))
-                .find(|candidate| candidate.exists())
-        })
+    ipc_testkit::find_program("promtool")
         .expect("promtool not found: install the Debian package `prometheus` (scripts/test does)")
 }
 

@@ -8,7 +8,8 @@
 //!   [`spawn_ready`] starts one and waits for its readiness line (`listening …`;
 //!   the bench starts its processes with it too), [`ServerProcess`] (`ipc-server`,
 //!   alone or as a replica on Redis) and [`SidecarProcess`] (`ipc-sidecar` of the
-//!   usual test pod, with [`uds_client`] over its socket), [`grpcurl`].
+//!   usual test pod, with [`uds_client`] over its socket), [`find_program`] for
+//!   system programs, [`grpcurl`].
 //! - [`stream`]: [`next`], [`subscribe`] past `ipc:subscribed`, [`until`],
 //!   [`wait_health`] on the health Watch stream, [`eventually`] for polled
 //!   answers; all bounded by [`PATIENCE`].
@@ -36,8 +37,8 @@ pub mod tls;
 
 pub use http::{http_answer, http_get, metric, wait_for_metric};
 pub use process::{
-    POD_ID, READY_TIMEOUT, ServerProcess, SidecarProcess, binary, grpcurl, pod_args, run_grpcurl,
-    spawn_ready, uds_client,
+    POD_ID, READY_TIMEOUT, ServerProcess, SidecarProcess, binary, find_program, grpcurl, pod_args,
+    run_grpcurl, spawn_ready, uds_client,
 };
 pub use stream::{
     PATIENCE, end_status, eventually, next, subscribe, subscriber_id, until, wait_health,

@@ -457,6 +457,16 @@ pub async fn uds_client(path: &Path) -> IpcClient<Channel> {
     IpcClient::new(uds_channel(path).await)
 }
 
+/// A system program on PATH or in the usual system directories (`/usr/sbin` is
+/// often not on a test's PATH).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// `grpcurl` from the workspace's `.venv/bin` (scripts/test installs it there) or
 /// PATH.
 pub fn grpcurl() -> PathBuf {
@@ -464,13 +474,9 @@ pub fn grpcurl() -> PathBuf {
     if venv.exists() {
         return venv;
     }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("grpcurl"))
-                .find(|candidate| candidate.exists())
-        })
-        .expect("grpcurl not found in .venv/bin or PATH: run scripts/test (it installs grpcurl into .venv)")
+    find_program("grpcurl").expect(
+        "grpcurl not found in .venv/bin or PATH: run scripts/test (it installs grpcurl into .venv)",
+    )
 }
 
 /// Runs grpcurl with `args`; returns stdout, failing the test on a non-zero exit.

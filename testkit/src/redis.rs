@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::process::find_program;
 use crate::tls::{CertFiles, TestCa};
 
 /// A running (or stopped) private redis-server.
@@ -136,7 +137,7 @@ impl RedisServer {
     }
 
     fn launch(&mut self) {
-        let binary = which("redis-server").unwrap_or_else(|| {
+        let binary = find_program("redis-server").unwrap_or_else(|| {
             panic!("redis-server is not installed: `apt-get install -y redis-server` (scripts/test does this)")
         });
         let mut command = Command::new(binary);
@@ -191,7 +192,7 @@ impl SentinelServer {
     /// defaults (e.g. `requirepass PW`, `sentinel auth-user MASTER USER`,
     /// `sentinel auth-pass MASTER PW` for a primary with an ACL user).
     pub fn start_with(master: &str, primary_port: u16, extra_config: &[&str]) -> Self {
-        let binary = which("redis-sentinel").unwrap_or_else(|| {
+        let binary = find_program("redis-sentinel").unwrap_or_else(|| {
             panic!("redis-sentinel is not installed: `apt-get install -y redis-sentinel` (scripts/test does this)")
         });
         let dir = tempfile::tempdir().expect("temporary directory for sentinel");
@@ -248,7 +249,7 @@ impl Drop for SentinelServer {
 
 /// Polls `redis-cli --tls … PING` until the server answers.
 fn wait_ready_tls(port: u16, tls: &TlsFiles, deadline: Instant) {
-    let cli = which("redis-cli").unwrap_or_else(|| {
+    let cli = find_program("redis-cli").unwrap_or_else(|| {
         panic!(
             "redis-cli is not installed: `apt-get install -y redis-tools` (scripts/test does this)"
         )
@@ -312,13 +313,4 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding a free port")
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"])
-        .map(|dir| PathBuf::from(dir).join(name))
-        .find(|p| p.exists())
 }

@@ -31,7 +31,7 @@ mod faults;
 mod verdict;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,12 +77,7 @@ struct Args {
 }
 
 fn find_redis() -> anyhow::Result<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"])
-        .map(|dir| Path::new(dir).join("redis-server"))
-        .find(|p| p.is_file())
+    ipc_testkit::find_program("redis-server")
         .context("redis-server is not installed (apt-get install -y redis-server)")
 }
 

@@ -106,14 +106,10 @@ fn differences(path: &str, given: &Value, typed: &Value, out: &mut Vec<String>) 
 
 /// The kubectl binary: `$KUBECTL`, else `kubectl` on the PATH.
 fn kubectl() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("KUBECTL") {
-        return Some(PathBuf::from(path));
+    match std::env::var_os("KUBECTL") {
+        Some(path) => Some(PathBuf::from(path)),
+        None => ipc_testkit::find_program("kubectl"),
     }
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join("kubectl"))
-        .find(|candidate| candidate.is_file())
 }
 
 /// The objects a kustomization directory renders to: `kubectl kustomize DIR` where
