@@ -15,6 +15,7 @@ use ipc_core::coord::{
 };
 use ipc_core::cursor::Cursor;
 use ipc_core::hub::Hub;
+use ipc_core::local::Local;
 use ipc_core::telemetry::{Hop, Kind};
 use ipc_proto::pb::{Member, Msg};
 use opentelemetry::KeyValue;
@@ -64,7 +65,7 @@ struct Inner {
     /// Where the tail is. Read at connect, so that nothing appended after the
     /// server reported ready is missed; `None` = the log's end once connected.
     tail: SharedPosition,
-    hub: OnceLock<Arc<Hub>>,
+    local: OnceLock<Local>,
     exchange: OnceLock<Arc<Exchange>>,
     round_robin: AtomicUsize,
     coordination: Arc<Coordination>,
@@ -119,7 +120,7 @@ impl RedisBus {
                 appends,
                 appends_rx: Mutex::new(Some(appends_rx)),
                 tail: Arc::new(Mutex::new(tail_start)),
-                hub: OnceLock::new(),
+                local: OnceLock::new(),
                 exchange: OnceLock::new(),
                 round_robin: AtomicUsize::new(0),
                 coordination: Arc::new(Coordination::new()),
@@ -129,9 +130,9 @@ impl RedisBus {
         })
     }
 
-    fn hub(&self) -> Result<&Arc<Hub>, BusError> {
+    fn local(&self) -> Result<&Local, BusError> {
         self.inner
-            .hub
+            .local
             .get()
             .ok_or_else(|| BusError::Internal("Redis bus used before attach".into()))
     }
@@ -159,15 +160,15 @@ impl Drop for RedisBus {
 
 #[async_trait]
 impl Bus for RedisBus {
-    fn attach(&self, hub: Arc<Hub>) {
-        if self.inner.hub.set(hub.clone()).is_err() {
+    fn attach(&self, local: Local) {
+        if self.inner.local.set(local.clone()).is_err() {
             return;
         }
         let inner = &self.inner;
         let exchange = Arc::new(Exchange::new(
             inner.link.clone(),
             inner.keys.clone(),
-            hub.clone(),
+            local.clone(),
         ));
         let _ = inner.exchange.set(exchange.clone());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -189,7 +190,7 @@ impl Bus for RedisBus {
         runtime.spawn(log::run_tail(
             inner.link.clone(),
             inner.keys.clone(),
-            hub.clone(),
+            local.clone(),
             inner.tail.clone(),
             inner.config.command_timeout,
             cancel.clone(),
@@ -197,7 +198,7 @@ impl Bus for RedisBus {
         runtime.spawn(presence::run_presence(
             inner.link.clone(),
             inner.keys.clone(),
-            hub,
+            local,
             inner.signals.clone(),
             inner.config.presence_ttl,
             cancel.clone(),
@@ -278,7 +279,7 @@ impl Bus for RedisBus {
         }))
     }
 
-    async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {
+    async fn replay(&self, after: &Cursor, _patterns: &[Pattern]) -> Result<Replay, BusError> {
         log::replay(&self.inner.link, &self.inner.keys, after).await
     }
 
@@ -320,16 +321,18 @@ impl Bus for RedisBus {
         request: Msg,
         deadline: Instant,
     ) -> Result<Msg, RequestError> {
-        let (Ok(hub), Some(exchange)) = (self.hub(), self.exchange()) else {
+        let (Ok(local), Some(exchange)) = (self.local(), self.exchange()) else {
             return Err(RequestError::Unavailable(
                 "Redis bus used before attach".into(),
             ));
         };
         let unavailable = |e: BusError| RequestError::Unavailable(e.to_string());
-        let route =
-            self.inner
-                .directory
-                .route(&self.inner.link, &self.inner.keys, hub.node(), target);
+        let route = self.inner.directory.route(
+            &self.inner.link,
+            &self.inner.keys,
+            local.node_name(),
+            target,
+        );
         let mut nodes = match tokio::time::timeout_at(deadline.into(), route).await {
             Ok(nodes) => nodes.map_err(unavailable)?,
             Err(_) => return Err(RequestError::DeadlineExceeded(target.to_string())),
@@ -347,7 +350,7 @@ impl Bus for RedisBus {
             let mut msg = request.clone();
             let mut hop = Hop::child("redis inbox request", Kind::Client, &msg.headers, || {
                 vec![
-                    KeyValue::new("ipc.node", hub.node().to_string()),
+                    KeyValue::new("ipc.node", local.node_name().to_string()),
                     KeyValue::new("ipc.replica", node.clone()),
                     KeyValue::new("ipc.target", target.to_string()),
                     KeyValue::new("db.system", "redis"),
@@ -422,7 +425,7 @@ impl Bus for RedisBus {
     }
 
     async fn members(&self, local: Vec<Member>) -> Result<Vec<Member>, BusError> {
-        let me = self.hub()?.node().to_string();
+        let me = self.local()?.node_name().to_string();
         let mut all = self
             .inner
             .directory
@@ -556,8 +559,8 @@ impl Bus for RedisBus {
     async fn shutdown(&self) {
         // Stop heartbeats first, so that nothing writes the presence back.
         self.cancel.cancel();
-        if let Ok(hub) = self.hub() {
-            let node = hub.node().to_string();
+        if let Ok(local) = self.local() {
+            let node = local.node_name().to_string();
             if let Err(error) = presence::withdraw(&self.inner.link, &self.inner.keys, &node).await
             {
                 tracing::warn!(%error, "could not remove this replica's presence from Redis");

@@ -1,7 +1,8 @@
 //! Requests between replicas: each replica listens on its own pub/sub inbox
-//! (`P:inbox:NODE`). A request carries its remaining time; the answering replica
-//! hands it to a local subscriber and publishes the outcome back to the asking
-//! replica's inbox. A reply given on a replica other than the one that delivered the
+//! (`P:inbox:NODE`). A request carries its remaining time; the answering replica's
+//! node answers it (`Local::request`, the node's one request path) and the outcome
+//! goes back to the asking replica's inbox. A reply given on a replica other than
+//! the one that delivered the
 //! request travels the same way and is acknowledged, so the replier learns
 //! NOT_FOUND for a late reply wherever it replied.
 //!
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use ipc_core::bus::{BusError, RequestError};
 use ipc_core::fleetops::OP_ID_HEADER;
-use ipc_core::hub::Hub;
+use ipc_core::local::Local;
 use ipc_core::telemetry::{self, Hop, Kind, TraceContext};
 use ipc_proto::pb::Msg;
 use opentelemetry::KeyValue;
@@ -134,7 +135,7 @@ impl Asked {
 pub(crate) struct Exchange {
     link: Arc<Link>,
     keys: Keys,
-    hub: Arc<Hub>,
+    local: Local,
     waiting: Mutex<HashMap<u64, oneshot::Sender<Body>>>,
     next_id: AtomicU64,
 }
@@ -152,18 +153,18 @@ impl Drop for Waiting<'_> {
 }
 
 impl Exchange {
-    pub fn new(link: Arc<Link>, keys: Keys, hub: Arc<Hub>) -> Self {
+    pub fn new(link: Arc<Link>, keys: Keys, local: Local) -> Self {
         Self {
             link,
             keys,
-            hub,
+            local,
             waiting: Mutex::default(),
             next_id: AtomicU64::new(1),
         }
     }
 
     fn node(&self) -> &str {
-        self.hub.node()
+        self.local.node_name()
     }
 
     /// Sends `body` to `node` and waits for its answer until `deadline`.
@@ -268,7 +269,7 @@ impl Exchange {
                 );
             }
             Some(Body::Reply(reply)) => {
-                let outcome = match self.hub.complete_request(reply) {
+                let outcome = match self.local.complete(reply) {
                     Ok(()) => outcome::OK,
                     Err(_) => outcome::NOT_FOUND,
                 };
@@ -288,8 +289,8 @@ impl Exchange {
         }
     }
 
-    /// Hands a request from another replica to a local subscriber and waits for the
-    /// reply, like `Node::request_local`.
+    /// Answers a request from another replica in this node (its one request path)
+    /// and waits for the reply.
     async fn serve_request(&self, request: RemoteRequest) -> RemoteResponse {
         let RemoteRequest {
             target,
@@ -303,7 +304,7 @@ impl Exchange {
             detail,
         };
         match self
-            .hub
+            .local
             .request(&target, msg.unwrap_or_default(), deadline)
             .await
         {

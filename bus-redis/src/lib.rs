@@ -4,7 +4,7 @@
 //! - **The log** is a Redis Stream. A broadcast is acknowledged once its `XADD`
 //!   succeeded; concurrent appends are batched into one pipeline per round trip by a
 //!   single writer task. Every replica tails the stream with `XREAD BLOCK` and hands
-//!   entries to its hub in stream order — a replica's own broadcasts reach its
+//!   entries to its node in stream order — a replica's own broadcasts reach its
 //!   subscribers that way too, so all replicas see one order.
 //! - **Cursors** are `EPOCH.MS-SEQ`: the stream entry id plus a random epoch kept in
 //!   Redis, which changes when Redis lost its data, so stale cursors get `ipc:gap`.
@@ -12,7 +12,8 @@
 //!   Redis hashes that expire unless heartbeated; `Members` and request routing read
 //!   them fleet-wide in one script call.
 //! - **Requests** cross replicas through per-replica pub/sub inboxes, carrying the
-//!   remaining deadline; replies and their acknowledgements come back the same way.
+//!   remaining deadline, and are answered by the node's own request path;
+//!   replies and their acknowledgements come back the same way.
 //! - **Coordination**: leases with fencing numbers and token buckets live in Redis,
 //!   each decision one script; releases are announced on pub/sub to wake waiters.
 //! - **Health** is SERVING only while the command link, the tail, the inbox and the

@@ -1,11 +1,11 @@
 //! The log: a Redis Stream of encoded messages, its epoch, the batching writer,
-//! the tail that feeds the hub, and replay for resuming subscribers.
+//! the tail that feeds the node, and replay for resuming subscribers.
 //!
 //! # Layout
 //! - here: entry ids and cursors, the epoch, reading Redis' replies to stream
 //!   commands, decoding entries.
 //! - [`writer`]: appends batched into pipelines, in queue order.
-//! - [`tail`]: following the log into the hub, and losses from a failover
+//! - [`tail`]: following the log into the node, and losses from a failover
 //!   reported as `ipc:gap` (with a mark in the log for the other replicas).
 //! - [`replay`]: what a resuming subscriber missed, or the gap it cannot have.
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ipc_core::bus::{BusError, Replica};
 use ipc_core::channel::Pattern;
-use ipc_core::hub::Hub;
+use ipc_core::local::Local;
 use ipc_core::responders;
 use ipc_proto::pb::Member;
 use prost::Message as _;
@@ -85,7 +85,7 @@ end
 return out
 ";
 
-/// Signals between the hub (subscribers changed) and the presence task.
+/// Signals between the node (subscribers changed) and the presence task.
 pub(crate) struct PresenceSignals {
     /// Bumped on every subscribe/unsubscribe.
     changes: AtomicU64,
@@ -136,12 +136,12 @@ struct Written {
 pub(crate) async fn run_presence(
     link: Arc<Link>,
     keys: Keys,
-    hub: Arc<Hub>,
+    local: Local,
     signals: Arc<PresenceSignals>,
     ttl: Duration,
     cancel: CancellationToken,
 ) {
-    let node = hub.node().to_string();
+    let node = local.node_name().to_string();
     let mut written = Written::default();
     let mut heartbeat = tokio::time::interval(ttl / 3);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,7 +164,7 @@ pub(crate) async fn run_presence(
             () = pause => {}
         }
         let change = signals.changes.load(Ordering::Acquire);
-        let members = hub.members();
+        let members = local.members();
         retry = match write(&link, &keys, &node, ttl, &members, &mut written).await {
             Ok(()) => {
                 link.health().set(Part::Presence, true);

@@ -141,9 +141,15 @@ async fn throughput_against_raw_redis() {
     })
     .await
     .expect("redis bus");
-    let hub = ipc_core::hub::Hub::new("inproc".into(), 16, Default::default());
-    ipc_core::Bus::attach(&bus, hub);
-    let bus = std::sync::Arc::new(bus);
+    let bus: std::sync::Arc<dyn ipc_core::Bus> = std::sync::Arc::new(bus);
+    let node = ipc_core::Node::new(
+        ipc_core::NodeConfig {
+            name: "inproc".into(),
+            subscriber_queue: 16,
+            ..Default::default()
+        },
+        bus.clone(),
+    );
     let started = Instant::now();
     let appenders = (0..APPENDERS).map(|_| {
         let bus = bus.clone();
@@ -170,7 +176,7 @@ async fn throughput_against_raw_redis() {
         "RedisBus::append in process:   {appended:>10.0} msg/s ({:.0}% of raw XADD, {APPENDERS} tasks)",
         100.0 * appended / raw
     );
-    drop(bus);
+    drop((node, bus));
 
     // The same load on a server alone (memory bus): the cost of gRPC and the node.
     let alone = broadcast_rate(&server(None, "alone")).await;

@@ -4,7 +4,9 @@
 //! [`crate::memory::MemoryBus`] for a node alone, the Redis bus for control-plane
 //! replicas, the upstream bus for a sidecar. A bus owns the log (what `Broadcast`
 //! appends to and `Subscribe` resumes from), delivers every appended entry to the
-//! node's [`Hub`] in log order, and routes requests and replies to other nodes.
+//! node in log order, and routes requests and replies to other nodes. What a bus
+//! does to its node goes through [`Local`], the handle it is attached with: the
+//! rules (who answers a request, in which order) stay in the node.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +19,7 @@ use tokio::sync::watch;
 use crate::channel::Pattern;
 use crate::coord::{InUse, LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
 use crate::cursor::Cursor;
-use crate::hub::Hub;
+use crate::local::Local;
 use crate::node::NodeError;
 
 /// A failure of the bus itself (not of the caller's input).
@@ -112,8 +114,9 @@ pub struct Replica {
 /// The transport under a node.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Connects the bus to the hub it delivers to. Called once, before any other call.
-    fn attach(&self, hub: Arc<Hub>);
+    /// Connects the bus to the node it delivers to. Called once, while the node is
+    /// built and before any other call.
+    fn attach(&self, local: Local);
 
     /// Appends a message (id, ts, channel set) to the log. Returns once the entry is
     /// durable in the bus, with `cursor` set. The entry reaches every node's hub,
@@ -142,16 +145,11 @@ pub trait Bus: Send + Sync + 'static {
         Ok(Box::pin(std::future::ready(Ok(Appended::Stored(stored)))))
     }
 
-    /// Entries after `cursor`, up to the current end of the log.
-    async fn replay(&self, after: &Cursor) -> Result<Replay, BusError>;
-
-    /// [`Bus::replay`] for a subscriber of `patterns`. A bus that holds only part of
-    /// the log (the sidecar's buffer of what its upstream sent) needs the patterns to
-    /// tell whether it can answer; the others ignore them.
-    async fn replay_for(&self, after: &Cursor, patterns: &[Pattern]) -> Result<Replay, BusError> {
-        let _ = patterns;
-        self.replay(after).await
-    }
+    /// Entries after `cursor`, up to the current end of the log, for a subscriber
+    /// of `patterns`. A bus that holds only part of the log (the sidecar's buffer of
+    /// what its upstream sent) needs the patterns to tell whether it can answer; the
+    /// others return every entry and the caller filters.
+    async fn replay(&self, after: &Cursor, patterns: &[Pattern]) -> Result<Replay, BusError>;
 
     /// The position of the newest entry of the log, if the bus can tell. A fresh
     /// subscriber is told it in `ipc:subscribed` (`cursor`), so that it can resume
@@ -173,7 +171,7 @@ pub trait Bus: Send + Sync + 'static {
     }
 
     /// Routes a request to a subscriber of `target` on another node and waits for
-    /// the reply until `deadline`. Called only when no local subscriber matches.
+    /// the reply until `deadline`. Called only when nothing in this node answers it.
     async fn request(
         &self,
         target: &str,
@@ -270,7 +268,7 @@ pub trait Bus: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// The hub's subscribers changed (presence may need an update).
+    /// The node's subscribers changed (presence may need an update).
     fn subscribers_changed(&self) {}
 
     /// `true` while the bus can do its work; health checks follow it.

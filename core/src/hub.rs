@@ -83,13 +83,6 @@ pub struct StreamLimits {
     pub max_per_owner: usize,
 }
 
-impl StreamLimits {
-    pub const NONE: StreamLimits = StreamLimits {
-        max_streams: usize::MAX,
-        max_per_owner: usize::MAX,
-    };
-}
-
 /// Why a subscriber was not registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegisterError {
@@ -265,16 +258,9 @@ impl Hub {
         *self.on_change.lock() = Some(Box::new(callback));
     }
 
-    /// Adds a subscriber. One with the same id is replaced (its stream ends).
-    pub fn register(self: &Arc<Self>, spec: SubscriberSpec) -> Subscription {
-        match self.try_register(spec, StreamLimits::NONE) {
-            Ok(subscription) => subscription,
-            Err(_) => unreachable!("no limit to exceed"),
-        }
-    }
-
-    /// Adds a subscriber within `limits`, checked and applied atomically. Replacing
-    /// a subscriber of the same id and owner (a reconnect) counts as no new one.
+    /// Adds a subscriber within `limits`, checked and applied atomically. One with
+    /// the same id is replaced (its stream ends); replacing a subscriber of the same
+    /// id and owner (a reconnect) counts as no new one.
     pub fn try_register(
         self: &Arc<Self>,
         spec: SubscriberSpec,

@@ -10,10 +10,13 @@
 //!   [`pattern_index`]: the trie that finds the wildcard patterns matching a channel.
 //! - [`queue`]: a subscriber's queue, bounded in messages and bytes of memory;
 //!   [`msg_size`]: the memory a message really takes.
-//! - [`bus`]: the bus trait; [`memory`]: the in-memory bus of a node alone.
+//! - [`bus`]: the bus trait; [`local`]: the narrow handle a bus delivers through
+//!   (fan-out, `ipc:gap`, requests from other nodes, replies, local members);
+//!   [`memory`]: the in-memory bus of a node alone.
 //! - [`node`]: the operations of `ipc.v1.Ipc` over a hub and a bus: its config and
-//!   errors, the input rules every operation checks (`node::rules`), SendMsg and
-//!   Reply, Subscribe with its replay.
+//!   errors, the input rules every operation checks (`node::rules`), requests
+//!   answered in the node in one order (`node::answer`: hooks, local responders,
+//!   built-ins), SendMsg and Reply, Subscribe with its replay.
 //! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
 //! - [`notice`]: `ipc:subscribed` and `ipc:gap`, built and read in one place.
 //! - [`responders`]: who takes requests (responders) and who only watches.
@@ -50,6 +53,7 @@ pub mod fleetops;
 pub mod grpc;
 pub mod hub;
 pub mod limits;
+pub mod local;
 pub mod logging;
 pub mod members;
 pub mod memory;

@@ -17,9 +17,10 @@ use tokio::sync::watch;
 use crate::bus::{
     Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
 };
+use crate::channel::Pattern;
 use crate::cursor::Cursor;
 use crate::fleetops::store::LocalStore;
-use crate::hub::Hub;
+use crate::local::Local;
 
 /// Bounds of the in-memory log.
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +74,7 @@ pub struct MemoryBus {
     epoch: u64,
     retention: Retention,
     log: Mutex<Log>,
-    hub: OnceLock<Arc<Hub>>,
+    local: OnceLock<Local>,
     health: watch::Sender<bool>,
     operations: LocalStore,
 }
@@ -90,7 +91,7 @@ impl MemoryBus {
                 keys: HashMap::new(),
                 expiry: VecDeque::new(),
             }),
-            hub: OnceLock::new(),
+            local: OnceLock::new(),
             health: watch::Sender::new(true),
             operations: LocalStore::default(),
         }
@@ -100,8 +101,8 @@ impl MemoryBus {
 impl MemoryBus {
     /// Appends under the log lock (held by the caller) and fans the entry out.
     fn append_locked(&self, log: &mut Log, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
-        let hub = self
-            .hub
+        let local = self
+            .local
             .get()
             .ok_or_else(|| BusError::Internal("memory bus used before attach".into()))?;
         let seq = log.next_seq;
@@ -124,15 +125,15 @@ impl MemoryBus {
             }
         }
         // Fan-out under the log lock: concurrent appends reach subscribers in log order.
-        hub.dispatch(&msg);
+        local.dispatch(&msg);
         Ok(msg)
     }
 }
 
 #[async_trait]
 impl Bus for MemoryBus {
-    fn attach(&self, hub: Arc<Hub>) {
-        let _ = self.hub.set(hub);
+    fn attach(&self, local: Local) {
+        let _ = self.local.set(local);
     }
 
     async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
@@ -170,7 +171,7 @@ impl Bus for MemoryBus {
         Ok(Box::pin(std::future::ready(Ok(appended))))
     }
 
-    async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {
+    async fn replay(&self, after: &Cursor, _patterns: &[Pattern]) -> Result<Replay, BusError> {
         let log = self.log.lock();
         let last = log.next_seq - 1;
         let first = log.entries.front().map_or(log.next_seq, |(seq, _, _)| *seq);

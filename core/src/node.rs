@@ -8,18 +8,23 @@
 //! - [`rules`]: the input rules every operation checks before acting — sizes,
 //!   headers and labels, ops, timeouts, grants, the rate limit, subscriptions and
 //!   the members a sidecar relays.
-//! - [`request`]: SendMsg (to a subscriber or to the node's built-in ops) and Reply.
+//! - [`answer`]: requests answered in this node — hooks of its own member, local
+//!   responders, built-ins — in one order, for local callers and other nodes alike.
+//! - [`request`]: SendMsg (answered here, through the bus, or by the node's
+//!   built-in ops) and Reply.
 //! - [`subscribe`]: Subscribe: `ipc:subscribed`, the replay from a cursor, then live
 //!   messages without a gap or a duplicate.
 //! - here: the [`Node`] itself, Broadcast (its submission is in
 //!   [`crate::publish`]), Members and shutdown.
 
+pub mod answer;
 mod config;
 mod error;
 mod request;
 mod rules;
 mod subscribe;
 
+pub use answer::{Hooks, OwnMember};
 pub use config::{NodeConfig, RateLimit, default_node_name, hostname};
 pub use error::NodeError;
 pub use rules::before_grpc_deadline;
@@ -38,6 +43,7 @@ use crate::bus::Bus;
 use crate::channel;
 use crate::hub::{Closed, Hub};
 use crate::limits::RateLimiter;
+use crate::local::Local;
 use crate::metrics::Metrics;
 
 /// Who is calling, as the transport established it.
@@ -88,10 +94,22 @@ pub struct Node {
     revocations: crate::revocation::Revocations,
     /// Leases and buckets when the bus keeps none of its own.
     pub(crate) coord: crate::coord::MemoryCoord,
+    /// What the node answers as a member itself (a sidecar's pod), if anything.
+    own: Option<OwnMember>,
 }
 
 impl Node {
     pub fn new(config: NodeConfig, bus: Arc<dyn Bus>) -> Arc<Self> {
+        Self::build(config, bus, None)
+    }
+
+    /// A node that is also a member itself, answering built-in ops sent to its id
+    /// and running its hooks for requests to its channels (a sidecar's pod).
+    pub fn with_own_member(config: NodeConfig, bus: Arc<dyn Bus>, own: OwnMember) -> Arc<Self> {
+        Self::build(config, bus, Some(own))
+    }
+
+    fn build(config: NodeConfig, bus: Arc<dyn Bus>, own: Option<OwnMember>) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::with_queue_limits(
             config.name.clone(),
@@ -102,27 +120,30 @@ impl Node {
             },
             metrics.clone(),
         );
-        bus.attach(hub.clone());
         let presence = Arc::downgrade(&bus);
         hub.on_change(move || {
             if let Some(bus) = presence.upgrade() {
                 bus.subscribers_changed();
             }
         });
-        Arc::new(Self {
-            id_prefix: format!("{:08x}", rand::random::<u32>()),
-            rate: config
-                .rate_limit
-                .map(|r| RateLimiter::new(r.per_second, r.burst)),
-            config,
-            hub,
-            bus,
-            metrics,
-            next_id: AtomicU64::new(1),
-            started_ms: crate::now_ms(),
-            closing: AtomicBool::new(false),
-            revocations: crate::revocation::Revocations::default(),
-            coord: crate::coord::MemoryCoord::new(),
+        Arc::new_cyclic(|node| {
+            bus.attach(Local::new(hub.clone(), node.clone()));
+            Self {
+                id_prefix: format!("{:08x}", rand::random::<u32>()),
+                rate: config
+                    .rate_limit
+                    .map(|r| RateLimiter::new(r.per_second, r.burst)),
+                config,
+                hub,
+                bus,
+                metrics,
+                next_id: AtomicU64::new(1),
+                started_ms: crate::now_ms(),
+                closing: AtomicBool::new(false),
+                revocations: crate::revocation::Revocations::default(),
+                coord: crate::coord::MemoryCoord::new(),
+                own,
+            }
         })
     }
 

@@ -9,6 +9,10 @@
 //! broadcast is skipped (logged) — a burst of `config:reload` runs the hook twice, not
 //! N times; a request waits its turn until its deadline. A request is answered with
 //! the exit code and the tail of the output.
+//!
+//! The node runs a request's hook ([`PodHooks`]) in its one order of who answers
+//! (`ipc_core::node::answer`), for requests from the pod and from the fleet alike;
+//! the upstream bus runs a broadcast's hook before its local subscribers see it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
@@ -17,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use ipc_core::metrics::{Exposition, Kind as MetricKind};
 use ipc_core::telemetry::{Hop, Kind, TraceContext};
 use ipc_proto::pb::Msg;
@@ -193,6 +198,33 @@ impl Hooks {
                     runs,
                 );
             }
+        }
+    }
+}
+
+/// The hooks as the node answers requests to the pod with them: the reply is the
+/// pod's, its data the run's outcome ([`Outcome::data`]) and its `error` the run's.
+pub struct PodHooks {
+    pub hooks: Arc<Hooks>,
+    /// The pod's id: the sender of every reply.
+    pub pod: String,
+}
+
+#[async_trait]
+impl ipc_core::node::Hooks for PodHooks {
+    fn has(&self, op: &str) -> bool {
+        self.hooks.has(op)
+    }
+
+    async fn answer(&self, request: &Msg, deadline: std::time::Instant) -> Msg {
+        let outcome = self.hooks.on_request(request, deadline.into()).await;
+        Msg {
+            op: request.op.clone(),
+            data: Some(ipc_proto::json::to_value(&outcome.data())),
+            error: outcome.error.unwrap_or_default(),
+            sender: self.pod.clone(),
+            ts_ms: ipc_core::now_ms(),
+            ..Msg::default()
         }
     }
 }

@@ -17,7 +17,8 @@
 //!   their keys after a loss.
 //! - [`grants`]: what the pod's token may do upstream; local subscriptions beyond it refused.
 //! - [`ring`]: the recent upstream entries, for local subscribers that resume.
-//! - [`hooks`]: shell commands run for ops.
+//! - [`hooks`]: shell commands run for ops; the node runs them for requests to the
+//!   pod (`ipc_core::node::answer`, one order with local responders and built-ins).
 //! - `leases`: Lock, Unlock, Limit relayed upstream; locks of a local process
 //!   renewed while its connection lives, released when it ends.
 //! - [`health`]: gRPC health and `/healthz`, `/readyz`, `/metrics` on TCP.
@@ -161,7 +162,7 @@ impl Sidecar {
             },
             hooks,
         ));
-        let node = Node::new(
+        let node = Node::with_own_member(
             NodeConfig {
                 name: node_name,
                 default_app: Some(app).filter(|a| !a.is_empty()),
@@ -171,8 +172,11 @@ impl Sidecar {
                 ..NodeConfig::default()
             },
             bus.clone() as Arc<dyn Bus>,
+            // The pod is a member itself: the node runs its hooks for requests to
+            // the pod's channels and answers built-in ops sent to its id.
+            bus.pod(),
         );
-        bus.start(&node);
+        bus.start();
         let telemetry = otlp_endpoint
             .as_deref()
             .map(|endpoint| {

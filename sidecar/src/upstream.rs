@@ -2,8 +2,8 @@
 //!
 //! One Serve stream to a control-plane replica carries the pod's identity (its
 //! id, `app:role`, `app:role:tag`) and the union of the local subscriptions; what
-//! arrives is handed to the hub in log order, and requests among it are answered in
-//! the pod, the answers going back on the same stream ([`replies`]). The pod's
+//! arrives is handed to the node ([`Local`]) in log order, and requests among it are
+//! answered in the pod, the answers going back on the same stream ([`replies`]). The pod's
 //! broadcasts go up on one Publish stream ([`publish`]). SendMsg to other pods and
 //! Members are unary calls on the same connection.
 //!
@@ -30,8 +30,9 @@
 //!   fetching what the ring lacks for a local resume.
 //! - [`coverage`]: the union of the local subscriptions the pod asks for, the local
 //!   members it relays, and when a local subscriber's patterns are covered.
-//! - [`requests`]: answering requests from upstream in the pod (hooks, built-ins,
-//!   local responders) and sending the pod's requests upstream.
+//! - [`requests`]: requests from upstream handed to the node (which answers them
+//!   in its one order: hooks, local responders, built-ins) and their replies sent
+//!   back; the pod's requests the node cannot answer sent upstream.
 //! - [`calls`]: the connection and the metadata, token and error mapping of every
 //!   call to the control plane.
 //! - [`replies`]: the pod's answers on the Serve stream; [`publish`]: the pod's
@@ -39,10 +40,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use ipc_core::NodeError;
 use ipc_core::bus::{
     Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
 };
@@ -51,11 +53,10 @@ use ipc_core::coord::{
     InUse, LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec,
 };
 use ipc_core::cursor::Cursor;
-use ipc_core::hub::Hub;
+use ipc_core::local::Local;
 use ipc_core::metrics::Exposition;
-use ipc_core::node::BUILTIN_OPS;
+use ipc_core::node::OwnMember;
 use ipc_core::telemetry::{Hop, Kind};
-use ipc_core::{Node, NodeError};
 use ipc_proto::pb::{
     BroadcastRequest, BroadcastResponse, Member, MembersRequest, Msg, ReplyRequest,
 };
@@ -67,7 +68,7 @@ use tonic::Code;
 
 use crate::config::PodIdentity;
 use crate::grants::PodGrants;
-use crate::hooks::Hooks;
+use crate::hooks::{Hooks, PodHooks};
 use crate::ring::{Ring, RingLimits};
 
 mod calls;
@@ -116,12 +117,12 @@ pub struct UpstreamBus {
 
 struct Inner {
     config: UpstreamConfig,
-    /// The pod's own channels, exact: hooks and built-in ops serve these.
+    /// The pod's own channels, exact: its hooks run for broadcasts on these.
     pod_channels: HashSet<String>,
     identity_patterns: Vec<Pattern>,
     hooks: Arc<Hooks>,
-    hub: OnceLock<Arc<Hub>>,
-    node: OnceLock<Weak<Node>>,
+    /// The node this bus delivers to.
+    local: OnceLock<Local>,
     /// The connection unary calls use; `None` while disconnected.
     link: watch::Sender<Option<Link>>,
     /// Whether the upstream subscription is established.
@@ -148,8 +149,6 @@ struct Inner {
     serve_replies: replies::ServeReplies,
     /// The pod token's grants, once the control plane told them.
     grants: RwLock<Option<Arc<PodGrants>>>,
-    notice_prefix: String,
-    next_notice: AtomicU64,
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -174,8 +173,7 @@ impl UpstreamBus {
                 pod_channels,
                 identity_patterns,
                 hooks,
-                hub: OnceLock::new(),
-                node: OnceLock::new(),
+                local: OnceLock::new(),
                 link: watch::Sender::new(None),
                 health: watch::Sender::new(false),
                 wanted: watch::Sender::new(0),
@@ -190,8 +188,6 @@ impl UpstreamBus {
                 pod_metadata,
                 serve_replies: replies::ServeReplies::default(),
                 grants: RwLock::new(None),
-                notice_prefix: format!("{:08x}", rand::random::<u32>()),
-                next_notice: AtomicU64::new(1),
                 stop: CancellationToken::new(),
                 task: Mutex::new(None),
             }),
@@ -200,9 +196,22 @@ impl UpstreamBus {
         }
     }
 
-    /// Starts keeping the upstream subscription, for `node` (built on this bus).
-    pub fn start(&self, node: &Arc<Node>) {
-        let _ = self.inner.node.set(Arc::downgrade(node));
+    /// The pod as the node's own member, for `Node::with_own_member`: its id and
+    /// channels, where the node runs the pod's hooks and answers built-in ops.
+    pub fn pod(&self) -> OwnMember {
+        let identity = &self.inner.config.identity;
+        OwnMember {
+            id: identity.id.clone(),
+            channels: self.inner.pod_channels.clone(),
+            hooks: Arc::new(PodHooks {
+                hooks: self.inner.hooks.clone(),
+                pod: identity.id.clone(),
+            }),
+        }
+    }
+
+    /// Starts keeping the upstream subscription (once the node is built on this bus).
+    pub fn start(&self) {
         let task = tokio::spawn(self.inner.clone().run());
         *self.inner.task.lock() = Some(task);
         self.publish.start(&self.inner);
@@ -221,8 +230,8 @@ impl UpstreamBus {
 
 #[async_trait]
 impl Bus for UpstreamBus {
-    fn attach(&self, hub: Arc<Hub>) {
-        let _ = self.inner.hub.set(hub);
+    fn attach(&self, local: Local) {
+        let _ = self.inner.local.set(local);
     }
 
     async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
@@ -276,12 +285,7 @@ impl Bus for UpstreamBus {
         }))
     }
 
-    async fn replay(&self, after: &Cursor) -> Result<Replay, BusError> {
-        let patterns = self.inner.acked.borrow().clone();
-        self.replay_for(after, &patterns).await
-    }
-
-    async fn replay_for(&self, after: &Cursor, patterns: &[Pattern]) -> Result<Replay, BusError> {
+    async fn replay(&self, after: &Cursor, patterns: &[Pattern]) -> Result<Replay, BusError> {
         if let Some(messages) = self.inner.ring.lock().replay(after, patterns) {
             return Ok(Replay {
                 messages,
@@ -317,23 +321,14 @@ impl Bus for UpstreamBus {
         self.inner.cover(patterns).await;
     }
 
+    /// What the pod cannot answer itself (the node tried its hooks, local
+    /// responders and built-ins first) goes to the control plane.
     async fn request(
         &self,
         target: &str,
         request: Msg,
         deadline: Instant,
     ) -> Result<Msg, RequestError> {
-        // The pod's own channels: a hook or a built-in answers without leaving the pod.
-        if self.inner.pod_channels.contains(target)
-            && (self.inner.hooks.has(&request.op)
-                || (target == self.inner.config.identity.id
-                    && BUILTIN_OPS.contains(&request.op.as_str())))
-        {
-            let Some(reply) = self.inner.answer_pod(&request, deadline).await else {
-                return Err(RequestError::DeadlineExceeded(target.to_string()));
-            };
-            return Ok(reply);
-        }
         self.inner.request_upstream(target, request, deadline).await
     }
 
@@ -487,11 +482,7 @@ fn appended(mut msg: Msg, response: BroadcastResponse) -> Appended {
 }
 
 impl Inner {
-    fn hub(&self) -> Option<&Arc<Hub>> {
-        self.hub.get()
-    }
-
-    fn node(&self) -> Option<Arc<Node>> {
-        self.node.get().and_then(Weak::upgrade)
+    fn local(&self) -> Option<&Local> {
+        self.local.get()
     }
 }

@@ -44,15 +44,16 @@ fn pod(server: &ServerProcess, name: &str, retention: usize) -> Arc<Node> {
         },
         Arc::new(Hooks::new(&[], Duration::from_secs(10))),
     ));
-    let node = Node::new(
+    let node = Node::with_own_member(
         NodeConfig {
             name: name.into(),
             default_app: Some("conf".into()),
             ..NodeConfig::default()
         },
         bus.clone(),
+        bus.pod(),
     );
-    bus.start(&node);
+    bus.start();
     node
 }
 

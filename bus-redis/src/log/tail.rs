@@ -1,4 +1,4 @@
-//! The tail: the log followed on a dedicated connection and dispatched to the hub
+//! The tail: the log followed on a dedicated connection and dispatched to the node
 //! in stream order, reconnecting and continuing from the last entry dispatched;
 //! a log that went backwards (a failover lost entries) reported as `ipc:gap`.
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ipc_core::bus::BusError;
 use ipc_core::cursor::Cursor;
-use ipc_core::hub::Hub;
+use ipc_core::local::Local;
 use ipc_core::notice::Gap;
 use ipc_proto::pb::Msg;
 use prost::Message as _;
@@ -61,13 +61,13 @@ pub(crate) async fn current_position(
 pub(crate) type SharedPosition = Arc<parking_lot::Mutex<Option<Position>>>;
 
 /// Follows the log from `position` (or from its end when `None`) on a dedicated
-/// connection, dispatching every entry to the hub in stream order; reconnects with
+/// connection, dispatching every entry to the node in stream order; reconnects with
 /// backoff and continues from the last entry it dispatched. `probe` is the command
 /// link, told to check itself when the tail's connection breaks.
 pub(crate) async fn run_tail(
     probe: Arc<Link>,
     keys: Keys,
-    hub: Arc<Hub>,
+    local: Local,
     position: SharedPosition,
     timeout: Duration,
     cancel: CancellationToken,
@@ -97,7 +97,7 @@ pub(crate) async fn run_tail(
                 health.set(Part::Tail, true);
                 let tailing = Tailing {
                     keys: &keys,
-                    hub: &hub,
+                    local: &local,
                     shared: &position,
                     metrics: probe.metrics(),
                     replication: probe.replication(),
@@ -129,7 +129,7 @@ pub(crate) async fn run_tail(
 /// What a tail needs besides its connection.
 struct Tailing<'a> {
     keys: &'a Keys,
-    hub: &'a Hub,
+    local: &'a Local,
     shared: &'a SharedPosition,
     metrics: &'a RedisMetrics,
     replication: Replication,
@@ -146,7 +146,7 @@ async fn tail_connection(
 ) -> BusError {
     let Tailing {
         keys,
-        hub,
+        local,
         shared,
         metrics,
         replication,
@@ -212,7 +212,7 @@ async fn tail_connection(
                 last: EntryId::ZERO,
             });
             metrics.log_losses.fetch_add(1, Ordering::Relaxed);
-            notify_gap(hub, Gap::new(Some(last.cursor(epoch)), reason));
+            local.gap(Gap::new(Some(last.cursor(epoch)), reason));
             continue;
         }
         let entries = parse_xread(read);
@@ -232,7 +232,7 @@ async fn tail_connection(
         if replication.min_replicas > 0 {
             // Deliver only what a failover cannot take back: a write of ours after
             // the batch, then WAIT, covers every entry before it.
-            match confirm(conn, keys, hub.node(), replication, batch_last).await {
+            match confirm(conn, keys, local.node_name(), replication, batch_last).await {
                 Ok(true) => {}
                 // Not on enough replicas yet: read the same entries again.
                 Ok(false) => continue,
@@ -252,24 +252,15 @@ async fn tail_connection(
             match loss_mark(&msg) {
                 Some((survived, gap)) => {
                     if !tailing.reported.contains(&survived) {
-                        notify_gap(hub, gap);
+                        local.gap(gap);
                     }
                 }
                 None => {
-                    hub.dispatch(&msg);
+                    local.dispatch(&msg);
                 }
             }
         }
     }
-}
-
-/// Sends `gap` to every subscriber of this replica.
-fn notify_gap(hub: &Hub, gap: Gap) {
-    let id = format!("{}-gap-{:x}", hub.node(), rand::random::<u64>());
-    let reached = hub.notify_all(&Arc::new(gap.to_msg(id, hub.node())));
-    hub.metrics()
-        .gaps
-        .fetch_add(reached as u64, Ordering::Relaxed);
 }
 
 /// `None` when the log still holds `known.last` (or is another epoch: the tail's
@@ -328,7 +319,7 @@ async fn rewound(
     let gap = Gap::new(Some(survived.cursor(known.epoch)), reason);
     tailing.reported.push(survived);
     tailing.metrics.log_losses.fetch_add(1, Ordering::Relaxed);
-    notify_gap(tailing.hub, gap.clone());
+    tailing.local.gap(gap.clone());
     *tailing.shared.lock() = Some(Position {
         epoch: known.epoch,
         last: survived,
@@ -336,8 +327,12 @@ async fn rewound(
     // The mark: a message of op ipc:gap on no channel, which no subscriber matches;
     // tails and replays that pass it report the loss.
     let mark = gap.to_msg(
-        format!("{}-loss-{:x}", tailing.hub.node(), rand::random::<u64>()),
-        tailing.hub.node(),
+        format!(
+            "{}-loss-{:x}",
+            tailing.local.node_name(),
+            rand::random::<u64>()
+        ),
+        tailing.local.node_name(),
     );
     let written = redis::cmd("XADD")
         .arg(&tailing.keys.log)

@@ -219,13 +219,13 @@ impl Node {
             ts_ms: crate::now_ms(),
             ..Msg::default()
         };
-        if self.hub().has_responder(member) {
-            match self.hub().request(member, request.clone(), deadline).await {
-                Err(RequestError::NoResponders(_)) => {}
-                other => return other,
-            }
-        }
-        self.bus().request(member, request, deadline).await
+        // The built-ins of a member that is a node (a sidecar's pod) answer an
+        // operation as they answer any caller the node did not authenticate.
+        let caller = Caller {
+            sender: asked.sender.clone(),
+            ..Caller::default()
+        };
+        self.route_request(&caller, member, request, deadline).await
     }
 
     /// The record stored under an operation's key: `None` for a first run. A key

@@ -133,8 +133,9 @@ impl Hub {
         None
     }
 
-    /// Asks a local responder of `target` and waits for its reply until `deadline`:
-    /// the one request path of every bus. The request carries its deadline
+    /// Asks a local responder of `target` and waits for its reply until `deadline`
+    /// (the node's one request path, [`crate::node::answer`], comes here for
+    /// responders). The request carries its deadline
     /// ([`crate::node::DEADLINE_HEADER`]); a relay that could not answer after all
     /// ([`responders::cannot_answer`]) is skipped and the next responder asked.
     pub async fn request(

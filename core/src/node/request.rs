@@ -1,5 +1,6 @@
-//! SendMsg — to one subscriber of a target, here or through the bus, or to the
-//! node's built-in ops — and Reply, delivered to the request it answers.
+//! SendMsg — answered in this node ([`super::answer`]) or through the bus, or by
+//! the node's built-in ops for an empty target — and Reply, delivered to the
+//! request it answers.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -11,7 +12,6 @@ use prost::Message as _;
 use tracing::Instrument as _;
 
 use super::{BUILTIN_OPS, Caller, Node, NodeError, check_op, member_json};
-use crate::bus::RequestError;
 use crate::channel;
 use crate::hub::Hub;
 use crate::metrics::SendOutcome;
@@ -80,7 +80,7 @@ impl Node {
         let timeout = self.request_timeout(req.timeout_ms, grpc_timeout)?;
         let deadline = Instant::now() + timeout;
         if req.target.is_empty() {
-            return self.builtin(caller, &req).await;
+            return self.builtin(caller, &req.op).await;
         }
         let target = channel::parse_name(&req.target, self.app(caller))?;
         self.authorize(caller, "send to", &target, |g| g.may_send(&target))?;
@@ -94,7 +94,7 @@ impl Node {
             ts_ms: crate::now_ms(),
             ..Msg::default()
         };
-        let local = self.hub.has_responder(&target);
+        let local = self.answers_here(&target, &request.op);
         let mut route = accepted.under("route", telemetry::Kind::Internal, || {
             vec![
                 KeyValue::new("ipc.msg_id", request.id.clone()),
@@ -103,43 +103,16 @@ impl Node {
             ]
         });
         route.stamp(&mut request.headers);
-        let result = self.route_request(&target, request, deadline, local).await;
+        let result = self.route_request(caller, &target, request, deadline).await;
         if let Err(error) = &result {
             route.fail(|| error.to_string());
         }
         Ok(result?)
     }
 
-    /// A request to a local responder when there is one, else through the bus.
-    async fn route_request(
-        &self,
-        target: &str,
-        request: Msg,
-        deadline: Instant,
-        local: bool,
-    ) -> Result<Msg, RequestError> {
-        if local {
-            match self.request_local(target, request.clone(), deadline).await {
-                Err(RequestError::NoResponders(_)) => {}
-                other => return other,
-            }
-        }
-        self.bus.request(target, request, deadline).await
-    }
-
-    /// Hands a request to a local subscriber of `target` and waits until `deadline`.
-    /// Buses call this for requests routed here from other nodes.
-    pub async fn request_local(
-        &self,
-        target: &str,
-        request: Msg,
-        deadline: Instant,
-    ) -> Result<Msg, RequestError> {
-        self.hub.request(target, request, deadline).await
-    }
-
-    async fn builtin(&self, caller: &Caller, req: &SendMsgRequest) -> Result<Msg, NodeError> {
-        let data = match req.op.as_str() {
+    /// A built-in op answered by the node itself.
+    pub(super) async fn builtin(&self, caller: &Caller, op: &str) -> Result<Msg, NodeError> {
+        let data = match op {
             "ping" => serde_json::json!({"node": self.config.name, "ts_ms": crate::now_ms()}),
             "members" => {
                 let members = self.members(caller, MembersRequest::default()).await?;
@@ -175,10 +148,10 @@ impl Node {
             }
         };
         Ok(Msg {
-            op: if req.op == "ping" {
+            op: if op == "ping" {
                 "pong".into()
             } else {
-                req.op.clone()
+                op.to_string()
             },
             data: Some(json::to_value(&data)),
             id: self.new_id(),

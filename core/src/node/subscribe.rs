@@ -79,10 +79,7 @@ impl Node {
         // entry after it comes live. Told to the subscriber as a resume point.
         let mut position = None;
         if let Some(cursor) = resume_from {
-            let replay = self
-                .bus
-                .replay_for(&cursor, subscription.patterns())
-                .await?;
+            let replay = self.bus.replay(&cursor, subscription.patterns()).await?;
             if let Some(reason) = replay.gap {
                 self.metrics.gaps.fetch_add(1, Ordering::Relaxed);
                 let gap = crate::notice::Gap::new(Some(cursor), reason);

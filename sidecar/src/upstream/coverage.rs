@@ -16,9 +16,10 @@ use super::session::Active;
 impl Inner {
     /// Every pattern of the local subscribers, as text.
     fn local_patterns(&self) -> HashSet<String> {
-        self.hub()
-            .map(|hub| {
-                hub.subscribers()
+        self.local()
+            .map(|local| {
+                local
+                    .subscribers()
                     .into_iter()
                     .flat_map(|m| m.channels)
                     .collect()
@@ -33,9 +34,10 @@ impl Inner {
     pub(super) fn relayed(&self) -> Vec<Member> {
         let grants = self.grants.read().clone();
         let relayer = &self.config.identity.id;
-        self.hub()
-            .map(|hub| {
-                hub.members()
+        self.local()
+            .map(|local| {
+                local
+                    .members()
                     .into_iter()
                     .filter(|m| grants.as_ref().is_none_or(|g| g.may_relay(m, relayer)))
                     .map(|m| self.with_pod_labels(m))
@@ -69,8 +71,8 @@ impl Inner {
             .map(|p| (p.as_str().to_string(), p.clone()))
             .collect();
         let grants = self.grants.read().clone();
-        if let Some(hub) = self.hub() {
-            for member in hub.subscribers() {
+        if let Some(local) = self.local() {
+            for member in local.subscribers() {
                 for channel in member.channels {
                     if let Ok(pattern) = Pattern::parse(&channel) {
                         // What the token cannot cover stays local: asking for it

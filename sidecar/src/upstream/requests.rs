@@ -1,17 +1,16 @@
-//! Requests both ways: a request from upstream answered in the pod (a hook, a
-//! built-in op of the sidecar, or a local responder), its reply sent back; and a
-//! request of the pod's processes sent upstream with what is left of its deadline.
+//! Requests both ways: a request from upstream answered in the pod by the node (in
+//! its one order: a hook, a local responder, a built-in op on the pod's id), its
+//! reply sent back; and a request the pod cannot answer itself sent upstream with
+//! what is left of its deadline.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipc_core::bus::RequestError;
 use ipc_core::fleetops::OP_ID_HEADER;
-use ipc_core::node::{BUILTIN_OPS, DEADLINE_HEADER};
+use ipc_core::node::DEADLINE_HEADER;
 use ipc_core::responders;
 use ipc_core::telemetry::{self, Hop, Kind, TraceContext};
-use ipc_core::{Caller, NodeError};
-use ipc_proto::json;
 use ipc_proto::pb::{Msg, SendMsgRequest};
 use opentelemetry::KeyValue;
 use tonic::Code;
@@ -58,80 +57,38 @@ impl Inner {
         );
     }
 
-    /// Answers a request that came from upstream: a hook or a built-in of the pod, or
-    /// a local subscriber. `None` when the deadline passed (the caller already knows).
-    async fn answer(&self, msg: Msg, deadline: Instant) -> Option<Msg> {
-        let channel = msg.channel.clone();
+    /// Answers a request that came from upstream in the pod, through the node's one
+    /// request path (its hooks, local responders, built-ins). `None` when the
+    /// deadline passed (the caller already knows).
+    async fn answer(&self, mut msg: Msg, deadline: Instant) -> Option<Msg> {
         let pod = self.config.identity.id.as_str();
         // A request for one member (Gather, Rollout) goes to that process; the pod
-        // itself is a member too (its hooks and built-ins).
-        let member = msg
-            .headers
-            .get(responders::MEMBER_HEADER)
-            .filter(|m| m.as_str() != pod)
-            .cloned();
-        if member.is_none() && self.pod_channels.contains(&channel) && self.hooks.has(&msg.op) {
-            return self.answer_pod(&msg, deadline).await;
-        }
-        let hub = self.hub()?;
-        let local = member.as_deref().unwrap_or(&channel);
-        if hub.has_responder(local) {
-            let node = self.node()?;
-            let mut request = msg.clone();
-            request.reply_to.clear();
-            request.headers.remove(responders::MEMBER_HEADER);
-            match node.request_local(local, request, deadline).await {
-                Ok(reply) => return Some(reply),
-                Err(RequestError::DeadlineExceeded(_)) => return None,
-                Err(RequestError::NoResponders(_)) => {}
-                Err(error) => return Some(error_reply(&msg, error.to_string())),
-            }
-        }
-        if member.is_none() && channel == pod && BUILTIN_OPS.contains(&msg.op.as_str()) {
-            return self.answer_pod(&msg, deadline).await;
-        }
-        // Not answerable here after all (the local responder left, or no hook for
-        // this op): the control plane asks another responder within the deadline.
-        let mut reply = error_reply(
-            &msg,
-            format!("no responders for {local:?} in pod {pod} (op {:?})", msg.op),
-        );
-        reply
-            .headers
-            .insert(responders::CANNOT_ANSWER_HEADER.into(), pod.to_string());
-        Some(reply)
-    }
-
-    /// A request to the pod itself: its hook, else a built-in op of the sidecar.
-    pub(super) async fn answer_pod(&self, msg: &Msg, deadline: Instant) -> Option<Msg> {
-        if self.hooks.has(&msg.op) {
-            let outcome = self.hooks.on_request(msg, deadline.into()).await;
-            return Some(Msg {
-                op: msg.op.clone(),
-                data: Some(json::to_value(&outcome.data())),
-                error: outcome.error.unwrap_or_default(),
-                sender: self.config.identity.id.clone(),
-                ts_ms: ipc_core::now_ms(),
-                ..Msg::default()
-            });
-        }
-        let node = self.node()?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        let request = SendMsgRequest {
-            target: String::new(),
-            op: msg.op.clone(),
-            data: msg.data.clone(),
-            headers: msg.headers.clone(),
-            timeout_ms: left.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+        // itself is a member too (its hooks and built-ins, on the request's channel).
+        let target = match msg.headers.remove(responders::MEMBER_HEADER) {
+            Some(member) if member != pod => member,
+            _ => msg.channel.clone(),
         };
-        let caller = Caller {
-            sender: msg.sender.clone(),
-            ..Caller::default()
-        };
-        match node.send_msg(&caller, request, Some(left)).await {
+        let local = self.local()?;
+        match local.request(&target, msg.clone(), deadline).await {
             Ok(reply) => Some(reply),
-            Err(NodeError::DeadlineExceeded(_)) => None,
-            Err(error) => Some(error_reply(msg, error.to_string())),
+            Err(RequestError::DeadlineExceeded(_)) => None,
+            // Not answerable here after all (the local responder left, or no hook
+            // for this op): the control plane asks another responder within the
+            // deadline.
+            Err(RequestError::NoResponders(_)) => {
+                let mut reply = error_reply(
+                    &msg,
+                    format!(
+                        "no responders for {target:?} in pod {pod} (op {:?})",
+                        msg.op
+                    ),
+                );
+                reply
+                    .headers
+                    .insert(responders::CANNOT_ANSWER_HEADER.into(), pod.to_string());
+                Some(reply)
+            }
+            Err(error) => Some(error_reply(&msg, error.to_string())),
         }
     }
 

@@ -350,8 +350,8 @@ impl Inner {
                 notice::SUBSCRIBED => {}
                 ipc_core::service::REPLY_ERROR_OP => self.reply_not_delivered(&msg),
                 _ => {
-                    if let Some(hub) = self.hub() {
-                        hub.dispatch(&Arc::new(msg));
+                    if let Some(local) = self.local() {
+                        local.dispatch(&Arc::new(msg));
                     }
                 }
             }
@@ -359,8 +359,8 @@ impl Inner {
         }
         let Ok(cursor) = msg.cursor.parse::<Cursor>() else {
             tracing::warn!(cursor = %msg.cursor, "entry with a malformed cursor from upstream; delivered as is");
-            if let Some(hub) = self.hub() {
-                hub.dispatch(&Arc::new(msg));
+            if let Some(local) = self.local() {
+                local.dispatch(&Arc::new(msg));
             }
             return;
         };
@@ -391,23 +391,14 @@ impl Inner {
         if self.pod_channels.contains(&msg.channel) && self.hooks.has(&msg.op) {
             self.hooks.on_broadcast(msg.clone());
         }
-        if let Some(hub) = self.hub() {
-            hub.dispatch(&msg);
+        if let Some(local) = self.local() {
+            local.dispatch(&msg);
         }
     }
 
     pub(super) fn notify_gap(&self, last: Option<Cursor>, reason: &str) {
-        let Some(hub) = self.hub() else { return };
-        let id = format!(
-            "{}-n{}",
-            self.notice_prefix,
-            self.next_notice.fetch_add(1, Ordering::Relaxed)
-        );
-        let notice = Gap::new(last, reason).to_msg(id, &self.config.node_name);
-        let reached = hub.notify_all(&Arc::new(notice));
-        hub.metrics()
-            .gaps
-            .fetch_add(reached as u64, Ordering::Relaxed);
+        let Some(local) = self.local() else { return };
+        let reached = local.gap(Gap::new(last, reason));
         tracing::warn!(reached, reason, "ipc:gap sent to local subscribers");
     }
 
