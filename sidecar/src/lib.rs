@@ -176,7 +176,6 @@ impl Sidecar {
             // the pod's channels and answers built-in ops sent to its id.
             bus.pod(),
         );
-        bus.start();
         let telemetry = otlp_endpoint
             .as_deref()
             .map(|endpoint| {

@@ -210,13 +210,6 @@ impl UpstreamBus {
         }
     }
 
-    /// Starts keeping the upstream subscription (once the node is built on this bus).
-    pub fn start(&self) {
-        let task = tokio::spawn(self.inner.clone().run());
-        *self.inner.task.lock() = Some(task);
-        self.publish.start(&self.inner);
-    }
-
     /// The address of the replica in use, if connected.
     pub fn connected_to(&self) -> Option<String> {
         self.inner.link.borrow().as_ref().map(|l| l.address.clone())
@@ -230,8 +223,18 @@ impl UpstreamBus {
 
 #[async_trait]
 impl Bus for UpstreamBus {
+    /// Starts keeping the upstream subscription and the pod's Publish stream.
     fn attach(&self, local: Local) {
-        let _ = self.inner.local.set(local);
+        if self.inner.local.set(local).is_err() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("upstream bus attached outside a Tokio runtime: it will not run");
+            return;
+        };
+        let task = runtime.spawn(self.inner.clone().run());
+        *self.inner.task.lock() = Some(task);
+        self.publish.start(&self.inner);
     }
 
     async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {

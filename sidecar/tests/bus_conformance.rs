@@ -44,7 +44,7 @@ fn pod(server: &ServerProcess, name: &str, retention: usize) -> Arc<Node> {
         },
         Arc::new(Hooks::new(&[], Duration::from_secs(10))),
     ));
-    let node = Node::with_own_member(
+    Node::with_own_member(
         NodeConfig {
             name: name.into(),
             default_app: Some("conf".into()),
@@ -52,9 +52,7 @@ fn pod(server: &ServerProcess, name: &str, retention: usize) -> Arc<Node> {
         },
         bus.clone(),
         bus.pod(),
-    );
-    bus.start();
-    node
+    )
 }
 
 async fn upstream_fleet(spec: FleetSpec) -> Fleet {
