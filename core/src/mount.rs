@@ -15,13 +15,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tonic::service::Routes;
 use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
-use tonic_health::server::HealthReporter;
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::admission::Admission;
 use crate::connections::{ConnectionLimits, Connections};
@@ -234,15 +235,22 @@ pub struct MountError(#[from] tonic_reflection::server::Error);
 /// its bus is healthy (the Redis link up, the sidecar subscribed upstream), else
 /// NOT_SERVING. Also served on the sidecar's health port for the kubelet's probes.
 pub fn health_service(node: &Arc<Node>) -> HealthServer<impl Health> {
-    let (reporter, service) = tonic_health::server::health_reporter();
+    HealthServer::new(health_checks(node))
+}
+
+/// The checks behind [`health_service`], with the bus's status already set.
+fn health_checks(node: &Arc<Node>) -> HealthService {
+    let reporter = HealthReporter::new();
+    let checks = HealthService::from_health_reporter(reporter.clone());
     let healthy = node.bus().health();
-    // Known before the first probe can arrive.
-    let serving = *healthy.borrow();
-    tokio::spawn(async move {
-        report(&reporter, serving).await;
-        follow_bus_health(healthy, reporter).await;
-    });
-    service
+    // Set before the service is returned, so that a probe arriving right after the
+    // port opens gets the bus's status, never "service not registered" (nor the
+    // reporter's initial SERVING for ""). Nobody else holds the fresh reporter's
+    // lock, so this completes on its first poll; should it not, the task below
+    // reports the same status a moment later.
+    let _ = report(&reporter, *healthy.borrow()).now_or_never();
+    tokio::spawn(follow_bus_health(healthy, reporter));
+    checks
 }
 
 async fn follow_bus_health(mut healthy: watch::Receiver<bool>, reporter: HealthReporter) {
@@ -295,4 +303,33 @@ pub fn map_decode_errors<B>(mut response: http::Response<B>) -> http::Response<B
     };
     let _ = replacement.add_header(response.headers_mut());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_server::Health;
+
+    use super::*;
+    use crate::memory::{MemoryBus, Retention};
+    use crate::node::NodeConfig;
+
+    /// A probe that arrives before any other task ran (the port just opened) gets
+    /// the bus's status, not NOT_FOUND "service not registered".
+    #[tokio::test(flavor = "current_thread")]
+    async fn health_is_known_before_the_first_probe() {
+        let node = Node::new(
+            NodeConfig::default(),
+            Arc::new(MemoryBus::new(Retention::default())),
+        );
+        let service = health_checks(&node);
+        // No yield to the spawned follower before the checks.
+        for name in ["", ipc_proto::pb::ipc_server::SERVICE_NAME] {
+            let request = tonic::Request::new(HealthCheckRequest {
+                service: name.into(),
+            });
+            let status = service.check(request).await.map(|r| r.into_inner().status);
+            assert_eq!(status.ok(), Some(ServingStatus::Serving as i32), "{name:?}");
+        }
+    }
 }
