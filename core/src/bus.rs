@@ -19,47 +19,11 @@ use tokio::sync::watch;
 use crate::channel::Pattern;
 use crate::coord::{InUse, LimitAnswer, LimitSpec, LockAnswer, LockSpec, MemoryCoord, UnlockSpec};
 use crate::cursor::Cursor;
+use crate::error::NodeError;
 use crate::local::Local;
-use crate::node::NodeError;
 
-/// A failure of the bus itself (not of the caller's input).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BusError {
-    /// The bus cannot reach its backend now; the caller may retry.
-    #[error("bus unavailable: {0}")]
-    Unavailable(String),
-    /// The caller's cursor makes no sense for this log.
-    #[error("{0}")]
-    BadCursor(String),
-    #[error("bus error: {0}")]
-    Internal(String),
-    /// The node behind the bus (a sidecar's control plane) refused the request
-    /// itself; the caller sees that refusal, with its status.
-    #[error("{0}")]
-    Refused(crate::node::NodeError),
-}
-
-/// Why a request could not be answered.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RequestError {
-    #[error("no responders for {0:?}")]
-    NoResponders(String),
-    #[error("no reply from {0:?} before the deadline")]
-    DeadlineExceeded(String),
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// Why a reply could not be delivered.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ReplyError {
-    #[error(
-        "no pending request {0:?}: the caller gave up (deadline passed), it was answered already, or the id is unknown"
-    )]
-    NotFound(String),
-    #[error("{0}")]
-    Unavailable(String),
-}
+// The errors of the trait's methods, where a bus's implementer looks for them.
+pub use crate::error::{BusError, ReplyError, RequestError};
 
 /// A Broadcast's idempotency key as a bus stores it: `scoped` is the app id and the
 /// caller's key (`app:key`, keys are per app), remembered for `window`.

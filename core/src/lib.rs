@@ -13,8 +13,10 @@
 //! - [`bus`]: the bus trait; [`local`]: the narrow handle a bus delivers through
 //!   (fan-out, `ipc:gap`, requests from other nodes, replies, local members);
 //!   [`memory`]: the in-memory bus of a node alone.
-//! - [`node`]: the operations of `ipc.v1.Ipc` over a hub and a bus: its config and
-//!   errors, the input rules every operation checks (`node::rules`), requests
+//! - [`error`]: what a caller learns ([`NodeError`]) and what a bus reports
+//!   ([`error::BusError`], [`error::RequestError`], [`error::ReplyError`]); a leaf.
+//! - [`node`]: the operations of `ipc.v1.Ipc` over a hub and a bus: its config,
+//!   the input rules every operation checks (`node::rules`), requests
 //!   answered in the node in one order (`node::answer`: hooks, local responders,
 //!   built-ins), SendMsg and Reply, Subscribe with its replay.
 //! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
@@ -49,6 +51,7 @@ pub mod channel;
 pub mod connections;
 pub mod coord;
 pub mod cursor;
+pub mod error;
 pub mod fleetops;
 pub mod grpc;
 pub mod hub;
@@ -72,7 +75,8 @@ pub mod telemetry;
 pub mod text;
 
 pub use bus::Bus;
-pub use node::{Caller, Node, NodeConfig, NodeError};
+pub use error::NodeError;
+pub use node::{Caller, Node, NodeConfig};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use ipc_proto::pb::{Member, Msg};
 
-use crate::bus::{ReplyError, RequestError};
+use crate::error::{ReplyError, RequestError};
 use crate::hub::Hub;
 use crate::node::{Caller, Node};
 use crate::notice::Gap;

@@ -14,11 +14,10 @@ use ipc_proto::pb::{Member, Msg};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::bus::{
-    Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
-};
+use crate::bus::{Appended, Bus, IdempotencyKey, PendingAppend, Replay};
 use crate::channel::Pattern;
 use crate::cursor::Cursor;
+use crate::error::{BusError, ReplyError, RequestError};
 use crate::fleetops::store::LocalStore;
 use crate::local::Local;
 

@@ -4,7 +4,6 @@
 //!
 //! # Layout
 //! - [`config`]: [`NodeConfig`], its defaults and the node's name.
-//! - [`error`]: [`NodeError`], what a caller learns, and how bus errors map to it.
 //! - [`rules`]: the input rules every operation checks before acting — sizes,
 //!   headers and labels, ops, timeouts, grants, the rate limit, subscriptions and
 //!   the members a sidecar relays.
@@ -19,14 +18,12 @@
 
 pub mod answer;
 mod config;
-mod error;
 mod request;
 mod rules;
 mod subscribe;
 
 pub use answer::{Hooks, OwnMember};
 pub use config::{NodeConfig, RateLimit, default_node_name, hostname};
-pub use error::NodeError;
 pub use rules::before_grpc_deadline;
 pub(crate) use rules::check_op;
 
@@ -41,6 +38,7 @@ use ipc_proto::pb::{BroadcastRequest, BroadcastResponse, Member, MembersRequest,
 use crate::auth::Grants;
 use crate::bus::Bus;
 use crate::channel;
+use crate::error::NodeError;
 use crate::hub::{Closed, Hub};
 use crate::limits::RateLimiter;
 use crate::local::Local;

@@ -21,8 +21,9 @@ use tonic::Status;
 
 use crate::bus::{Appended, IdempotencyKey};
 use crate::channel;
+use crate::error::NodeError;
 use crate::hub::Closed;
-use crate::node::{Caller, Node, NodeError, check_op};
+use crate::node::{Caller, Node, check_op};
 use crate::revocation::RevocationWatch;
 use crate::telemetry::{Hop, Kind, TraceContext};
 use opentelemetry::KeyValue;

@@ -19,9 +19,10 @@ use ipc_proto::pb::{
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::error::NodeError;
 use crate::hub::Closed;
 use crate::metrics::Refusal;
-use crate::node::{Caller, Node, NodeError};
+use crate::node::{Caller, Node};
 
 /// Metadata naming the caller's app id, used for the `:` prefix.
 pub const APP_METADATA: &str = "ipc-app";

@@ -7,8 +7,9 @@
 
 use super::LimitSpec;
 use super::bucket::Bucket;
+use crate::error::NodeError;
 use crate::fleetops::claim::is_claim;
-use crate::node::{Caller, Node, NodeError};
+use crate::node::{Caller, Node};
 
 /// The most leases, and the most buckets, one listing returns.
 pub const MAX_LISTED: usize = 1000;

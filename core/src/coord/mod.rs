@@ -39,10 +39,10 @@ use std::time::{Duration, Instant};
 use ipc_proto::pb::{LimitRequest, LockRequest, UnlockRequest};
 
 use crate::channel;
+use crate::error::NodeError;
 use crate::metrics::Metrics;
 #[cfg(doc)]
 use crate::node::Node;
-use crate::node::NodeError;
 
 pub use bucket::{Bucket, BucketAnswer};
 pub use in_use::{BucketInfo, InUse, LeaseInfo, MAX_LISTED};

@@ -8,7 +8,8 @@ use ipc_proto::pb::{
 };
 
 use super::Session;
-use crate::node::{Caller, Node, NodeError, before_grpc_deadline};
+use crate::error::NodeError;
+use crate::node::{Caller, Node, before_grpc_deadline};
 
 impl Node {
     /// Takes, renews or waits for the lease `req.name`. `grpc_timeout` is what is

@@ -26,7 +26,8 @@ use futures::future::{Either, select};
 use super::Asked;
 use super::ledger::Kind;
 use crate::coord::{LockSpec, UnlockSpec};
-use crate::node::{Node, NodeError};
+use crate::error::NodeError;
+use crate::node::Node;
 
 /// How long a claim lasts without renewal: a key whose coordinator died is free
 /// again after this.

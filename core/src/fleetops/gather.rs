@@ -10,7 +10,8 @@ use prost::Message as _;
 
 use super::ledger::{self, Kind};
 use super::{Asked, Fields};
-use crate::node::{Caller, Node, NodeError};
+use crate::error::NodeError;
+use crate::node::{Caller, Node};
 use crate::telemetry::{self, Hop};
 use opentelemetry::KeyValue;
 use tracing::Instrument as _;

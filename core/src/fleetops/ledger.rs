@@ -95,10 +95,10 @@ pub fn failures(ledger: &Ledger) -> u32 {
 /// The outcome of a request, as the ledger names it.
 pub fn settle(
     outcome: &mut Outcome,
-    result: Result<Msg, crate::bus::RequestError>,
+    result: Result<Msg, crate::error::RequestError>,
     waited_ms: u64,
 ) {
-    use crate::bus::RequestError;
+    use crate::error::RequestError;
     match result {
         Ok(reply) if reply.error.is_empty() => {
             outcome.status = Status::Ok as i32;
@@ -193,7 +193,7 @@ mod tests {
         );
         settle(
             &mut ledger.outcomes[2],
-            Err(crate::bus::RequestError::DeadlineExceeded("c".into())),
+            Err(crate::error::RequestError::DeadlineExceeded("c".into())),
             2000,
         );
         recount(&mut ledger);

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use ipc_proto::pb::{Ledger, Member, Msg};
 
-use crate::bus::RequestError;
 use crate::channel;
-use crate::node::{Caller, Node, NodeError};
+use crate::error::{NodeError, RequestError};
+use crate::node::{Caller, Node};
 use crate::responders;
 use crate::telemetry::{self, Hop, TraceContext};
 use ledger::{Kind, StoredOperation};

@@ -10,7 +10,7 @@ use opentelemetry::KeyValue;
 use tokio::sync::oneshot;
 
 use super::{Hub, SubscriberSpec};
-use crate::bus::{ReplyError, RequestError};
+use crate::error::{ReplyError, RequestError};
 use crate::queue::Delivery;
 use crate::responders;
 use crate::telemetry::{Hop, Kind, TraceContext};

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use ipc_proto::pb::Msg;
 
 use super::{BUILTIN_OPS, Caller, Node, NodeError};
-use crate::bus::RequestError;
+use crate::error::RequestError;
 
 /// Ops a node answers for its own member by running something of its own: a
 /// sidecar's hooks.

@@ -1,7 +1,8 @@
-//! Why an operation failed, as the caller should learn it, and how channel and bus
-//! errors become one.
+//! The errors of the node and of its bus: what a caller learns ([`NodeError`]) and
+//! what the bus reports ([`BusError`], [`RequestError`], [`ReplyError`]), and how
+//! they become one. A leaf: every module may name them, they name none of the
+//! node's modules.
 
-use crate::bus::{BusError, ReplyError, RequestError};
 use crate::channel;
 
 /// Why an operation failed, as the caller should learn it.
@@ -67,4 +68,43 @@ impl From<ReplyError> for NodeError {
             ReplyError::Unavailable(m) => NodeError::Unavailable(m),
         }
     }
+}
+
+/// A failure of the bus itself (not of the caller's input).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    /// The bus cannot reach its backend now; the caller may retry.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The caller's cursor makes no sense for this log.
+    #[error("{0}")]
+    BadCursor(String),
+    #[error("bus error: {0}")]
+    Internal(String),
+    /// The node behind the bus (a sidecar's control plane) refused the request
+    /// itself; the caller sees that refusal, with its status.
+    #[error("{0}")]
+    Refused(NodeError),
+}
+
+/// Why a request could not be answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RequestError {
+    #[error("no responders for {0:?}")]
+    NoResponders(String),
+    #[error("no reply from {0:?} before the deadline")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Why a reply could not be delivered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReplyError {
+    #[error(
+        "no pending request {0:?}: the caller gave up (deadline passed), it was answered already, or the id is unknown"
+    )]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
