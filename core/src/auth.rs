@@ -1,5 +1,5 @@
-//! Authentication and authorization: the tokens file, the [`Grants`] of a caller,
-//! and [`TokenIdentity`], the [`Identify`] that checks `authorization: Bearer`
+//! Authentication and authorization: who is calling ([`Caller`]) and what it may
+//! do ([`Grants`]), the tokens file, and [`TokenIdentity`], the [`Identify`] that checks `authorization: Bearer`
 //! secrets and verified mTLS client certificates against that file.
 //!
 //! # The tokens file (TOML)
@@ -34,7 +34,6 @@ use tonic::Status;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 
 use crate::channel::{self, Pattern};
-use crate::node::Caller;
 use crate::service::{Identify, Peer, app_metadata};
 
 /// Metadata carrying the bearer secret.
@@ -151,6 +150,31 @@ impl Grants {
             lock: list("lock"),
             limit: list("limit"),
         }
+    }
+}
+
+/// Who is calling, as the transport established it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// App id from `ipc-app` metadata or the caller's identity.
+    pub app: Option<String>,
+    /// Name stamped as `sender` on what the caller sends; also the identity that
+    /// per-identity limits count.
+    pub sender: String,
+    /// What an authenticated caller may do; `None` for an unauthenticated caller
+    /// (loopback, a pod's socket, `--insecure`), who may do everything.
+    pub grants: Option<Arc<Grants>>,
+    /// The trace context of the call (`traceparent` metadata): what the operation's
+    /// spans and messages are part of. Without it, a message's own `traceparent`
+    /// header is used.
+    pub trace: Option<crate::telemetry::TraceContext>,
+}
+
+impl Caller {
+    /// Whether the transport proved who this is (token or certificate), so that
+    /// `sender` cannot be spoofed.
+    pub fn is_authenticated(&self) -> bool {
+        self.grants.is_some()
     }
 }
 

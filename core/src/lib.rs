@@ -74,9 +74,10 @@ pub mod service;
 pub mod telemetry;
 pub mod text;
 
+pub use auth::Caller;
 pub use bus::Bus;
 pub use error::NodeError;
-pub use node::{Caller, Node, NodeConfig};
+pub use node::{Node, NodeConfig};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -14,9 +14,10 @@ use std::time::Instant;
 
 use ipc_proto::pb::{Member, Msg};
 
+use crate::auth::Caller;
 use crate::error::{ReplyError, RequestError};
 use crate::hub::Hub;
-use crate::node::{Caller, Node};
+use crate::node::Node;
 use crate::notice::Gap;
 
 /// A bus's handle on its node. Cheap to clone: a bus hands copies to its tasks.

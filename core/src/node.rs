@@ -35,7 +35,7 @@ use futures::Stream;
 use ipc_proto::json;
 use ipc_proto::pb::{BroadcastRequest, BroadcastResponse, Member, MembersRequest, Msg};
 
-use crate::auth::Grants;
+use crate::auth::Caller;
 use crate::bus::Bus;
 use crate::channel;
 use crate::error::NodeError;
@@ -43,31 +43,6 @@ use crate::hub::{Closed, Hub};
 use crate::limits::RateLimiter;
 use crate::local::Local;
 use crate::metrics::Metrics;
-
-/// Who is calling, as the transport established it.
-#[derive(Debug, Clone, Default)]
-pub struct Caller {
-    /// App id from `ipc-app` metadata or the caller's identity.
-    pub app: Option<String>,
-    /// Name stamped as `sender` on what the caller sends; also the identity that
-    /// per-identity limits count.
-    pub sender: String,
-    /// What an authenticated caller may do; `None` for an unauthenticated caller
-    /// (loopback, a pod's socket, `--insecure`), who may do everything.
-    pub grants: Option<Arc<Grants>>,
-    /// The trace context of the call (`traceparent` metadata): what the operation's
-    /// spans and messages are part of. Without it, a message's own `traceparent`
-    /// header is used.
-    pub trace: Option<crate::telemetry::TraceContext>,
-}
-
-impl Caller {
-    /// Whether the transport proved who this is (token or certificate), so that
-    /// `sender` cannot be spoofed.
-    pub fn is_authenticated(&self) -> bool {
-        self.grants.is_some()
-    }
-}
 
 /// An item of a subscriber's stream: a message, or the reason the node ended it.
 pub type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Arc<Msg>, Closed>> + Send>>;

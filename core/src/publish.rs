@@ -19,11 +19,12 @@ use ipc_proto::pb::{BroadcastRequest, BroadcastResponse, Msg};
 use prost::Message as _;
 use tonic::Status;
 
+use crate::auth::Caller;
 use crate::bus::{Appended, IdempotencyKey};
 use crate::channel;
 use crate::error::NodeError;
 use crate::hub::Closed;
-use crate::node::{Caller, Node, check_op};
+use crate::node::{Node, check_op};
 use crate::revocation::RevocationWatch;
 use crate::telemetry::{Hop, Kind, TraceContext};
 use opentelemetry::KeyValue;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use tokio::sync::watch;
 
-use crate::node::Caller;
+use crate::auth::Caller;
 
 /// The revocations of one node: which token names were revoked, and when.
 pub struct Revocations {

@@ -19,10 +19,11 @@ use ipc_proto::pb::{
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::error::NodeError;
 use crate::hub::Closed;
 use crate::metrics::Refusal;
-use crate::node::{Caller, Node};
+use crate::node::Node;
 
 /// Metadata naming the caller's app id, used for the `:` prefix.
 pub const APP_METADATA: &str = "ipc-app";

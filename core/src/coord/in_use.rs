@@ -7,9 +7,10 @@
 
 use super::LimitSpec;
 use super::bucket::Bucket;
+use crate::auth::Caller;
 use crate::error::NodeError;
 use crate::fleetops::claim::is_claim;
-use crate::node::{Caller, Node};
+use crate::node::Node;
 
 /// The most leases, and the most buckets, one listing returns.
 pub const MAX_LISTED: usize = 1000;

@@ -8,8 +8,9 @@ use ipc_proto::pb::{
 };
 
 use super::Session;
+use crate::auth::Caller;
 use crate::error::NodeError;
-use crate::node::{Caller, Node, before_grpc_deadline};
+use crate::node::{Node, before_grpc_deadline};
 
 impl Node {
     /// Takes, renews or waits for the lease `req.name`. `grpc_timeout` is what is

@@ -10,8 +10,9 @@ use prost::Message as _;
 
 use super::ledger::{self, Kind};
 use super::{Asked, Fields};
+use crate::auth::Caller;
 use crate::error::NodeError;
-use crate::node::{Caller, Node};
+use crate::node::Node;
 use crate::telemetry::{self, Hop};
 use opentelemetry::KeyValue;
 use tracing::Instrument as _;

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 use ipc_proto::pb::{Ledger, Member, Msg};
 
+use crate::auth::Caller;
 use crate::channel;
 use crate::error::{NodeError, RequestError};
-use crate::node::{Caller, Node};
+use crate::node::Node;
 use crate::responders;
 use crate::telemetry::{self, Hop, TraceContext};
 use ledger::{Kind, StoredOperation};
