@@ -25,8 +25,9 @@ use axum::Router;
 use axum::routing::{get, post};
 use http::HeaderMap;
 use ipc_core::Node;
-use ipc_core::auth::{AUTHORIZATION_METADATA, Caller, Grants, bearer};
-use ipc_core::service::{Identify, IpcService, Peer, SENDER_METADATA};
+use ipc_core::auth::{Caller, Grants};
+use ipc_core::grpc::identify::{AUTHORIZATION_METADATA, Identify, Peer, SENDER_METADATA, bearer};
+use ipc_core::grpc::service::IpcService;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 

@@ -29,8 +29,8 @@ use tonic::metadata::MetadataMap;
 use tower::{Layer, Service};
 
 use crate::connections::{CallGuard, Connections};
+use crate::grpc::identify::{Identify, Peer};
 use crate::metrics::{Metrics, Refusal};
-use crate::service::{Identify, Peer};
 
 const IPC_PREFIX: &str = "/ipc.v1.Ipc/";
 /// Methods whose request is a stream of messages.

@@ -1,6 +1,8 @@
 //! Authentication and authorization: who is calling ([`Caller`]) and what it may
-//! do ([`Grants`]), the tokens file, and [`TokenIdentity`], the [`Identify`] that checks `authorization: Bearer`
-//! secrets and verified mTLS client certificates against that file.
+//! do ([`Grants`]), the tokens file, and [`TokenIdentity`], the table of that file
+//! in force (reloaded whole). Free of any transport: how a gRPC request's bearer
+//! secret or client certificate becomes a [`Caller`] is
+//! [`crate::grpc::identify`]'s.
 //!
 //! # The tokens file (TOML)
 //!
@@ -30,21 +32,16 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tonic::Status;
-use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 
 use crate::channel::{self, Pattern};
-use crate::service::{Identify, Peer, app_metadata};
 
-/// Metadata carrying the bearer secret.
-pub const AUTHORIZATION_METADATA: &str = "authorization";
 /// Prefix of secrets made by [`new_token`], so that secret scanners can spot them.
 pub const SECRET_PREFIX: &str = "ipct_";
 
 /// A tokens file or a secret that cannot be used; the text says what to fix.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
-pub struct AuthError(String);
+pub struct AuthError(pub(crate) String);
 
 /// What an authenticated caller may do. [`Caller::grants`] is `None` for
 /// unauthenticated callers (loopback or `--insecure`), who may do everything.
@@ -452,13 +449,6 @@ pub fn read_secret_file(path: &Path) -> Result<String, AuthError> {
     Ok(secret.to_string())
 }
 
-/// The `authorization` metadata value for a secret: `Bearer <secret>`.
-pub fn bearer(secret: &str) -> Result<AsciiMetadataValue, AuthError> {
-    format!("Bearer {secret}")
-        .parse()
-        .map_err(|_| AuthError("the secret has characters not allowed in gRPC metadata".into()))
-}
-
 /// The names a client certificate (DER) can be known by: its subject's common
 /// names, then its DNS subject alternative names. Empty when it cannot be parsed.
 pub fn certificate_names(der: &[u8]) -> Vec<String> {
@@ -553,61 +543,11 @@ impl TokenIdentity {
     pub fn table(&self) -> Arc<TokenTable> {
         self.table.read().clone()
     }
-}
 
-fn unauthenticated(message: impl Into<String>) -> Status {
-    Status::unauthenticated(message.into())
-}
-
-impl Identify for TokenIdentity {
-    fn identify(&self, metadata: &MetadataMap, peer: &Peer) -> Result<Caller, Status> {
-        let app = app_metadata(metadata)?;
-        let table = self.table();
-        let caller = |entry: &TokenEntry| Caller {
-            app: app.clone().or_else(|| entry.app.clone()),
-            sender: entry.name.clone(),
-            grants: Some(entry.grants.clone()),
-            trace: None,
-        };
-        if let Some(value) = metadata.get(AUTHORIZATION_METADATA) {
-            let text = value
-                .to_str()
-                .map_err(|_| unauthenticated("authorization metadata is not readable text"))?;
-            let secret = match text.split_once(' ') {
-                Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => secret.trim(),
-                _ => {
-                    return Err(unauthenticated(
-                        "authorization metadata must be `Bearer <secret>`",
-                    ));
-                }
-            };
-            return match table.by_secret(secret) {
-                Some(entry) => Ok(caller(entry)),
-                None => Err(unauthenticated(
-                    "the bearer secret matches no token: check the secret, or whether the tokens file has its entry",
-                )),
-            };
-        }
-        if !peer.cert_names.is_empty() {
-            if let Some(entry) = table.by_certificate(&peer.cert_names) {
-                return Ok(caller(entry));
-            }
-            if self.trust_any_certificate {
-                return Ok(Caller {
-                    app,
-                    sender: peer.cert_names[0].clone(),
-                    grants: Some(Arc::new(Grants::all())),
-                    trace: None,
-                });
-            }
-            return Err(unauthenticated(format!(
-                "client certificate {:?} matches no cert_name in the tokens file",
-                peer.cert_names
-            )));
-        }
-        Err(unauthenticated(
-            "no credentials: send `authorization: Bearer <secret>` metadata, or a client certificate over mTLS",
-        ))
+    /// Whether a verified client certificate that no entry maps is a caller named
+    /// after it, with every grant ([`Self::certificates_only`]).
+    pub fn trusts_any_certificate(&self) -> bool {
+        self.trust_any_certificate
     }
 }
 

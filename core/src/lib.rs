@@ -22,9 +22,9 @@
 //! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
 //! - [`notice`]: `ipc:subscribed` and `ipc:gap`, built and read in one place.
 //! - [`responders`]: who takes requests (responders) and who only watches.
-//! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status codes.
-//! - [`grpc`]: that service as servers mount it, Subscribe streams sending each
-//!   message encoded once for all subscribers.
+//! - [`grpc`]: the tonic adapter: who is calling (metadata, peer, tokens and
+//!   certificates), the `Ipc` service over a node with errors mapped to status
+//!   codes, and that service as servers mount it.
 //! - [`mount`]: what every node serves (`ipc.v1.Ipc`, health, reflection), on TCP
 //!   and Unix listeners, with the same limits, status mapping and drain.
 //! - [`fleetops`]: Gather and Rollout, their ledgers and keys.
@@ -32,7 +32,7 @@
 //! - [`telemetry`]: W3C trace context in metadata and headers, spans per hop,
 //!   exported over OTLP when an endpoint is set.
 //! - [`metrics`]: counters in the Prometheus text format.
-//! - [`auth`]: the tokens file, grants, bearer-secret and mTLS identities;
+//! - [`auth`]: who is calling and what it may do (caller, grants), the tokens file;
 //!   [`revocation`]: the streams of a revoked token ended.
 //! - [`limits`]: the per-identity request rate limit.
 //! - [`text`]: control and direction-override characters refused in client text.
@@ -70,7 +70,6 @@ pub mod publish;
 pub mod queue;
 pub mod responders;
 pub mod revocation;
-pub mod service;
 pub mod telemetry;
 pub mod text;
 

@@ -2,7 +2,7 @@
 //! the sidecar's pod socket serve the same routes with the same limits and answer
 //! every input with the same status.
 //!
-//! [`Mount`] holds `ipc.v1.Ipc` ([`crate::grpc::IpcServer`]), `grpc.health.v1`
+//! [`Mount`] holds `ipc.v1.Ipc` ([`crate::grpc::server::IpcServer`]), `grpc.health.v1`
 //! following the bus's health, and reflection v1 and v1alpha; [`Mount::serve`] serves
 //! them on any number of listeners (TCP and Unix) behind the [`Admission`] layer,
 //! with the frame limit and the HTTP/2 bounds below, maps undecodable and oversized
@@ -26,9 +26,10 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::admission::Admission;
 use crate::connections::{ConnectionLimits, Connections};
-use crate::grpc::IpcServer;
+use crate::grpc::identify::{Identify, MetadataIdentity};
+use crate::grpc::server::IpcServer;
+use crate::grpc::service::IpcService;
 use crate::node::Node;
-use crate::service::{Identify, IpcService, MetadataIdentity};
 
 /// Most concurrent calls (HTTP/2 streams) on one connection, unless configured.
 pub const DEFAULT_MAX_CONNECTION_STREAMS: u32 = 1024;

@@ -218,7 +218,7 @@ pub fn parse_window(text: &str) -> Result<std::time::Duration, String> {
 /// The answer to a message Publish refused: Broadcast's status as `code` and
 /// `error`, no cursor.
 pub fn refused(error: NodeError) -> BroadcastResponse {
-    let status = crate::service::status(error);
+    let status = crate::grpc::service::status(error);
     BroadcastResponse {
         error: status.message().to_string(),
         code: status.code() as i32,
@@ -296,7 +296,7 @@ where
                 }
                 () = self.revocation.revoked(&self.caller), if self.ending.is_none() => {
                     self.node.metrics().revoked_streams.fetch_add(1, Ordering::Relaxed);
-                    self.ending = Some(crate::service::closed_status(Closed::Revoked));
+                    self.ending = Some(crate::grpc::service::closed_status(Closed::Revoked));
                 }
                 next = self.requests.next(), if reading => match next {
                     None => self.input_done = true,

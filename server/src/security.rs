@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use ipc_core::NodeConfig;
 use ipc_core::auth::TokenIdentity;
+use ipc_core::grpc::identify::{Identify, MetadataIdentity};
 use ipc_core::node::RateLimit;
-use ipc_core::service::{Identify, MetadataIdentity};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// Authentication and transport security flags.

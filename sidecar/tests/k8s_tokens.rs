@@ -39,9 +39,10 @@ fn issue_token(out: &Path, args: &[&str]) -> String {
 /// `message` with `authorization: Bearer <secret>`.
 fn authed<T>(message: T, secret: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", ipc_core::auth::bearer(secret).unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        ipc_core::grpc::identify::bearer(secret).unwrap(),
+    );
     request
 }
 

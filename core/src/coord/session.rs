@@ -54,7 +54,7 @@ impl Session {
 
 /// The connect info of a tracked Unix-socket connection: what tonic's own
 /// `UdsConnectInfo` says (the peer's credentials), and the connection's session.
-/// [`crate::service::IpcService`] reads either.
+/// [`crate::grpc::service::IpcService`] reads either.
 #[derive(Debug, Clone)]
 pub struct LocalConnection {
     pub uds: tonic::transport::server::UdsConnectInfo,

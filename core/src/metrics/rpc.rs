@@ -1,5 +1,5 @@
 //! Per-RPC metrics of `ipc.v1.Ipc`: a count and a latency histogram per method and
-//! status code, recorded by [`crate::grpc::IpcServer`] around every call.
+//! status code, recorded by [`crate::grpc::server::IpcServer`] around every call.
 //!
 //! Unary methods are timed from the request's arrival to the response (the whole
 //! handling); streaming methods (Subscribe, Publish, Rollout, Serve) to the opening

@@ -55,9 +55,10 @@ pub fn token(name: &str, app: &str, grants: &str) -> (String, String) {
 /// A request carrying `authorization: Bearer <secret>`.
 pub fn authed<T>(message: T, secret: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", ipc_core::auth::bearer(secret).unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        ipc_core::grpc::identify::bearer(secret).unwrap(),
+    );
     request
 }
 

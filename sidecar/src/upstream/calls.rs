@@ -66,7 +66,7 @@ impl Inner {
     pub(super) fn upstream_sender<'a>(&'a self, sender: &'a str) -> &'a str {
         if sender.is_empty()
             || sender == "anonymous"
-            || ipc_core::service::LocalProcess::is_sender(sender)
+            || ipc_core::grpc::identify::LocalProcess::is_sender(sender)
         {
             self.config.identity.id.as_str()
         } else {
@@ -117,14 +117,14 @@ impl Inner {
         let sender = self.upstream_sender(sender);
         let metadata = request.metadata_mut();
         if let Some(app) = &self.pod_metadata.app {
-            metadata.insert(ipc_core::service::APP_METADATA, app.clone());
+            metadata.insert(ipc_core::grpc::identify::APP_METADATA, app.clone());
         }
         let sender = match &self.pod_metadata.sender {
             Some(pod) if sender == self.config.identity.id => Some(pod.clone()),
             _ => sender.parse().ok(),
         };
         if let Some(sender) = sender {
-            metadata.insert(ipc_core::service::SENDER_METADATA, sender);
+            metadata.insert(ipc_core::grpc::identify::SENDER_METADATA, sender);
         }
         if let Some(token) = self.token.read().clone() {
             metadata.insert("authorization", token);

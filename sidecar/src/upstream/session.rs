@@ -348,7 +348,7 @@ impl Inner {
                     self.notify_gap(last, &format!("upstream: {reason}"));
                 }
                 notice::SUBSCRIBED => {}
-                ipc_core::service::REPLY_ERROR_OP => self.reply_not_delivered(&msg),
+                ipc_core::grpc::service::REPLY_ERROR_OP => self.reply_not_delivered(&msg),
                 _ => {
                     if let Some(local) = self.local() {
                         local.dispatch(&Arc::new(msg));
