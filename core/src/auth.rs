@@ -24,7 +24,7 @@
 //! missing list grants nothing. Secrets are never stored: only their SHA-256. A
 //! request names its token with `authorization: Bearer <secret>`; a wrong or
 //! missing secret is UNAUTHENTICATED, a request its grants do not cover is
-//! PERMISSION_DENIED. [`new_token`] makes a secret and its entry.
+//! PERMISSION_DENIED. [`ipc_proto::token::new_token`] makes a secret and its entry.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,9 +34,6 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::channel::{self, Pattern};
-
-/// Prefix of secrets made by [`new_token`], so that secret scanners can spot them.
-pub const SECRET_PREFIX: &str = "ipct_";
 
 /// A tokens file or a secret that cannot be used; the text says what to fix.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -344,7 +341,7 @@ impl TokenTable {
 fn parse_entry(raw: EntryFormat) -> Result<TokenEntry, AuthError> {
     let name = raw.name;
     let context = |m: String| AuthError(format!("tokens file, entry {name:?}: {m}"));
-    check_name(&name).map_err(context)?;
+    ipc_proto::token::check_name(&name).map_err(context)?;
     if let Some(app) = &raw.app {
         channel::check_segment("app", app).map_err(context)?;
     }
@@ -385,11 +382,6 @@ fn parse_entry(raw: EntryFormat) -> Result<TokenEntry, AuthError> {
     })
 }
 
-/// A token name: it becomes the `sender` of messages, so it is kept readable.
-fn check_name(name: &str) -> Result<(), String> {
-    channel::check_segment("token name", name)
-}
-
 fn parse_hash(text: &str) -> Result<[u8; 32], String> {
     let bytes = hex::decode(text.trim()).map_err(|e| format!("sha256 {text:?} is not hex: {e}"))?;
     bytes.try_into().map_err(|bytes: Vec<u8>| {
@@ -403,34 +395,6 @@ fn parse_hash(text: &str) -> Result<[u8; 32], String> {
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
-}
-
-/// The SHA-256 of a secret in hex, as the tokens file stores it.
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-/// A new random secret for a token named `name`, and the tokens-file entry that
-/// accepts it (granting nothing until its lists are filled in). Backs
-/// `ipcctl token new NAME`: print the secret once, append the entry to the file.
-pub fn new_token(name: &str) -> Result<(String, String), AuthError> {
-    check_name(name).map_err(AuthError)?;
-    let secret = format!("{SECRET_PREFIX}{}", hex::encode(rand::random::<[u8; 32]>()));
-    let entry = format!(
-        r#"[[token]]
-name = "{name}"
-sha256 = "{hash}"
-# app = "shop"          # default app id for channels written ":x"
-broadcast = []          # channels it may Broadcast to, e.g. ["shop:>"]
-send = []               # targets it may SendMsg to, e.g. ["shop:>"]
-subscribe = []          # patterns it may Subscribe to, e.g. ["shop:>"]
-members = false         # whether it may list members
-lock = []               # lock names it may Lock and Unlock, e.g. ["shop:jobs:>"]
-limit = []              # rate-limit buckets it may use, e.g. ["shop:>"]
-"#,
-        hash = hash_secret(&secret),
-    );
-    Ok((secret, entry))
 }
 
 /// Reads a secret from a file (a mounted Kubernetes Secret, say): surrounding

@@ -7,6 +7,10 @@
 
 use std::fmt;
 
+use ipc_proto::names::is_name_char;
+// One alphabet for every name, shared with the clients (see ipc_proto::names).
+pub use ipc_proto::names::check_segment;
+
 /// The longest channel name or pattern accepted, in bytes.
 pub const MAX_CHANNEL_BYTES: usize = 256;
 
@@ -183,22 +187,6 @@ pub fn parse_pattern(raw: &str, app: Option<&str>) -> Result<Pattern, ChannelErr
     Pattern::parse(&expand(raw, app)?)
 }
 
-/// Validates one name segment (an app id, a role, a tag): no `:` and no wildcard.
-pub fn check_segment(what: &str, value: &str) -> Result<(), String> {
-    if value.is_empty() {
-        return Err(format!("{what} is empty"));
-    }
-    if value.len() > 64 {
-        return Err(format!("{what} {value:?} is longer than 64 bytes"));
-    }
-    match value.chars().find(|c| !is_name_char(*c)) {
-        Some(ch) => Err(format!(
-            "{what} {value:?} has invalid character {ch:?}: use letters, digits and _ . - /"
-        )),
-        None => Ok(()),
-    }
-}
-
 fn check_length(text: &str) -> Result<(), ChannelError> {
     if text.is_empty() {
         return Err(ChannelError::Empty);
@@ -220,10 +208,6 @@ fn check_literal(channel: &str, literal: &str) -> Result<(), ChannelError> {
         });
     }
     Ok(())
-}
-
-fn is_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/')
 }
 
 /// Keeps error messages about huge inputs short.

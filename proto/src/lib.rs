@@ -10,6 +10,9 @@
 //!   that shows one to people or to JSON.
 //! - [`backoff`]: the pauses between reconnection attempts of every client of the
 //!   contract (the Rust client, the sidecar's upstream, the Redis bus).
+//! - [`names`]: the characters of names (channel segments, app ids, roles, tokens).
+//! - [`token`]: bearer secrets and tokens-file entries as `ipcctl token new` makes
+//!   them and the server checks them.
 
 /// Generated code for package `ipc.v1`.
 pub mod pb {
@@ -23,6 +26,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub mod backoff;
 pub mod json;
+pub mod names;
+pub mod token;
 
 pub use prost_types;
 

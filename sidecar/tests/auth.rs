@@ -10,7 +10,7 @@ use tonic::Code;
 #[tokio::test]
 async fn upstream_refusals_reach_local_callers_with_their_status() {
     let dir = tempfile::tempdir().unwrap();
-    let (secret, entry) = ipc_core::auth::new_token("pod-web").unwrap();
+    let (secret, entry) = ipc_proto::token::new_token("pod-web").unwrap();
     let entry = entry
         .replace("# app = \"shop\"", &format!("app = \"{APP}\""))
         .replace("broadcast = []", &format!("broadcast = [\"{APP}:web\"]"))

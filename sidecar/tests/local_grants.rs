@@ -13,7 +13,7 @@ use tonic::Code;
 #[tokio::test]
 async fn a_local_subscription_beyond_the_pods_grants_is_refused_and_the_pod_stays_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let (secret, entry) = ipc_core::auth::new_token("pod-web").unwrap();
+    let (secret, entry) = ipc_proto::token::new_token("pod-web").unwrap();
     let grants =
         format!("subscribe = [\"{APP}:web\", \"{APP}:web:*\", \"{POD_ID}\", \"{POD_ID}:>\"]");
     let entry = entry

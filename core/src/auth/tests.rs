@@ -1,4 +1,5 @@
 use super::*;
+use ipc_proto::token::{SECRET_PREFIX, hash_secret, new_token};
 
 fn table(text: &str) -> TokenTable {
     TokenTable::parse(text).unwrap()

@@ -44,10 +44,10 @@ impl TokensFile {
 
 /// A `[[token]]` entry with a fresh secret; returns (secret, entry).
 pub fn token(name: &str, app: &str, grants: &str) -> (String, String) {
-    let (secret, _) = ipc_core::auth::new_token(name).unwrap();
+    let (secret, _) = ipc_proto::token::new_token(name).unwrap();
     let entry = format!(
         "[[token]]\nname = \"{name}\"\napp = \"{app}\"\nsha256 = \"{}\"\n{grants}\n",
-        ipc_core::auth::hash_secret(&secret)
+        ipc_proto::token::hash_secret(&secret)
     );
     (secret, entry)
 }

@@ -305,7 +305,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// `ipcctl token new NAME`: the secret goes to stderr so that redirecting stdout
 /// into the tokens file never writes it there.
 fn new_token(name: &str) -> ExitCode {
-    match ipc_core::auth::new_token(name) {
+    match ipc_proto::token::new_token(name) {
         Ok((secret, entry)) => {
             eprintln!(
                 "secret (shown once; clients send `authorization: Bearer <secret>`): {secret}"
@@ -313,7 +313,7 @@ fn new_token(name: &str) -> ExitCode {
             print!("{entry}");
             ExitCode::SUCCESS
         }
-        Err(err) => fail(exit::BAD_INPUT, &err.to_string()),
+        Err(err) => fail(exit::BAD_INPUT, &err),
     }
 }
 

@@ -1,5 +1,6 @@
 use super::*;
-use crate::auth::{TokenTable, hash_secret, new_token};
+use crate::auth::TokenTable;
+use ipc_proto::token::{hash_secret, new_token};
 
 fn table(text: &str) -> TokenTable {
     TokenTable::parse(text).unwrap()
