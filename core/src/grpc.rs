@@ -8,9 +8,11 @@
 //!   bearer secrets and client certificates.
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status
 //!   codes. No logic of its own.
+//! - [`publish`]: the Publish stream, answered in order with a bounded window.
 //! - [`server`]: that service as servers mount it, Subscribe streams sending each
 //!   message encoded once for all subscribers.
 
 pub mod identify;
+pub mod publish;
 pub mod server;
 pub mod service;

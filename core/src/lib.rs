@@ -19,12 +19,12 @@
 //!   the input rules every operation checks (`node::rules`), requests
 //!   answered in the node in one order (`node::answer`: hooks, local responders,
 //!   built-ins), SendMsg and Reply, Subscribe with its replay.
-//! - [`publish`]: Broadcast's submission and idempotency keys; the Publish stream.
+//! - [`publish`]: Broadcast's submission and idempotency keys.
 //! - [`notice`]: `ipc:subscribed` and `ipc:gap`, built and read in one place.
 //! - [`responders`]: who takes requests (responders) and who only watches.
 //! - [`grpc`]: the tonic adapter: who is calling (metadata, peer, tokens and
 //!   certificates), the `Ipc` service over a node with errors mapped to status
-//!   codes, and that service as servers mount it.
+//!   codes, the Publish stream, and that service as servers mount it.
 //! - [`mount`]: what every node serves (`ipc.v1.Ipc`, health, reflection), on TCP
 //!   and Unix listeners, with the same limits, status mapping and drain.
 //! - [`fleetops`]: Gather and Rollout, their ledgers and keys.

@@ -332,7 +332,7 @@ impl Ipc for IpcService {
         let revocation = self.node.revocations().watch();
         let caller = self.caller(&request)?;
         let requests = request.into_inner();
-        Ok(Response::new(Box::pin(crate::publish::publish_stream(
+        Ok(Response::new(Box::pin(super::publish::publish_stream(
             self.node.clone(),
             caller,
             requests,
