@@ -1,6 +1,6 @@
 //! The errors of the node and of its bus: what a caller learns ([`NodeError`]) and
 //! what the bus reports ([`BusError`], [`RequestError`], [`ReplyError`]), and how
-//! they become one. A leaf: every module may name them, they name none of the
+//! they become one; why the node ended a subscriber's stream ([`Closed`]). A leaf: every module may name them, they name none of the
 //! node's modules.
 
 use crate::channel;
@@ -107,4 +107,17 @@ pub enum ReplyError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// Why the node ended a subscriber's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Its queue was full: it did not keep up.
+    SlowConsumer,
+    /// A newer subscription with the same id took over.
+    Replaced,
+    /// The node is shutting down.
+    Shutdown,
+    /// The token that opened it was removed from (or changed in) the tokens file.
+    Revoked,
 }

@@ -18,7 +18,7 @@
 mod fanout;
 mod requests;
 
-pub use requests::Delivered;
+pub use requests::{DEADLINE_HEADER, Delivered};
 use requests::{Pending, Route, request_routes};
 
 use std::borrow::Cow;
@@ -31,23 +31,11 @@ use ipc_proto::pb::{Member, Msg};
 use parking_lot::{Mutex, RwLock};
 
 use crate::channel::Pattern;
+use crate::error::Closed;
 use crate::metrics::Metrics;
 use crate::pattern_index::PatternIndex;
 use crate::queue::{Queue, QueueLimits};
 use crate::responders;
-
-/// Why the node ended a subscriber's stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Closed {
-    /// Its queue was full: it did not keep up.
-    SlowConsumer,
-    /// A newer subscription with the same id took over.
-    Replaced,
-    /// The node is shutting down.
-    Shutdown,
-    /// The token that opened it was removed from (or changed in) the tokens file.
-    Revoked,
-}
 
 /// Who a subscriber is and what it listens to (channels already expanded,
 /// including the automatic role, tag and id channels).

@@ -38,18 +38,16 @@ use ipc_proto::pb::{BroadcastRequest, BroadcastResponse, Member, MembersRequest,
 use crate::auth::Caller;
 use crate::bus::Bus;
 use crate::channel;
-use crate::error::NodeError;
-use crate::hub::{Closed, Hub};
+use crate::error::{Closed, NodeError};
+// Stamped by the hub on the requests it hands out; read here and by relays.
+pub use crate::hub::DEADLINE_HEADER;
+use crate::hub::Hub;
 use crate::limits::RateLimiter;
 use crate::local::Local;
 use crate::metrics::Metrics;
 
 /// An item of a subscriber's stream: a message, or the reason the node ended it.
 pub type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Arc<Msg>, Closed>> + Send>>;
-
-/// Header set on every request handed to a subscriber: its deadline, in ms since
-/// the epoch. A node that relays the request (the sidecar) waits no longer.
-pub const DEADLINE_HEADER: &str = "ipc-deadline-ms";
 
 /// Ops the node answers itself (SendMsg with an empty target).
 pub const BUILTIN_OPS: [&str; 4] = ["ping", "members", "info", "grants"];
@@ -153,7 +151,7 @@ impl Node {
         self.revocations.revoke(names);
         names
             .iter()
-            .map(|name| self.hub.close_owner(name, crate::hub::Closed::Revoked))
+            .map(|name| self.hub.close_owner(name, Closed::Revoked))
             .sum()
     }
 

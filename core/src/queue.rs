@@ -15,7 +15,7 @@ use ipc_proto::pb::Msg;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::hub::Closed;
+use crate::error::Closed;
 
 /// Bounds of every subscriber queue of a hub.
 #[derive(Debug, Clone, Copy)]

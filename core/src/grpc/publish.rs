@@ -15,8 +15,8 @@ use prost::Message as _;
 use tonic::Status;
 
 use crate::auth::Caller;
+use crate::error::Closed;
 use crate::error::NodeError;
-use crate::hub::Closed;
 use crate::node::Node;
 use crate::revocation::RevocationWatch;
 

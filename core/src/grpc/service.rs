@@ -20,8 +20,8 @@ use tonic::{Request, Response, Status};
 
 use super::identify::{Identify, MetadataIdentity, Peer};
 use crate::auth::Caller;
+use crate::error::Closed;
 use crate::error::NodeError;
-use crate::hub::Closed;
 use crate::metrics::Refusal;
 use crate::node::Node;
 

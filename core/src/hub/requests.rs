@@ -15,6 +15,10 @@ use crate::queue::Delivery;
 use crate::responders;
 use crate::telemetry::{Hop, Kind, TraceContext};
 
+/// Header set on every request handed to a subscriber: its deadline, in ms since
+/// the epoch. A node that relays the request (the sidecar) waits no longer.
+pub const DEADLINE_HEADER: &str = "ipc-deadline-ms";
+
 /// One way to hand a request to a member: through subscriber `key`.
 #[derive(Debug, Clone)]
 pub(super) struct Route {
@@ -136,7 +140,7 @@ impl Hub {
     /// Asks a local responder of `target` and waits for its reply until `deadline`
     /// (the node's one request path, [`crate::node::answer`], comes here for
     /// responders). The request carries its deadline
-    /// ([`crate::node::DEADLINE_HEADER`]); a relay that could not answer after all
+    /// ([`DEADLINE_HEADER`]); a relay that could not answer after all
     /// ([`responders::cannot_answer`]) is skipped and the next responder asked.
     pub async fn request(
         &self,
@@ -146,7 +150,7 @@ impl Hub {
     ) -> Result<Msg, RequestError> {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         request.headers.insert(
-            crate::node::DEADLINE_HEADER.to_string(),
+            DEADLINE_HEADER.to_string(),
             (crate::now_ms() + left.as_millis() as i64).to_string(),
         );
         let mut hop = Hop::child("deliver", Kind::Producer, &request.headers, || {

@@ -10,7 +10,8 @@ use ipc_proto::pb::{Msg, SubscribeRequest};
 
 use super::{Caller, Node, NodeError, SubscribeStream};
 use crate::cursor::Cursor;
-use crate::hub::{Closed, RegisterError, StreamLimits, Subscription};
+use crate::error::Closed;
+use crate::hub::{RegisterError, StreamLimits, Subscription};
 use crate::metrics::Refusal;
 
 impl Node {
