@@ -18,7 +18,8 @@
 //! - [`node`]: the operations of `ipc.v1.Ipc` over a hub and a bus: its config,
 //!   the input rules every operation checks (`node::rules`), requests
 //!   answered in the node in one order (`node::answer`: hooks, local responders,
-//!   built-ins), SendMsg and Reply, Subscribe with its replay.
+//!   built-ins), SendMsg and Reply, Subscribe with its replay; with the `clap`
+//!   feature, the node's flags both binaries take (`node::args`).
 //! - [`publish`]: Broadcast's submission and idempotency keys.
 //! - [`notice`]: `ipc:subscribed` and `ipc:gap`, built and read in one place.
 //! - [`responders`]: who takes requests (responders) and who only watches.

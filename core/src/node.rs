@@ -3,7 +3,8 @@
 //! status codes.
 //!
 //! # Layout
-//! - [`config`]: [`NodeConfig`], its defaults and the node's name.
+//! - [`config`]: [`NodeConfig`], its defaults and the node's name; `args` (with
+//!   the `clap` feature): the node's flags both binaries take, defaulting to it.
 //! - [`rules`]: the input rules every operation checks before acting — sizes,
 //!   headers and labels, ops, timeouts, grants, the rate limit, subscriptions and
 //!   the members a sidecar relays.
@@ -17,6 +18,8 @@
 //!   [`crate::publish`]), Members and shutdown.
 
 pub mod answer;
+#[cfg(feature = "clap")]
+pub mod args;
 mod config;
 mod request;
 mod rules;

@@ -3,7 +3,8 @@
 //! `127.0.0.1:0` exactly as production does.
 //!
 //! # Layout
-//! - [`Config`]: flags and `IPC_*` environment variables.
+//! - [`Config`]: flags and `IPC_*` environment variables; the node's flags the
+//!   sidecar takes too are `ipc_core::node::args::NodeArgs`, flattened in.
 //! - [`Server`]: the node on its bus, bound listeners; [`Server::serve`] runs the
 //!   core's [`Mount`] (`ipc.v1.Ipc`, health, reflection v1 and v1alpha, as every node
 //!   serves them) on TCP and `/metrics` until shutdown.
@@ -19,6 +20,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use ipc_core::memory::{MemoryBus, Retention};
 use ipc_core::mount::{Listener, Mount, MountOptions};
+use ipc_core::node::args::NodeArgs;
 use ipc_core::{Bus, Node, NodeConfig};
 use tokio::net::TcpListener;
 
@@ -60,28 +62,20 @@ pub struct Config {
     /// a message counts what it takes in memory, not its encoded size.
     #[arg(long, env = "IPC_RETENTION_BYTES", default_value_t = 64 << 20)]
     pub retention_bytes: usize,
-    /// Largest message accepted (op, data and headers, encoded), in bytes.
-    #[arg(long, env = "IPC_MAX_MSG_BYTES", default_value_t = 1 << 20)]
-    pub max_msg_bytes: usize,
-    /// Messages queued per subscriber before it is cut off as too slow (it can resume).
-    #[arg(long, env = "IPC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
-    pub subscriber_queue: usize,
+    /// `--max-msg-bytes`, `--subscriber-queue`, `--max-timeout-ms`, `--grace-ms`: as
+    /// the sidecar takes them.
+    #[command(flatten)]
+    pub node_args: NodeArgs,
     /// Bytes of memory queued per subscriber before it is cut off as too slow (it can resume).
-    #[arg(long, env = "IPC_SUBSCRIBER_QUEUE_BYTES", default_value_t = 16 << 20)]
+    #[arg(long, env = "IPC_SUBSCRIBER_QUEUE_BYTES", default_value_t = NodeConfig::default().subscriber_queue_bytes)]
     pub subscriber_queue_bytes: usize,
     /// Bytes of memory all subscriber queues may hold together (each message once);
     /// over it the subscriber holding the most is cut off.
-    #[arg(long, env = "IPC_MAX_QUEUED_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = "IPC_MAX_QUEUED_BYTES", default_value_t = NodeConfig::default().max_queued_bytes)]
     pub max_queued_bytes: usize,
-    /// Largest SendMsg timeout_ms accepted, in milliseconds.
-    #[arg(long, env = "IPC_MAX_TIMEOUT_MS", default_value_t = 300_000)]
-    pub max_timeout_ms: u64,
     /// How long a Broadcast's idempotency `key` is remembered (fleet-wide with Redis, per app): `600s`, `10m`, `1h`, `500ms`.
-    #[arg(long, env = "IPC_DEDUP_WINDOW", default_value = "10m", value_parser = ipc_core::publish::parse_window)]
+    #[arg(long, env = "IPC_DEDUP_WINDOW", default_value = ipc_core::node::args::default_dedup_window(), value_parser = ipc_core::publish::parse_window)]
     pub dedup_window: Duration,
-    /// Time given to open calls to finish at shutdown, in milliseconds.
-    #[arg(long, env = "IPC_GRACE_MS", default_value_t = 5_000)]
-    pub grace_ms: u64,
     #[command(flatten)]
     pub security: security::SecurityConfig,
     #[command(flatten)]
@@ -267,20 +261,16 @@ fn read_secret(
 
 impl Config {
     fn node_config(&self) -> NodeConfig {
-        let mut node = NodeConfig {
-            name: self
-                .node
+        let mut node = self.node_args.node_config(
+            // A replica is named after its host (the sidecar after its pod).
+            self.node
                 .clone()
                 .unwrap_or_else(ipc_core::node::default_node_name),
-            default_app: Some(self.app.clone()).filter(|a| !a.is_empty()),
-            max_msg_bytes: self.max_msg_bytes,
-            subscriber_queue: self.subscriber_queue,
-            subscriber_queue_bytes: self.subscriber_queue_bytes,
-            max_queued_bytes: self.max_queued_bytes,
-            max_timeout: Duration::from_millis(self.max_timeout_ms),
-            dedup_window: self.dedup_window,
-            ..NodeConfig::default()
-        };
+            Some(self.app.clone()).filter(|a| !a.is_empty()),
+        );
+        node.subscriber_queue_bytes = self.subscriber_queue_bytes;
+        node.max_queued_bytes = self.max_queued_bytes;
+        node.dedup_window = self.dedup_window;
         self.limits.apply(&mut node);
         node
     }
@@ -365,7 +355,7 @@ impl Server {
             node,
             grpc,
             metrics,
-            grace: Duration::from_millis(config.grace_ms),
+            grace: config.node_args.grace(),
             security,
             max_connection_streams: config.limits.max_connection_streams,
             transport: config.transport.clone(),
@@ -543,5 +533,56 @@ async fn serve_console(console: Arc<ipc_console::Console>, admin: Admin) {
     };
     if let Err(error) = result {
         tracing::error!(%error, "admin console stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flag left out gives the node's and the mount's own default, so the two
+    /// binaries and the core cannot drift apart.
+    #[test]
+    fn flags_left_out_give_the_node_and_mount_defaults() {
+        let config = Config::try_parse_from(["ipc-server"]).unwrap();
+        let node = NodeConfig {
+            name: String::new(),
+            default_app: None,
+            ..config.node_config()
+        };
+        let default = NodeConfig {
+            name: String::new(),
+            ..NodeConfig::default()
+        };
+        assert_eq!(format!("{node:?}"), format!("{default:?}"));
+        let mount = MountOptions::default();
+        assert_eq!(config.node_args.grace(), mount.grace);
+        assert_eq!(
+            config.limits.max_connection_streams,
+            mount.max_connection_streams
+        );
+        let transport = &config.transport;
+        assert_eq!(
+            (
+                transport.max_connections,
+                transport.max_connections_per_peer,
+                Duration::from_millis(transport.handshake_timeout_ms),
+                Duration::from_millis(transport.idle_timeout_ms),
+            ),
+            (
+                mount.connections.max_total,
+                mount.connections.max_per_peer,
+                mount.connections.handshake_timeout,
+                mount.connections.idle_timeout,
+            )
+        );
+        assert_eq!(
+            Duration::from_millis(transport.body_timeout_ms),
+            mount.body_timeout
+        );
+        assert_eq!(
+            transport.max_request_buffer_bytes,
+            mount.max_request_buffer_bytes
+        );
     }
 }

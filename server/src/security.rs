@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use ipc_core::NodeConfig;
 use ipc_core::auth::TokenIdentity;
 use ipc_core::grpc::identify::{Identify, MetadataIdentity};
+use ipc_core::mount::MountOptions;
 use ipc_core::node::RateLimit;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
@@ -44,36 +45,37 @@ pub struct SecurityConfig {
     pub insecure: bool,
 }
 
-/// Limits on what one request or one identity may use.
+/// Limits on what one request or one identity may use; their defaults are the
+/// node's ([`NodeConfig::default`]) and the mount's ([`MountOptions::default`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitConfig {
     /// Most headers in one message (and labels in one subscription).
-    #[arg(long, env = "IPC_MAX_HEADERS", default_value_t = 64)]
+    #[arg(long, env = "IPC_MAX_HEADERS", default_value_t = NodeConfig::default().max_headers)]
     pub max_headers: usize,
     /// Largest total size of a message's header names and values, in bytes.
-    #[arg(long, env = "IPC_MAX_HEADER_BYTES", default_value_t = 64 << 10)]
+    #[arg(long, env = "IPC_MAX_HEADER_BYTES", default_value_t = NodeConfig::default().max_header_bytes)]
     pub max_header_bytes: usize,
     /// Most channels in one Subscribe request.
-    #[arg(long, env = "IPC_MAX_CHANNELS", default_value_t = 256)]
+    #[arg(long, env = "IPC_MAX_CHANNELS", default_value_t = NodeConfig::default().max_channels)]
     pub max_channels: usize,
     /// Most live Subscribe streams on this node.
-    #[arg(long, env = "IPC_MAX_STREAMS", default_value_t = 10_000)]
+    #[arg(long, env = "IPC_MAX_STREAMS", default_value_t = NodeConfig::default().max_streams)]
     pub max_streams: usize,
     /// Most live Subscribe streams of one identity (token, certificate or sender) on this node.
     #[arg(
         long,
         env = "IPC_MAX_SUBSCRIPTIONS_PER_IDENTITY",
-        default_value_t = 1_000
+        default_value_t = NodeConfig::default().max_subscriptions_per_identity
     )]
     pub max_subscriptions_per_identity: usize,
     /// Requests per second per identity (token bucket; 0: no limit). Over it: RESOURCE_EXHAUSTED.
-    #[arg(long, env = "IPC_RATE_LIMIT", default_value_t = 0)]
+    #[arg(long, env = "IPC_RATE_LIMIT", default_value_t = NodeConfig::default().rate_limit.map_or(0, |limit| limit.per_second))]
     pub rate_limit: u32,
     /// Requests one identity may make at once before --rate-limit applies (default: --rate-limit).
     #[arg(long, env = "IPC_RATE_BURST")]
     pub rate_burst: Option<u32>,
     /// Most concurrent calls (HTTP/2 streams) on one connection.
-    #[arg(long, env = "IPC_MAX_CONNECTION_STREAMS", default_value_t = 1024)]
+    #[arg(long, env = "IPC_MAX_CONNECTION_STREAMS", default_value_t = MountOptions::default().max_connection_streams)]
     pub max_connection_streams: u32,
 }
 

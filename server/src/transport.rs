@@ -6,33 +6,36 @@
 use std::time::Duration;
 
 use ipc_core::connections::ConnectionLimits;
+use ipc_core::mount::MountOptions;
+use ipc_core::node::args::millis;
 
 /// The HTTP/2 bounds of every node's listeners (the sidecar's socket too).
 pub use ipc_core::mount::{CONNECTION_WINDOW_BYTES, MAX_HEADER_LIST_BYTES, STREAM_WINDOW_BYTES};
 
-/// Connection and request-body limits.
+/// Connection and request-body limits; their defaults are the mount's
+/// ([`MountOptions::default`]), which the sidecar's socket keeps.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TransportConfig {
     /// Most open client connections (TCP) on this server; over it a new connection
     /// is refused (an HTTP/2 GOAWAY naming this flag). Clamped below the process's
     /// open-file limit.
-    #[arg(long, env = "IPC_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "IPC_MAX_CONNECTIONS", default_value_t = MountOptions::default().connections.max_total)]
     pub max_connections: usize,
     /// Most open connections from one IP address.
-    #[arg(long, env = "IPC_MAX_CONNECTIONS_PER_PEER", default_value_t = 1024)]
+    #[arg(long, env = "IPC_MAX_CONNECTIONS_PER_PEER", default_value_t = MountOptions::default().connections.max_per_peer)]
     pub max_connections_per_peer: usize,
     /// Time a new connection has to start its first call (HTTP/2 preface, TLS
     /// handshake and headers included), in milliseconds.
-    #[arg(long, env = "IPC_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "IPC_HANDSHAKE_TIMEOUT_MS", default_value_t = millis(MountOptions::default().connections.handshake_timeout))]
     pub handshake_timeout_ms: u64,
     /// Time a connection with no call in progress stays open, in milliseconds.
-    #[arg(long, env = "IPC_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
+    #[arg(long, env = "IPC_IDLE_TIMEOUT_MS", default_value_t = millis(MountOptions::default().connections.idle_timeout))]
     pub idle_timeout_ms: u64,
     /// Time a call has to send its whole request message, in milliseconds.
-    #[arg(long, env = "IPC_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "IPC_BODY_TIMEOUT_MS", default_value_t = millis(MountOptions::default().body_timeout))]
     pub body_timeout_ms: u64,
     /// Most bytes of request messages being received at once, all calls together.
-    #[arg(long, env = "IPC_MAX_REQUEST_BUFFER_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = "IPC_MAX_REQUEST_BUFFER_BYTES", default_value_t = MountOptions::default().max_request_buffer_bytes)]
     pub max_request_buffer_bytes: usize,
 }
 

@@ -8,11 +8,17 @@ use std::time::Duration;
 
 use clap::Parser;
 use ipc_core::channel;
+use ipc_core::node::args::NodeArgs;
 
 /// The per-pod sidecar of fleet-ipc: serves the ipc.v1.Ipc API on a Unix socket to the
 /// pod's processes and keeps the pod connected to the control plane.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ipc-sidecar", version)]
+// The same flag as the server's; its help names whose queue it is here: the pod's
+// local processes'.
+#[command(mut_arg("subscriber_queue", |arg| arg.help(
+    "Messages queued per local subscriber before it is cut off as too slow"
+)))]
 pub struct Config {
     /// Unix socket to serve ipc.v1.Ipc on. Its directory is created; a stale socket
     /// of a dead sidecar is replaced, a live one is refused.
@@ -125,18 +131,10 @@ pub struct Config {
     /// channels before it is answered anyway.
     #[arg(long, env = "IPC_COVER_WAIT", default_value = "3s", value_parser = parse_duration)]
     pub cover_wait: Duration,
-    /// Largest message accepted (op, data and headers, encoded), in bytes.
-    #[arg(long, env = "IPC_MAX_MSG_BYTES", default_value_t = 1 << 20)]
-    pub max_msg_bytes: usize,
-    /// Messages queued per local subscriber before it is cut off as too slow.
-    #[arg(long, env = "IPC_SUBSCRIBER_QUEUE", default_value_t = 4096)]
-    pub subscriber_queue: usize,
-    /// Largest SendMsg timeout_ms accepted, in milliseconds.
-    #[arg(long, env = "IPC_MAX_TIMEOUT_MS", default_value_t = 300_000)]
-    pub max_timeout_ms: u64,
-    /// Time given to open calls to finish at shutdown, in milliseconds.
-    #[arg(long, env = "IPC_GRACE_MS", default_value_t = 5_000)]
-    pub grace_ms: u64,
+    /// `--max-msg-bytes`, `--subscriber-queue`, `--max-timeout-ms`, `--grace-ms`: as
+    /// the server takes them.
+    #[command(flatten)]
+    pub node_args: NodeArgs,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IPC_LOG_JSON")]
     pub log_json: bool,
@@ -422,6 +420,30 @@ mod tests {
         assert_eq!(id.labels["node"], "n7");
         assert_eq!(id.labels["zone"], "a");
         assert_eq!(id.channels(), ["pod-shop-web-1", "shop:web", "shop:web:eu"]);
+    }
+
+    /// A node flag left out gives the node's own default, as on the server.
+    #[test]
+    fn node_flags_left_out_give_the_node_defaults() {
+        let node = config(&[]).node_args.node_config(String::new(), None);
+        let default = ipc_core::NodeConfig {
+            name: String::new(),
+            ..ipc_core::NodeConfig::default()
+        };
+        assert_eq!(format!("{node:?}"), format!("{default:?}"));
+        let command = <Config as clap::CommandFactory>::command();
+        let queue = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "subscriber_queue")
+            .unwrap();
+        assert!(
+            queue
+                .get_help()
+                .unwrap()
+                .to_string()
+                .contains("local subscriber"),
+            "the sidecar's help names its local subscribers"
+        );
     }
 
     #[test]

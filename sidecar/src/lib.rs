@@ -8,7 +8,8 @@
 //! waits for a signal, so tests start real sidecars as production does.
 //!
 //! # Layout
-//! - [`config`]: flags and `IPC_*` variables; the pod's identity.
+//! - [`config`]: flags and `IPC_*` variables (the node's flags the server takes too
+//!   are `ipc_core::node::args::NodeArgs`, flattened in); the pod's identity.
 //! - [`socket`]: the Unix socket (stale replaced, live refused, file mode).
 //! - [`upstream`]: the upstream bus — its session (a Serve stream that carries the
 //!   pod's replies back, reconnected and resumed), the coverage of the union of
@@ -43,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ipc_core::mount::{Listener, Mount, MountOptions};
-use ipc_core::{Bus, Node, NodeConfig};
+use ipc_core::{Bus, Node};
 use tokio::net::{TcpListener, UnixListener};
 
 pub use config::{Config, PodIdentity};
@@ -103,10 +104,7 @@ impl Sidecar {
             upstream_keepalive,
             reconnect_max,
             cover_wait,
-            max_msg_bytes,
-            subscriber_queue,
-            max_timeout_ms,
-            grace_ms,
+            node_args,
             log_json: _,
             otlp_endpoint,
         } = config;
@@ -138,8 +136,8 @@ impl Sidecar {
             None => None,
         };
 
-        let max_timeout = Duration::from_millis(max_timeout_ms);
-        let max_frame = ipc_core::mount::max_frame_bytes(max_msg_bytes);
+        let max_timeout = node_args.max_timeout();
+        let max_frame = ipc_core::mount::max_frame_bytes(node_args.max_msg_bytes);
         let hooks = Arc::new(Hooks::new(&hooks, hook_timeout));
         let bus = Arc::new(UpstreamBus::new(
             UpstreamConfig {
@@ -163,14 +161,8 @@ impl Sidecar {
             hooks,
         ));
         let node = Node::with_own_member(
-            NodeConfig {
-                name: node_name,
-                default_app: Some(app).filter(|a| !a.is_empty()),
-                max_msg_bytes,
-                subscriber_queue,
-                max_timeout,
-                ..NodeConfig::default()
-            },
+            // Named after the pod (the server after its host).
+            node_args.node_config(node_name, Some(app).filter(|a| !a.is_empty())),
             bus.clone() as Arc<dyn Bus>,
             // The pod is a member itself: the node runs its hooks for requests to
             // the pod's channels and answers built-in ops sent to its id.
@@ -198,7 +190,7 @@ impl Sidecar {
             tcp,
             socket,
             health,
-            grace: Duration::from_millis(grace_ms),
+            grace: node_args.grace(),
             telemetry,
         })
     }
