@@ -63,8 +63,9 @@ impl Pattern {
     /// Parses a pattern that has already been expanded (no leading `:`).
     pub fn parse(text: &str) -> Result<Self, ChannelError> {
         check_length(text)?;
-        let mut segments = Vec::new();
         let parts: Vec<&str> = text.split(':').collect();
+        // Exactly as long as needed: a subscriber's patterns live as long as it.
+        let mut segments = Vec::with_capacity(parts.len());
         for (i, part) in parts.iter().enumerate() {
             let segment = match *part {
                 "" => return Err(ChannelError::EmptySegment(text.to_string())),

@@ -193,6 +193,15 @@ impl Subscription {
         self.queue.recv().await
     }
 
+    /// [`Subscription::recv`] for a hand-written stream: the task of the last call
+    /// is woken when a message arrives or the subscription ends.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Arc<Msg>>, Closed>> {
+        self.queue.poll_recv(cx)
+    }
+
     /// Whether this subscription receives messages of `channel`.
     pub fn matches(&self, channel: &str) -> bool {
         self.spec.patterns.iter().any(|p| p.matches(channel))
@@ -277,7 +286,12 @@ impl Hub {
             let previous = reg.by_id.insert(spec.id.clone(), key);
             for pattern in &spec.patterns {
                 if pattern.is_exact() {
-                    let keys = reg.exact.entry(pattern.as_str().to_string()).or_default();
+                    // Most exact channels (a subscriber's own id channel) have one
+                    // subscriber: room for one, not the four a first push makes.
+                    let keys = reg
+                        .exact
+                        .entry(pattern.as_str().to_string())
+                        .or_insert_with(|| Vec::with_capacity(1));
                     if !keys.contains(&key) {
                         keys.push(key);
                     }
@@ -289,7 +303,7 @@ impl Hub {
             for (channel, member) in &routes {
                 reg.responders
                     .entry(channel.clone())
-                    .or_default()
+                    .or_insert_with(|| Vec::with_capacity(1))
                     .push(Route {
                         key,
                         member: member.clone(),

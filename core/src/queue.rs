@@ -10,10 +10,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use ipc_proto::pb::Msg;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use crate::error::Closed;
 
@@ -86,12 +86,21 @@ struct State {
     bytes: usize,
     /// Set once the hub removed the subscriber; with the reason, if any.
     ended: Option<Option<Closed>>,
+    /// The reader waiting for a message. Kept under the lock rather than in a
+    /// `Notify`: the reader then needs no waiting future of its own, which an idle
+    /// subscriber's stream would hold for its whole life.
+    reader: Option<Waker>,
+}
+
+impl State {
+    fn take_reader(&mut self) -> Option<Waker> {
+        self.reader.take()
+    }
 }
 
 /// One subscriber's queue, shared by the hub (pushes) and its subscription (reads).
 pub(crate) struct Queue {
     state: Mutex<State>,
-    ready: Notify,
     limits: QueueLimits,
 }
 
@@ -99,7 +108,6 @@ impl Queue {
     pub(crate) fn new(limits: QueueLimits) -> Self {
         Self {
             state: Mutex::default(),
-            ready: Notify::new(),
             limits,
         }
     }
@@ -118,8 +126,11 @@ impl Queue {
         }
         state.bytes += size;
         state.items.push_back(delivery);
+        let reader = state.take_reader();
         drop(state);
-        self.ready.notify_one();
+        if let Some(reader) = reader {
+            reader.wake();
+        }
         Ok(())
     }
 
@@ -131,40 +142,49 @@ impl Queue {
     /// Ends the queue. A slow or revoked subscriber loses what is queued now
     /// (it resumes from its cursor); otherwise the queue is read to its end first.
     pub(crate) fn close(&self, reason: Option<Closed>) {
-        let dropped = {
+        let (dropped, reader) = {
             let mut state = self.state.lock();
             if state.ended.is_some() {
                 return;
             }
             state.ended = Some(reason);
-            if matches!(reason, Some(Closed::SlowConsumer | Closed::Revoked)) {
+            let dropped = if matches!(reason, Some(Closed::SlowConsumer | Closed::Revoked)) {
                 state.bytes = 0;
                 std::mem::take(&mut state.items)
             } else {
                 VecDeque::new()
-            }
+            };
+            (dropped, state.take_reader())
         };
         drop(dropped);
-        self.ready.notify_one();
+        if let Some(reader) = reader {
+            reader.wake();
+        }
     }
 
     /// The next message; `Err` with the reason once the queue is ended and read,
-    /// `Ok(None)` if it ended without one.
-    pub(crate) async fn recv(&self) -> Result<Option<Arc<Msg>>, Closed> {
-        loop {
-            {
-                let mut state = self.state.lock();
-                if let Some(delivery) = state.items.pop_front() {
-                    state.bytes -= delivery.charge.size;
-                    return Ok(Some(delivery.msg));
-                }
-                if let Some(reason) = state.ended {
-                    return reason.map_or(Ok(None), Err);
-                }
-            }
-            // One reader: a push between the check and here leaves a permit.
-            self.ready.notified().await;
+    /// `Ok(None)` if it ended without one. Pending until a push or the end wakes
+    /// the task of the last call (the queue has one reader).
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Arc<Msg>>, Closed>> {
+        let mut state = self.state.lock();
+        if let Some(delivery) = state.items.pop_front() {
+            state.bytes -= delivery.charge.size;
+            return Poll::Ready(Ok(Some(delivery.msg)));
         }
+        if let Some(reason) = state.ended {
+            return Poll::Ready(reason.map_or(Ok(None), Err));
+        }
+        // Checked and registered under the lock: a push cannot slip in between.
+        match &mut state.reader {
+            Some(waker) => waker.clone_from(cx.waker()),
+            none => *none = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// [`Queue::poll_recv`] as a future.
+    pub(crate) async fn recv(&self) -> Result<Option<Arc<Msg>>, Closed> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 }
 

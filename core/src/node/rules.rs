@@ -157,6 +157,8 @@ impl Node {
         patterns.push(id_pattern);
         let mut seen = std::collections::HashSet::new();
         patterns.retain(|p| seen.insert(p.as_str().to_string()));
+        // Kept for the subscription's life: no room for more (pushes left 4 slots).
+        patterns.shrink_to_fit();
         let relayed = self.relayed_members(caller, &id, &req.members)?;
         Ok(SubscriberSpec {
             id,
