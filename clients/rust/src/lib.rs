@@ -40,7 +40,8 @@
 //! - `trace_context`: the caller's trace context (`tracing` span or OpenTelemetry
 //!   context) sent as W3C `traceparent` metadata on every call (feature
 //!   `opentelemetry`, on by default).
-//! - `src/bin/ipcctl.rs`: the operator's CLI (feature `cli`, on by default).
+//! - `src/bin/ipcctl/`: the operator's CLI (feature `cli`, on by default), a module per
+//!   job (see its `main.rs`).
 
 pub mod addr;
 mod client;

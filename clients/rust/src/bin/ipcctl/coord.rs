@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipc_client::{Client, Error, Lease, LimitAnswer};
 
-use super::{exit, fail, print_json, report};
+use crate::exit::{self, fail, report};
+use crate::output::print_json;
 
 /// What `ipcctl lock` ended with.
 enum Held {

@@ -21,7 +21,9 @@ use ipc_client::{
     Client, Error, Ledger, LedgerState, Operation, Outcome, OutcomeStatus, RolloutEvent,
 };
 
-use super::{Payload, exit, fail, report, table};
+use crate::cli::Payload;
+use crate::exit::{self, fail, report};
+use crate::output::table;
 
 /// The options `gather` and `rollout` share.
 #[derive(Debug, clap::Args)]
@@ -33,7 +35,7 @@ pub struct Common {
     #[command(flatten)]
     pub payload: Payload,
     /// Only members with this label, as key=value; repeatable.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = super::parse_key_value)]
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::cli::parse_key_value)]
     pub labels: Vec<(String, String)>,
     /// Show who would be asked (and in which wave); ask nobody.
     #[arg(long)]
@@ -59,11 +61,11 @@ pub struct Pace {
     pub max_failures: u32,
     /// After its OK, wait this long for a member to be back (subscribed again under
     /// its id), else NOT_READY; 0: an answer is enough.
-    #[arg(long, default_value = "0s", value_parser = super::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = crate::cli::parse_duration)]
     pub ready_timeout: Duration,
     /// Give up on the whole rollout after this long (default: none); the server then
     /// stops before the next wave.
-    #[arg(long, value_parser = super::parse_duration)]
+    #[arg(long, value_parser = crate::cli::parse_duration)]
     pub deadline: Option<Duration>,
 }
 
@@ -221,7 +223,7 @@ fn refused(addr: &str, err: &Error) -> ExitCode {
 fn code_for(err: &Error) -> u8 {
     match err {
         Error::Aborted(_) => exit::REFUSED,
-        other => super::exit_code(other),
+        other => crate::exit::exit_code(other),
     }
 }
 
