@@ -1,5 +1,13 @@
 use slab::Slab;
 
+/// Slots a drained [`Buffer`] keeps (fleet-ipc patch, vendor/h2/PATCH.md). The
+/// buffer is one per connection and direction, shared by all its streams, and a
+/// slab never shrinks: a connection that once had many frames waiting at once
+/// (100 calls opened together: their HEADERS and DATA read before any stream task
+/// ran, or their response HEADERS queued) kept room for all of them — ~70 KiB a
+/// connection for 100 calls — for its whole life. Below this, nothing changes.
+const KEEP_WHEN_DRAINED: usize = 32;
+
 /// Buffers frames for multiple streams.
 #[derive(Debug)]
 pub struct Buffer<T> {
@@ -82,6 +90,12 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                // fleet-ipc patch (vendor/h2/PATCH.md): a drained buffer gives back
+                // the room a burst made it grow to. An empty slab holds no key, so
+                // no deque refers to it.
+                if buf.slab.is_empty() && buf.slab.capacity() > KEEP_WHEN_DRAINED {
+                    buf.slab = Slab::new();
+                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());
