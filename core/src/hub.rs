@@ -18,7 +18,7 @@
 mod fanout;
 mod requests;
 
-pub use requests::{DEADLINE_HEADER, Delivered};
+pub use requests::{DEADLINE_HEADER, Delivered, LocalAnswer};
 use requests::{Pending, Route, request_routes};
 
 use std::borrow::Cow;
@@ -160,7 +160,8 @@ pub struct Hub {
     /// Bytes of memory held by all subscriber queues, each message once.
     queued_bytes: Arc<AtomicUsize>,
     registry: RwLock<Registry>,
-    pending: Mutex<HashMap<String, Pending>>,
+    /// Requests waiting for their reply, by the counter of their `reply_to`.
+    pending: Mutex<HashMap<u64, Pending, BuildHasherDefault<KeyHasher>>>,
     next_key: AtomicU64,
     next_request: AtomicU64,
     round_robin: AtomicUsize,

@@ -267,6 +267,12 @@ impl EncodedCache {
 
     /// Writes the encoding of `msg` to `dst`, encoding it only if it is not cached.
     fn write(&self, msg: &Arc<Msg>, dst: &mut impl BufMut) {
+        // A request (it has a `reply_to` of its own) goes to one stream only:
+        // caching it would cost a copy and evict a broadcast's encoding.
+        if !msg.reply_to.is_empty() {
+            msg.encode_raw(dst);
+            return;
+        }
         let address = Arc::as_ptr(msg) as usize;
         // Fibonacci hashing of the address (allocations are 16-byte aligned).
         let index = ((address >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % CACHE_SLOTS;
@@ -330,6 +336,18 @@ mod tests {
             assert_eq!(written(&cache, &m), m.encode_to_vec());
             assert_eq!(written(&cache, &m), m.encode_to_vec());
         }
+    }
+
+    #[test]
+    fn requests_are_written_but_not_cached() {
+        let cache = EncodedCache::new();
+        let request = Arc::new(Msg {
+            op: "restart".into(),
+            reply_to: "node-a#1.0123456789abcdef".into(),
+            ..Msg::default()
+        });
+        assert_eq!(written(&cache, &request), request.encode_to_vec());
+        assert!(!cached(&cache, &request));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the next one when a relay cannot answer), and its reply routed back by the
 //! `reply_to` this node issued, from the identity it was handed to.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -13,7 +14,7 @@ use super::{Hub, SubscriberSpec};
 use crate::error::{ReplyError, RequestError};
 use crate::queue::Delivery;
 use crate::responders;
-use crate::telemetry::{Hop, Kind, TraceContext};
+use crate::telemetry::{Hop, Kind, TRACEPARENT, TRACESTATE, TraceContext};
 
 /// Header set on every request handed to a subscriber: its deadline, in ms since
 /// the epoch. A node that relays the request (the sidecar) waits no longer.
@@ -51,12 +52,89 @@ pub struct Delivered {
     pub key: u64,
     /// The member it is for (the subscriber, or a member it relays).
     pub member: Arc<str>,
-    pub reply_to: String,
+    /// Its entry among the requests waiting for a reply (the counter of its
+    /// `reply_to`).
+    pub pending: u64,
     pub reply: oneshot::Receiver<Msg>,
+    /// The member header the request had before this delivery set it; `None`
+    /// when this delivery did not change it.
+    member_header: Option<Option<String>>,
 }
 
+impl Delivered {
+    /// Takes back what this delivery changed in the request (its member header),
+    /// so that it can be handed to another responder as it was given.
+    fn undo(self, request: &mut Arc<Msg>) {
+        undo_member_header(request, self.member_header);
+    }
+}
+
+fn undo_member_header(request: &mut Arc<Msg>, member_header: Option<Option<String>>) {
+    if let Some(previous) = member_header {
+        set_or_remove(
+            &mut Arc::make_mut(request).headers,
+            responders::MEMBER_HEADER,
+            previous,
+        );
+    }
+}
+
+fn set_or_remove(headers: &mut HashMap<String, String>, name: &str, value: Option<String>) {
+    match value {
+        Some(value) => {
+            headers.insert(name.to_string(), value);
+        }
+        None => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// What became of a request asked of the local responders ([`Hub::ask_here`]).
+pub enum LocalAnswer {
+    /// A local responder took it: its reply, or why none came.
+    Answered(Result<Msg, RequestError>),
+    /// No local responder took it: the request as it was given.
+    NoResponder(Msg),
+}
+
+/// What [`Hub::ask_here`] changes in a request beyond its deadline header, kept
+/// to give back a request no local responder took as it was given.
+struct Given {
+    reply_to: String,
+    /// The trace headers, while spans are recorded (a hop stamps its own).
+    trace: Option<(Option<String>, Option<String>)>,
+}
+
+impl Given {
+    fn keep(request: &mut Msg) -> Self {
+        Self {
+            reply_to: std::mem::take(&mut request.reply_to),
+            trace: crate::telemetry::enabled().then(|| {
+                (
+                    request.headers.get(TRACEPARENT).cloned(),
+                    request.headers.get(TRACESTATE).cloned(),
+                )
+            }),
+        }
+    }
+
+    fn restore(self, request: &mut Msg, deadline_header: Option<String>) {
+        request.reply_to = self.reply_to;
+        let headers = &mut request.headers;
+        set_or_remove(headers, DEADLINE_HEADER, deadline_header);
+        if let Some((traceparent, tracestate)) = self.trace {
+            set_or_remove(headers, TRACEPARENT, traceparent);
+            set_or_remove(headers, TRACESTATE, tracestate);
+        }
+    }
+}
+
+/// A request waiting for its reply, under the counter of its `reply_to`.
 pub(super) struct Pending {
     tx: oneshot::Sender<Msg>,
+    /// The random part of its `reply_to`: a reply must name it.
+    secret: u64,
     /// The subscriber the request went to: if it leaves, the caller learns at once.
     pub(super) subscriber: u64,
     /// The authenticated identity of that subscriber: only it may reply.
@@ -75,62 +153,82 @@ impl Hub {
     /// Hands a request to one local responder of `target` (round robin), skipping
     /// the subscribers in `tried`; `None` if there is none left. A request for a
     /// relayed member carries its id in [`responders::MEMBER_HEADER`].
+    ///
+    /// The queue shares `request` (no copy per try): it is changed in place, and
+    /// a try that fails undoes its change at once; a delivered one keeps it until
+    /// [`Delivered::undo`].
     pub fn deliver_request(
         &self,
         target: &str,
-        mut request: Msg,
+        request: &mut Arc<Msg>,
         tried: &[u64],
     ) -> Option<Delivered> {
         let reg = self.registry.read();
-        let candidates: Vec<&Route> = reg
-            .responders
-            .get(target)?
-            .iter()
-            .filter(|r| !tried.contains(&r.key))
-            .collect();
-        if candidates.is_empty() {
-            return None;
-        }
+        let routes = reg.responders.get(target)?;
+        // A role's routes are as many as its responders: a first try picks one
+        // by index, without a list of the candidates.
+        let untried = |route: &&Route| !tried.contains(&route.key);
+        let candidates = if tried.is_empty() {
+            routes.len()
+        } else {
+            routes.iter().filter(untried).count()
+        };
         let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
-        for i in 0..candidates.len() {
-            let route = candidates[(start + i) % candidates.len()];
+        for i in 0..candidates {
+            let n = (start + i) % candidates;
+            let route = if tried.is_empty() {
+                routes.get(n)
+            } else {
+                routes.iter().filter(untried).nth(n)
+            };
+            let Some(route) = route else {
+                continue;
+            };
             let Some(sub) = reg.subs.get(&route.key) else {
                 continue;
             };
-            let reply_to = self.new_reply_to();
-            request.reply_to = reply_to.clone();
-            if *route.member != *sub.spec.id {
-                request
+            let (pending, secret, reply_to) = self.new_reply_to();
+            let msg = Arc::make_mut(request);
+            msg.reply_to = reply_to;
+            let relayed = *route.member != *sub.spec.id;
+            let member_header = (relayed
+                && msg
                     .headers
-                    .insert(responders::MEMBER_HEADER.into(), route.member.to_string());
-            }
+                    .get(responders::MEMBER_HEADER)
+                    .map(String::as_str)
+                    != Some(&*route.member))
+            .then(|| {
+                msg.headers
+                    .insert(responders::MEMBER_HEADER.into(), route.member.to_string())
+            });
             let (tx, rx) = oneshot::channel();
             // Registered before sending so that even an instant reply finds it.
             self.pending.lock().insert(
-                reply_to.clone(),
+                pending,
                 Pending {
                     tx,
+                    secret,
                     subscriber: route.key,
                     owner: sub.spec.verified_owner.then(|| sub.spec.owner.clone()),
-                    trace: TraceContext::from_headers(&request.headers),
+                    trace: TraceContext::from_headers(&msg.headers),
                 },
             );
-            let request = Arc::new(request.clone());
-            let charge = self.charge(&request);
+            let charge = self.charge(msg);
+            let delivered = Delivered {
+                key: route.key,
+                member: route.member.clone(),
+                pending,
+                reply: rx,
+                member_header,
+            };
             match sub.queue.push(Delivery {
-                msg: request,
+                msg: request.clone(),
                 charge,
             }) {
-                Ok(()) => {
-                    return Some(Delivered {
-                        key: route.key,
-                        member: route.member.clone(),
-                        reply_to,
-                        reply: rx,
-                    });
-                }
+                Ok(()) => return Some(delivered),
                 Err(_) => {
-                    self.pending.lock().remove(&reply_to);
+                    self.pending.lock().remove(&delivered.pending);
+                    delivered.undo(request);
                 }
             }
         }
@@ -145,11 +243,26 @@ impl Hub {
     pub async fn request(
         &self,
         target: &str,
-        mut request: Msg,
+        request: Msg,
         deadline: std::time::Instant,
     ) -> Result<Msg, RequestError> {
+        match self.ask_here(target, request, deadline).await {
+            LocalAnswer::Answered(result) => result,
+            LocalAnswer::NoResponder(_) => Err(RequestError::NoResponders(target.to_string())),
+        }
+    }
+
+    /// [`Hub::request`], but a request no local responder took is given back as it
+    /// was passed in, for the bus to route elsewhere (the caller keeps no copy).
+    pub async fn ask_here(
+        &self,
+        target: &str,
+        mut request: Msg,
+        deadline: std::time::Instant,
+    ) -> LocalAnswer {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        request.headers.insert(
+        let given = Given::keep(&mut request);
+        let previous_deadline = request.headers.insert(
             DEADLINE_HEADER.to_string(),
             (crate::now_ms() + left.as_millis() as i64).to_string(),
         );
@@ -161,34 +274,50 @@ impl Hub {
             ]
         });
         hop.stamp(&mut request.headers);
+        let mut request = Arc::new(request);
         let result = self
-            .ask_responders(target, request, deadline, &mut hop)
+            .ask_responders(target, &mut request, deadline, &mut hop)
             .await;
         if let Err(error) = &result {
             hop.fail(|| error.to_string());
         }
-        result
+        match result {
+            Err(RequestError::NoResponders(_)) => {
+                let mut request = Arc::unwrap_or_clone(request);
+                given.restore(&mut request, previous_deadline);
+                LocalAnswer::NoResponder(request)
+            }
+            answered => LocalAnswer::Answered(answered),
+        }
     }
 
     async fn ask_responders(
         &self,
         target: &str,
-        request: Msg,
+        request: &mut Arc<Msg>,
         deadline: std::time::Instant,
         hop: &mut Hop,
     ) -> Result<Msg, RequestError> {
         let mut tried = Vec::new();
         loop {
-            let Some(delivered) = self.deliver_request(target, request.clone(), &tried) else {
+            let Some(delivered) = self.deliver_request(target, request, &tried) else {
                 return Err(RequestError::NoResponders(target.to_string()));
             };
             tracing::debug!(target, member = %delivered.member, node = %self.node, "request handed to a responder");
             hop.set(|| vec![KeyValue::new("ipc.member", delivered.member.to_string())]);
-            match tokio::time::timeout_at(deadline.into(), delivered.reply).await {
+            let Delivered {
+                key,
+                pending,
+                reply,
+                member_header,
+                ..
+            } = delivered;
+            match tokio::time::timeout_at(deadline.into(), reply).await {
                 Ok(Ok(reply)) if responders::cannot_answer(&reply) => {
                     tracing::debug!(target, node = %self.node, "a relay could not answer; asking another responder");
                     hop.event("relay could not answer");
-                    tried.push(delivered.key);
+                    tried.push(key);
+                    undo_member_header(request, member_header);
                 }
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(_)) => {
@@ -197,7 +326,7 @@ impl Hub {
                     )));
                 }
                 Err(_) => {
-                    self.cancel_request(&delivered.reply_to);
+                    self.pending.lock().remove(&pending);
                     return Err(RequestError::DeadlineExceeded(target.to_string()));
                 }
             }
@@ -206,34 +335,42 @@ impl Hub {
 
     /// The trace context of a request this node handed out and still waits on.
     pub fn request_trace(&self, reply_to: &str) -> Option<TraceContext> {
-        self.pending.lock().get(reply_to)?.trace.clone()
+        let (counter, secret) = self.pending_key(reply_to)?;
+        let pending = self.pending.lock();
+        let request = pending.get(&counter).filter(|p| p.secret == secret)?;
+        request.trace.clone()
     }
 
     /// Forgets a request whose caller stopped waiting.
     pub fn cancel_request(&self, reply_to: &str) {
-        self.pending.lock().remove(reply_to);
+        if let Some((counter, secret)) = self.pending_key(reply_to) {
+            let mut pending = self.pending.lock();
+            if pending.get(&counter).is_some_and(|p| p.secret == secret) {
+                pending.remove(&counter);
+            }
+        }
     }
 
     /// Completes a request that this node handed out. A request handed to an
     /// authenticated subscriber is completed only by a reply from that identity:
     /// to anyone else it does not exist (NOT_FOUND), and it stays pending.
     pub fn complete_request(&self, reply: Msg) -> Result<(), ReplyError> {
-        let pending = {
-            let mut pending = self.pending.lock();
-            match pending.get(&reply.reply_to) {
-                Some(p) if p.owner.as_ref().is_some_and(|o| *o != reply.sender) => None,
-                Some(_) => pending.remove(&reply.reply_to),
-                None => None,
-            }
-        };
+        let pending = self
+            .pending_key(&reply.reply_to)
+            .and_then(|(counter, secret)| {
+                let mut pending = self.pending.lock();
+                match pending.get(&counter) {
+                    Some(p) if p.secret != secret => None,
+                    Some(p) if p.owner.as_ref().is_some_and(|o| *o != reply.sender) => None,
+                    Some(_) => pending.remove(&counter),
+                    None => None,
+                }
+            });
         match pending {
-            Some(pending) => {
-                let reply_to = reply.reply_to.clone();
-                pending
-                    .tx
-                    .send(reply)
-                    .map_err(|_| ReplyError::NotFound(reply_to))
-            }
+            Some(pending) => pending
+                .tx
+                .send(reply)
+                .map_err(|reply| ReplyError::NotFound(reply.reply_to)),
             None => Err(ReplyError::NotFound(reply.reply_to)),
         }
     }
@@ -245,27 +382,45 @@ impl Hub {
             .is_some_and(|(node, _)| node == self.node)
     }
 
-    /// A new `reply_to`: `<node>#<counter>.<16 hex digits>`. The node routes the
-    /// reply; the counter keeps it unique; the 64 random bits make it impossible
-    /// to guess, so one process cannot answer a request handed to another one
-    /// sharing its token.
-    fn new_reply_to(&self) -> String {
-        format!(
-            "{}#{}.{:016x}",
-            self.node,
-            self.next_request.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u64>()
+    /// A new `reply_to`: `<node>#<counter>.<16 hex digits>`, with its counter and
+    /// secret. The node routes the reply; the counter keeps it unique (and is its
+    /// key among the pending requests); the 64 random bits make it impossible to
+    /// guess, so one process cannot answer a request handed to another one sharing
+    /// its token.
+    fn new_reply_to(&self) -> (u64, u64, String) {
+        let counter = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let secret = rand::random::<u64>();
+        (
+            counter,
+            secret,
+            format!("{}#{counter}.{secret:016x}", self.node),
         )
+    }
+
+    /// The counter and secret of a `reply_to` this node issued.
+    fn pending_key(&self, reply_to: &str) -> Option<(u64, u64)> {
+        let (node, counter, secret) = parse_reply_to(reply_to)?;
+        (node == self.node).then_some((counter, secret))
     }
 
     /// The node of a `reply_to`, if it has the expected shape.
     pub fn reply_to_node(reply_to: &str) -> Option<&str> {
-        let (node, rest) = reply_to.rsplit_once('#')?;
-        let (counter, secret) = rest.split_once('.')?;
-        let well_formed = !node.is_empty()
-            && counter.parse::<u64>().is_ok()
-            && secret.len() == 16
-            && secret.bytes().all(|b| b.is_ascii_hexdigit());
-        well_formed.then_some(node)
+        parse_reply_to(reply_to).map(|(node, _, _)| node)
     }
+}
+
+/// The node, counter and secret of a `reply_to` of the expected shape.
+fn parse_reply_to(reply_to: &str) -> Option<(&str, u64, u64)> {
+    let (node, rest) = reply_to.rsplit_once('#')?;
+    let (counter, secret) = rest.split_once('.')?;
+    let well_formed =
+        !node.is_empty() && secret.len() == 16 && secret.bytes().all(|b| b.is_ascii_hexdigit());
+    if !well_formed {
+        return None;
+    }
+    Some((
+        node,
+        counter.parse().ok()?,
+        u64::from_str_radix(secret, 16).ok()?,
+    ))
 }

@@ -21,6 +21,7 @@ use ipc_proto::pb::Msg;
 
 use super::{BUILTIN_OPS, Caller, Node, NodeError};
 use crate::error::RequestError;
+use crate::hub::LocalAnswer;
 
 /// Ops a node answers for its own member by running something of its own: a
 /// sidecar's hooks.
@@ -73,19 +74,39 @@ impl Node {
         request: Msg,
         deadline: Instant,
     ) -> Result<Msg, RequestError> {
+        match self
+            .answer_or_give_back(caller, target, request, deadline)
+            .await
+        {
+            LocalAnswer::Answered(answer) => answer,
+            LocalAnswer::NoResponder(_) => Err(RequestError::NoResponders(target.to_string())),
+        }
+    }
+
+    /// [`Node::answer_here`], but a request nothing here answers is given back as
+    /// it was passed in (no copy kept for the bus meanwhile).
+    async fn answer_or_give_back(
+        &self,
+        caller: &Caller,
+        target: &str,
+        request: Msg,
+        deadline: Instant,
+    ) -> LocalAnswer {
         let own = self.own.as_ref();
         if let Some(own) = own.filter(|own| own.hook_for(target, &request.op)) {
-            return Ok(own.hooks.answer(&request, deadline).await);
+            return LocalAnswer::Answered(Ok(own.hooks.answer(&request, deadline).await));
         }
-        if self.hub.has_responder(target) {
-            match self.hub.request(target, request.clone(), deadline).await {
+        let request = if self.hub.has_responder(target) {
+            match self.hub.ask_here(target, request, deadline).await {
+                LocalAnswer::Answered(answer) => return LocalAnswer::Answered(answer),
                 // The responder left meanwhile: a built-in may still answer.
-                Err(RequestError::NoResponders(_)) => {}
-                other => return other,
+                LocalAnswer::NoResponder(request) => request,
             }
-        }
+        } else {
+            request
+        };
         if own.is_some_and(|own| own.builtin_for(target, &request.op)) {
-            return match self.builtin(caller, &request.op).await {
+            return LocalAnswer::Answered(match self.builtin(caller, &request.op).await {
                 Ok(reply) => Ok(reply),
                 Err(NodeError::DeadlineExceeded(_)) => {
                     Err(RequestError::DeadlineExceeded(target.to_string()))
@@ -96,9 +117,9 @@ impl Node {
                     ts_ms: crate::now_ms(),
                     ..Msg::default()
                 }),
-            };
+            });
         }
-        Err(RequestError::NoResponders(target.to_string()))
+        LocalAnswer::NoResponder(request)
     }
 
     /// A request answered in this node when something here answers it, else
@@ -110,15 +131,17 @@ impl Node {
         request: Msg,
         deadline: Instant,
     ) -> Result<Msg, RequestError> {
-        if self.answers_here(target, &request.op) {
+        let request = if self.answers_here(target, &request.op) {
             match self
-                .answer_here(caller, target, request.clone(), deadline)
+                .answer_or_give_back(caller, target, request, deadline)
                 .await
             {
-                Err(RequestError::NoResponders(_)) => {}
-                other => return other,
+                LocalAnswer::Answered(answer) => return answer,
+                LocalAnswer::NoResponder(request) => request,
             }
-        }
+        } else {
+            request
+        };
         self.bus.request(target, request, deadline).await
     }
 }
