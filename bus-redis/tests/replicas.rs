@@ -129,10 +129,12 @@ async fn no_responders_is_decided_fleet_wide_at_once_and_a_deadline_is_distinct(
         "no responders",
     );
 
-    // A subscriber on A that never answers: the deadline, not "no responders".
+    // A subscriber on A that never answers: the deadline, not "no responders". The
+    // deadline leaves room for the request to reach it (B's route lookup and A's
+    // inbox) on a loaded machine, since the test waits for it to arrive.
     let mut silent = subscribe(&mut ca, channels("silent", &[])).await.0;
     let mut asker = cb.clone();
-    let asked = tokio::spawn(async move { send(&mut asker, "silent", "status", 300).await });
+    let asked = tokio::spawn(async move { send(&mut asker, "silent", "status", 2_000).await });
     let request = next(&mut silent).await;
     assert_code(asked.await.unwrap(), Code::DeadlineExceeded, "");
     // Its late reply is refused wherever it is given.
