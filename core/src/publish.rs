@@ -179,26 +179,7 @@ pub fn check_key(key: &str) -> Result<(), NodeError> {
 /// A window such as `10m`, `600s`, `500ms` or `1h` (a bare number is seconds);
 /// at least 1 ms.
 pub fn parse_window(text: &str) -> Result<std::time::Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 10m, 600s or 500ms"))?;
-    let ms = match unit.trim() {
-        "ms" => Some(value),
-        "" | "s" => value.checked_mul(1_000),
-        "m" => value.checked_mul(60_000),
-        "h" => value.checked_mul(3_600_000),
-        other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
-    }
-    .ok_or_else(|| format!("{text:?} is too long"))?;
-    if ms == 0 {
-        return Err("the window must be at least 1 ms".into());
-    }
-    Ok(std::time::Duration::from_millis(ms))
+    ipc_proto::duration::at_least_1ms(text)
 }
 
 #[cfg(test)]

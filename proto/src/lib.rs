@@ -10,6 +10,7 @@
 //!   that shows one to people or to JSON.
 //! - [`backoff`]: the pauses between reconnection attempts of every client of the
 //!   contract (the Rust client, the sidecar's upstream, the Redis bus).
+//! - [`duration`]: durations as every command line writes them (`500ms`, `1.5s`, `10m`).
 //! - [`names`]: the characters of names (channel segments, app ids, roles, tokens).
 //! - [`token`]: bearer secrets and tokens-file entries as `ipcctl token new` makes
 //!   them and the server checks them.
@@ -25,6 +26,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ipc_descriptor.bin"));
 
 pub mod backoff;
+pub mod duration;
 pub mod json;
 pub mod names;
 pub mod token;
