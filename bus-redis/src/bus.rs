@@ -211,15 +211,6 @@ impl Bus for RedisBus {
         ));
     }
 
-    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
-        match self.submit(msg, None).await?.await? {
-            Appended::Stored(stored) => Ok(stored),
-            Appended::Duplicate { .. } => Err(BusError::Internal(
-                "an append without a key was taken for a repeat".into(),
-            )),
-        }
-    }
-
     /// Queues the append for the writer (its place in the order) and returns the
     /// wait for Redis's answer; both bounded by the command timeout.
     async fn submit(

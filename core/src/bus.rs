@@ -85,29 +85,27 @@ pub trait Bus: Send + Sync + 'static {
     /// Appends a message (id, ts, channel set) to the log. Returns once the entry is
     /// durable in the bus, with `cursor` set. The entry reaches every node's hub,
     /// this one included, through the bus.
-    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError>;
+    ///
+    /// The default submits it without a key and waits until it is stored.
+    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
+        match self.submit(msg, None).await?.await? {
+            Appended::Stored(stored) => Ok(stored),
+            Appended::Duplicate { .. } => Err(BusError::Internal(
+                "an append without a key was taken for a repeat".into(),
+            )),
+        }
+    }
 
     /// Takes a message's place in the log order and returns a future that completes
     /// once it is stored, so that a caller may submit the next one before the first
     /// is confirmed (Publish): entries submitted one after the other are stored in
     /// that order. With `key`, a key seen within its window stores nothing and
     /// answers [`Appended::Duplicate`]; the check and the append are one atomic step.
-    ///
-    /// The default stores the message before returning (no pipelining) and has no
-    /// de-duplication: a key is refused.
     async fn submit(
         &self,
         msg: Msg,
         key: Option<IdempotencyKey>,
-    ) -> Result<PendingAppend, BusError> {
-        if key.is_some() {
-            return Err(BusError::Internal(
-                "this bus does not support idempotency keys".into(),
-            ));
-        }
-        let stored = self.append(msg).await?;
-        Ok(Box::pin(std::future::ready(Ok(Appended::Stored(stored)))))
-    }
+    ) -> Result<PendingAppend, BusError>;
 
     /// Entries after `cursor`, up to the current end of the log, for a subscriber
     /// of `patterns`. A bus that holds only part of the log (the sidecar's buffer of

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use ipc_core::bus::{Bus, BusError, Replay, ReplyError, RequestError};
+use ipc_core::bus::{
+    Bus, BusError, IdempotencyKey, PendingAppend, Replay, ReplyError, RequestError,
+};
 use ipc_core::channel::Pattern;
 use ipc_core::cursor::Cursor;
 use ipc_core::local::Local;
@@ -33,8 +35,12 @@ impl Bus for Attached {
         let _ = self.local.set(local);
     }
 
-    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
-        self.bus.append(msg).await
+    async fn submit(
+        &self,
+        msg: Msg,
+        key: Option<IdempotencyKey>,
+    ) -> Result<PendingAppend, BusError> {
+        self.bus.submit(msg, key).await
     }
 
     async fn replay(&self, after: &Cursor, patterns: &[Pattern]) -> Result<Replay, BusError> {

@@ -237,15 +237,6 @@ impl Bus for UpstreamBus {
         self.publish.start(&self.inner);
     }
 
-    async fn append(&self, msg: Msg) -> Result<Arc<Msg>, BusError> {
-        match self.submit(msg, None).await?.await? {
-            Appended::Stored(stored) => Ok(stored),
-            Appended::Duplicate { .. } => Err(BusError::Internal(
-                "the control plane took a broadcast without a key for a repeat".into(),
-            )),
-        }
-    }
-
     /// Relays the broadcast on the pod's Publish stream, with its key (the
     /// control plane de-duplicates); a broadcast whose sender is not the pod goes
     /// as a unary call that names it.
