@@ -131,16 +131,12 @@ impl Node {
         request: Msg,
         deadline: Instant,
     ) -> Result<Msg, RequestError> {
-        let request = if self.answers_here(target, &request.op) {
-            match self
-                .answer_or_give_back(caller, target, request, deadline)
-                .await
-            {
-                LocalAnswer::Answered(answer) => return answer,
-                LocalAnswer::NoResponder(request) => request,
-            }
-        } else {
-            request
+        let request = match self
+            .answer_or_give_back(caller, target, request, deadline)
+            .await
+        {
+            LocalAnswer::Answered(answer) => return answer,
+            LocalAnswer::NoResponder(request) => request,
         };
         self.bus.request(target, request, deadline).await
     }
