@@ -72,6 +72,19 @@ impl Systems {
         }
     }
 
+    /// The NATS server as a pub/sub peer.
+    pub fn nats_peer(&self) -> Available<Box<dyn PubSub>> {
+        self.nats
+            .as_ref()
+            .map(|n| {
+                Box::new(nats::Nats {
+                    url: n.url(),
+                    pid: n.process.pid(),
+                }) as Box<dyn PubSub>
+            })
+            .map_err(Clone::clone)
+    }
+
     /// A fresh embedded `ipc-server`.
     pub fn embedded(&self) -> Result<IpcServer, String> {
         let binary = self.server.as_ref().map_err(Clone::clone)?;
@@ -179,19 +192,7 @@ pub fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
             peers_out.push((peers::FLEET_REDIS.into(), Err(e)));
         }
     }
-    peers_out.push((
-        peers::NATS.into(),
-        systems
-            .nats
-            .as_ref()
-            .map(|n| {
-                Box::new(nats::Nats {
-                    url: n.url(),
-                    pid: n.process.pid(),
-                }) as Box<dyn PubSub>
-            })
-            .map_err(Clone::clone),
-    ));
+    peers_out.push((peers::NATS.into(), systems.nats_peer()));
     let redis_client = || -> Result<(redis::Client, u32), String> {
         let server = systems.redis.as_ref().map_err(Clone::clone)?;
         let client = redis::Client::open(server.url()).map_err(|e| e.to_string())?;

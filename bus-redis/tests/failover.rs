@@ -168,11 +168,7 @@ impl Cluster {
     }
 
     fn sentinel_list(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(SentinelServer::addr)
-            .collect::<Vec<_>>()
-            .join(",")
+        SentinelServer::list(&self.sentinels)
     }
 
     fn replica(&self, node: &str, extra: &[&str]) -> ServerProcess {

@@ -238,6 +238,15 @@ impl SentinelServer {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// `HOST:PORT,HOST:PORT…` of `sentinels`, as `--redis-sentinel` takes them.
+    pub fn list(sentinels: &[SentinelServer]) -> String {
+        sentinels
+            .iter()
+            .map(SentinelServer::addr)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 impl Drop for SentinelServer {

@@ -101,16 +101,7 @@ pub async fn run_fanout(report: &mut Report, systems: &Systems, sizes: &Sizes) {
         .as_ref()
         .map(|s| Box::new(fleet_on(s)) as Box<dyn PubSub>)
         .map_err(Clone::clone);
-    let nats_peer = systems
-        .nats
-        .as_ref()
-        .map(|n| {
-            Box::new(nats::Nats {
-                url: n.url(),
-                pid: n.process.pid(),
-            }) as Box<dyn PubSub>
-        })
-        .map_err(Clone::clone);
+    let nats_peer = systems.nats_peer();
     for (name, peer) in [(peers::FLEET, fleet_peer), (peers::NATS, nats_peer)] {
         let peer = match peer {
             Ok(peer) => peer,
