@@ -156,8 +156,9 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "1 publisher with {} publishes in flight, at most {} messages ahead of the slowest subscriber; payloads of {} bytes; ratios are fleet-ipc's figure ÷ the peer's, same run.\n",
+        "1 publisher with {} publishes in flight ({} on a Publish stream), at most {} messages ahead of the slowest subscriber; payloads of {} bytes; ratios are fleet-ipc's figure ÷ the peer's, same run.\n",
         workloads::PUBLISH_WINDOW,
+        streams::STREAM_IN_FLIGHT,
         workloads::MAX_AHEAD,
         payload::PAYLOAD_BYTES
     );

@@ -39,6 +39,11 @@ pub trait Publisher: Send + Sync {
     /// fleet-ipc and Redis, the client's write buffer for NATS core).
     async fn publish(&self, subject: &str, payload: Bytes) -> anyhow::Result<()>;
 
+    /// How many publishes the throughput workload keeps in flight on this publisher.
+    fn in_flight(&self) -> usize {
+        crate::workloads::PUBLISH_WINDOW
+    }
+
     /// Waits until everything published so far left the client.
     async fn flush(&self) -> anyhow::Result<()> {
         Ok(())

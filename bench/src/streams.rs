@@ -69,8 +69,18 @@ impl StreamPublisher {
     }
 }
 
+/// Publishes in flight on one Publish stream: the node's read-ahead window
+/// (`ipc_core::grpc::publish::PUBLISH_WINDOW`), which a bulk publisher such as the
+/// Rust client's `Client::publish` or `ipcctl publish` keeps full. Unary calls stay
+/// at the workload's 64: each is a call of its own, waited for by its caller.
+pub const STREAM_IN_FLIGHT: usize = 256;
+
 #[async_trait]
 impl Publisher for StreamPublisher {
+    fn in_flight(&self) -> usize {
+        STREAM_IN_FLIGHT
+    }
+
     async fn publish(&self, subject: &str, payload: Bytes) -> anyhow::Result<()> {
         let (done, answer) = oneshot::channel();
         {

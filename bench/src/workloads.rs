@@ -93,7 +93,7 @@ pub async fn throughput(
     let slowest = Arc::new(AtomicU64::new(0));
     let started = now_ns();
     let mut publishers = JoinSet::new();
-    for _ in 0..PUBLISH_WINDOW {
+    for _ in 0..publisher.in_flight() {
         let (publisher, payload, next, slowest, received, progress, subject) = (
             publisher.clone(),
             payload.clone(),
