@@ -10,7 +10,7 @@
 //!   `body_timeout` to send all of it, and the node buffers at most
 //!   `max_buffered_bytes` of such bodies at once across all calls; over either,
 //!   the call ends (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) naming the flag.
-//!   Client-streaming calls (Publish, Serve) pass their body through: tonic
+//!   Client-streaming calls (Publish, Serve, SendMsgs) pass their body through: tonic
 //!   decodes it one bounded message at a time.
 //! - **Calls in progress** are reported to [`Connections`], so a connection with
 //!   a call open is never closed as idle.
@@ -34,7 +34,11 @@ use crate::metrics::{Metrics, Refusal};
 
 const IPC_PREFIX: &str = "/ipc.v1.Ipc/";
 /// Methods whose request is a stream of messages.
-const CLIENT_STREAMING: [&str; 2] = ["/ipc.v1.Ipc/Publish", "/ipc.v1.Ipc/Serve"];
+const CLIENT_STREAMING: [&str; 3] = [
+    "/ipc.v1.Ipc/Publish",
+    "/ipc.v1.Ipc/Serve",
+    "/ipc.v1.Ipc/SendMsgs",
+];
 
 /// The layer's settings.
 #[derive(Clone)]

@@ -4,8 +4,9 @@
 //! id, `app:role`, `app:role:tag`) and the union of the local subscriptions; what
 //! arrives is handed to the node ([`Local`]) in log order, and requests among it are
 //! answered in the pod, the answers going back on the same stream ([`replies`]). The pod's
-//! broadcasts go up on one Publish stream ([`publish`]). SendMsg to other pods and
-//! Members are unary calls on the same connection.
+//! broadcasts go up on one Publish stream ([`publish`]), its requests to other pods
+//! on one SendMsgs stream ([`send_msgs`]). Members and the rest are unary calls on
+//! the same connection.
 //!
 //! Nothing is lost across a change of the union or a reconnect: the sidecar keeps the
 //! cursor of the last entry it handled and opens the new stream after it. The new
@@ -32,7 +33,8 @@
 //!   members it relays, and when a local subscriber's patterns are covered.
 //! - [`requests`]: requests from upstream handed to the node (which answers them
 //!   in its one order: hooks, local responders, built-ins) and their replies sent
-//!   back; the pod's requests the node cannot answer sent upstream.
+//!   back; the pod's requests the node cannot answer sent upstream
+//!   ([`send_msgs`]: on one stream).
 //! - [`calls`]: the connection and the metadata, token and error mapping of every
 //!   call to the control plane.
 //! - [`replies`]: the pod's answers on the Serve stream; [`publish`]: the pod's
@@ -76,6 +78,7 @@ mod coverage;
 mod publish;
 mod replies;
 mod requests;
+mod send_msgs;
 mod session;
 
 use calls::{Link, PodMetadata, describe};
@@ -147,6 +150,8 @@ struct Inner {
     pod_metadata: PodMetadata,
     /// Where the pod's replies go: the current subscription's Serve stream.
     serve_replies: replies::ServeReplies,
+    /// Where the pod's requests go: one SendMsgs stream per connection.
+    request_streams: send_msgs::RequestStreams,
     /// The pod token's grants, once the control plane told them.
     grants: RwLock<Option<Arc<PodGrants>>>,
     stop: CancellationToken,
@@ -187,6 +192,7 @@ impl UpstreamBus {
                 token: RwLock::new(None),
                 pod_metadata,
                 serve_replies: replies::ServeReplies::default(),
+                request_streams: send_msgs::RequestStreams::default(),
                 grants: RwLock::new(None),
                 stop: CancellationToken::new(),
                 task: Mutex::new(None),

@@ -1,8 +1,9 @@
 //! The pod's traffic to the control plane rides on streams (issue 18): its
 //! broadcasts on one Publish stream, its answers to the fleet's requests on the
-//! upstream subscription's Serve stream. Counted from outside, by the control
-//! plane's own per-RPC metrics: no unary Broadcast or Reply reaches it from the
-//! pod, and a request between two processes of the pod never reaches it at all.
+//! upstream subscription's Serve stream, its requests on one SendMsgs stream.
+//! Counted from outside, by the control plane's own per-RPC metrics: no unary
+//! Broadcast, Reply or SendMsg reaches it from the pod, and a request between two
+//! processes of the pod never reaches it at all.
 //! A broadcast whose acknowledgement is lost with the connection is sent again
 //! with its key and stored once.
 
@@ -114,6 +115,75 @@ async fn the_pod_publishes_and_answers_on_streams_and_keeps_its_own_requests() {
         "one Publish stream carries all the pod's broadcasts"
     );
     assert!(calls(metrics, "Serve").await >= 1.0, "no Serve stream");
+    answering.abort();
+}
+
+#[tokio::test]
+async fn the_pods_requests_go_upstream_on_one_stream() {
+    let server = server();
+    let sidecar = SidecarProcess::start(&server.url(), &[]);
+    sidecar.wait_upstream(true).await;
+    // A responder in another pod (on the control plane), answering with a unary
+    // Reply what it was asked, a little later for the lower numbers: answers
+    // come back out of order.
+    let mut remote = server.client().await;
+    let (mut requests, _) = subscribe(
+        &mut remote,
+        with_app(SubscribeRequest {
+            id: "elsewhere-1".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let answering = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok(Some(request)) = requests.message().await {
+            if request.reply_to.is_empty() {
+                continue;
+            }
+            held.push(request);
+            // Answers the requests of a batch of four newest first.
+            if held.len() == 4 {
+                for request in held.drain(..).rev() {
+                    let n = data(&request);
+                    reply(&mut remote, &request, "echo", n).await;
+                }
+            }
+        }
+    });
+    let metrics = server.metrics;
+    let unary_before = calls(metrics, "SendMsg").await;
+    let local = sidecar.client().await;
+    let asking = (0..8).map(|n| {
+        let mut local = local.clone();
+        async move { (n, send_with(&mut local, "elsewhere-1", json!(n)).await) }
+    });
+    for (n, answer) in futures::future::join_all(asking).await {
+        assert_eq!(data(&answer), json!(n), "an answer went to another request");
+    }
+    // A request nothing answers is refused as the unary call would refuse it.
+    let refused = local
+        .clone()
+        .send_msg(with_app(ipc_proto::pb::SendMsgRequest {
+            target: "nobody-here".into(),
+            op: "ask".into(),
+            timeout_ms: 20_000,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("no responder");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert!(refused.message().contains("no responders"), "{refused}");
+    assert_eq!(
+        calls(metrics, "SendMsg").await,
+        unary_before,
+        "the pod's requests came as unary SendMsg calls"
+    );
+    assert_eq!(
+        calls(metrics, "SendMsgs").await,
+        1.0,
+        "one SendMsgs stream carries all the pod's requests"
+    );
     answering.abort();
 }
 

@@ -12,8 +12,8 @@ use ipc_proto::pb::ipc_server::Ipc;
 use ipc_proto::pb::{
     BroadcastRequest, BroadcastResponse, GatherRequest, Ledger, LimitRequest, LimitResponse,
     LockRequest, LockResponse, MembersRequest, MembersResponse, Msg, ReplyRequest, ReplyResponse,
-    RolloutEvent, RolloutRequest, SendMsgRequest, SendMsgResponse, ServeRequest, SubscribeRequest,
-    UnlockRequest, UnlockResponse, serve_request,
+    RolloutEvent, RolloutRequest, SendMsgRequest, SendMsgResponse, SendMsgsRequest,
+    SendMsgsResponse, ServeRequest, SubscribeRequest, UnlockRequest, UnlockResponse, serve_request,
 };
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -405,6 +405,24 @@ impl Ipc for IpcService {
             .await
             .map_err(status)?;
         Ok(Response::new(response))
+    }
+
+    type SendMsgsStream = Pin<Box<dyn Stream<Item = Result<SendMsgsResponse, Status>> + Send>>;
+
+    async fn send_msgs(
+        &self,
+        request: Request<tonic::Streaming<SendMsgsRequest>>,
+    ) -> Result<Response<Self::SendMsgsStream>, Status> {
+        // Taken before the caller is authenticated: see crate::revocation.
+        let revocation = self.node.revocations().watch();
+        let caller = self.caller(&request)?;
+        let requests = request.into_inner();
+        Ok(Response::new(Box::pin(super::send_msgs::send_msgs_stream(
+            self.node.clone(),
+            caller,
+            requests,
+            revocation,
+        ))))
     }
 
     type ServeStream = MsgStream;

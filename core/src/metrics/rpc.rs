@@ -2,7 +2,7 @@
 //! status code, recorded by [`crate::grpc::server::IpcServer`] around every call.
 //!
 //! Unary methods are timed from the request's arrival to the response (the whole
-//! handling); streaming methods (Subscribe, Publish, Rollout, Serve) to the opening
+//! handling); streaming methods (Subscribe, Publish, Rollout, Serve, SendMsgs) to the opening
 //! of the stream, with the code it opened with (OK) or was refused with.
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use super::text::{Exposition, Histogram, Kind};
 use ipc_proto::code_name;
 
 /// The methods of `ipc.v1.Ipc`, the `method` label; anything else counts as `other`.
-pub const METHODS: [&str; 12] = [
+pub const METHODS: [&str; 13] = [
     "Broadcast",
     "SendMsg",
     "Subscribe",
@@ -24,6 +24,7 @@ pub const METHODS: [&str; 12] = [
     "Unlock",
     "Limit",
     "Serve",
+    "SendMsgs",
 ];
 
 const SERVICE_PREFIX: &str = "/ipc.v1.Ipc/";

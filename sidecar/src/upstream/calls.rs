@@ -49,7 +49,12 @@ pub(super) struct PodMetadata {
 pub(super) struct Link {
     pub(super) client: IpcClient<Channel>,
     pub(super) address: String,
+    /// Which connection this is (one per successful connect, from 1).
+    pub(super) id: u64,
 }
+
+/// The ids of [`Link`]s.
+static NEXT_LINK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Inner {
     pub(super) fn link_or_unavailable(&self) -> Result<Link, String> {
@@ -158,6 +163,7 @@ impl Inner {
         Ok(Link {
             client,
             address: address.to_string(),
+            id: NEXT_LINK.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 

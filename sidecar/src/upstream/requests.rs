@@ -13,7 +13,7 @@ use ipc_core::responders;
 use ipc_core::telemetry::{self, Hop, Kind, TraceContext};
 use ipc_proto::pb::{Msg, SendMsgRequest};
 use opentelemetry::KeyValue;
-use tonic::Code;
+use tonic::{Code, Status};
 use tracing::Instrument as _;
 
 use super::Inner;
@@ -119,15 +119,36 @@ impl Inner {
             headers,
             timeout_ms: left.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
         };
-        // The gRPC deadline a little later than timeout_ms, so that the control
-        // plane's DEADLINE_EXCEEDED (with its reason) arrives before tonic cancels.
-        let grpc_timeout = left + (left / 10).min(Duration::from_millis(50));
-        let mut call = self.request(body, &request.sender, Some(grpc_timeout));
-        hop.stamp_metadata(call.metadata_mut());
-        match link.client.clone().send_msg(call).await {
-            Ok(response) => response.into_inner().reply.ok_or_else(|| {
-                RequestError::Unavailable("the control plane sent an empty reply".into())
-            }),
+        // The wait a little longer than timeout_ms, so that the control plane's
+        // DEADLINE_EXCEEDED (with its reason) arrives before the sidecar gives up.
+        let wait = left + (left / 10).min(Duration::from_millis(50));
+        // The pod's own requests go on its SendMsgs stream (the message's header
+        // is its trace context upstream); a sender that named itself, or a control
+        // plane without the stream, gets a unary call.
+        let on_stream = self.upstream_sender(&request.sender) == self.config.identity.id;
+        let body = if on_stream {
+            self.send_on_stream(&link, body, wait).await
+        } else {
+            Err(body)
+        };
+        let answered = match body {
+            Ok(answered) => answered,
+            Err(body) => {
+                let mut call = self.request(body, &request.sender, Some(wait));
+                hop.stamp_metadata(call.metadata_mut());
+                link.client
+                    .clone()
+                    .send_msg(call)
+                    .await
+                    .and_then(|response| {
+                        response.into_inner().reply.ok_or_else(|| {
+                            Status::unavailable("the control plane sent an empty reply")
+                        })
+                    })
+            }
+        };
+        match answered {
+            Ok(reply) => Ok(reply),
             Err(status) => {
                 hop.fail(|| describe("send_msg", &status));
                 Err(match status.code() {
