@@ -194,3 +194,31 @@ impl Requester for RedisCoordinator {
         Ok(())
     }
 }
+
+/// One `PING` on a multiplexed connection to the same Redis: the Redis round trip
+/// under every coordination call, whoever sends it.
+pub struct RedisPing {
+    pub client: redis::Client,
+}
+
+struct RedisPinger(MultiplexedConnection);
+
+#[async_trait]
+impl RequestReply for RedisPing {
+    async fn start(&self) -> anyhow::Result<Arc<dyn Requester>> {
+        Ok(Arc::new(RedisPinger(
+            self.client
+                .get_multiplexed_async_connection()
+                .await
+                .context("connecting to redis-server")?,
+        )))
+    }
+}
+
+#[async_trait]
+impl Requester for RedisPinger {
+    async fn request(&self, _payload: Bytes) -> anyhow::Result<()> {
+        let _: String = redis::cmd("PING").query_async(&mut self.0.clone()).await?;
+        Ok(())
+    }
+}

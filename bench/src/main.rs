@@ -26,6 +26,7 @@
 //!   [`redis_peers`]: the systems.
 //! - [`payload`]: 128-byte payloads stamped with their send time.
 //! - [`workloads`]: throughput, latency, round trips, fan-out, idle memory.
+//! - [`bare`]: a bare tonic server in a process of its own, the floor of a unary call.
 //! - [`coord`]: Lock+Unlock and Limit through a replica vs directly on Redis.
 //! - [`fleetops`]: Gather across many responders vs NATS scatter-gather, and a
 //!   Rollout's own overhead per wave.
@@ -37,6 +38,7 @@
 //! - here: the run — the workloads asked for, in order, then the table and the JSON.
 
 mod args;
+mod bare;
 mod coord;
 mod durable;
 mod failover;
@@ -88,6 +90,9 @@ fn machine() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::var_os(bare::SERVE_ENV).is_some() {
+        return bare::serve().await;
+    }
     let args = Args::parse();
     let sizes = Sizes::new(&args);
     let wants = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);

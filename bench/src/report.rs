@@ -26,6 +26,10 @@ pub mod peers {
     pub const FLEET_REDIS_REPLICA: &str = "fleet-ipc+Redis (one replica)";
     /// The same operations sent straight to Redis by the benchmark.
     pub const REDIS_DIRECT: &str = "Redis direct";
+    /// The floors under them: one unary call on a bare tonic server (health
+    /// `Check`, a process of its own), and one `PING` to the same Redis.
+    pub const BARE_TONIC: &str = "bare tonic (health Check; 1 RPC)";
+    pub const REDIS_PING: &str = "Redis PING";
     /// Workload 8: two replicas on a TLS Redis with one Redis replica.
     pub const FLEET_REDIS_TLS: &str = "fleet-ipc+Redis TLS";
     pub const FLEET_REDIS_TLS_WAIT: &str = "fleet-ipc+Redis TLS, --redis-min-replicas 1";
@@ -50,6 +54,8 @@ pub mod workloads {
     pub const MEMORY: &str = "5 memory per idle subscriber";
     pub const SIDECAR_HOP: &str = "6 sidecar hop";
     pub const COORD: &str = "7 lock and limit";
+    /// Workload 7's case for the floors: one bare round trip, sequential.
+    pub const ROUND_TRIP: &str = "one round trip, sequential";
     pub const DURABLE: &str = "8 TLS Redis with a replica";
     pub const FAILOVER: &str = "9 a killed Redis primary";
     pub const FLEET_OPS: &str = "10 Gather and Rollout";
@@ -382,6 +388,29 @@ impl Report {
                 Some(1.5),
             );
         }
+        let mut floors = Vec::new();
+        // The floor of any relay between client and Redis: per call one gRPC round
+        // trip (bare tonic) and one Redis round trip (PING); a Lock+Unlock is two.
+        // Not a target: how far fleet-ipc is above what a relay could reach.
+        let floor = both(
+            self.figure(COORD, ROUND_TRIP, BARE_TONIC, "p50"),
+            self.figure(COORD, ROUND_TRIP, REDIS_PING, "p50"),
+        )
+        .map(|(grpc, redis)| grpc + redis);
+        for (operation, calls) in [("Lock+Unlock", 2.0), ("Limit", 1.0)] {
+            let case = format!("{operation}, sequential");
+            let value = both(
+                self.figure(COORD, &case, FLEET_REDIS_REPLICA, "p50"),
+                floor.map(|f| f * calls),
+            );
+            floors.push(Target {
+                target: format!(
+                    "(not a target) {operation} p50 ÷ the floor of a relay, {calls} × (bare tonic + Redis PING), sequential"
+                ),
+                measured: value.map_or("not measured".into(), |(a, b)| format!("{:.2}", a / b)),
+                met: None,
+            });
+        }
         // Issue 17: the outage a killed primary causes, against Sentinel's own.
         let worst_failover = self
             .rows
@@ -479,6 +508,7 @@ impl Report {
                 Some(1.0),
             );
         }
+        targets.extend(floors);
         self.targets = targets;
     }
 

@@ -9,7 +9,7 @@ use crate::procs::Sidecar;
 use crate::report::{Report, peers, workloads as names};
 use crate::systems::Systems;
 use crate::workloads::{self, percentile_us};
-use crate::{coord, nats};
+use crate::{bare, coord, nats};
 
 /// Round trips sequentially and with 64 in flight, reported under `workload`.
 pub async fn request_cases(
@@ -249,4 +249,49 @@ pub async fn run_coordination(report: &mut Report, systems: &Systems, sizes: &Si
         let name = peers::REDIS_DIRECT;
         request_cases(report, names::COORD, prefix, name, system, sizes).await;
     }
+    // The floors, in the same run: one unary call on a bare tonic server, the same
+    // on fleet-ipc (`ping`, answered by the node), one PING to the same Redis.
+    let prefix = "one round trip, ";
+    let bare = bare::BareTonic;
+    request_cases(
+        report,
+        names::COORD,
+        prefix,
+        peers::BARE_TONIC,
+        Ok(&bare),
+        sizes,
+    )
+    .await;
+    let ping = replica.as_ref().map(|server| fleet::FleetPing {
+        target: Target::Tcp(server.grpc),
+    });
+    let system = ping
+        .as_ref()
+        .map(|s| s as &dyn RequestReply)
+        .map_err(|e| (*e).clone());
+    request_cases(
+        report,
+        names::COORD,
+        prefix,
+        peers::FLEET_PING,
+        system,
+        sizes,
+    )
+    .await;
+    let redis_ping = redis.as_ref().map(|client| coord::RedisPing {
+        client: client.clone(),
+    });
+    let system = redis_ping
+        .as_ref()
+        .map(|s| s as &dyn RequestReply)
+        .map_err(|e| (*e).clone());
+    request_cases(
+        report,
+        names::COORD,
+        prefix,
+        peers::REDIS_PING,
+        system,
+        sizes,
+    )
+    .await;
 }
