@@ -3,16 +3,18 @@
 
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use ipc_proto::pb::ledger::State;
-use ipc_proto::pb::{GatherRequest, Ledger};
+use ipc_proto::pb::{GatherRequest, Ledger, Member, Msg};
 use prost::Message as _;
 
 use super::ledger::{self, Kind};
 use super::{Asked, Fields};
 use crate::auth::Caller;
-use crate::error::NodeError;
+use crate::error::{NodeError, RequestError};
 use crate::node::Node;
+use crate::responders;
 use crate::telemetry::{self, Hop};
 use opentelemetry::KeyValue;
 use tracing::Instrument as _;
@@ -115,17 +117,7 @@ impl Node {
         }
         self.metrics().operation_started(Kind::Gather);
         let waited_ms = timeout.as_millis() as u64;
-        let answers = join_all(members.iter().map(|member| {
-            let id = ledger.id.clone();
-            async move {
-                let asked_at = Instant::now();
-                let result = self
-                    .ask_member(asked, &id, &member.id, None, deadline)
-                    .await;
-                (result, asked_at.elapsed())
-            }
-        }))
-        .await;
+        let answers = self.ask_all(asked, &ledger.id, &members, deadline).await;
         for (outcome, (result, took)) in ledger.outcomes.iter_mut().zip(answers) {
             ledger::settle(outcome, result, waited_ms);
             outcome.duration_ms = took.as_millis() as i64;
@@ -139,4 +131,107 @@ impl Node {
         }
         Ok(ledger)
     }
+
+    /// Asks every member at once and waits until all answered or `deadline`:
+    /// each one's result and when it came (since the first was asked). A member
+    /// a local responder answers is handed its request at once and waited on
+    /// by its reply's receiver alone, all under one timer; the others (hooks,
+    /// members of other nodes, a relay that could not answer) go the whole way
+    /// ([`Node::ask_member`]).
+    async fn ask_all(
+        &self,
+        asked: &Asked,
+        ledger_id: &str,
+        members: &[Member],
+        deadline: Instant,
+    ) -> Vec<(Result<Msg, RequestError>, Duration)> {
+        let started = Instant::now();
+        let ask_fully = |i: usize| -> Asking<'_> {
+            let member = members[i].id.as_str();
+            Box::pin(async move {
+                Answer::Asked(
+                    i,
+                    self.ask_member(asked, ledger_id, member, None, deadline)
+                        .await,
+                )
+            })
+        };
+        let mut results: Vec<Option<(Result<Msg, RequestError>, Duration)>> =
+            members.iter().map(|_| None).collect();
+        // The `reply_to` counters of the requests handed to local responders.
+        let mut handed: Vec<Option<u64>> = vec![None; members.len()];
+        let mut asking: FuturesUnordered<Asking<'_>> = FuturesUnordered::new();
+        for (i, member) in members.iter().enumerate() {
+            match self.hand_to_responder(asked, ledger_id, &member.id, deadline) {
+                Some(delivered) => {
+                    handed[i] = Some(delivered.pending);
+                    let reply = delivered.reply;
+                    asking.push(Box::pin(async move { Answer::Handed(i, reply.await) }));
+                }
+                None => asking.push(ask_fully(i)),
+            }
+        }
+        let timer = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(timer);
+        let mut late = false;
+        loop {
+            tokio::select! {
+                answer = asking.next() => match answer {
+                    None => break,
+                    Some(Answer::Asked(i, result)) => results[i] = Some((result, started.elapsed())),
+                    Some(Answer::Handed(i, _)) if results[i].is_some() => {}
+                    Some(Answer::Handed(i, Ok(reply))) if responders::cannot_answer(&reply) => {
+                        handed[i] = None;
+                        asking.push(ask_fully(i));
+                    }
+                    Some(Answer::Handed(i, received)) => {
+                        let member = &members[i].id;
+                        let result = received.map_err(|_| if late {
+                            RequestError::DeadlineExceeded(member.clone())
+                        } else {
+                            RequestError::Unavailable(format!(
+                                "the subscriber of {member:?} that had the request disconnected before replying"
+                            ))
+                        });
+                        results[i] = Some((result, started.elapsed()));
+                    }
+                },
+                () = &mut timer, if !late => {
+                    // The requests still waiting are forgotten: their receivers
+                    // end at once, as no reply.
+                    late = true;
+                    for (i, pending) in handed.iter().enumerate() {
+                        if let Some(pending) = pending
+                            && results[i].is_none()
+                        {
+                            self.hub().forget_request(*pending);
+                        }
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .zip(members)
+            .map(|(result, member)| {
+                result.unwrap_or_else(|| {
+                    (
+                        Err(RequestError::DeadlineExceeded(member.id.clone())),
+                        started.elapsed(),
+                    )
+                })
+            })
+            .collect()
+    }
 }
+
+/// What came of asking one member of a Gather (by its index).
+enum Answer {
+    /// A request handed to a local responder: its reply, or its waiter forgotten
+    /// (the responder left, or the deadline passed).
+    Handed(usize, Result<Msg, tokio::sync::oneshot::error::RecvError>),
+    /// A member asked the whole way.
+    Asked(usize, Result<Msg, RequestError>),
+}
+
+type Asking<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 'a>>;

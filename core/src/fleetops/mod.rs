@@ -19,6 +19,7 @@ pub mod rollout;
 pub mod store;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipc_proto::pb::{Ledger, Member, Msg};
@@ -26,6 +27,7 @@ use ipc_proto::pb::{Ledger, Member, Msg};
 use crate::auth::Caller;
 use crate::channel;
 use crate::error::{NodeError, RequestError};
+use crate::hub::{DEADLINE_HEADER, Delivered};
 use crate::node::Node;
 use crate::responders;
 use crate::telemetry::{self, Hop, TraceContext};
@@ -201,6 +203,47 @@ impl Node {
             route.fail(|| error.to_string());
         }
         result
+    }
+
+    /// An operation's request handed at once to a local responder of `member`,
+    /// without a future of the whole request path per member: what the caller
+    /// waits on is the reply's receiver alone. `None` when no local responder
+    /// takes it first (a hook, a member of another node, none left), or while
+    /// spans are recorded (the full path records its hops): then
+    /// [`Node::ask_member`] asks it. The request is the one `ask_member` sends.
+    pub(crate) fn hand_to_responder(
+        &self,
+        asked: &Asked,
+        ledger_id: &str,
+        member: &str,
+        deadline: Instant,
+    ) -> Option<Delivered> {
+        if telemetry::enabled() || !self.responder_answers_here(member, &asked.op) {
+            return None;
+        }
+        let mut headers = HashMap::with_capacity(asked.headers.len() + 4);
+        headers.extend(asked.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        headers.insert(OP_ID_HEADER.into(), ledger_id.to_string());
+        if let Some((key, _)) = &asked.key {
+            headers.insert(OP_KEY_HEADER.into(), key.clone());
+        }
+        headers.insert(responders::MEMBER_HEADER.into(), member.to_string());
+        let left = deadline.saturating_duration_since(Instant::now());
+        headers.insert(
+            DEADLINE_HEADER.into(),
+            (crate::now_ms() + left.as_millis() as i64).to_string(),
+        );
+        let mut request = Arc::new(Msg {
+            op: asked.op.clone(),
+            data: asked.data.clone(),
+            headers,
+            id: self.new_id(),
+            channel: asked.target.clone(),
+            sender: asked.sender.clone(),
+            ts_ms: crate::now_ms(),
+            ..Msg::default()
+        });
+        self.hub().deliver_request(member, &mut request, &[])
     }
 
     async fn ask_routed(

@@ -341,6 +341,12 @@ impl Hub {
         request.trace.clone()
     }
 
+    /// Forgets the request waiting under `pending` (the counter of its
+    /// `reply_to`): its waiter learns at once, and a late reply is not found.
+    pub fn forget_request(&self, pending: u64) {
+        self.pending.lock().remove(&pending);
+    }
+
     /// Forgets a request whose caller stopped waiting.
     pub fn cancel_request(&self, reply_to: &str) {
         if let Some((counter, secret)) = self.pending_key(reply_to) {
