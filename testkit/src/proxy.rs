@@ -36,6 +36,8 @@ impl HoldingProxy {
                 let mut cut = (*cuts_rx).clone();
                 cut.borrow_and_update();
                 let hold = (*hold_rx).clone();
+                // The answer path's own view of the cuts: see below.
+                let cut_before_release = cut.clone();
                 tokio::spawn(async move {
                     let (mut from_client, mut to_client) = client.into_split();
                     let (mut from_server, mut to_server) = server.into_split();
@@ -53,6 +55,13 @@ impl HoldingProxy {
                                 if hold.changed().await.is_err() {
                                     return Ok(());
                                 }
+                            }
+                            // A test cuts, then releases. The select below may be in
+                            // the middle of a poll when both happen (a multi-threaded
+                            // runtime), past its check of the cut: the release seen
+                            // here comes after the cut, so the cut is seen too.
+                            if cut_before_release.has_changed().unwrap_or(true) {
+                                return Ok(());
                             }
                             to_client.write_all(&buffer[..n]).await?;
                         }
