@@ -141,6 +141,13 @@ impl Prioritize {
         self.pending_open.push(stream);
     }
 
+    /// fleet-ipc patch: whether a new locally initiated stream can be opened at
+    /// once — the peer's concurrency limit has room and no earlier stream waits in
+    /// `pending_open` (it must be opened first, its id being lower).
+    pub fn may_open_now(&self, counts: &Counts) -> bool {
+        self.pending_open.is_empty() && counts.can_inc_num_send_streams()
+    }
+
     /// Send a data frame
     pub fn send_data<B>(
         &mut self,

@@ -145,8 +145,17 @@ impl Send {
 
         let mut pending_open = false;
         if counts.peer().is_local_init(frame.stream_id()) && !stream.is_pending_push {
-            self.prioritize.queue_open(stream);
-            pending_open = true;
+            // fleet-ipc patch (vendor/h2/PATCH.md): a stream that may open now opens
+            // now, so that the body sent right after its headers can be given
+            // capacity at once and leaves in the same write as the HEADERS frame,
+            // instead of waiting for the connection task to open the stream first.
+            // Only when no stream waits to open: stream ids must go out in order.
+            if self.prioritize.may_open_now(counts) {
+                counts.inc_num_send_streams(stream);
+            } else {
+                self.prioritize.queue_open(stream);
+                pending_open = true;
+            }
         }
 
         // Queue the frame for sending
