@@ -108,10 +108,7 @@ pub async fn run_requests(report: &mut Report, systems: &Systems, sizes: &Sizes)
         .nats
         .as_ref()
         .map(|n| nats::NatsRequests { url: n.url() });
-    let system = nats_system
-        .as_ref()
-        .map(|s| s as &dyn RequestReply)
-        .map_err(|e| (*e).clone());
+    let system = as_system(&nats_system);
     request_cases(
         report,
         names::REQUEST,
@@ -232,20 +229,14 @@ pub async fn run_coordination(report: &mut Report, systems: &Systems, sizes: &Si
             target: Target::Tcp(server.grpc),
             operation,
         });
-        let system = fleet
-            .as_ref()
-            .map(|s| s as &dyn RequestReply)
-            .map_err(|e| (*e).clone());
+        let system = as_system(&fleet);
         let name = peers::FLEET_REDIS_REPLICA;
         request_cases(report, names::COORD, prefix, name, system, sizes).await;
         let direct = redis.as_ref().map(|client| coord::RedisCoord {
             client: client.clone(),
             operation,
         });
-        let system = direct
-            .as_ref()
-            .map(|s| s as &dyn RequestReply)
-            .map_err(|e| (*e).clone());
+        let system = as_system(&direct);
         let name = peers::REDIS_DIRECT;
         request_cases(report, names::COORD, prefix, name, system, sizes).await;
     }
@@ -265,10 +256,7 @@ pub async fn run_coordination(report: &mut Report, systems: &Systems, sizes: &Si
     let ping = replica.as_ref().map(|server| fleet::FleetPing {
         target: Target::Tcp(server.grpc),
     });
-    let system = ping
-        .as_ref()
-        .map(|s| s as &dyn RequestReply)
-        .map_err(|e| (*e).clone());
+    let system = as_system(&ping);
     request_cases(
         report,
         names::COORD,
@@ -281,10 +269,7 @@ pub async fn run_coordination(report: &mut Report, systems: &Systems, sizes: &Si
     let redis_ping = redis.as_ref().map(|client| coord::RedisPing {
         client: client.clone(),
     });
-    let system = redis_ping
-        .as_ref()
-        .map(|s| s as &dyn RequestReply)
-        .map_err(|e| (*e).clone());
+    let system = as_system(&redis_ping);
     request_cases(
         report,
         names::COORD,
@@ -294,4 +279,14 @@ pub async fn run_coordination(report: &mut Report, systems: &Systems, sizes: &Si
         sizes,
     )
     .await;
+}
+
+/// A system that may have failed to start, as `request_cases` takes it.
+fn as_system<T: RequestReply, E: ToString>(
+    system: &Result<T, E>,
+) -> Result<&dyn RequestReply, String> {
+    system
+        .as_ref()
+        .map(|s| s as &dyn RequestReply)
+        .map_err(ToString::to_string)
 }

@@ -81,6 +81,27 @@ pub(crate) struct Fields {
     pub encoded_len: usize,
 }
 
+/// The headers of an operation's request to one member: the caller's, then the
+/// operation's id, its key, the wave (Rollout) and the member.
+fn member_headers(
+    asked: &Asked,
+    ledger_id: &str,
+    member: &str,
+    wave: Option<u32>,
+) -> HashMap<String, String> {
+    let mut headers = HashMap::with_capacity(asked.headers.len() + 4);
+    headers.extend(asked.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    headers.insert(OP_ID_HEADER.into(), ledger_id.to_string());
+    if let Some((key, _)) = &asked.key {
+        headers.insert(OP_KEY_HEADER.into(), key.clone());
+    }
+    if let Some(wave) = wave {
+        headers.insert(OP_WAVE_HEADER.into(), wave.to_string());
+    }
+    headers.insert(responders::MEMBER_HEADER.into(), member.to_string());
+    headers
+}
+
 impl Node {
     /// Checks an operation's input as SendMsg checks a request's, and its key.
     pub(crate) fn check_operation(
@@ -178,15 +199,7 @@ impl Node {
         wave: Option<u32>,
         deadline: Instant,
     ) -> Result<Msg, RequestError> {
-        let mut headers = asked.headers.clone();
-        headers.insert(OP_ID_HEADER.into(), ledger_id.to_string());
-        if let Some((key, _)) = &asked.key {
-            headers.insert(OP_KEY_HEADER.into(), key.clone());
-        }
-        if let Some(wave) = wave {
-            headers.insert(OP_WAVE_HEADER.into(), wave.to_string());
-        }
-        headers.insert(responders::MEMBER_HEADER.into(), member.to_string());
+        let mut headers = member_headers(asked, ledger_id, member, wave);
         let mut route = Hop::child("route", telemetry::Kind::Internal, &headers, || {
             let mut attributes = vec![
                 KeyValue::new("ipc.member", member.to_string()),
@@ -221,19 +234,19 @@ impl Node {
         if telemetry::enabled() || !self.responder_answers_here(member, &asked.op) {
             return None;
         }
-        let mut headers = HashMap::with_capacity(asked.headers.len() + 4);
-        headers.extend(asked.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-        headers.insert(OP_ID_HEADER.into(), ledger_id.to_string());
-        if let Some((key, _)) = &asked.key {
-            headers.insert(OP_KEY_HEADER.into(), key.clone());
-        }
-        headers.insert(responders::MEMBER_HEADER.into(), member.to_string());
+        let mut headers = member_headers(asked, ledger_id, member, None);
         let left = deadline.saturating_duration_since(Instant::now());
         headers.insert(
             DEADLINE_HEADER.into(),
             (crate::now_ms() + left.as_millis() as i64).to_string(),
         );
-        let mut request = Arc::new(Msg {
+        let mut request = Arc::new(self.operation_request(asked, headers));
+        self.hub().deliver_request(member, &mut request, &[])
+    }
+
+    /// The request an operation sends one member, with its headers.
+    fn operation_request(&self, asked: &Asked, headers: HashMap<String, String>) -> Msg {
+        Msg {
             op: asked.op.clone(),
             data: asked.data.clone(),
             headers,
@@ -242,8 +255,7 @@ impl Node {
             sender: asked.sender.clone(),
             ts_ms: crate::now_ms(),
             ..Msg::default()
-        });
-        self.hub().deliver_request(member, &mut request, &[])
+        }
     }
 
     async fn ask_routed(
@@ -253,16 +265,7 @@ impl Node {
         asked: &Asked,
         deadline: Instant,
     ) -> Result<Msg, RequestError> {
-        let request = Msg {
-            op: asked.op.clone(),
-            data: asked.data.clone(),
-            headers,
-            id: self.new_id(),
-            channel: asked.target.clone(),
-            sender: asked.sender.clone(),
-            ts_ms: crate::now_ms(),
-            ..Msg::default()
-        };
+        let request = self.operation_request(asked, headers);
         // The built-ins of a member that is a node (a sidecar's pod) answer an
         // operation as they answer any caller the node did not authenticate.
         let caller = Caller {
