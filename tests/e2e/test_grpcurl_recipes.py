@@ -173,6 +173,15 @@ def check_publish(shell: Shell, blocks: list[str], stub, subscribe) -> None:
         assert (received.id, json_format.MessageToDict(received.data)) == (answer["id"], n)
 
 
+def check_send_msgs(shell: Shell, blocks: list[str], stub, subscribe) -> None:
+    printed = shell.ok(blocks[0]).stdout
+    answers = {int(answer["seq"]): answer for answer in json_stream(printed)}
+    assert set(answers) == {1, 2}, printed
+    assert answers[1]["reply"]["op"] == "pong" and not answers[1].get("code"), answers[1]
+    assert answers[2]["code"] == 14 and "no responders" in answers[2]["error"], answers[2]
+    assert "reply" not in answers[2], answers[2]
+
+
 def check_ping(shell: Shell, blocks: list[str], stub, subscribe) -> None:
     reply = shell.json(blocks[0])["reply"]
     assert reply["op"] == "pong"
@@ -355,6 +364,7 @@ CHECKS = {
     "Restart every worker (Broadcast)": check_broadcast,
     "Broadcast at most once (idempotency key)": check_idempotent_broadcast,
     "Publish many messages on one stream (Publish)": check_publish,
+    "Ask many things on one stream (SendMsgs)": check_send_msgs,
     "Ping the server (SendMsg with no target)": check_ping,
     "Ask one worker (SendMsg)": check_ask_one_worker,
     "When nobody listens (no responders)": check_no_responders,

@@ -179,7 +179,6 @@ impl Node {
                 answer = asking.next() => match answer {
                     None => break,
                     Some(Answer::Asked(i, result)) => results[i] = Some((result, started.elapsed())),
-                    Some(Answer::Handed(i, _)) if results[i].is_some() => {}
                     Some(Answer::Handed(i, Ok(reply))) if responders::cannot_answer(&reply) => {
                         handed[i] = None;
                         asking.push(ask_fully(i));
