@@ -8,8 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -26,13 +25,9 @@ pub async fn serve() -> anyhow::Result<()> {
     println!("{}", listener.local_addr()?);
     let (_reporter, health) = tonic_health::server::health_reporter();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let stdin_closed = async {
-        let mut sink = Vec::new();
-        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
-    };
     tonic::transport::Server::builder()
         .add_service(health)
-        .serve_with_incoming_shutdown(incoming, stdin_closed)
+        .serve_with_incoming_shutdown(incoming, crate::floor::stdin_closed())
         .await?;
     Ok(())
 }
@@ -49,17 +44,8 @@ struct BareChecker {
 #[async_trait]
 impl RequestReply for BareTonic {
     async fn start(&self) -> anyhow::Result<Arc<dyn Requester>> {
-        let mut server = Command::new(std::env::current_exe()?)
-            .env(SERVE_ENV, "1")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting the bare tonic server")?;
-        let stdout = server.stdout.take().context("no stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).await?;
-        let addr = line.trim();
+        let (server, addr) = crate::floor::start_child(SERVE_ENV, "1").await?;
+        let addr = addr.as_str();
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .connect()

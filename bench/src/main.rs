@@ -27,6 +27,7 @@
 //! - [`payload`]: 128-byte payloads stamped with their send time.
 //! - [`workloads`]: throughput, latency, round trips, fan-out, idle memory.
 //! - [`bare`]: a bare tonic server in a process of its own, the floor of a unary call.
+//! - [`floor`]: a bare broker and relay of `ipc.v1.Ipc`, the floors of issue 18's targets.
 //! - [`coord`]: Lock+Unlock and Limit through a replica vs directly on Redis.
 //! - [`fleetops`]: Gather across many responders vs NATS scatter-gather, and a
 //!   Rollout's own overhead per wave.
@@ -44,6 +45,7 @@ mod durable;
 mod failover;
 mod fleet;
 mod fleetops;
+mod floor;
 mod nats;
 mod payload;
 mod peer;
@@ -92,6 +94,12 @@ fn machine() -> String {
 async fn main() -> anyhow::Result<()> {
     if std::env::var_os(bare::SERVE_ENV).is_some() {
         return bare::serve().await;
+    }
+    if std::env::var_os(floor::BROKER_ENV).is_some() {
+        return floor::serve_broker().await;
+    }
+    if let Ok(upstream) = std::env::var(floor::RELAY_ENV) {
+        return floor::serve_relay(&upstream).await;
     }
     let args = Args::parse();
     let sizes = Sizes::new(&args);

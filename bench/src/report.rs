@@ -30,6 +30,13 @@ pub mod peers {
     /// `Check`, a process of its own), and one `PING` to the same Redis.
     pub const BARE_TONIC: &str = "bare tonic (health Check; 1 RPC)";
     pub const REDIS_PING: &str = "Redis PING";
+    /// The floors of issue 18 (`floor.rs`): the same clients on a bare tonic
+    /// broker, and through a bare relay to it.
+    pub const BARE_PUBLISH: &str = "bare gRPC broker, Publish stream (floor)";
+    pub const BARE_BROKER: &str = "bare gRPC broker (floor)";
+    pub const BARE_SERVE: &str = "bare gRPC broker, replies on Serve (floor)";
+    pub const BARE_DIRECT: &str = "bare gRPC broker direct (floor)";
+    pub const BARE_RELAY: &str = "bare gRPC broker via bare relay (floor)";
     /// Workload 8: two replicas on a TLS Redis with one Redis replica.
     pub const FLEET_REDIS_TLS: &str = "fleet-ipc+Redis TLS";
     pub const FLEET_REDIS_TLS_WAIT: &str = "fleet-ipc+Redis TLS, --redis-min-replicas 1";
@@ -410,6 +417,67 @@ impl Report {
                 measured: value.map_or("not measured".into(), |(a, b)| format!("{:.2}", a / b)),
                 met: None,
             });
+        }
+        // Issue 18's floors: the same clients on a bare gRPC broker (and through a
+        // bare relay), against the peer of each target and against fleet-ipc.
+        let mut floor_line = |line: String, value: Option<(f64, f64)>| {
+            floors.push(Target {
+                target: format!("(not a target) {line}"),
+                measured: value
+                    .filter(|(_, b)| *b > 0.0)
+                    .map_or("not measured".into(), |(a, b)| format!("{:.2}", a / b)),
+                met: None,
+            });
+        };
+        let case = "1 subscriber";
+        floor_line(
+            format!("floor: bare broker Publish stream ÷ NATS core, {case} (target ≥ 0.5)"),
+            both(tp(BARE_PUBLISH, case), tp(NATS, case)),
+        );
+        floor_line(
+            format!("fleet-ipc Publish stream ÷ its floor, {case}"),
+            both(tp(FLEET_PUBLISH, case), tp(BARE_PUBLISH, case)),
+        );
+        for (case, at_most) in [("sequential", 1.5), ("64 in flight", 2.0)] {
+            let p50 = |peer| self.figure(REQUEST, case, peer, "p50");
+            floor_line(
+                format!(
+                    "floor: bare broker SendMsg, replies on Serve, p50 ÷ NATS request/reply, {case} (target ≤ {at_most})"
+                ),
+                both(p50(BARE_SERVE), p50(NATS_REQUEST)),
+            );
+            floor_line(
+                format!("fleet-ipc SendMsg, replies on Serve, p50 ÷ its floor, {case}"),
+                both(p50(FLEET_SERVE), p50(BARE_SERVE)),
+            );
+        }
+        let hop = |via, direct| {
+            let p50 = |peer| self.figure(SIDECAR_HOP, "request, sequential", peer, "p50");
+            both(p50(via), p50(direct)).map(|(v, d)| v - d)
+        };
+        floor_line(
+            "floor: a bare relay's hop added to a request p50 ÷ 100 µs (target ≤ 1)".into(),
+            hop(BARE_RELAY, BARE_DIRECT).map(|h| (h, 100.0)),
+        );
+        floor_line(
+            "the sidecar's hop ÷ the bare relay's hop".into(),
+            both(hop(SIDECAR, DIRECT), hop(BARE_RELAY, BARE_DIRECT)),
+        );
+        if let Some(case) = self
+            .rows
+            .iter()
+            .find(|r| r.workload == FANOUT && r.peer == BARE_BROKER && r.skipped.is_none())
+            .map(|r| r.case.clone())
+        {
+            let p99 = |peer| self.figure(FANOUT, &case, peer, "p99");
+            floor_line(
+                format!("floor: bare broker fan-out p99 ÷ NATS core, {case} (target ≤ 2)"),
+                both(p99(BARE_BROKER), p99(NATS)),
+            );
+            floor_line(
+                format!("fleet-ipc fan-out p99 ÷ its floor, {case}"),
+                both(p99(FLEET), p99(BARE_BROKER)),
+            );
         }
         // Issue 17: the outage a killed primary causes, against Sentinel's own.
         let worst_failover = self

@@ -72,6 +72,11 @@ impl Systems {
         }
     }
 
+    /// Whether `--peers` asks for `key` (an empty list asks for all).
+    pub fn wants(&self, key: &str) -> bool {
+        self.peers.is_empty() || self.peers.iter().any(|p| p == key)
+    }
+
     /// The NATS server as a pub/sub peer.
     pub fn nats_peer(&self) -> Available<Box<dyn PubSub>> {
         self.nats
@@ -145,7 +150,7 @@ pub struct PubSubPeers {
 pub fn pubsub_peers(systems: &Systems, with_streams: bool) -> PubSubPeers {
     let mut peers_out: Vec<(String, Available<Box<dyn PubSub>>)> = Vec::new();
     let mut servers = Vec::new();
-    let wanted = |key: &str| systems.peers.is_empty() || systems.peers.iter().any(|p| p == key);
+    let wanted = |key: &str| systems.wants(key);
     let any_of = |keys: &[&str]| keys.iter().any(|k| wanted(k));
     match any_of(&["fleet", "fleet-publish"]).then(|| systems.embedded()) {
         None => {}

@@ -3,6 +3,8 @@
 
 use super::{latency_figures, note, subject, thousands};
 use crate::args::{STREAMS_PER_CONNECTION, Sizes};
+use crate::fleet::Fleet;
+use crate::floor::BareBroker;
 use crate::nats;
 use crate::peer::PubSub;
 use crate::procs::NatsServer;
@@ -11,7 +13,17 @@ use crate::systems::{Available, Systems, fleet_on, pubsub_peers};
 use crate::workloads::{self, percentile_us};
 
 pub async fn run_throughput(report: &mut Report, systems: &Systems, sizes: &Sizes) {
-    let peers_now = pubsub_peers(systems, true);
+    let mut peers_now = pubsub_peers(systems, true);
+    let broker = floor_broker(systems).await;
+    if let Some(broker) = &broker {
+        let peer = broker.as_ref().map_err(Clone::clone).map(|b| {
+            Box::new(Fleet {
+                publish_stream: true,
+                ..b.fleet()
+            }) as Box<dyn PubSub>
+        });
+        peers_now.peers.push((peers::BARE_PUBLISH.into(), peer));
+    }
     for (subscribers, messages) in sizes.throughput_messages {
         if !sizes.throughput_only.is_empty() && !sizes.throughput_only.contains(&subscribers) {
             continue;
@@ -102,7 +114,16 @@ pub async fn run_fanout(report: &mut Report, systems: &Systems, sizes: &Sizes) {
         .map(|s| Box::new(fleet_on(s)) as Box<dyn PubSub>)
         .map_err(Clone::clone);
     let nats_peer = systems.nats_peer();
-    for (name, peer) in [(peers::FLEET, fleet_peer), (peers::NATS, nats_peer)] {
+    let broker = floor_broker(systems).await;
+    let mut runs = vec![(peers::FLEET, fleet_peer), (peers::NATS, nats_peer)];
+    if let Some(broker) = &broker {
+        let peer = broker.as_ref().map_err(Clone::clone);
+        runs.push((
+            peers::BARE_BROKER,
+            peer.map(|b| Box::new(b.fleet()) as Box<dyn PubSub>),
+        ));
+    }
+    for (name, peer) in runs {
         let peer = match peer {
             Ok(peer) => peer,
             Err(reason) => {
@@ -220,4 +241,11 @@ pub async fn run_memory(report: &mut Report, systems: &Systems, sizes: &Sizes) {
             }
         }
     }
+}
+
+/// The bare broker of the floors, when `--peers` wants it (`floor`), or why it
+/// did not start.
+pub async fn floor_broker(systems: &Systems) -> Option<Available<BareBroker>> {
+    systems.wants("floor").then_some(())?;
+    Some(BareBroker::start().await.map_err(|e| format!("{e:#}")))
 }

@@ -1,9 +1,11 @@
 //! Workloads 3, 6 and 7: request round trips, the sidecar's hop, and Lock, Unlock
 //! and Limit through a replica beside Redis directly.
 
+use super::pubsub::floor_broker;
 use super::{latency_figures, note, subject};
 use crate::args::Sizes;
 use crate::fleet::{self, Fleet, FleetRequests, Target};
+use crate::floor::BareRelay;
 use crate::peer::RequestReply;
 use crate::procs::Sidecar;
 use crate::report::{Report, peers, workloads as names};
@@ -89,6 +91,15 @@ pub async fn run_requests(report: &mut Report, systems: &Systems, sizes: &Sizes)
             }
         }
     }
+    if let Some(broker) = floor_broker(systems).await {
+        let system = broker.as_ref().map(|b| FleetRequests {
+            request_from: b.target(),
+            respond_on: b.target(),
+            serve: true,
+        });
+        let system = as_system(&system);
+        request_cases(report, names::REQUEST, "", peers::BARE_SERVE, system, sizes).await;
+    }
     match systems.replicas() {
         Ok([a, b]) => {
             let system = FleetRequests {
@@ -120,7 +131,14 @@ pub async fn run_requests(report: &mut Report, systems: &Systems, sizes: &Sizes)
     .await;
 }
 
+/// Workload 6: requests and broadcasts through the sidecar against direct, then
+/// the same hop's floor.
 pub async fn run_sidecar(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    run_sidecar_hop(report, systems, sizes).await;
+    run_relay_floor(report, systems, sizes).await;
+}
+
+async fn run_sidecar_hop(report: &mut Report, systems: &Systems, sizes: &Sizes) {
     let request_case = "request, ";
     let latency_case = "broadcast latency 1k msg/s";
     let skip_all = |report: &mut Report, name: &str, reason: &str| {
@@ -209,6 +227,39 @@ pub async fn run_sidecar(report: &mut Report, systems: &Systems, sizes: &Sizes) 
                 format!("failed: {e:#}"),
             ),
         }
+    }
+}
+
+/// Workload 6's floor: a request to a bare broker directly, and through a bare
+/// relay (a hop that only passes the call on).
+async fn run_relay_floor(report: &mut Report, systems: &Systems, sizes: &Sizes) {
+    let Some(broker) = floor_broker(systems).await else {
+        return;
+    };
+    let relay = match &broker {
+        Ok(broker) => BareRelay::start(broker.addr)
+            .await
+            .map_err(|e| format!("{e:#}")),
+        Err(e) => Err(e.clone()),
+    };
+    let variants = [
+        (peers::BARE_DIRECT, broker.as_ref().map(|b| b.target())),
+        (
+            peers::BARE_RELAY,
+            relay.as_ref().map(|r| Target::Unix(r.socket.clone())),
+        ),
+    ];
+    for (name, target) in variants {
+        let system = target.map_err(Clone::clone).and_then(|request_from| {
+            let respond_on = broker.as_ref().map_err(Clone::clone)?.target();
+            Ok(FleetRequests {
+                request_from,
+                respond_on,
+                serve: true,
+            })
+        });
+        let system = as_system(&system);
+        request_cases(report, names::SIDECAR_HOP, "request, ", name, system, sizes).await;
     }
 }
 
