@@ -254,7 +254,7 @@ impl Bus for RedisBus {
             drop(hop);
             Ok(match written {
                 Written::Stored(cursor) => {
-                    msg.cursor = cursor.to_string();
+                    msg.cursor = cursor.text();
                     Appended::Stored(Arc::new(msg))
                 }
                 Written::Duplicate {

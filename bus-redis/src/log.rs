@@ -187,7 +187,7 @@ fn decode(epoch: u64, id: EntryId, payload: Option<Vec<u8>>) -> Option<Arc<Msg>>
     let decoded = payload.as_deref().map(Msg::decode);
     match decoded {
         Some(Ok(mut msg)) => {
-            msg.cursor = id.cursor(epoch).to_string();
+            msg.cursor = id.cursor(epoch).text();
             Some(Arc::new(msg))
         }
         _ => {

@@ -111,7 +111,7 @@ impl MemoryBus {
             hi: seq,
             lo: 0,
         }
-        .to_string();
+        .text();
         let size = crate::msg_size::memory_size(&msg);
         let msg = Arc::new(msg);
         log.entries.push_back((seq, msg.clone(), size));

@@ -160,11 +160,14 @@ impl Node {
 
     /// A new message id, unique across nodes (random node prefix + counter).
     pub fn new_id(&self) -> String {
-        format!(
-            "{}-{}",
-            self.id_prefix,
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        )
+        // Written directly: every message and request gets an id.
+        let mut counter = itoa::Buffer::new();
+        let counter = counter.format(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut id = String::with_capacity(self.id_prefix.len() + 1 + counter.len());
+        id.push_str(&self.id_prefix);
+        id.push('-');
+        id.push_str(counter);
+        id
     }
 
     /// Stores a message in the log; every matching subscriber fleet-wide gets it.

@@ -141,6 +141,10 @@ pub(super) struct Pending {
     owner: Option<String>,
     /// The trace the request is part of: its reply's parent.
     trace: Option<TraceContext>,
+    /// Its deadline ([`DEADLINE_HEADER`], ms since the epoch). A reply after it is
+    /// not found even before the waiter's timer has fired: the caller has its
+    /// answer (DEADLINE_EXCEEDED) by then, possibly from another node.
+    deadline_ms: Option<i64>,
 }
 
 impl Hub {
@@ -211,6 +215,10 @@ impl Hub {
                     subscriber: route.key,
                     owner: sub.spec.verified_owner.then(|| sub.spec.owner.clone()),
                     trace: TraceContext::from_headers(&msg.headers),
+                    deadline_ms: msg
+                        .headers
+                        .get(DEADLINE_HEADER)
+                        .and_then(|ms| ms.parse().ok()),
                 },
             );
             let charge = self.charge(msg);
@@ -368,6 +376,8 @@ impl Hub {
                 match pending.get(&counter) {
                     Some(p) if p.secret != secret => None,
                     Some(p) if p.owner.as_ref().is_some_and(|o| *o != reply.sender) => None,
+                    // Past its deadline: the waiter's own timer answers it.
+                    Some(p) if p.deadline_ms.is_some_and(|d| crate::now_ms() > d) => None,
                     Some(_) => pending.remove(&counter),
                     None => None,
                 }
@@ -429,4 +439,72 @@ fn parse_reply_to(reply_to: &str) -> Option<(&str, u64, u64)> {
         counter.parse().ok()?,
         u64::from_str_radix(secret, 16).ok()?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{StreamLimits, SubscriberSpec};
+    use crate::metrics::Metrics;
+
+    fn hub_with_responder(id: &str) -> (Arc<Hub>, crate::hub::Subscription) {
+        let hub = Hub::new("n1".into(), 16, Arc::new(Metrics::default()));
+        let spec = SubscriberSpec {
+            id: id.into(),
+            app: String::new(),
+            role: String::new(),
+            tag: String::new(),
+            labels: HashMap::new(),
+            patterns: Vec::new(),
+            owner: String::new(),
+            verified_owner: false,
+            relayed: Vec::new(),
+            role_watcher: false,
+        };
+        let limits = StreamLimits {
+            max_streams: 10,
+            max_per_owner: 10,
+        };
+        let subscription = hub.try_register(spec, limits).expect("registered");
+        (hub, subscription)
+    }
+
+    /// A request to `target` due at `deadline_ms`, handed to its responder: the
+    /// `reply_to` it was given, and where its reply arrives.
+    fn hand_over(hub: &Hub, target: &str, deadline_ms: i64) -> (String, Delivered) {
+        let mut request = Arc::new(Msg {
+            op: "status".into(),
+            headers: HashMap::from([(DEADLINE_HEADER.to_string(), deadline_ms.to_string())]),
+            ..Msg::default()
+        });
+        let delivered = hub
+            .deliver_request(target, &mut request, &[])
+            .expect("a responder took it");
+        (request.reply_to.clone(), delivered)
+    }
+
+    fn reply_to(reply_to: String) -> Msg {
+        Msg {
+            op: "answer".into(),
+            reply_to,
+            ..Msg::default()
+        }
+    }
+
+    /// The waiter's timer may fire late on a loaded node, and on another node than
+    /// the caller's: a reply past the deadline is refused all the same, since the
+    /// caller has had DEADLINE_EXCEEDED by then.
+    #[test]
+    fn a_reply_past_the_requests_deadline_is_not_found_before_any_timer_fires() {
+        let (hub, _responder) = hub_with_responder("w1");
+        let (late, _waiting) = hand_over(&hub, "w1", crate::now_ms() - 1);
+        assert!(matches!(
+            hub.complete_request(reply_to(late)),
+            Err(ReplyError::NotFound(_))
+        ));
+        let (in_time, mut waiting) = hand_over(&hub, "w1", crate::now_ms() + 60_000);
+        hub.complete_request(reply_to(in_time))
+            .expect("a reply in time completes its request");
+        assert_eq!(waiting.reply.try_recv().expect("the reply").op, "answer");
+    }
 }
