@@ -20,6 +20,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, header};
+use ipc_core::outbound::Outbound;
 use ipc_proto::pb::SubscribeRequest;
 use ipc_proto::pb::ipc_server::Ipc;
 use serde::Deserialize;
@@ -98,7 +99,7 @@ async fn open_tail(
         .subscribe_shared(console.request(&authed, request))
         .await?;
     Ok(Box::pin(stream.map(|item| {
-        Ok(match item {
+        Ok(match item.map(Outbound::into_shared) {
             Ok(msg) => {
                 let event = Event::default()
                     .event("msg")

@@ -27,12 +27,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
-use ipc_proto::pb::{Member, Msg};
+use ipc_proto::pb::Member;
 use parking_lot::{Mutex, RwLock};
 
 use crate::channel::Pattern;
 use crate::error::Closed;
 use crate::metrics::Metrics;
+use crate::outbound::Outbound;
 use crate::pattern_index::PatternIndex;
 use crate::queue::{Queue, QueueLimits};
 use crate::responders;
@@ -144,6 +145,22 @@ impl Hasher for KeyHasher {
     }
 }
 
+/// Adds the members `sub` relays (sorted by id) to `members`, each `(id, node)`
+/// once among the calls sharing `seen`: the first relay of it wins.
+fn push_relayed<'r>(
+    members: &mut Vec<Member>,
+    sub: &'r Subscriber,
+    seen: &mut std::collections::HashSet<(&'r str, &'r str)>,
+) {
+    let mut relayed: Vec<&Member> = sub.spec.relayed.iter().collect();
+    relayed.sort_by(|a, b| a.id.cmp(&b.id));
+    for member in relayed {
+        if seen.insert((member.id.as_str(), member.node.as_str())) {
+            members.push(member.clone());
+        }
+    }
+}
+
 fn sorted_subscribers(reg: &Registry) -> Vec<&Subscriber> {
     let mut subs: Vec<&Subscriber> = reg.subs.values().collect();
     subs.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
@@ -190,7 +207,7 @@ impl Subscription {
 
     /// The next message; `Err` when the node ended the stream, `Ok(None)` when the
     /// subscription was removed without a reason.
-    pub async fn recv(&mut self) -> Result<Option<Arc<Msg>>, Closed> {
+    pub async fn recv(&mut self) -> Result<Option<Outbound>, Closed> {
         self.queue.recv().await
     }
 
@@ -199,7 +216,7 @@ impl Subscription {
     pub fn poll_recv(
         &mut self,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<Option<Arc<Msg>>, Closed>> {
+    ) -> std::task::Poll<Result<Option<Outbound>, Closed>> {
         self.queue.poll_recv(cx)
     }
 
@@ -434,13 +451,36 @@ impl Hub {
         let mut members = Vec::with_capacity(subs.len());
         for sub in subs {
             members.push(self.member(sub));
-            let mut relayed: Vec<&Member> = sub.spec.relayed.iter().collect();
-            relayed.sort_by(|a, b| a.id.cmp(&b.id));
-            for member in relayed {
-                if seen.insert((member.id.as_str(), member.node.as_str())) {
-                    members.push(member.clone());
-                }
-            }
+            push_relayed(&mut members, sub, &mut seen);
+        }
+        members
+    }
+
+    /// What a request to `target` may reach among [`Hub::members`]: the subscribers
+    /// that take it, then every relayed member as `members` lists it — a bus tells
+    /// fresher local copies of relayed members by them ([`crate::Bus::members`]),
+    /// and a relayed member's labels may be the bus's to add. Builds no member for
+    /// the subscribers of other targets.
+    pub fn members_for_request(&self, target: &str) -> Vec<Member> {
+        let reg = self.registry.read();
+        let mut members: Vec<Member> = reg.responders.get(target).map_or_else(Vec::new, |routes| {
+            routes
+                .iter()
+                .filter_map(|route| {
+                    let sub = reg.subs.get(&route.key)?;
+                    (*route.member == *sub.spec.id).then(|| self.member(sub))
+                })
+                .collect()
+        });
+        let mut relaying: Vec<&Subscriber> = reg
+            .subs
+            .values()
+            .filter(|sub| !sub.spec.relayed.is_empty())
+            .collect();
+        relaying.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
+        let mut seen = std::collections::HashSet::new();
+        for sub in relaying {
+            push_relayed(&mut members, sub, &mut seen);
         }
         members
     }

@@ -66,6 +66,7 @@ pub mod mount;
 pub mod msg_size;
 pub mod node;
 pub mod notice;
+pub mod outbound;
 pub mod pattern_index;
 pub mod publish;
 pub mod queue;

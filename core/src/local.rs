@@ -88,7 +88,7 @@ impl Local {
     /// Completes a request this node handed to one of its subscribers, with a
     /// reply that reached another node.
     pub fn complete(&self, reply: Msg) -> Result<(), ReplyError> {
-        self.hub.complete_request(reply)
+        self.hub.complete_request(reply, false)
     }
 
     /// The local subscribers as members, each followed by the members it relays:

@@ -51,6 +51,10 @@ use crate::metrics::Metrics;
 
 /// An item of a subscriber's stream: a message, or the reason the node ended it.
 pub type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Arc<Msg>, Closed>> + Send>>;
+/// [`SubscribeStream`] as a stream that encodes what it sends takes it
+/// ([`Node::subscribe_outbound`]).
+pub type OutboundStream =
+    Pin<Box<dyn Stream<Item = Result<crate::outbound::Outbound, Closed>> + Send>>;
 
 /// Ops the node answers itself (SendMsg with an empty target).
 pub const BUILTIN_OPS: [&str; 4] = ["ping", "members", "info", "grants"];

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
-use ipc_proto::pb::Msg;
 use parking_lot::Mutex;
 
 use crate::error::Closed;
+use crate::outbound::Outbound;
 
 /// Bounds of every subscriber queue of a hub.
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +67,7 @@ impl Drop for Charge {
 
 /// A message in a queue, with what it costs.
 pub(crate) struct Delivery {
-    pub msg: Arc<Msg>,
+    pub item: Outbound,
     pub charge: Arc<Charge>,
 }
 
@@ -165,11 +165,11 @@ impl Queue {
     /// The next message; `Err` with the reason once the queue is ended and read,
     /// `Ok(None)` if it ended without one. Pending until a push or the end wakes
     /// the task of the last call (the queue has one reader).
-    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Arc<Msg>>, Closed>> {
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Outbound>, Closed>> {
         let mut state = self.state.lock();
         if let Some(delivery) = state.items.pop_front() {
             state.bytes -= delivery.charge.size;
-            return Poll::Ready(Ok(Some(delivery.msg)));
+            return Poll::Ready(Ok(Some(delivery.item)));
         }
         if let Some(reason) = state.ended {
             return Poll::Ready(reason.map_or(Ok(None), Err));
@@ -183,7 +183,7 @@ impl Queue {
     }
 
     /// [`Queue::poll_recv`] as a future.
-    pub(crate) async fn recv(&self) -> Result<Option<Arc<Msg>>, Closed> {
+    pub(crate) async fn recv(&self) -> Result<Option<Outbound>, Closed> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 }
@@ -194,7 +194,7 @@ mod tests {
 
     fn delivery(size: usize, total: &Arc<AtomicUsize>) -> Delivery {
         Delivery {
-            msg: Arc::new(Msg::default()),
+            item: Outbound::Msg(Arc::new(ipc_proto::pb::Msg::default())),
             charge: Charge::new(size, total),
         }
     }
@@ -215,7 +215,7 @@ mod tests {
         assert_eq!(queue.bytes(), 400);
         queue.close(Some(Closed::SlowConsumer));
         assert_eq!(total.load(Ordering::Relaxed), 0);
-        assert_eq!(queue.recv().await, Err(Closed::SlowConsumer));
+        assert!(matches!(queue.recv().await, Err(Closed::SlowConsumer)));
     }
 
     #[tokio::test]
@@ -225,7 +225,7 @@ mod tests {
         queue.push(delivery(10, &total)).unwrap();
         queue.close(Some(Closed::Replaced));
         assert!(queue.recv().await.unwrap().is_some());
-        assert_eq!(queue.recv().await, Err(Closed::Replaced));
+        assert!(matches!(queue.recv().await, Err(Closed::Replaced)));
         assert_eq!(queue.push(delivery(10, &total)), Err(PushError::Closed));
     }
 }

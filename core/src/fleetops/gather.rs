@@ -161,8 +161,12 @@ impl Node {
         // The `reply_to` counters of the requests handed to local responders.
         let mut handed: Vec<Option<u64>> = vec![None; members.len()];
         let mut asking: FuturesUnordered<Asking<'_>> = FuturesUnordered::new();
+        let handing = self.operation_handing(asked, ledger_id, deadline);
         for (i, member) in members.iter().enumerate() {
-            match self.hand_to_responder(asked, ledger_id, &member.id, deadline) {
+            let handed_here = handing
+                .as_ref()
+                .and_then(|handing| self.hand_to_responder(handing, &member.id));
+            match handed_here {
                 Some(delivered) => {
                     handed[i] = Some(delivered.pending);
                     let reply = delivered.reply;
@@ -171,6 +175,8 @@ impl Node {
                 None => asking.push(ask_fully(i)),
             }
         }
+        // The queued requests hold the shared part (and its charge) from here.
+        drop(handing);
         let timer = tokio::time::sleep_until(deadline.into());
         tokio::pin!(timer);
         let mut late = false;

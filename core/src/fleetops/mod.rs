@@ -29,6 +29,8 @@ use crate::channel;
 use crate::error::{NodeError, RequestError};
 use crate::hub::{DEADLINE_HEADER, Delivered};
 use crate::node::Node;
+use crate::outbound::OperationRequest;
+use crate::queue::Charge;
 use crate::responders;
 use crate::telemetry::{self, Hop, TraceContext};
 use ledger::{Kind, StoredOperation};
@@ -89,6 +91,13 @@ fn member_headers(
     member: &str,
     wave: Option<u32>,
 ) -> HashMap<String, String> {
+    let mut headers = operation_headers(asked, ledger_id, wave);
+    headers.insert(responders::MEMBER_HEADER.into(), member.to_string());
+    headers
+}
+
+/// [`member_headers`] without the member: what all members' requests share.
+fn operation_headers(asked: &Asked, ledger_id: &str, wave: Option<u32>) -> HashMap<String, String> {
     let mut headers = HashMap::with_capacity(asked.headers.len() + 4);
     headers.extend(asked.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
     headers.insert(OP_ID_HEADER.into(), ledger_id.to_string());
@@ -98,8 +107,18 @@ fn member_headers(
     if let Some(wave) = wave {
         headers.insert(OP_WAVE_HEADER.into(), wave.to_string());
     }
-    headers.insert(responders::MEMBER_HEADER.into(), member.to_string());
     headers
+}
+
+/// An operation's request as handed straight to local responders
+/// ([`Node::hand_to_responder`]): what its members' requests share, built and
+/// encoded once.
+pub(crate) struct Handing {
+    operation: Arc<OperationRequest>,
+    /// Its memory, counted once in the node's queued bytes.
+    charge: Arc<Charge>,
+    /// The context its requests carry in their headers, if any.
+    trace: Option<TraceContext>,
 }
 
 impl Node {
@@ -178,15 +197,18 @@ impl Node {
         target: &str,
         labels: &HashMap<String, String>,
     ) -> Result<Vec<Member>, NodeError> {
-        let all = self.bus().members(self.hub().members()).await?;
-        let mut seen = std::collections::HashSet::new();
+        let all = self
+            .bus()
+            .members(self.hub().members_for_request(target))
+            .await?;
         let mut members: Vec<Member> = all
             .into_iter()
             .filter(|m| responders::responds_to(m, target))
             .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
-            .filter(|m| seen.insert((m.id.clone(), m.node.clone())))
             .collect();
+        // Stable: of the copies of one (id, node), the first listed stays.
         members.sort_by(|a, b| (&a.id, &a.node).cmp(&(&b.id, &b.node)));
+        members.dedup_by(|later, first| later.id == first.id && later.node == first.node);
         Ok(members)
     }
 
@@ -218,30 +240,57 @@ impl Node {
         result
     }
 
-    /// An operation's request handed at once to a local responder of `member`,
-    /// without a future of the whole request path per member: what the caller
-    /// waits on is the reply's receiver alone. `None` when no local responder
-    /// takes it first (a hook, a member of another node, none left), or while
-    /// spans are recorded (the full path records its hops): then
-    /// [`Node::ask_member`] asks it. The request is the one `ask_member` sends.
-    pub(crate) fn hand_to_responder(
+    /// What an operation's requests handed straight to local responders share
+    /// ([`Node::hand_to_responder`]): the request `ask_member` sends, but for the
+    /// member header, `id` and `reply_to`, with its deadline header. `None` while
+    /// spans are recorded (the full path records its hops).
+    pub(crate) fn operation_handing(
         &self,
         asked: &Asked,
         ledger_id: &str,
-        member: &str,
         deadline: Instant,
-    ) -> Option<Delivered> {
-        if telemetry::enabled() || !self.responder_answers_here(member, &asked.op) {
+    ) -> Option<Handing> {
+        if telemetry::enabled() {
             return None;
         }
-        let mut headers = member_headers(asked, ledger_id, member, None);
+        let mut headers = operation_headers(asked, ledger_id, None);
         let left = deadline.saturating_duration_since(Instant::now());
         headers.insert(
             DEADLINE_HEADER.into(),
             (crate::now_ms() + left.as_millis() as i64).to_string(),
         );
-        let mut request = Arc::new(self.operation_request(asked, headers));
-        self.hub().deliver_request(member, &mut request, &[])
+        let trace = TraceContext::from_headers(&headers);
+        let shared = Msg {
+            id: String::new(),
+            ..self.operation_request(asked, headers)
+        };
+        let operation = Arc::new(OperationRequest::new(shared));
+        let charge = self.hub().operation_charge(&operation);
+        Some(Handing {
+            operation,
+            charge,
+            trace,
+        })
+    }
+
+    /// An operation's request handed at once to a local responder of `member`,
+    /// without a future of the whole request path per member: what the caller
+    /// waits on is the reply's receiver alone. `None` when no local responder
+    /// takes it first (a hook, a member of another node, none left): then
+    /// [`Node::ask_member`] asks it. The responder gets the request `ask_member`
+    /// would send.
+    pub(crate) fn hand_to_responder(&self, handing: &Handing, member: &str) -> Option<Delivered> {
+        let op = &handing.operation.shared().op;
+        if !self.responder_answers_here(member, op) {
+            return None;
+        }
+        self.hub().deliver_operation_request(
+            member,
+            &handing.operation,
+            &handing.charge,
+            handing.trace.as_ref(),
+            || self.new_id(),
+        )
     }
 
     /// The request an operation sends one member, with its headers.

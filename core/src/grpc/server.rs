@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 
 use super::service::IpcService;
 use crate::metrics::rpc::Method;
+use crate::outbound::Outbound;
 
 const SUBSCRIBE_PATH: &str = "/ipc.v1.Ipc/Subscribe";
 const SERVE_PATH: &str = "/ipc.v1.Ipc/Serve";
@@ -138,12 +139,12 @@ where
     }
 }
 
-type SharedStream = std::pin::Pin<Box<dyn Stream<Item = Result<Arc<Msg>, Status>> + Send>>;
+type SharedStream = std::pin::Pin<Box<dyn Stream<Item = Result<Outbound, Status>> + Send>>;
 
 struct SubscribeMethod(Arc<IpcService>);
 
 impl tonic::server::ServerStreamingService<SubscribeRequest> for SubscribeMethod {
-    type Response = Arc<Msg>;
+    type Response = Outbound;
     type ResponseStream = SharedStream;
     type Future = BoxFuture<Response<SharedStream>, Status>;
 
@@ -159,7 +160,7 @@ impl tonic::server::ServerStreamingService<SubscribeRequest> for SubscribeMethod
 struct ServeMethod(Arc<IpcService>);
 
 impl tonic::server::StreamingService<ServeRequest> for ServeMethod {
-    type Response = Arc<Msg>;
+    type Response = Outbound;
     type ResponseStream = SharedStream;
     type Future = BoxFuture<Response<SharedStream>, Status>;
 
@@ -172,8 +173,8 @@ impl tonic::server::StreamingService<ServeRequest> for ServeMethod {
     }
 }
 
-/// Decodes the request type `D` as the generated codec does; encodes `Arc<Msg>`
-/// through the [`EncodedCache`].
+/// Decodes the request type `D` as the generated codec does; encodes a shared
+/// `Arc<Msg>` through the [`EncodedCache`], a member's request from its parts.
 struct SharedCodec<D> {
     encoded: Arc<EncodedCache>,
     request: std::marker::PhantomData<fn() -> D>,
@@ -193,7 +194,7 @@ struct SharedMsgEncoder(Arc<EncodedCache>);
 struct RequestDecoder<D>(std::marker::PhantomData<fn() -> D>);
 
 impl<D: prost::Message + Default + Send + 'static> Codec for SharedCodec<D> {
-    type Encode = Arc<Msg>;
+    type Encode = Outbound;
     type Decode = D;
     type Encoder = SharedMsgEncoder;
     type Decoder = RequestDecoder<D>;
@@ -208,11 +209,14 @@ impl<D: prost::Message + Default + Send + 'static> Codec for SharedCodec<D> {
 }
 
 impl Encoder for SharedMsgEncoder {
-    type Item = Arc<Msg>;
+    type Item = Outbound;
     type Error = Status;
 
-    fn encode(&mut self, item: Arc<Msg>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        self.0.write(&item, dst);
+    fn encode(&mut self, item: Outbound, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match item {
+            Outbound::Msg(msg) => self.0.write(&msg, dst),
+            Outbound::MemberRequest(request) => request.encode(dst),
+        }
         Ok(())
     }
 

@@ -24,6 +24,7 @@ use crate::error::Closed;
 use crate::error::NodeError;
 use crate::metrics::Refusal;
 use crate::node::Node;
+use crate::outbound::Outbound;
 
 pub struct IpcService {
     node: Arc<Node>,
@@ -71,7 +72,7 @@ impl IpcService {
         let caller = self.caller(&request)?;
         let stream = self
             .node
-            .subscribe(&caller, request.into_inner())
+            .subscribe_outbound(&caller, request.into_inner())
             .await
             .map_err(status)?;
         Ok(Box::pin(stream.map(|item| item.map_err(closed_status))))
@@ -111,7 +112,7 @@ impl IpcService {
         };
         let messages = self
             .node
-            .subscribe(&caller, subscribe)
+            .subscribe_outbound(&caller, subscribe)
             .await
             .map_err(status)?
             .map(|item| Some(item.map_err(closed_status)));
@@ -149,7 +150,7 @@ async fn relay_replies(
     node: Arc<Node>,
     caller: Caller,
     mut requests: tonic::Streaming<ServeRequest>,
-    notices: tokio::sync::mpsc::Sender<Result<Arc<Msg>, Status>>,
+    notices: tokio::sync::mpsc::Sender<Result<Outbound, Status>>,
 ) {
     loop {
         let next = requests.message().await;
@@ -188,16 +189,16 @@ async fn relay_replies(
 
 /// `ipc:reply-error`: `{"reply_to", "code", "error"}`, the status the unary Reply
 /// would have answered (`code` as its name, e.g. `NOT_FOUND`).
-fn reply_error(node: &Node, reply_to: &str, error: NodeError) -> Arc<Msg> {
+fn reply_error(node: &Node, reply_to: &str, error: NodeError) -> Outbound {
     let status = status(error);
-    Arc::new(node.system_msg(
+    Outbound::Msg(Arc::new(node.system_msg(
         REPLY_ERROR_OP,
         serde_json::json!({
             "reply_to": reply_to,
             "code": code_name(status.code()),
             "error": status.message(),
         }),
-    ))
+    )))
 }
 
 /// The op of a Serve stream's notice that a reply was not delivered.
@@ -252,8 +253,9 @@ pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
 }
 
 type MsgStream = Pin<Box<dyn Stream<Item = Result<Msg, Status>> + Send>>;
-/// A Subscribe stream of shared messages, or the status that ended it.
-pub type SharedMsgStream = Pin<Box<dyn Stream<Item = Result<Arc<Msg>, Status>> + Send>>;
+/// A Subscribe stream of shared messages (and members' requests written from
+/// shared parts), or the status that ended it.
+pub type SharedMsgStream = Pin<Box<dyn Stream<Item = Result<Outbound, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Ipc for IpcService {
@@ -291,7 +293,7 @@ impl Ipc for IpcService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<MsgStream>, Status> {
         let stream = self.subscribe_shared(request).await?;
-        let stream = stream.map(|item| item.map(Arc::unwrap_or_clone));
+        let stream = stream.map(|item| item.map(Outbound::into_msg));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -432,7 +434,7 @@ impl Ipc for IpcService {
         request: Request<tonic::Streaming<ServeRequest>>,
     ) -> Result<Response<MsgStream>, Status> {
         let stream = self.serve_shared(request).await?;
-        let stream = stream.map(|item| item.map(Arc::unwrap_or_clone));
+        let stream = stream.map(|item| item.map(Outbound::into_msg));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -9,6 +9,7 @@ use ipc_proto::pb::Msg;
 use opentelemetry::KeyValue;
 
 use super::{Closed, Hub};
+use crate::outbound::Outbound;
 use crate::queue::{Charge, Delivery, PushError};
 use crate::telemetry::{Hop, Kind};
 
@@ -36,7 +37,7 @@ impl Hub {
                 };
                 let charge = charge.get_or_insert_with(|| self.charge(msg));
                 match sub.queue.push(Delivery {
-                    msg: msg.clone(),
+                    item: Outbound::Msg(msg.clone()),
                     charge: Arc::clone(charge),
                 }) {
                     Ok(()) => delivered += 1,
@@ -67,7 +68,7 @@ impl Hub {
             let charge = self.charge(msg);
             for (key, sub) in &reg.subs {
                 match sub.queue.push(Delivery {
-                    msg: msg.clone(),
+                    item: Outbound::Msg(msg.clone()),
                     charge: charge.clone(),
                 }) {
                     Ok(()) => reached += 1,

@@ -10,9 +10,10 @@ use ipc_proto::pb::Msg;
 use opentelemetry::KeyValue;
 use tokio::sync::oneshot;
 
-use super::{Hub, SubscriberSpec};
+use super::{Hub, Registry, Subscriber, SubscriberSpec};
 use crate::error::{ReplyError, RequestError};
-use crate::queue::Delivery;
+use crate::outbound::{MemberRequest, OperationRequest, Outbound};
+use crate::queue::{Charge, Delivery};
 use crate::responders;
 use crate::telemetry::{Hop, Kind, TRACEPARENT, TRACESTATE, TraceContext};
 
@@ -59,14 +60,6 @@ pub struct Delivered {
     /// The member header the request had before this delivery set it; `None`
     /// when this delivery did not change it.
     member_header: Option<Option<String>>,
-}
-
-impl Delivered {
-    /// Takes back what this delivery changed in the request (its member header),
-    /// so that it can be handed to another responder as it was given.
-    fn undo(self, request: &mut Arc<Msg>) {
-        undo_member_header(request, self.member_header);
-    }
 }
 
 fn undo_member_header(request: &mut Arc<Msg>, member_header: Option<Option<String>>) {
@@ -147,6 +140,20 @@ pub(super) struct Pending {
     deadline_ms: Option<i64>,
 }
 
+/// A request about to be handed out, as its waiter will be registered.
+struct Awaited {
+    /// The counter and secret of its `reply_to`.
+    pending: u64,
+    secret: u64,
+    trace: Option<TraceContext>,
+    deadline_ms: Option<i64>,
+}
+
+/// A request's deadline header, if it has a readable one.
+fn deadline_ms(headers: &HashMap<String, String>) -> Option<i64> {
+    headers.get(DEADLINE_HEADER).and_then(|ms| ms.parse().ok())
+}
+
 impl Hub {
     /// Whether any local subscriber takes requests for `target` (its id or role
     /// channel, or one of a member it relays): watchers do not count.
@@ -160,7 +167,7 @@ impl Hub {
     ///
     /// The queue shares `request` (no copy per try): it is changed in place, and
     /// a try that fails undoes its change at once; a delivered one keeps it until
-    /// [`Delivered::undo`].
+    /// the caller asks another responder (a relay could not answer).
     pub fn deliver_request(
         &self,
         target: &str,
@@ -168,29 +175,7 @@ impl Hub {
         tried: &[u64],
     ) -> Option<Delivered> {
         let reg = self.registry.read();
-        let routes = reg.responders.get(target)?;
-        // A role's routes are as many as its responders: a first try picks one
-        // by index, without a list of the candidates.
-        let untried = |route: &&Route| !tried.contains(&route.key);
-        let candidates = if tried.is_empty() {
-            routes.len()
-        } else {
-            routes.iter().filter(untried).count()
-        };
-        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
-        for i in 0..candidates {
-            let n = (start + i) % candidates;
-            let route = if tried.is_empty() {
-                routes.get(n)
-            } else {
-                routes.iter().filter(untried).nth(n)
-            };
-            let Some(route) = route else {
-                continue;
-            };
-            let Some(sub) = reg.subs.get(&route.key) else {
-                continue;
-            };
+        for (route, sub) in self.routes_to_try(&reg, target, tried) {
             let (pending, secret, reply_to) = self.new_reply_to();
             let msg = Arc::make_mut(request);
             msg.reply_to = reply_to;
@@ -205,42 +190,147 @@ impl Hub {
                 msg.headers
                     .insert(responders::MEMBER_HEADER.into(), route.member.to_string())
             });
-            let (tx, rx) = oneshot::channel();
-            // Registered before sending so that even an instant reply finds it.
-            self.pending.lock().insert(
+            let awaited = Awaited {
                 pending,
-                Pending {
-                    tx,
-                    secret,
-                    subscriber: route.key,
-                    owner: sub.spec.verified_owner.then(|| sub.spec.owner.clone()),
-                    trace: TraceContext::from_headers(&msg.headers),
-                    deadline_ms: msg
-                        .headers
-                        .get(DEADLINE_HEADER)
-                        .and_then(|ms| ms.parse().ok()),
-                },
-            );
-            let charge = self.charge(msg);
-            let delivered = Delivered {
+                secret,
+                trace: TraceContext::from_headers(&msg.headers),
+                deadline_ms: deadline_ms(&msg.headers),
+            };
+            let delivery = Delivery {
+                charge: self.charge(msg),
+                item: Outbound::Msg(request.clone()),
+            };
+            match self.hand(route, sub, awaited, delivery) {
+                Some(delivered) => {
+                    return Some(Delivered {
+                        member_header,
+                        ..delivered
+                    });
+                }
+                None => undo_member_header(request, member_header),
+            }
+        }
+        None
+    }
+
+    /// An operation's request to `member` handed to one of its local responders:
+    /// the operation's shared part (charged once, `charge`) and this member's own
+    /// fields, `id` a fresh message id per try. `trace` is the operation's context
+    /// (its requests' parent). `None` if no local responder took it.
+    pub(crate) fn deliver_operation_request(
+        &self,
+        member: &str,
+        operation: &Arc<OperationRequest>,
+        charge: &Arc<Charge>,
+        trace: Option<&TraceContext>,
+        mut id: impl FnMut() -> String,
+    ) -> Option<Delivered> {
+        let reg = self.registry.read();
+        for (route, sub) in self.routes_to_try(&reg, member, &[]) {
+            let (pending, secret, reply_to) = self.new_reply_to();
+            let request = MemberRequest {
+                operation: operation.clone(),
+                member: route.member.clone(),
+                id: id(),
+                reply_to,
+            };
+            let delivery = Delivery {
+                item: Outbound::MemberRequest(Box::new(request)),
+                charge: charge.clone(),
+            };
+            let awaited = Awaited {
+                pending,
+                secret,
+                trace: trace.cloned(),
+                deadline_ms: deadline_ms(&operation.shared().headers),
+            };
+            if let Some(delivered) = self.hand(route, sub, awaited, delivery) {
+                return Some(delivered);
+            }
+        }
+        None
+    }
+
+    /// The memory of an operation's shared part, counted once however many
+    /// queues hold its members' requests.
+    pub(crate) fn operation_charge(&self, operation: &OperationRequest) -> Arc<Charge> {
+        Charge::new(operation.memory_size(), &self.queued_bytes)
+    }
+
+    /// The routes to `target` to try in turn (round robin), skipping the
+    /// subscribers in `tried`, each with its subscriber.
+    fn routes_to_try<'r>(
+        &self,
+        reg: &'r Registry,
+        target: &str,
+        tried: &'r [u64],
+    ) -> impl Iterator<Item = (&'r Route, &'r Subscriber)> + 'r {
+        let routes: &[Route] = reg.responders.get(target).map_or(&[], Vec::as_slice);
+        // A role's routes are as many as its responders: a first try picks one
+        // by index, without a list of the candidates.
+        let untried = move |route: &&Route| !tried.contains(&route.key);
+        let candidates = if tried.is_empty() {
+            routes.len()
+        } else {
+            routes.iter().filter(untried).count()
+        };
+        let start = if candidates == 0 {
+            0
+        } else {
+            self.round_robin.fetch_add(1, Ordering::Relaxed)
+        };
+        (0..candidates).filter_map(move |i| {
+            let n = (start + i) % candidates;
+            let route = if tried.is_empty() {
+                routes.get(n)
+            } else {
+                routes.iter().filter(untried).nth(n)
+            }?;
+            Some((route, reg.subs.get(&route.key)?))
+        })
+    }
+
+    /// Registers a request's reply as awaited (before sending it, so that even an
+    /// instant reply finds it), then queues the request for `sub`; `None`, and
+    /// nothing awaited, if its queue refused it.
+    fn hand(
+        &self,
+        route: &Route,
+        sub: &Subscriber,
+        awaited: Awaited,
+        delivery: Delivery,
+    ) -> Option<Delivered> {
+        let Awaited {
+            pending,
+            secret,
+            trace,
+            deadline_ms,
+        } = awaited;
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(
+            pending,
+            Pending {
+                tx,
+                secret,
+                subscriber: route.key,
+                owner: sub.spec.verified_owner.then(|| sub.spec.owner.clone()),
+                trace,
+                deadline_ms,
+            },
+        );
+        match sub.queue.push(delivery) {
+            Ok(()) => Some(Delivered {
                 key: route.key,
                 member: route.member.clone(),
                 pending,
                 reply: rx,
-                member_header,
-            };
-            match sub.queue.push(Delivery {
-                msg: request.clone(),
-                charge,
-            }) {
-                Ok(()) => return Some(delivered),
-                Err(_) => {
-                    self.pending.lock().remove(&delivered.pending);
-                    delivered.undo(request);
-                }
+                member_header: None,
+            }),
+            Err(_) => {
+                self.pending.lock().remove(&pending);
+                None
             }
         }
-        None
     }
 
     /// Asks a local responder of `target` and waits for its reply until `deadline`
@@ -367,8 +457,14 @@ impl Hub {
 
     /// Completes a request that this node handed out. A request handed to an
     /// authenticated subscriber is completed only by a reply from that identity:
-    /// to anyone else it does not exist (NOT_FOUND), and it stays pending.
-    pub fn complete_request(&self, reply: Msg) -> Result<(), ReplyError> {
+    /// to anyone else it does not exist (NOT_FOUND), and it stays pending. With
+    /// `stamp_request_trace`, the request's trace context (if it had one) is
+    /// written into the reply's headers.
+    pub fn complete_request(
+        &self,
+        mut reply: Msg,
+        stamp_request_trace: bool,
+    ) -> Result<(), ReplyError> {
         let pending = self
             .pending_key(&reply.reply_to)
             .and_then(|(counter, secret)| {
@@ -383,10 +479,15 @@ impl Hub {
                 }
             });
         match pending {
-            Some(pending) => pending
-                .tx
-                .send(reply)
-                .map_err(|reply| ReplyError::NotFound(reply.reply_to)),
+            Some(pending) => {
+                if stamp_request_trace && let Some(trace) = &pending.trace {
+                    trace.write_headers(&mut reply.headers);
+                }
+                pending
+                    .tx
+                    .send(reply)
+                    .map_err(|reply| ReplyError::NotFound(reply.reply_to))
+            }
             None => Err(ReplyError::NotFound(reply.reply_to)),
         }
     }
@@ -499,11 +600,11 @@ mod tests {
         let (hub, _responder) = hub_with_responder("w1");
         let (late, _waiting) = hand_over(&hub, "w1", crate::now_ms() - 1);
         assert!(matches!(
-            hub.complete_request(reply_to(late)),
+            hub.complete_request(reply_to(late), false),
             Err(ReplyError::NotFound(_))
         ));
         let (in_time, mut waiting) = hand_over(&hub, "w1", crate::now_ms() + 60_000);
-        hub.complete_request(reply_to(in_time))
+        hub.complete_request(reply_to(in_time), false)
             .expect("a reply in time completes its request");
         assert_eq!(waiting.reply.try_recv().expect("the reply").op, "answer");
     }

@@ -189,16 +189,19 @@ impl Node {
         };
         let owned = self.hub.owns_reply_to(&reply.reply_to);
         // A replier rarely sends a trace context of its own: the reply is part of
-        // the request it answers.
+        // the request it answers. While spans are recorded its hop is a child of
+        // the request's context; otherwise that context is only written into the
+        // reply, when the request is completed (no lookup of its own per reply).
         let parent = caller
             .trace
             .clone()
-            .or_else(|| TraceContext::from_headers(&reply.headers))
-            .or_else(|| {
-                owned
-                    .then(|| self.hub.request_trace(&reply.reply_to))
-                    .flatten()
-            });
+            .or_else(|| TraceContext::from_headers(&reply.headers));
+        let in_request_trace = parent.is_none() && owned;
+        let parent = if in_request_trace && telemetry::enabled() {
+            self.hub.request_trace(&reply.reply_to)
+        } else {
+            parent
+        };
         let mut hop = Hop::accept("Reply", parent, || {
             vec![
                 KeyValue::new("rpc.system", "grpc"),
@@ -211,7 +214,10 @@ impl Node {
         });
         hop.stamp(&mut reply.headers);
         let delivered = if owned {
-            self.hub.complete_request(reply).map_err(NodeError::from)
+            let stamp_request_trace = in_request_trace && !telemetry::enabled();
+            self.hub
+                .complete_request(reply, stamp_request_trace)
+                .map_err(NodeError::from)
         } else {
             self.bus
                 .forward_reply(reply)

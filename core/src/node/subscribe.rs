@@ -5,14 +5,15 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use ipc_proto::pb::{Msg, SubscribeRequest};
 
-use super::{Caller, Node, NodeError, SubscribeStream};
+use super::{Caller, Node, NodeError, OutboundStream, SubscribeStream};
 use crate::cursor::Cursor;
 use crate::error::Closed;
 use crate::hub::{RegisterError, StreamLimits, Subscription};
 use crate::metrics::Refusal;
+use crate::outbound::Outbound;
 
 impl Node {
     /// Opens a subscriber stream: `ipc:subscribed`, then (with a cursor) what was
@@ -27,6 +28,17 @@ impl Node {
         caller: &Caller,
         req: SubscribeRequest,
     ) -> Result<SubscribeStream, NodeError> {
+        let stream = self.subscribe_outbound(caller, req).await?;
+        Ok(Box::pin(stream.map(|item| item.map(Outbound::into_shared))))
+    }
+
+    /// [`Node::subscribe`] for a stream that encodes what it sends: an operation's
+    /// request to a member comes as the parts its encoding is written from.
+    pub async fn subscribe_outbound(
+        &self,
+        caller: &Caller,
+        req: SubscribeRequest,
+    ) -> Result<OutboundStream, NodeError> {
         if self.closing.load(Ordering::Relaxed) {
             return Err(NodeError::Unavailable(
                 "node shutting down; subscribe to another replica".into(),
@@ -134,7 +146,7 @@ fn live_stream(
     head: Vec<Arc<Msg>>,
     subscription: Subscription,
     floor: Option<Cursor>,
-) -> impl Stream<Item = Result<Arc<Msg>, Closed>> + Send {
+) -> impl Stream<Item = Result<Outbound, Closed>> + Send {
     LiveStream {
         head: head.into_iter(),
         subscription,
@@ -144,7 +156,7 @@ fn live_stream(
 }
 
 impl Stream for LiveStream {
-    type Item = Result<Arc<Msg>, Closed>;
+    type Item = Result<Outbound, Closed>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -156,7 +168,7 @@ impl Stream for LiveStream {
             if this.head.len() == 0 {
                 this.head = Vec::new().into_iter();
             }
-            return Poll::Ready(Some(Ok(msg)));
+            return Poll::Ready(Some(Ok(Outbound::Msg(msg))));
         }
         if this.finished {
             return Poll::Ready(None);
@@ -165,7 +177,7 @@ impl Stream for LiveStream {
             match std::task::ready!(this.subscription.poll_recv(cx)) {
                 Ok(Some(msg)) => {
                     if let Some(f) = this.floor {
-                        match msg.cursor.parse::<Cursor>() {
+                        match msg.cursor().parse::<Cursor>() {
                             Ok(c) if c.epoch == f.epoch && c.position() <= f.position() => {
                                 continue;
                             }

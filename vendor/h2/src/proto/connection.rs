@@ -60,6 +60,15 @@ where
     /// A `tracing` span tracking the lifetime of the connection.
     span: tracing::Span,
 
+    /// A server's frames queued by its streams wait one turn of the scheduler
+    /// before they are written (fleet-ipc): the stream tasks woken together (a
+    /// request to each of many subscribers) then queue theirs, and one write
+    /// carries them all instead of one write each.
+    coalesce_writes: bool,
+
+    /// This poll's write was put off by one turn.
+    write_deferred: bool,
+
     /// Client or server
     _phantom: PhantomData<P>,
 }
@@ -168,6 +177,8 @@ where
                 settings: Settings::new(config.settings),
                 streams,
                 span,
+                coalesce_writes: P::r#dyn().is_server() && coalesce_writes(),
+                write_deferred: false,
                 _phantom: PhantomData,
             },
         }
@@ -319,6 +330,15 @@ where
                         Poll::Ready(result) => result,
                         // The connection is not ready to make progress
                         Poll::Pending => {
+                            if self.inner.coalesce_writes
+                                && !self.inner.write_deferred
+                                && self.inner.streams.has_pending_send()
+                            {
+                                self.inner.write_deferred = true;
+                                cx.waker().wake_by_ref();
+                                return Poll::Pending;
+                            }
+                            self.inner.write_deferred = false;
                             // Ensure all window updates have been sent.
                             //
                             // This will also handle flushing `self.codec`
@@ -725,4 +745,10 @@ mod tests {
             123
         );
     }
+}
+
+/// Experiment switch (fleet-ipc): `H2_COALESCE_WRITES=0` turns write coalescing off.
+fn coalesce_writes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("H2_COALESCE_WRITES").map_or(true, |v| v != "0"))
 }

@@ -81,6 +81,11 @@ pub(crate) struct Prioritized<B> {
 // ===== impl Prioritize =====
 
 impl Prioritize {
+    /// Whether some stream has frames queued to send.
+    pub fn has_pending_send(&self) -> bool {
+        !self.pending_send.is_empty()
+    }
+
     pub fn new(config: &Config) -> Prioritize {
         let mut flow = FlowControl::new();
 

@@ -48,6 +48,11 @@ pub(crate) enum PollReset {
 }
 
 impl Send {
+    /// Whether some stream has frames queued to send.
+    pub fn has_pending_send(&self) -> bool {
+        self.prioritize.has_pending_send()
+    }
+
     /// Create a new `Send`
     pub fn new(config: &Config) -> Self {
         Send {

@@ -1144,6 +1144,12 @@ where
         me.counts.has_streams()
     }
 
+    /// Whether some stream has frames queued to send.
+    pub fn has_pending_send(&self) -> bool {
+        let me = self.inner.lock().unwrap();
+        me.actions.send.has_pending_send()
+    }
+
     pub fn has_streams_or_other_references(&self) -> bool {
         let me = self.inner.lock().unwrap();
         me.counts.has_streams() || me.refs > 1
