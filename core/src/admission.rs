@@ -5,7 +5,8 @@
 //!   `ipc.v1.Ipc` that its [`Identify`] refuses is answered at once with a
 //!   trailers-only UNAUTHENTICATED response; its body is never polled, so a caller
 //!   without credentials cannot make the node buffer a byte of it. (Health and
-//!   reflection stay open, as documented.)
+//!   reflection stay open, as documented.) The caller identified here travels
+//!   with the request ([`AdmittedCaller`]): the service does not identify it again.
 //! - **A deadline on the request body.** Calls with one request message have
 //!   `body_timeout` to send all of it, and the node buffers at most
 //!   `max_buffered_bytes` of such bodies at once across all calls; over either,
@@ -28,6 +29,7 @@ use tonic::codegen::BoxFuture;
 use tonic::metadata::MetadataMap;
 use tower::{Layer, Service};
 
+use crate::auth::Caller;
 use crate::connections::{CallGuard, Connections};
 use crate::grpc::identify::{Identify, Peer};
 use crate::metrics::{Metrics, Refusal};
@@ -116,7 +118,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let admission = self.admission.clone();
         let peer = Peer::of(request.extensions());
         let call = admission
@@ -130,14 +132,26 @@ where
         if !path.starts_with(IPC_PREFIX) {
             return Box::pin(async move { Ok(guarded(inner.call(request).await?, call)) });
         }
-        let metadata = MetadataMap::from_headers(request.headers().clone());
-        if let Err(status) = admission.identity.identify(&metadata, &peer) {
-            if status.code() == tonic::Code::Unauthenticated {
-                admission.metrics.refuse(Refusal::Unauthenticated);
+        let streaming = CLIENT_STREAMING.contains(&path);
+        // The headers are lent to the identity as metadata and put back: no copy.
+        let metadata = MetadataMap::from_headers(std::mem::take(request.headers_mut()));
+        let identified = admission.identity.identify(&metadata, &peer);
+        *request.headers_mut() = metadata.into_headers();
+        match identified {
+            Ok(caller) => {
+                if let Some(process) = &peer.process {
+                    tracing::debug!(pid = ?process.pid, uid = process.uid, gid = process.gid, "local request");
+                }
+                request.extensions_mut().insert(AdmittedCaller(caller));
             }
-            return Box::pin(async move { Ok(status.into_http()) });
+            Err(status) => {
+                if status.code() == tonic::Code::Unauthenticated {
+                    admission.metrics.refuse(Refusal::Unauthenticated);
+                }
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
         }
-        if CLIENT_STREAMING.contains(&path) {
+        if streaming {
             return Box::pin(async move { Ok(guarded(inner.call(request).await?, call)) });
         }
         Box::pin(async move {
@@ -162,6 +176,11 @@ where
         })
     }
 }
+
+/// The caller the layer identified, in the request's extensions: the service takes
+/// it rather than identifying the call a second time.
+#[derive(Clone)]
+pub struct AdmittedCaller(pub Caller);
 
 /// Bytes of one body counted in the node's buffered total until dropped.
 struct Reservation<'a> {

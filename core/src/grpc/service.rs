@@ -19,6 +19,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::identify::{Identify, MetadataIdentity, Peer};
+use crate::admission::AdmittedCaller;
 use crate::auth::Caller;
 use crate::error::Closed;
 use crate::error::NodeError;
@@ -45,31 +46,38 @@ impl IpcService {
     }
 
     /// Who is calling, once authenticated and within its rate limit.
-    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    fn caller<T>(&self, request: &mut Request<T>) -> Result<Caller, Status> {
+        let mut caller = match request.extensions_mut().remove::<AdmittedCaller>() {
+            Some(AdmittedCaller(caller)) => caller,
+            None => self.identify(request)?,
+        };
+        self.node.admit(&caller).map_err(status)?;
+        caller.trace = crate::telemetry::TraceContext::from_metadata(request.metadata());
+        Ok(caller)
+    }
+
+    /// The caller of a request that did not come through [`crate::admission`].
+    fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let peer = Peer::of(request.extensions());
         if let Some(process) = &peer.process {
             tracing::debug!(pid = ?process.pid, uid = process.uid, gid = process.gid, "local request");
         }
-        let mut caller = self
-            .identity
+        self.identity
             .identify(request.metadata(), &peer)
             .inspect_err(|status| {
                 if status.code() == tonic::Code::Unauthenticated {
                     self.node.metrics().refuse(Refusal::Unauthenticated);
                 }
-            })?;
-        self.node.admit(&caller).map_err(status)?;
-        caller.trace = crate::telemetry::TraceContext::from_metadata(request.metadata());
-        Ok(caller)
+            })
     }
 
     /// Opens a Subscribe stream whose messages are the node's shared `Arc<Msg>`s:
     /// [`super::server::IpcServer`] sends them without copying them per subscriber.
     pub async fn subscribe_shared(
         &self,
-        request: Request<SubscribeRequest>,
+        mut request: Request<SubscribeRequest>,
     ) -> Result<SharedMsgStream, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let stream = self
             .node
             .subscribe_outbound(&caller, request.into_inner())
@@ -81,8 +89,8 @@ impl IpcService {
     /// The leases and buckets in use that the caller's grants cover, for the admin
     /// console: no RPC lists them, but the caller is identified, rate-limited and
     /// answered with the status codes of the calls.
-    pub async fn in_use(&self, request: Request<()>) -> Result<crate::coord::InUse, Status> {
-        let caller = self.caller(&request)?;
+    pub async fn in_use(&self, mut request: Request<()>) -> Result<crate::coord::InUse, Status> {
+        let caller = self.caller(&mut request)?;
         self.node.in_use(&caller).await.map_err(status)
     }
 
@@ -91,9 +99,9 @@ impl IpcService {
     /// cannot be delivered comes back on the stream as `ipc:reply-error`.
     pub async fn serve_shared(
         &self,
-        request: Request<tonic::Streaming<ServeRequest>>,
+        mut request: Request<tonic::Streaming<ServeRequest>>,
     ) -> Result<SharedMsgStream, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let mut requests = request.into_inner();
         let subscribe = match requests.message().await? {
             Some(ServeRequest {
@@ -261,9 +269,9 @@ pub type SharedMsgStream = Pin<Box<dyn Stream<Item = Result<Outbound, Status>> +
 impl Ipc for IpcService {
     async fn broadcast(
         &self,
-        request: Request<BroadcastRequest>,
+        mut request: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let response = self
             .node
             .broadcast(&caller, request.into_inner())
@@ -274,9 +282,9 @@ impl Ipc for IpcService {
 
     async fn send_msg(
         &self,
-        request: Request<SendMsgRequest>,
+        mut request: Request<SendMsgRequest>,
     ) -> Result<Response<SendMsgResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let deadline = grpc_timeout(request.metadata());
         let reply = self
             .node
@@ -299,9 +307,9 @@ impl Ipc for IpcService {
 
     async fn reply(
         &self,
-        request: Request<ReplyRequest>,
+        mut request: Request<ReplyRequest>,
     ) -> Result<Response<ReplyResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         self.node
             .reply(&caller, request.into_inner())
             .await
@@ -311,9 +319,9 @@ impl Ipc for IpcService {
 
     async fn members(
         &self,
-        request: Request<MembersRequest>,
+        mut request: Request<MembersRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let members = self
             .node
             .members(&caller, request.into_inner())
@@ -328,11 +336,11 @@ impl Ipc for IpcService {
 
     async fn publish(
         &self,
-        request: Request<tonic::Streaming<BroadcastRequest>>,
+        mut request: Request<tonic::Streaming<BroadcastRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
         // Taken before the caller is authenticated: see crate::revocation.
         let revocation = self.node.revocations().watch();
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let requests = request.into_inner();
         Ok(Response::new(Box::pin(super::publish::publish_stream(
             self.node.clone(),
@@ -342,8 +350,11 @@ impl Ipc for IpcService {
         ))))
     }
 
-    async fn gather(&self, request: Request<GatherRequest>) -> Result<Response<Ledger>, Status> {
-        let caller = self.caller(&request)?;
+    async fn gather(
+        &self,
+        mut request: Request<GatherRequest>,
+    ) -> Result<Response<Ledger>, Status> {
+        let caller = self.caller(&mut request)?;
         let deadline = grpc_timeout(request.metadata());
         let ledger = self
             .node
@@ -357,9 +368,9 @@ impl Ipc for IpcService {
 
     async fn rollout(
         &self,
-        request: Request<RolloutRequest>,
+        mut request: Request<RolloutRequest>,
     ) -> Result<Response<Self::RolloutStream>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let events = self
             .node
             .rollout(&caller, request.into_inner())
@@ -368,8 +379,11 @@ impl Ipc for IpcService {
         Ok(Response::new(Box::pin(events.map(|e| e.map_err(status)))))
     }
 
-    async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let caller = self.caller(&request)?;
+    async fn lock(
+        &self,
+        mut request: Request<LockRequest>,
+    ) -> Result<Response<LockResponse>, Status> {
+        let caller = self.caller(&mut request)?;
         let deadline = grpc_timeout(request.metadata());
         let session = request
             .extensions()
@@ -385,9 +399,9 @@ impl Ipc for IpcService {
 
     async fn unlock(
         &self,
-        request: Request<UnlockRequest>,
+        mut request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let response = self
             .node
             .unlock(&caller, request.into_inner())
@@ -398,9 +412,9 @@ impl Ipc for IpcService {
 
     async fn limit(
         &self,
-        request: Request<LimitRequest>,
+        mut request: Request<LimitRequest>,
     ) -> Result<Response<LimitResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let response = self
             .node
             .limit(&caller, request.into_inner())
@@ -413,11 +427,11 @@ impl Ipc for IpcService {
 
     async fn send_msgs(
         &self,
-        request: Request<tonic::Streaming<SendMsgsRequest>>,
+        mut request: Request<tonic::Streaming<SendMsgsRequest>>,
     ) -> Result<Response<Self::SendMsgsStream>, Status> {
         // Taken before the caller is authenticated: see crate::revocation.
         let revocation = self.node.revocations().watch();
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&mut request)?;
         let requests = request.into_inner();
         Ok(Response::new(Box::pin(super::send_msgs::send_msgs_stream(
             self.node.clone(),
