@@ -7,9 +7,7 @@ mod support;
 use std::collections::HashMap;
 
 use futures::StreamExt;
-use ipc_proto::pb::{
-    ReplyRequest, SendMsgRequest, SendMsgsRequest, ServeRequest, SubscribeRequest, serve_request,
-};
+use ipc_proto::pb::{ReplyRequest, SendMsgRequest, SendMsgsRequest, ServeRequest, serve_request};
 use serde_json::json;
 use support::*;
 use tokio::sync::mpsc;
@@ -34,23 +32,7 @@ async fn each_request_is_answered_by_its_number_and_a_refusal_does_not_end_the_s
     let mut client = server.client().await;
 
     // A worker answering on its Serve stream.
-    let (to_node, outgoing) = mpsc::channel(8);
-    to_node
-        .send(ServeRequest {
-            kind: Some(serve_request::Kind::Subscribe(SubscribeRequest {
-                id: "shop:w:1".into(),
-                role: "worker".into(),
-                ..SubscribeRequest::default()
-            })),
-        })
-        .await
-        .unwrap();
-    let mut worker = client
-        .serve(ReceiverStream::new(outgoing))
-        .await
-        .expect("serve opens")
-        .into_inner();
-    assert_eq!(next(&mut worker).await.op, "ipc:subscribed");
+    let (to_node, mut worker) = serve_worker(&mut client, "shop:w:1", "worker").await;
 
     let (requests, stream) = mpsc::channel(8);
     let mut answers = server

@@ -26,24 +26,7 @@ fn reply(reply_to: &str, data: serde_json::Value) -> ServeRequest {
 async fn replies_travel_back_on_the_stream_and_a_bad_one_is_reported_there() {
     let server = server(&["--app", "shop"]);
     let mut client = server.client().await;
-    let (to_node, outgoing) = mpsc::channel(8);
-    to_node
-        .send(ServeRequest {
-            kind: Some(serve_request::Kind::Subscribe(SubscribeRequest {
-                id: "shop:w:1".into(),
-                role: "worker".into(),
-                ..SubscribeRequest::default()
-            })),
-        })
-        .await
-        .unwrap();
-    let mut stream = client
-        .serve(ReceiverStream::new(outgoing))
-        .await
-        .expect("serve opens")
-        .into_inner();
-    let hello = next(&mut stream).await;
-    assert_eq!(hello.op, "ipc:subscribed");
+    let (to_node, mut stream) = serve_worker(&mut client, "shop:w:1", "worker").await;
 
     for n in 0..3 {
         let mut caller = server.client().await;

@@ -102,3 +102,34 @@ pub fn rss(pid: u32) -> u64 {
         .unwrap();
     kib * 1024
 }
+
+/// A worker `id` of `role` on a Serve stream of `client`, once `ipc:subscribed`
+/// has arrived: where its replies go, and the stream its requests come on.
+pub async fn serve_worker(
+    client: &mut IpcClient<Channel>,
+    id: &str,
+    role: &str,
+) -> (
+    tokio::sync::mpsc::Sender<ipc_proto::pb::ServeRequest>,
+    tonic::Streaming<ipc_proto::pb::Msg>,
+) {
+    use ipc_proto::pb::{ServeRequest, SubscribeRequest, serve_request};
+    let (to_node, outgoing) = tokio::sync::mpsc::channel(8);
+    to_node
+        .send(ServeRequest {
+            kind: Some(serve_request::Kind::Subscribe(SubscribeRequest {
+                id: id.into(),
+                role: role.into(),
+                ..SubscribeRequest::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let mut stream = client
+        .serve(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .expect("serve opens")
+        .into_inner();
+    assert_eq!(next(&mut stream).await.op, "ipc:subscribed");
+    (to_node, stream)
+}
