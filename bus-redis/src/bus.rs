@@ -244,7 +244,7 @@ impl Bus for RedisBus {
             .await
             .map_err(|_| unconfirmed())?
             .map_err(|_| shutting_down())?;
-        Ok(Box::pin(async move {
+        Ok(PendingAppend::waiting(async move {
             let written = tokio::time::timeout_at(deadline.into(), stored)
                 .await
                 .map_err(|_| unconfirmed())

@@ -8,7 +8,10 @@
 //! does to its node goes through [`Local`], the handle it is attached with: the
 //! rules (who answers a request, in which order) stay in the node.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -50,8 +53,44 @@ pub enum Appended {
     },
 }
 
-/// An append that has its place in the log order and completes once stored.
-pub type PendingAppend = BoxFuture<'static, Result<Appended, BusError>>;
+/// An append that has its place in the log order and completes once stored: at
+/// once for a bus that stores as it submits (memory, which then allocates
+/// nothing for it), later for one that confirms (Redis).
+pub struct PendingAppend(Pending);
+
+enum Pending {
+    Done(Option<Result<Appended, BusError>>),
+    Waiting(BoxFuture<'static, Result<Appended, BusError>>),
+}
+
+impl PendingAppend {
+    /// Stored (or refused) already.
+    pub fn done(result: Result<Appended, BusError>) -> Self {
+        Self(Pending::Done(Some(result)))
+    }
+
+    /// Stored once `confirmed` completes.
+    pub fn waiting(
+        confirmed: impl Future<Output = Result<Appended, BusError>> + Send + 'static,
+    ) -> Self {
+        Self(Pending::Waiting(Box::pin(confirmed)))
+    }
+}
+
+impl Future for PendingAppend {
+    type Output = Result<Appended, BusError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Pending::Done(result) => Poll::Ready(
+                result
+                    .take()
+                    .expect("a PendingAppend is not polled after it completed"),
+            ),
+            Pending::Waiting(confirmed) => confirmed.as_mut().poll(cx),
+        }
+    }
+}
 
 /// What a subscriber missed since its cursor.
 #[derive(Debug, Default)]

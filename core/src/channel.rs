@@ -165,7 +165,13 @@ impl fmt::Display for Pattern {
 pub fn expand(raw: &str, app: Option<&str>) -> Result<String, ChannelError> {
     match raw.strip_prefix(':') {
         Some(rest) => match app {
-            Some(app) if !app.is_empty() => Ok(format!("{app}:{rest}")),
+            Some(app) if !app.is_empty() => {
+                let mut name = String::with_capacity(app.len() + 1 + rest.len());
+                name.push_str(app);
+                name.push(':');
+                name.push_str(rest);
+                Ok(name)
+            }
             _ => Err(ChannelError::NoApp(raw.to_string())),
         },
         None if raw.is_empty() => Err(ChannelError::Empty),
@@ -185,6 +191,9 @@ pub fn parse_name(raw: &str, app: Option<&str>) -> Result<String, ChannelError> 
 /// channel passes here, and the pattern's strings were most of its cost.
 fn check_name(text: &str) -> Result<(), ChannelError> {
     check_length(text)?;
+    if is_plain_name(text) {
+        return Ok(());
+    }
     let segments = text.split(':').count();
     let mut wildcard = false;
     for (i, part) in text.split(':').enumerate() {
@@ -200,6 +209,27 @@ fn check_name(text: &str) -> Result<(), ChannelError> {
         return Err(ChannelError::PatternNotAllowed(text.to_string()));
     }
     Ok(())
+}
+
+/// Whether `text` is non-empty segments of name characters joined by `:` — what
+/// nearly every broadcast's channel is — in one pass over its bytes. Anything else
+/// (a wildcard, an empty segment, a bad character) takes the walk above, which
+/// names what is wrong.
+fn is_plain_name(text: &str) -> bool {
+    let mut segment_empty = true;
+    for &byte in text.as_bytes() {
+        if byte == b':' {
+            if segment_empty {
+                return false;
+            }
+            segment_empty = true;
+        } else if byte.is_ascii() && is_name_char(byte as char) {
+            segment_empty = false;
+        } else {
+            return false;
+        }
+    }
+    !segment_empty
 }
 
 /// Expands and validates a subscription pattern.

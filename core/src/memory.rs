@@ -167,7 +167,7 @@ impl Bus for MemoryBus {
                 }
             }
         };
-        Ok(Box::pin(std::future::ready(Ok(appended))))
+        Ok(PendingAppend::done(Ok(appended)))
     }
 
     async fn replay(&self, after: &Cursor, _patterns: &[Pattern]) -> Result<Replay, BusError> {

@@ -182,7 +182,8 @@ impl Node {
         caller: &Caller,
         req: BroadcastRequest,
     ) -> Result<BroadcastResponse, NodeError> {
-        self.submit_broadcast(caller, req).await?.await
+        let appended = self.submit_broadcast(caller, req).await?.await?;
+        Ok(crate::publish::response(appended))
     }
 
     /// Fleet-wide members matching the filter. With `channel`, only those a

@@ -6,17 +6,20 @@
 //! messages while earlier ones wait for the bus (the Redis writer puts them in one
 //! pipeline), and answers each once stored, in the order received.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
 
-use futures::FutureExt as _;
-use futures::future::BoxFuture;
 use ipc_proto::pb::{BroadcastRequest, BroadcastResponse, Msg};
 use prost::Message as _;
 
 use crate::auth::Caller;
-use crate::bus::{Appended, IdempotencyKey};
+use crate::bus::{Appended, IdempotencyKey, PendingAppend};
 use crate::channel;
 use crate::error::NodeError;
+use crate::metrics::Metrics;
 use crate::node::{Node, check_op};
 use crate::telemetry::{Hop, Kind, TraceContext};
 use opentelemetry::KeyValue;
@@ -26,7 +29,65 @@ use tracing::Instrument as _;
 pub const MAX_KEY_BYTES: usize = 256;
 
 /// A broadcast that has its place in the log order; completes once stored.
-pub type PendingBroadcast = BoxFuture<'static, Result<BroadcastResponse, NodeError>>;
+///
+/// A named future rather than a boxed one: a Publish stream holds one per message
+/// in flight, and for the memory bus it is ready at once.
+pub struct PendingBroadcast {
+    appended: PendingAppend,
+    /// The `Broadcast` hop and its `store` hop, ended (and failed, if it failed)
+    /// once the bus answers.
+    hops: Option<(Hop, Hop)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Future for PendingBroadcast {
+    type Output = Result<Appended, NodeError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let appended = ready!(Pin::new(&mut self.appended).poll(cx));
+        if let Some((mut accepted, mut store)) = self.hops.take()
+            && let Err(error) = &appended
+        {
+            store.fail(|| error.to_string());
+            accepted.fail(|| error.to_string());
+        }
+        if let Ok(Appended::Stored(_)) = &appended {
+            self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        Poll::Ready(appended.map_err(NodeError::from))
+    }
+}
+
+/// A broadcast's answer as a message.
+pub fn response(appended: Appended) -> BroadcastResponse {
+    match appended {
+        Appended::Stored(stored) => BroadcastResponse {
+            id: stored.id.clone(),
+            channel: stored.channel.clone(),
+            cursor: stored.cursor.clone(),
+            ..BroadcastResponse::default()
+        },
+        Appended::Duplicate {
+            id,
+            channel,
+            cursor,
+        } => BroadcastResponse {
+            id,
+            channel,
+            cursor,
+            duplicate: true,
+            ..BroadcastResponse::default()
+        },
+    }
+}
+
+/// A broadcast checked and built, ready for the bus.
+struct Prepared {
+    msg: Msg,
+    key: Option<IdempotencyKey>,
+    accepted: Hop,
+    store: Hop,
+}
 
 impl Node {
     /// Validates a broadcast and submits it to the bus. Broadcasts submitted one
@@ -37,14 +98,44 @@ impl Node {
         caller: &Caller,
         req: BroadcastRequest,
     ) -> Result<PendingBroadcast, NodeError> {
-        let result = self.submit_inner(caller, req).await;
-        if matches!(
-            result,
-            Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))
-        ) {
-            self.metrics().rejected.fetch_add(1, Ordering::Relaxed);
+        let size = req.encoded_len();
+        self.submit_sized_broadcast(caller, req, size).await
+    }
+
+    /// [`Node::submit_broadcast`] of a request whose encoded size is known.
+    pub(crate) async fn submit_sized_broadcast(
+        &self,
+        caller: &Caller,
+        req: BroadcastRequest,
+        size: usize,
+    ) -> Result<PendingBroadcast, NodeError> {
+        // Everything up to the bus is done outside the async state machine: what
+        // it holds across `.await` is moved whole at each step, and a broadcast's
+        // request, message and hops were a kilobyte copied several times.
+        let Prepared {
+            msg,
+            key,
+            accepted,
+            mut store,
+        } = self.prepare_broadcast(caller, req, size)?;
+        let log_span = accepted.log_span(None);
+        let submitting = self.bus().submit(msg, key);
+        let submitted = if log_span.is_none() {
+            submitting.await
+        } else {
+            submitting.instrument(log_span).await
+        };
+        match submitted {
+            Ok(appended) => Ok(PendingBroadcast {
+                appended,
+                hops: Some((accepted, store)),
+                metrics: self.metrics().clone(),
+            }),
+            Err(error) => {
+                store.fail(|| error.to_string());
+                Err(error.into())
+            }
         }
-        result
     }
 
     /// The input rules of a broadcast; its channel, resolved, when it passes.
@@ -52,8 +143,9 @@ impl Node {
         &self,
         caller: &Caller,
         req: &BroadcastRequest,
+        size: usize,
     ) -> Result<String, NodeError> {
-        self.check_size(req.encoded_len())?;
+        self.check_size(size)?;
         check_op(&req.op)?;
         self.check_headers(&req.headers)?;
         check_key(&req.key)?;
@@ -64,11 +156,12 @@ impl Node {
         Ok(channel)
     }
 
-    async fn submit_inner(
+    fn prepare_broadcast(
         &self,
         caller: &Caller,
         req: BroadcastRequest,
-    ) -> Result<PendingBroadcast, NodeError> {
+        size: usize,
+    ) -> Result<Prepared, NodeError> {
         // The span starts before the checks, so that a refused broadcast is in
         // the caller's trace too, failed with the reason it was given.
         let parent = caller
@@ -83,9 +176,14 @@ impl Node {
                 KeyValue::new("ipc.keyed", !req.key.is_empty()),
             ]
         });
-        let channel = self
-            .check_broadcast(caller, &req)
-            .inspect_err(|error| accepted.fail(|| error.to_string()))?;
+        let checked = self.check_broadcast(caller, &req, size);
+        if matches!(
+            checked,
+            Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))
+        ) {
+            self.metrics().rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        let channel = checked.inspect_err(|error| accepted.fail(|| error.to_string()))?;
         let key = (!req.key.is_empty()).then(|| IdempotencyKey {
             scoped: format!("{}:{}", self.app(caller).unwrap_or_default(), req.key),
             key: req.key,
@@ -109,53 +207,14 @@ impl Node {
         });
         // Stored with the store hop's context: every replica's fan-out and every
         // subscriber's work nest under it.
-        let mut store = accepted.under("store", Kind::Internal, Vec::new);
+        let store = accepted.under("store", Kind::Internal, Vec::new);
         store.stamp(&mut msg.headers);
-        let pending = match self
-            .bus()
-            .submit(msg, key)
-            .instrument(accepted.log_span(None))
-            .await
-        {
-            Ok(pending) => pending,
-            Err(error) => {
-                store.fail(|| error.to_string());
-                return Err(error.into());
-            }
-        };
-        let metrics = self.metrics().clone();
-        Ok(pending
-            .map(move |appended| {
-                let mut hops = (accepted, store);
-                if let Err(error) = &appended {
-                    hops.1.fail(|| error.to_string());
-                    hops.0.fail(|| error.to_string());
-                }
-                appended
-            })
-            .map(move |appended| match appended? {
-                Appended::Stored(stored) => {
-                    metrics.accepted.fetch_add(1, Ordering::Relaxed);
-                    Ok(BroadcastResponse {
-                        id: stored.id.clone(),
-                        channel: stored.channel.clone(),
-                        cursor: stored.cursor.clone(),
-                        ..BroadcastResponse::default()
-                    })
-                }
-                Appended::Duplicate {
-                    id,
-                    channel,
-                    cursor,
-                } => Ok(BroadcastResponse {
-                    id,
-                    channel,
-                    cursor,
-                    duplicate: true,
-                    ..BroadcastResponse::default()
-                }),
-            })
-            .boxed())
+        Ok(Prepared {
+            msg,
+            key,
+            accepted,
+            store,
+        })
     }
 }
 

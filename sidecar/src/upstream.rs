@@ -269,14 +269,14 @@ impl Bus for UpstreamBus {
                 .broadcast_unary(request, &msg.sender)
                 .await
                 .inspect_err(|error| hop.fail(|| error.to_string()))?;
-            return Ok(Box::pin(std::future::ready(Ok(appended(msg, response)))));
+            return Ok(PendingAppend::done(Ok(appended(msg, response))));
         }
         let answer = self
             .publish
             .submit(&self.inner, request)
             .await
             .inspect_err(|error| hop.fail(|| error.to_string()))?;
-        Ok(Box::pin(async move {
+        Ok(PendingAppend::waiting(async move {
             let response = answer
                 .await
                 .inspect_err(|error| hop.fail(|| error.to_string()))?;

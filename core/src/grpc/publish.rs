@@ -4,17 +4,20 @@
 //! and the stream goes on.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
-use futures::future::{Either, Map, Ready};
-use futures::stream::FuturesOrdered;
-use futures::{FutureExt as _, Stream, StreamExt as _};
+use futures::{Stream, StreamExt as _};
 use ipc_proto::pb::{BroadcastRequest, BroadcastResponse};
 use prost::Message as _;
+use prost::bytes::BufMut;
 use tonic::Status;
 
 use crate::auth::Caller;
+use crate::bus::Appended;
 use crate::error::Closed;
 use crate::error::NodeError;
 use crate::node::Node;
@@ -38,6 +41,60 @@ pub fn refused(error: NodeError) -> BroadcastResponse {
     }
 }
 
+/// One answer of a Publish stream, as it goes on the wire: a `BroadcastResponse`,
+/// written straight from the stored message rather than built from copies of its
+/// id, channel and cursor.
+#[derive(Debug)]
+pub enum Ack {
+    /// Stored (or a duplicate of its key).
+    Appended(Appended),
+    /// Refused: the answer naming why.
+    Refused(BroadcastResponse),
+}
+
+/// Field numbers of `ipc.v1.BroadcastResponse` written for a stored message.
+const ID_FIELD: u32 = 1;
+const CHANNEL_FIELD: u32 = 2;
+const CURSOR_FIELD: u32 = 3;
+const DUPLICATE_FIELD: u32 = 4;
+
+impl Ack {
+    /// The answer as a message.
+    pub fn into_response(self) -> BroadcastResponse {
+        match self {
+            Ack::Appended(appended) => crate::publish::response(appended),
+            Ack::Refused(response) => response,
+        }
+    }
+
+    /// Writes the answer encoded as the `BroadcastResponse` it stands for.
+    pub fn encode(&self, dst: &mut impl BufMut) {
+        use prost::encoding::{bool, string};
+        let (id, channel, cursor, duplicate) = match self {
+            Ack::Refused(response) => return response.encode_raw(dst),
+            Ack::Appended(Appended::Stored(msg)) => (&msg.id, &msg.channel, &msg.cursor, false),
+            Ack::Appended(Appended::Duplicate {
+                id,
+                channel,
+                cursor,
+            }) => (id, channel, cursor, true),
+        };
+        // As the generated code does: fields in number order, defaults left out.
+        for (field, text) in [
+            (ID_FIELD, id),
+            (CHANNEL_FIELD, channel),
+            (CURSOR_FIELD, cursor),
+        ] {
+            if !text.is_empty() {
+                string::encode(field, text, dst);
+            }
+        }
+        if duplicate {
+            bool::encode(DUPLICATE_FIELD, &duplicate, dst);
+        }
+    }
+}
+
 /// The Publish stream of `caller` over `requests`: one answer per message, in
 /// order. Each message counts against the caller's rate limit. A request that
 /// could not be decoded (an `Err` of `requests`) ends the stream with its status,
@@ -48,7 +105,7 @@ pub fn publish_stream<S>(
     caller: Caller,
     requests: S,
     revocation: RevocationWatch,
-) -> impl Stream<Item = Result<BroadcastResponse, Status>> + Send + 'static
+) -> impl Stream<Item = Result<Ack, Status>> + Send + 'static
 where
     S: Stream<Item = Result<BroadcastRequest, Status>> + Send + Unpin + 'static,
 {
@@ -57,13 +114,14 @@ where
         caller,
         requests,
         revocation,
-        in_flight: FuturesOrdered::new(),
-        sizes: VecDeque::new(),
+        in_flight: VecDeque::new(),
         bytes: 0,
         input_done: false,
         ending: None,
     };
-    futures::stream::unfold(state, |mut state| async move {
+    // Boxed: the state (the window, the request stream) would otherwise be moved
+    // into and out of the future built for each answer.
+    futures::stream::unfold(Box::new(state), |mut state| async move {
         let item = state.next().await?;
         Some((item, state))
     })
@@ -74,9 +132,10 @@ struct Publishing<S> {
     caller: Caller,
     requests: S,
     revocation: RevocationWatch,
-    in_flight: FuturesOrdered<Answer>,
-    /// Encoded sizes of the messages in flight, oldest first.
-    sizes: VecDeque<usize>,
+    /// The answers to come, oldest first, with the encoded size of each message.
+    /// Answered in order, so only the oldest is polled: no per-message task of a
+    /// `FuturesOrdered`, and a later answer that is ready waits for it anyway.
+    in_flight: VecDeque<(Answer, usize)>,
     bytes: usize,
     input_done: bool,
     /// The status that ends the stream once the answers before it are sent.
@@ -92,7 +151,7 @@ where
             || (self.in_flight.len() < PUBLISH_WINDOW && self.bytes < PUBLISH_WINDOW_BYTES)
     }
 
-    async fn next(&mut self) -> Option<Result<BroadcastResponse, Status>> {
+    async fn next(&mut self) -> Option<Result<Ack, Status>> {
         loop {
             let reading = !self.input_done && self.ending.is_none() && self.window_open();
             if !reading && self.in_flight.is_empty() {
@@ -100,11 +159,8 @@ where
             }
             tokio::select! {
                 biased;
-                Some(answer) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if let Some(size) = self.sizes.pop_front() {
-                        self.bytes -= size;
-                    }
-                    return Some(Ok(answer));
+                ack = std::future::poll_fn(|cx| poll_oldest(&mut self.in_flight, &mut self.bytes, cx)), if !self.in_flight.is_empty() => {
+                    return Some(Ok(ack));
                 }
                 () = self.revocation.revoked(&self.caller), if self.ending.is_none() => {
                     self.node.metrics().revoked_streams.fetch_add(1, Ordering::Relaxed);
@@ -115,10 +171,9 @@ where
                     Some(Err(status)) => self.ending = Some(status),
                     Some(Ok(req)) => {
                         let size = req.encoded_len();
-                        let answer = submit(&self.node, &self.caller, req).await;
-                        self.sizes.push_back(size);
+                        let answer = submit(&self.node, &self.caller, req, size).await;
                         self.bytes += size;
-                        self.in_flight.push_back(answer);
+                        self.in_flight.push_back((answer, size));
                     }
                 },
             }
@@ -126,25 +181,94 @@ where
     }
 }
 
-/// The answer to one message of a Publish stream: once stored, or at once if
-/// refused. Not boxed again: it is one allocation per message less.
-type Answer =
-    Either<Map<PendingBroadcast, fn(Stored) -> BroadcastResponse>, Ready<BroadcastResponse>>;
-type Stored = Result<BroadcastResponse, NodeError>;
-
-/// Submits one message of a Publish stream: its answer, once stored (or at once
-/// if refused).
-async fn submit(node: &Node, caller: &Caller, req: BroadcastRequest) -> Answer {
-    let submitted = match node.admit(caller) {
-        Ok(()) => node.submit_broadcast(caller, req).await,
-        Err(e) => Err(e),
+/// The oldest answer of the window, once it is ready.
+fn poll_oldest(
+    in_flight: &mut VecDeque<(Answer, usize)>,
+    bytes: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<Ack> {
+    let Some((oldest, _)) = in_flight.front_mut() else {
+        return Poll::Pending;
     };
-    match submitted {
-        Ok(pending) => Either::Left(pending.map(answer as fn(Stored) -> BroadcastResponse)),
-        Err(e) => Either::Right(futures::future::ready(refused(e))),
+    let ack = std::task::ready!(Pin::new(oldest).poll(cx));
+    if let Some((_, size)) = in_flight.pop_front() {
+        *bytes -= size;
+    }
+    Poll::Ready(ack)
+}
+
+/// The answer to one message of a Publish stream: once stored, or at once if
+/// refused.
+enum Answer {
+    Submitted(PendingBroadcast),
+    Refused(Option<NodeError>),
+}
+
+impl Future for Answer {
+    type Output = Ack;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ack> {
+        match &mut *self {
+            Answer::Submitted(pending) => Pin::new(pending).poll(cx).map(|stored| match stored {
+                Ok(appended) => Ack::Appended(appended),
+                Err(error) => Ack::Refused(refused(error)),
+            }),
+            Answer::Refused(error) => Poll::Ready(Ack::Refused(refused(
+                error
+                    .take()
+                    .expect("an answer is not polled after it completed"),
+            ))),
+        }
     }
 }
 
-fn answer(stored: Stored) -> BroadcastResponse {
-    stored.unwrap_or_else(refused)
+/// Submits one message (of `size` bytes encoded) of a Publish stream.
+async fn submit(node: &Node, caller: &Caller, req: BroadcastRequest, size: usize) -> Answer {
+    let submitted = match node.admit(caller) {
+        Ok(()) => node.submit_sized_broadcast(caller, req, size).await,
+        Err(e) => Err(e),
+    };
+    match submitted {
+        Ok(pending) => Answer::Submitted(pending),
+        Err(e) => Answer::Refused(Some(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipc_proto::pb::Msg;
+
+    fn stored() -> Arc<Msg> {
+        Arc::new(Msg {
+            id: "n1-17".into(),
+            channel: "shop:worker".into(),
+            cursor: "3f2a.17-0".into(),
+            op: "worker:restart".into(),
+            ..Msg::default()
+        })
+    }
+
+    /// The answer written from the stored message is the very `BroadcastResponse`
+    /// a client decodes: the same bytes as the message built field by field.
+    #[test]
+    fn an_ack_encodes_as_its_broadcast_response() {
+        let duplicate = Appended::Duplicate {
+            id: "n1-3".into(),
+            channel: "shop:worker".into(),
+            cursor: "3f2a.3-0".into(),
+        };
+        let refusal = refused(NodeError::InvalidArgument("op is empty".into()));
+        for ack in [
+            Ack::Appended(Appended::Stored(stored())),
+            Ack::Appended(duplicate),
+            Ack::Refused(refusal),
+        ] {
+            let mut written = Vec::new();
+            ack.encode(&mut written);
+            let response = ack.into_response();
+            assert_eq!(written, response.encode_to_vec(), "{response:?}");
+            assert_eq!(BroadcastResponse::decode(&written[..]).unwrap(), response);
+        }
+    }
 }

@@ -86,6 +86,24 @@ impl IpcService {
         Ok(Box::pin(stream.map(|item| item.map_err(closed_status))))
     }
 
+    /// Opens a Publish stream whose answers are written from the stored messages
+    /// ([`super::publish::Ack`]); the generated `publish` maps them to messages.
+    pub async fn publish_acks(
+        &self,
+        mut request: Request<tonic::Streaming<BroadcastRequest>>,
+    ) -> Result<AckStream, Status> {
+        // Taken before the caller is authenticated: see crate::revocation.
+        let revocation = self.node.revocations().watch();
+        let caller = self.caller(&mut request)?;
+        let requests = request.into_inner();
+        Ok(Box::pin(super::publish::publish_stream(
+            self.node.clone(),
+            caller,
+            requests,
+            revocation,
+        )))
+    }
+
     /// The leases and buckets in use that the caller's grants cover, for the admin
     /// console: no RPC lists them, but the caller is identified, rate-limited and
     /// answered with the status codes of the calls.
@@ -264,6 +282,8 @@ type MsgStream = Pin<Box<dyn Stream<Item = Result<Msg, Status>> + Send>>;
 /// A Subscribe stream of shared messages (and members' requests written from
 /// shared parts), or the status that ended it.
 pub type SharedMsgStream = Pin<Box<dyn Stream<Item = Result<Outbound, Status>> + Send>>;
+/// A Publish stream's answers, encoded by the server from the stored messages.
+pub type AckStream = Pin<Box<dyn Stream<Item = Result<super::publish::Ack, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Ipc for IpcService {
@@ -336,18 +356,12 @@ impl Ipc for IpcService {
 
     async fn publish(
         &self,
-        mut request: Request<tonic::Streaming<BroadcastRequest>>,
+        request: Request<tonic::Streaming<BroadcastRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
-        // Taken before the caller is authenticated: see crate::revocation.
-        let revocation = self.node.revocations().watch();
-        let caller = self.caller(&mut request)?;
-        let requests = request.into_inner();
-        Ok(Response::new(Box::pin(super::publish::publish_stream(
-            self.node.clone(),
-            caller,
-            requests,
-            revocation,
-        ))))
+        let acks = self.publish_acks(request).await?;
+        Ok(Response::new(Box::pin(
+            acks.map(|ack| ack.map(super::publish::Ack::into_response)),
+        )))
     }
 
     async fn gather(
