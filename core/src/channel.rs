@@ -186,6 +186,18 @@ pub fn parse_name(raw: &str, app: Option<&str>) -> Result<String, ChannelError> 
     Ok(name)
 }
 
+/// [`parse_name`] of a name the caller owns: returned as it is when there is
+/// nothing to expand (a broadcast's channel, which is then not copied).
+pub fn parse_owned_name(raw: String, app: Option<&str>) -> Result<String, ChannelError> {
+    let name = if raw.starts_with(':') {
+        expand(&raw, app)?
+    } else {
+        raw
+    };
+    check_name(&name)?;
+    Ok(name)
+}
+
 /// The rules of [`Pattern::parse`] and then [`Pattern::is_exact`], with the same
 /// errors in the same order, without building the pattern: every broadcast's
 /// channel passes here, and the pattern's strings were most of its cost.
@@ -211,6 +223,17 @@ fn check_name(text: &str) -> Result<(), ChannelError> {
     Ok(())
 }
 
+/// [`is_name_char`] for every byte: a name character is ASCII.
+const NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 128 {
+        table[byte] = is_name_char(byte as u8 as char);
+        byte += 1;
+    }
+    table
+};
+
 /// Whether `text` is non-empty segments of name characters joined by `:` — what
 /// nearly every broadcast's channel is — in one pass over its bytes. Anything else
 /// (a wildcard, an empty segment, a bad character) takes the walk above, which
@@ -223,7 +246,7 @@ fn is_plain_name(text: &str) -> bool {
                 return false;
             }
             segment_empty = true;
-        } else if byte.is_ascii() && is_name_char(byte as char) {
+        } else if NAME_BYTES[usize::from(byte)] {
             segment_empty = false;
         } else {
             return false;
@@ -445,6 +468,15 @@ mod tests {
                 }
             });
             prop_assert_eq!(check_name(&text), as_pattern);
+        }
+
+        #[test]
+        fn an_owned_name_parses_as_a_borrowed_one(
+            text in prop_oneof![".{0,40}", ":[a-z0-9_./:-]{0,20}", "[a-z0-9_./:-]{0,20}"]
+        ) {
+            for app in [None, Some("shop")] {
+                prop_assert_eq!(parse_owned_name(text.clone(), app), parse_name(&text, app));
+            }
         }
 
         #[test]

@@ -22,6 +22,9 @@ use crate::responders::MEMBER_HEADER;
 pub enum Outbound {
     /// A message, shared by every stream it goes to.
     Msg(Arc<Msg>),
+    /// A message that goes to this one stream only: encoded straight into the
+    /// stream, not kept encoded for other streams.
+    Sole(Arc<Msg>),
     /// One member's request of an operation.
     MemberRequest(Box<MemberRequest>),
 }
@@ -30,7 +33,7 @@ impl Outbound {
     /// The item as a message (a member's request is built whole).
     pub fn into_shared(self) -> Arc<Msg> {
         match self {
-            Outbound::Msg(msg) => msg,
+            Outbound::Msg(msg) | Outbound::Sole(msg) => msg,
             Outbound::MemberRequest(request) => Arc::new(request.to_msg()),
         }
     }
@@ -38,7 +41,7 @@ impl Outbound {
     /// The item as an owned message.
     pub fn into_msg(self) -> Msg {
         match self {
-            Outbound::Msg(msg) => Arc::unwrap_or_clone(msg),
+            Outbound::Msg(msg) | Outbound::Sole(msg) => Arc::unwrap_or_clone(msg),
             Outbound::MemberRequest(request) => request.to_msg(),
         }
     }
@@ -46,7 +49,7 @@ impl Outbound {
     /// Its position in the log, if it is a log entry.
     pub fn cursor(&self) -> &str {
         match self {
-            Outbound::Msg(msg) => &msg.cursor,
+            Outbound::Msg(msg) | Outbound::Sole(msg) => &msg.cursor,
             Outbound::MemberRequest(_) => "",
         }
     }

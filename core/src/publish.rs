@@ -138,18 +138,20 @@ impl Node {
         }
     }
 
-    /// The input rules of a broadcast; its channel, resolved, when it passes.
+    /// The input rules of a broadcast; its channel (taken from `req`), resolved,
+    /// when it passes.
     fn check_broadcast(
         &self,
         caller: &Caller,
-        req: &BroadcastRequest,
+        req: &mut BroadcastRequest,
         size: usize,
     ) -> Result<String, NodeError> {
         self.check_size(size)?;
         check_op(&req.op)?;
         self.check_headers(&req.headers)?;
         check_key(&req.key)?;
-        let channel = channel::parse_name(&req.channel, self.app(caller))?;
+        let channel =
+            channel::parse_owned_name(std::mem::take(&mut req.channel), self.app(caller))?;
         self.authorize(caller, "broadcast to", &channel, |g| {
             g.may_broadcast(&channel)
         })?;
@@ -159,7 +161,7 @@ impl Node {
     fn prepare_broadcast(
         &self,
         caller: &Caller,
-        req: BroadcastRequest,
+        mut req: BroadcastRequest,
         size: usize,
     ) -> Result<Prepared, NodeError> {
         // The span starts before the checks, so that a refused broadcast is in
@@ -176,7 +178,7 @@ impl Node {
                 KeyValue::new("ipc.keyed", !req.key.is_empty()),
             ]
         });
-        let checked = self.check_broadcast(caller, &req, size);
+        let checked = self.check_broadcast(caller, &mut req, size);
         if matches!(
             checked,
             Err(NodeError::InvalidArgument(_) | NodeError::TooLarge(_))

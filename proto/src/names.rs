@@ -3,7 +3,7 @@
 //! the token names it writes into a tokens file.
 
 /// Whether `c` may appear in a name segment.
-pub fn is_name_char(c: char) -> bool {
+pub const fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/')
 }
 

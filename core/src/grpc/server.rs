@@ -268,6 +268,7 @@ impl Encoder for SharedMsgEncoder {
     fn encode(&mut self, item: Outbound, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         match item {
             Outbound::Msg(msg) => self.0.write(&msg, dst),
+            Outbound::Sole(msg) => msg.encode_raw(dst),
             Outbound::MemberRequest(request) => request.encode(dst),
         }
         Ok(())

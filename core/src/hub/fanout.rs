@@ -30,6 +30,13 @@ impl Hub {
         {
             let reg = self.registry.read();
             let keys = reg.matching(&msg.channel);
+            // With one subscriber, its stream encodes the message itself: keeping
+            // the encoding for other streams would cost a copy and an allocation.
+            let outbound = if keys.len() == 1 {
+                Outbound::Sole
+            } else {
+                Outbound::Msg
+            };
             let mut charge = None;
             for &key in keys.iter() {
                 let Some(sub) = reg.subs.get(&key) else {
@@ -37,7 +44,7 @@ impl Hub {
                 };
                 let charge = charge.get_or_insert_with(|| self.charge(msg));
                 match sub.queue.push(Delivery {
-                    item: Outbound::Msg(msg.clone()),
+                    item: outbound(msg.clone()),
                     charge: Arc::clone(charge),
                 }) {
                     Ok(()) => delivered += 1,
@@ -111,5 +118,69 @@ impl Hub {
             tracing::warn!(node = %self.node, subscriber = key, queued_bytes = bytes, "subscriber queues over their node-wide bound; the largest is cut off");
             self.remove(key, Some(Closed::SlowConsumer));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::channel::Pattern;
+    use crate::hub::{StreamLimits, SubscriberSpec, Subscription};
+    use crate::metrics::Metrics;
+
+    fn subscribe(hub: &Arc<Hub>, id: &str, pattern: &str) -> Subscription {
+        let spec = SubscriberSpec {
+            id: id.into(),
+            app: String::new(),
+            role: String::new(),
+            tag: String::new(),
+            labels: HashMap::new(),
+            patterns: vec![Pattern::parse(pattern).unwrap()],
+            owner: String::new(),
+            verified_owner: false,
+            relayed: Vec::new(),
+            role_watcher: false,
+        };
+        let limits = StreamLimits {
+            max_streams: 10,
+            max_per_owner: 10,
+        };
+        hub.try_register(spec, limits).expect("registered")
+    }
+
+    fn next(subscription: &mut Subscription) -> Outbound {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match subscription.poll_recv(&mut cx) {
+            Poll::Ready(Ok(Some(item))) => item,
+            _ => panic!("nothing delivered"),
+        }
+    }
+
+    /// A message only one subscriber takes is encoded by its stream alone; one that
+    /// several take is shared, to be encoded once for all.
+    #[test]
+    fn a_message_for_one_subscriber_is_its_own_and_for_several_shared() {
+        let hub = Hub::new("n1".into(), 16, Arc::new(Metrics::default()));
+        let mut alone = subscribe(&hub, "a", "app:solo");
+        let mut first = subscribe(&hub, "b", "app:many");
+        let mut second = subscribe(&hub, "c", "app:*");
+        let msg = |channel: &str| {
+            Arc::new(Msg {
+                op: "x".into(),
+                channel: channel.into(),
+                ..Msg::default()
+            })
+        };
+        assert_eq!(hub.dispatch(&msg("app:solo")), 2);
+        assert!(matches!(next(&mut alone), Outbound::Msg(_)));
+        assert!(matches!(next(&mut second), Outbound::Msg(_)));
+        assert_eq!(hub.dispatch(&msg("app:other")), 1);
+        assert!(matches!(next(&mut second), Outbound::Sole(_)));
+        assert_eq!(hub.dispatch(&msg("app:many")), 2);
+        assert!(matches!(next(&mut first), Outbound::Msg(_)));
+        assert!(matches!(next(&mut second), Outbound::Msg(_)));
     }
 }
