@@ -161,12 +161,19 @@ impl ServerProcess {
     /// [`ServerProcess::log`] instead of shown.
     pub fn start_logged(args: &[&str]) -> Self {
         let log = tempfile::NamedTempFile::new().expect("log file");
-        Self::launch(&binary("ipc-server"), args, Some(log))
+        Self::launch(&binary("ipc-server"), args, &[], Some(log))
     }
 
     /// Starts a given server binary and waits for its readiness line.
     pub fn start_binary(path: &Path, args: &[&str]) -> Self {
-        Self::launch(path, args, None)
+        Self::launch(path, args, &[], None)
+    }
+
+    /// [`ServerProcess::start_binary`] with environment variables `env` set in the
+    /// process (switches read from the environment, such as the vendored h2's
+    /// `H2_COALESCE_WRITES`); they win over the test's `RUST_LOG`.
+    pub fn start_binary_with_env(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(path, args, env, None)
     }
 
     /// An `ipc-server` replica of app [`crate::TEST_APP`] on the Redis of
@@ -186,7 +193,12 @@ impl ServerProcess {
         Self::start(&args)
     }
 
-    fn launch(path: &Path, args: &[&str], log: Option<tempfile::NamedTempFile>) -> Self {
+    fn launch(
+        path: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<tempfile::NamedTempFile>,
+    ) -> Self {
         let mut command = Command::new(path);
         without_ipc_env(&mut command);
         if !args.contains(&"--listen") {
@@ -203,6 +215,7 @@ impl ServerProcess {
             None => (test_log_level(), Stdio::inherit()),
         };
         command.args(args).env("RUST_LOG", level).stderr(stderr);
+        command.envs(env.iter().copied());
         let (child, line) = spawn_ready(&mut command, READY_PREFIX, READY_TIMEOUT, |_| {})
             .unwrap_or_else(|why| panic!("{}: {why}", path.display()));
         Self {

@@ -16,6 +16,11 @@ pub fn server(args: &[&str]) -> ServerProcess {
     ServerProcess::start_binary(Path::new(env!("CARGO_BIN_EXE_ipc-server")), args)
 }
 
+/// [`server`] with environment variables `env` set in its process.
+pub fn server_with_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+    ServerProcess::start_binary_with_env(Path::new(env!("CARGO_BIN_EXE_ipc-server")), args, env)
+}
+
 /// A tokens file in a temporary directory; `entries` are the `[[token]]` tables.
 pub struct TokensFile {
     pub dir: tempfile::TempDir,
