@@ -16,9 +16,12 @@
 //! - [`requests`]: requests handed to local responders and their replies.
 
 mod fanout;
+mod replies;
 mod requests;
 
-pub use requests::{DEADLINE_HEADER, Delivered, LocalAnswer};
+pub use replies::{Arrival, OperationReplies};
+pub use requests::{DEADLINE_HEADER, Delivered, LocalAnswer, PendingKey, ReplyRoute};
+pub(crate) use requests::{OperationHanding, deadline_ms};
 use requests::{Pending, Route, request_routes};
 
 use std::borrow::Cow;
@@ -461,14 +464,35 @@ impl Hub {
     /// fresher local copies of relayed members by them ([`crate::Bus::members`]),
     /// and a relayed member's labels may be the bus's to add. Builds no member for
     /// the subscribers of other targets.
-    pub fn members_for_request(&self, target: &str) -> Vec<Member> {
+    ///
+    /// A subscriber is listed with what resolving a request's responders reads of
+    /// it: id, node, the request channels it takes `target` on (its id, or
+    /// `target` among its roles), and its labels if `with_labels`; not its
+    /// channels, app, role or tag (a member per responder of an operation).
+    pub fn members_for_request(&self, target: &str, with_labels: bool) -> Vec<Member> {
         let reg = self.registry.read();
         let mut members: Vec<Member> = reg.responders.get(target).map_or_else(Vec::new, |routes| {
             routes
                 .iter()
                 .filter_map(|route| {
                     let sub = reg.subs.get(&route.key)?;
-                    (*route.member == *sub.spec.id).then(|| self.member(sub))
+                    (*route.member == *sub.spec.id).then(|| Member {
+                        id: sub.spec.id.clone(),
+                        node: self.node.clone(),
+                        roles: if sub.spec.id == target {
+                            Vec::new()
+                        } else {
+                            vec![target.to_string()]
+                        },
+                        responder: true,
+                        labels: if with_labels {
+                            sub.spec.labels.clone()
+                        } else {
+                            HashMap::new()
+                        },
+                        connected_ms: sub.connected_ms,
+                        ..Member::default()
+                    })
                 })
                 .collect()
         });

@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use ipc_proto::pb::ledger::State;
-use ipc_proto::pb::{GatherRequest, Ledger, Member, Msg};
+use ipc_proto::pb::{GatherRequest, Ledger, Msg};
 use prost::Message as _;
 
 use super::ledger::{self, Kind};
-use super::{Asked, Fields};
+use super::{Asked, Fields, Responder};
 use crate::auth::Caller;
 use crate::error::{NodeError, RequestError};
+use crate::hub::OperationReplies;
 use crate::node::Node;
 use crate::responders;
 use crate::telemetry::{self, Hop};
@@ -134,22 +135,23 @@ impl Node {
 
     /// Asks every member at once and waits until all answered or `deadline`:
     /// each one's result and when it came (since the first was asked). A member
-    /// a local responder answers is handed its request at once and waited on
-    /// by its reply's receiver alone, all under one timer; the others (hooks,
+    /// a local responder answers is handed its request at once, and its reply
+    /// completes the member's slot in the operation's one collector of replies
+    /// (no channel or future per member), all under one timer; the others (hooks,
     /// members of other nodes, a relay that could not answer) go the whole way
     /// ([`Node::ask_member`]).
     async fn ask_all(
         &self,
         asked: &Asked,
         ledger_id: &str,
-        members: &[Member],
+        members: &[Responder],
         deadline: Instant,
     ) -> Vec<(Result<Msg, RequestError>, Duration)> {
         let started = Instant::now();
         let ask_fully = |i: usize| -> Asking<'_> {
             let member = members[i].id.as_str();
             Box::pin(async move {
-                Answer::Asked(
+                (
                     i,
                     self.ask_member(asked, ledger_id, member, None, deadline)
                         .await,
@@ -158,19 +160,24 @@ impl Node {
         };
         let mut results: Vec<Option<(Result<Msg, RequestError>, Duration)>> =
             members.iter().map(|_| None).collect();
-        // The `reply_to` counters of the requests handed to local responders.
-        let mut handed: Vec<Option<u64>> = vec![None; members.len()];
+        let replies = OperationReplies::new(members.len());
+        // The `reply_to` counters of the requests handed to local responders, to
+        // forget those unanswered at the deadline (or if this Gather is dropped).
+        let mut handed = Handed {
+            hub: self.hub(),
+            pending: vec![None; members.len()],
+        };
+        let mut waiting = 0usize;
         let mut asking: FuturesUnordered<Asking<'_>> = FuturesUnordered::new();
         let handing = self.operation_handing(asked, ledger_id, deadline);
         for (i, member) in members.iter().enumerate() {
             let handed_here = handing
                 .as_ref()
-                .and_then(|handing| self.hand_to_responder(handing, &member.id));
+                .and_then(|handing| self.hand_to_responder(handing, &replies, &member.id, i));
             match handed_here {
-                Some(delivered) => {
-                    handed[i] = Some(delivered.pending);
-                    let reply = delivered.reply;
-                    asking.push(Box::pin(async move { Answer::Handed(i, reply.await) }));
+                Some(pending) => {
+                    handed.pending[i] = Some(pending);
+                    waiting += 1;
                 }
                 None => asking.push(ask_fully(i)),
             }
@@ -180,37 +187,39 @@ impl Node {
         let timer = tokio::time::sleep_until(deadline.into());
         tokio::pin!(timer);
         let mut late = false;
-        loop {
-            tokio::select! {
-                answer = asking.next() => match answer {
-                    None => break,
-                    Some(Answer::Asked(i, result)) => results[i] = Some((result, started.elapsed())),
-                    Some(Answer::Handed(i, Ok(reply))) if responders::cannot_answer(&reply) => {
-                        handed[i] = None;
+        while waiting > 0 || !asking.is_empty() {
+            let arrived = tokio::select! {
+                Some((i, result)) = asking.next(), if !asking.is_empty() => {
+                    results[i] = Some((result, started.elapsed()));
+                    continue;
+                }
+                arrived = replies.arrived(), if waiting > 0 => arrived,
+                () = &mut timer, if !late => {
+                    // The requests still waiting are forgotten (a late reply is
+                    // not found); those that came in time are still taken.
+                    late = true;
+                    waiting = 0;
+                    let arrived = replies.close();
+                    handed.forget_unanswered(&arrived);
+                    arrived
+                }
+            };
+            for (i, reply) in arrived {
+                waiting = waiting.saturating_sub(1);
+                handed.pending[i] = None;
+                match reply {
+                    Some(reply) if responders::cannot_answer(&reply) => {
                         asking.push(ask_fully(i));
                     }
-                    Some(Answer::Handed(i, received)) => {
+                    Some(reply) => results[i] = Some((Ok(reply), started.elapsed())),
+                    None => {
                         let member = &members[i].id;
-                        let result = received.map_err(|_| if late {
-                            RequestError::DeadlineExceeded(member.clone())
-                        } else {
-                            RequestError::Unavailable(format!(
+                        results[i] = Some((
+                            Err(RequestError::Unavailable(format!(
                                 "the subscriber of {member:?} that had the request disconnected before replying"
-                            ))
-                        });
-                        results[i] = Some((result, started.elapsed()));
-                    }
-                },
-                () = &mut timer, if !late => {
-                    // The requests still waiting are forgotten: their receivers
-                    // end at once, as no reply.
-                    late = true;
-                    for (i, pending) in handed.iter().enumerate() {
-                        if let Some(pending) = pending
-                            && results[i].is_none()
-                        {
-                            self.hub().forget_request(*pending);
-                        }
+                            ))),
+                            started.elapsed(),
+                        ));
                     }
                 }
             }
@@ -230,13 +239,33 @@ impl Node {
     }
 }
 
-/// What came of asking one member of a Gather (by its index).
-enum Answer {
-    /// A request handed to a local responder: its reply, or its waiter forgotten
-    /// (the responder left, or the deadline passed).
-    Handed(usize, Result<Msg, tokio::sync::oneshot::error::RecvError>),
-    /// A member asked the whole way.
-    Asked(usize, Result<Msg, RequestError>),
+/// The requests of a Gather handed to local responders and not answered yet, by
+/// member index (the counters of their `reply_to`): forgotten at the deadline, or
+/// when the Gather is dropped (its caller gone), so that no entry outlives it.
+struct Handed<'a> {
+    hub: &'a crate::hub::Hub,
+    pending: Vec<Option<u64>>,
 }
 
-type Asking<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 'a>>;
+impl Handed<'_> {
+    /// Forgets every handed request still unanswered but those in `answered`.
+    fn forget_unanswered(&mut self, answered: &[crate::hub::Arrival]) {
+        for (i, _) in answered {
+            self.pending[*i] = None;
+        }
+        for pending in self.pending.iter_mut().filter_map(Option::take) {
+            self.hub.forget_request(pending);
+        }
+    }
+}
+
+impl Drop for Handed<'_> {
+    fn drop(&mut self) {
+        self.forget_unanswered(&[]);
+    }
+}
+
+/// A member asked the whole way (by its index), and its answer.
+type Asking<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (usize, Result<Msg, RequestError>)> + Send + 'a>,
+>;

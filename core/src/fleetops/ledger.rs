@@ -3,7 +3,9 @@
 
 use ipc_proto::pb::ledger::State;
 use ipc_proto::pb::outcome::Status;
-use ipc_proto::pb::{Ledger, Member, Msg, Outcome};
+use ipc_proto::pb::{Ledger, Msg, Outcome};
+
+use super::Responder;
 use prost::Message as _;
 
 /// Which operation a stored ledger belongs to: a key used by one cannot be reused
@@ -50,7 +52,7 @@ impl StoredOperation {
 }
 
 /// A ledger for `members` (sorted by id, then node), every outcome PENDING.
-pub fn new_ledger(id: String, target: &str, op: &str, members: &[Member]) -> Ledger {
+pub(crate) fn new_ledger(id: String, target: &str, op: &str, members: &[Responder]) -> Ledger {
     Ledger {
         id,
         target: target.to_string(),
@@ -173,11 +175,11 @@ mod tests {
 
     #[test]
     fn counts_follow_outcomes() {
-        let members: Vec<Member> = ["a", "b", "c"]
+        let members: Vec<Responder> = ["a", "b", "c"]
             .iter()
-            .map(|id| Member {
+            .map(|id| Responder {
                 id: id.to_string(),
-                ..Member::default()
+                node: "n1".into(),
             })
             .collect();
         let mut ledger = new_ledger("op-1".into(), "shop:worker", "x", &members);

@@ -22,12 +22,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipc_proto::pb::{Ledger, Member, Msg};
+use ipc_proto::pb::{Ledger, Msg};
 
 use crate::auth::Caller;
 use crate::channel;
 use crate::error::{NodeError, RequestError};
-use crate::hub::{DEADLINE_HEADER, Delivered};
+use crate::hub::{DEADLINE_HEADER, OperationHanding, OperationReplies};
 use crate::node::Node;
 use crate::outbound::OperationRequest;
 use crate::queue::Charge;
@@ -70,6 +70,13 @@ impl Asked {
             &self.labels,
         )
     }
+}
+
+/// A responder an operation asks: all its ledger names of a member.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Responder {
+    pub id: String,
+    pub node: String,
 }
 
 /// The fields common to GatherRequest and RolloutRequest.
@@ -119,6 +126,8 @@ pub(crate) struct Handing {
     charge: Arc<Charge>,
     /// The context its requests carry in their headers, if any.
     trace: Option<TraceContext>,
+    /// Its deadline header, as a number.
+    deadline_ms: Option<i64>,
 }
 
 impl Node {
@@ -196,19 +205,23 @@ impl Node {
         &self,
         target: &str,
         labels: &HashMap<String, String>,
-    ) -> Result<Vec<Member>, NodeError> {
+    ) -> Result<Vec<Responder>, NodeError> {
         let all = self
             .bus()
-            .members(self.hub().members_for_request(target))
+            .members(self.hub().members_for_request(target, !labels.is_empty()))
             .await?;
-        let mut members: Vec<Member> = all
+        let mut members: Vec<Responder> = all
             .into_iter()
             .filter(|m| responders::responds_to(m, target))
             .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
+            .map(|m| Responder {
+                id: m.id,
+                node: m.node,
+            })
             .collect();
-        // Stable: of the copies of one (id, node), the first listed stays.
-        members.sort_by(|a, b| (&a.id, &a.node).cmp(&(&b.id, &b.node)));
-        members.dedup_by(|later, first| later.id == first.id && later.node == first.node);
+        // Only (id, node) is kept: the copies of one are alike, and small to sort.
+        members.sort_unstable();
+        members.dedup();
         Ok(members)
     }
 
@@ -264,33 +277,44 @@ impl Node {
             id: String::new(),
             ..self.operation_request(asked, headers)
         };
+        let deadline_ms = crate::hub::deadline_ms(&shared.headers);
         let operation = Arc::new(OperationRequest::new(shared));
         let charge = self.hub().operation_charge(&operation);
         Some(Handing {
             operation,
             charge,
             trace,
+            deadline_ms,
         })
     }
 
-    /// An operation's request handed at once to a local responder of `member`,
-    /// without a future of the whole request path per member: what the caller
-    /// waits on is the reply's receiver alone. `None` when no local responder
-    /// takes it first (a hook, a member of another node, none left): then
-    /// [`Node::ask_member`] asks it. The responder gets the request `ask_member`
-    /// would send.
-    pub(crate) fn hand_to_responder(&self, handing: &Handing, member: &str) -> Option<Delivered> {
-        let op = &handing.operation.shared().op;
-        if !self.responder_answers_here(member, op) {
+    /// An operation's request handed at once to a local responder of `member`
+    /// (index `index` of the operation), without a future of the whole request
+    /// path per member: its reply completes slot `index` of `replies`. `None`
+    /// when no local responder takes it first (a hook, a member of another node,
+    /// none left): then [`Node::ask_member`] asks it. The responder gets the
+    /// request `ask_member` would send. `Some`: the counter of its `reply_to`.
+    pub(crate) fn hand_to_responder(
+        &self,
+        handing: &Handing,
+        replies: &Arc<OperationReplies>,
+        member: &str,
+        index: usize,
+    ) -> Option<u64> {
+        // No hook answers first; whether a local responder takes it is known as
+        // it is handed (one registry lookup per member).
+        if self.hook_answers(member, &handing.operation.shared().op) {
             return None;
         }
-        self.hub().deliver_operation_request(
-            member,
-            &handing.operation,
-            &handing.charge,
-            handing.trace.as_ref(),
-            || self.new_id(),
-        )
+        let shared = OperationHanding {
+            operation: &handing.operation,
+            charge: &handing.charge,
+            trace: handing.trace.as_ref(),
+            deadline_ms: handing.deadline_ms,
+            replies,
+        };
+        self.hub()
+            .deliver_operation_request(member, &shared, index, || self.new_id())
     }
 
     /// The request an operation sends one member, with its headers.

@@ -10,6 +10,7 @@ use ipc_proto::pb::Msg;
 use opentelemetry::KeyValue;
 use tokio::sync::oneshot;
 
+use super::replies::{OperationReplies, Slot};
 use super::{Hub, Registry, Subscriber, SubscriberSpec};
 use crate::error::{ReplyError, RequestError};
 use crate::outbound::{MemberRequest, OperationRequest, Outbound};
@@ -123,9 +124,34 @@ impl Given {
     }
 }
 
+/// Where a pending request's reply goes.
+enum Waiter {
+    /// The one caller waiting on it.
+    One(oneshot::Sender<Msg>),
+    /// Its member's slot in an operation's replies.
+    Slot(Slot),
+}
+
+impl Waiter {
+    fn send(self, reply: Msg) -> Result<(), Msg> {
+        match self {
+            Waiter::One(tx) => tx.send(reply),
+            Waiter::Slot(slot) => slot.send(reply),
+        }
+    }
+
+    /// A waiter whose request was not handed out after all: an operation's slot
+    /// stays open (the member is asked another way).
+    fn disarm(self) {
+        if let Waiter::Slot(slot) = self {
+            slot.disarm();
+        }
+    }
+}
+
 /// A request waiting for its reply, under the counter of its `reply_to`.
 pub(super) struct Pending {
-    tx: oneshot::Sender<Msg>,
+    tx: Waiter,
     /// The random part of its `reply_to`: a reply must name it.
     secret: u64,
     /// The subscriber the request went to: if it leaves, the caller learns at once.
@@ -149,8 +175,24 @@ struct Awaited {
     deadline_ms: Option<i64>,
 }
 
+/// What every member's request of one operation shares as it is handed out
+/// ([`Hub::deliver_operation_request`]).
+#[derive(Clone, Copy)]
+pub(crate) struct OperationHanding<'a> {
+    /// The shared part of the request.
+    pub operation: &'a Arc<OperationRequest>,
+    /// Its memory, counted once in the node's queued bytes.
+    pub charge: &'a Arc<Charge>,
+    /// The operation's context (its requests' parent).
+    pub trace: Option<&'a TraceContext>,
+    /// Its deadline header, read once.
+    pub deadline_ms: Option<i64>,
+    /// Where the replies go, by member index.
+    pub replies: &'a Arc<OperationReplies>,
+}
+
 /// A request's deadline header, if it has a readable one.
-fn deadline_ms(headers: &HashMap<String, String>) -> Option<i64> {
+pub(crate) fn deadline_ms(headers: &HashMap<String, String>) -> Option<i64> {
     headers.get(DEADLINE_HEADER).and_then(|ms| ms.parse().ok())
 }
 
@@ -200,31 +242,40 @@ impl Hub {
                 charge: self.charge(msg),
                 item: Outbound::Msg(request.clone()),
             };
-            match self.hand(route, sub, awaited, delivery) {
-                Some(delivered) => {
-                    return Some(Delivered {
-                        member_header,
-                        ..delivered
-                    });
-                }
-                None => undo_member_header(request, member_header),
+            let (tx, rx) = oneshot::channel();
+            if self.hand(route, sub, awaited, delivery, Waiter::One(tx)) {
+                return Some(Delivered {
+                    key: route.key,
+                    member: route.member.clone(),
+                    pending,
+                    reply: rx,
+                    member_header,
+                });
             }
+            undo_member_header(request, member_header);
         }
         None
     }
 
     /// An operation's request to `member` handed to one of its local responders:
     /// the operation's shared part (charged once, `charge`) and this member's own
-    /// fields, `id` a fresh message id per try. `trace` is the operation's context
-    /// (its requests' parent). `None` if no local responder took it.
+    /// fields, `id` a fresh message id per try. Its reply completes slot `index`
+    /// of the operation's `replies`. `None` if no local responder took it (the
+    /// slot stays open); otherwise the counter of its `reply_to`, to forget it.
     pub(crate) fn deliver_operation_request(
         &self,
         member: &str,
-        operation: &Arc<OperationRequest>,
-        charge: &Arc<Charge>,
-        trace: Option<&TraceContext>,
+        handing: &OperationHanding<'_>,
+        index: usize,
         mut id: impl FnMut() -> String,
-    ) -> Option<Delivered> {
+    ) -> Option<u64> {
+        let OperationHanding {
+            operation,
+            charge,
+            trace,
+            deadline_ms,
+            replies,
+        } = *handing;
         let reg = self.registry.read();
         for (route, sub) in self.routes_to_try(&reg, member, &[]) {
             let (pending, secret, reply_to) = self.new_reply_to();
@@ -242,10 +293,11 @@ impl Hub {
                 pending,
                 secret,
                 trace: trace.cloned(),
-                deadline_ms: deadline_ms(&operation.shared().headers),
+                deadline_ms,
             };
-            if let Some(delivered) = self.hand(route, sub, awaited, delivery) {
-                return Some(delivered);
+            let slot = Waiter::Slot(Slot::new(replies, index));
+            if self.hand(route, sub, awaited, delivery, slot) {
+                return Some(pending);
             }
         }
         None
@@ -290,23 +342,23 @@ impl Hub {
         })
     }
 
-    /// Registers a request's reply as awaited (before sending it, so that even an
-    /// instant reply finds it), then queues the request for `sub`; `None`, and
-    /// nothing awaited, if its queue refused it.
+    /// Registers a request's reply as awaited by `tx` (before sending it, so that
+    /// even an instant reply finds it), then queues the request for `sub`; false,
+    /// and nothing awaited, if its queue refused it.
     fn hand(
         &self,
         route: &Route,
         sub: &Subscriber,
         awaited: Awaited,
         delivery: Delivery,
-    ) -> Option<Delivered> {
+        tx: Waiter,
+    ) -> bool {
         let Awaited {
             pending,
             secret,
             trace,
             deadline_ms,
         } = awaited;
-        let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(
             pending,
             Pending {
@@ -319,16 +371,13 @@ impl Hub {
             },
         );
         match sub.queue.push(delivery) {
-            Ok(()) => Some(Delivered {
-                key: route.key,
-                member: route.member.clone(),
-                pending,
-                reply: rx,
-                member_header: None,
-            }),
+            Ok(()) => true,
             Err(_) => {
-                self.pending.lock().remove(&pending);
-                None
+                let removed = self.pending.lock().remove(&pending);
+                if let Some(removed) = removed {
+                    removed.tx.disarm();
+                }
+                false
             }
         }
     }
@@ -462,22 +511,45 @@ impl Hub {
     /// written into the reply's headers.
     pub fn complete_request(
         &self,
-        mut reply: Msg,
+        reply: Msg,
         stamp_request_trace: bool,
     ) -> Result<(), ReplyError> {
-        let pending = self
+        let key = self
             .pending_key(&reply.reply_to)
-            .and_then(|(counter, secret)| {
-                let mut pending = self.pending.lock();
-                match pending.get(&counter) {
-                    Some(p) if p.secret != secret => None,
-                    Some(p) if p.owner.as_ref().is_some_and(|o| *o != reply.sender) => None,
-                    // Past its deadline: the waiter's own timer answers it.
-                    Some(p) if p.deadline_ms.is_some_and(|d| crate::now_ms() > d) => None,
-                    Some(_) => pending.remove(&counter),
-                    None => None,
-                }
-            });
+            .map(|(counter, secret)| PendingKey { counter, secret });
+        self.complete_pending(reply, key, stamp_request_trace)
+    }
+
+    /// Where a reply goes, its `reply_to` read once: `None` if it is not of the
+    /// shape this fleet issues; [`ReplyRoute::Here`] if this node issued it.
+    pub fn reply_route(&self, reply_to: &str) -> Option<ReplyRoute> {
+        let (node, counter, secret) = parse_reply_to(reply_to)?;
+        Some(if node == self.node {
+            ReplyRoute::Here(PendingKey { counter, secret })
+        } else {
+            ReplyRoute::Elsewhere
+        })
+    }
+
+    /// [`Hub::complete_request`] with its `reply_to` already read
+    /// ([`Hub::reply_route`]); `None` is not found.
+    pub fn complete_pending(
+        &self,
+        mut reply: Msg,
+        key: Option<PendingKey>,
+        stamp_request_trace: bool,
+    ) -> Result<(), ReplyError> {
+        let pending = key.and_then(|PendingKey { counter, secret }| {
+            let mut pending = self.pending.lock();
+            match pending.get(&counter) {
+                Some(p) if p.secret != secret => None,
+                Some(p) if p.owner.as_ref().is_some_and(|o| *o != reply.sender) => None,
+                // Past its deadline: the waiter's own timer answers it.
+                Some(p) if p.deadline_ms.is_some_and(|d| crate::now_ms() > d) => None,
+                Some(_) => pending.remove(&counter),
+                None => None,
+            }
+        });
         match pending {
             Some(pending) => {
                 if stamp_request_trace && let Some(trace) = &pending.trace {
@@ -507,11 +579,20 @@ impl Hub {
     fn new_reply_to(&self) -> (u64, u64, String) {
         let counter = self.next_request.fetch_add(1, Ordering::Relaxed);
         let secret = rand::random::<u64>();
-        (
-            counter,
-            secret,
-            format!("{}#{counter}.{secret:016x}", self.node),
-        )
+        // Written directly (as `format!("{node}#{counter}.{secret:016x}")`): one
+        // per request handed out.
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(counter);
+        let mut reply_to = String::with_capacity(self.node.len() + digits.len() + 18);
+        reply_to.push_str(&self.node);
+        reply_to.push('#');
+        reply_to.push_str(digits);
+        reply_to.push('.');
+        for shift in (0..16).rev() {
+            let nibble = ((secret >> (shift * 4)) & 0xf) as u8;
+            reply_to.push(char::from(b"0123456789abcdef"[usize::from(nibble)]));
+        }
+        (counter, secret, reply_to)
     }
 
     /// The counter and secret of a `reply_to` this node issued.
@@ -526,20 +607,47 @@ impl Hub {
     }
 }
 
+/// The entry of a request this node handed out, as its `reply_to` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingKey {
+    counter: u64,
+    secret: u64,
+}
+
+/// Where a reply goes, by its `reply_to` ([`Hub::reply_route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyRoute {
+    /// To a request this node handed out.
+    Here(PendingKey),
+    /// To another node's.
+    Elsewhere,
+}
+
 /// The node, counter and secret of a `reply_to` of the expected shape.
 fn parse_reply_to(reply_to: &str) -> Option<(&str, u64, u64)> {
-    let (node, rest) = reply_to.rsplit_once('#')?;
-    let (counter, secret) = rest.split_once('.')?;
-    let well_formed =
-        !node.is_empty() && secret.len() == 16 && secret.bytes().all(|b| b.is_ascii_hexdigit());
-    if !well_formed {
+    // Read from the end, once (every reply is read here): 16 hex digits, a dot,
+    // the counter, back to the last `#`.
+    let bytes = reply_to.as_bytes();
+    let dot = bytes.len().checked_sub(17)?;
+    if bytes[dot] != b'.' {
         return None;
     }
-    Some((
-        node,
-        counter.parse().ok()?,
-        u64::from_str_radix(secret, 16).ok()?,
-    ))
+    let mut secret = 0u64;
+    for &b in &bytes[dot + 1..] {
+        let nibble = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        secret = secret << 4 | u64::from(nibble);
+    }
+    // An ASCII byte: `dot` is a char boundary.
+    let (node, counter) = reply_to[..dot].rsplit_once('#')?;
+    if node.is_empty() {
+        return None;
+    }
+    Some((node, counter.parse().ok()?, secret))
 }
 
 #[cfg(test)]
@@ -550,6 +658,11 @@ mod tests {
 
     fn hub_with_responder(id: &str) -> (Arc<Hub>, crate::hub::Subscription) {
         let hub = Hub::new("n1".into(), 16, Arc::new(Metrics::default()));
+        let subscription = add_responder(&hub, id);
+        (hub, subscription)
+    }
+
+    fn add_responder(hub: &Arc<Hub>, id: &str) -> crate::hub::Subscription {
         let spec = SubscriberSpec {
             id: id.into(),
             app: String::new(),
@@ -566,8 +679,7 @@ mod tests {
             max_streams: 10,
             max_per_owner: 10,
         };
-        let subscription = hub.try_register(spec, limits).expect("registered");
-        (hub, subscription)
+        hub.try_register(spec, limits).expect("registered")
     }
 
     /// A request to `target` due at `deadline_ms`, handed to its responder: the
@@ -590,6 +702,146 @@ mod tests {
             reply_to,
             ..Msg::default()
         }
+    }
+
+    /// An operation's request to `member` (index `index`) handed to its
+    /// responder, due at `deadline_ms`: the `reply_to` the responder got.
+    fn hand_operation(
+        hub: &Hub,
+        member: &str,
+        replies: &Arc<OperationReplies>,
+        index: usize,
+        deadline_ms: i64,
+    ) -> String {
+        let operation = Arc::new(OperationRequest::new(Msg {
+            op: "status".into(),
+            ..Msg::default()
+        }));
+        let charge = hub.operation_charge(&operation);
+        let handing = OperationHanding {
+            operation: &operation,
+            charge: &charge,
+            trace: None,
+            deadline_ms: Some(deadline_ms),
+            replies,
+        };
+        hub.deliver_operation_request(member, &handing, index, || format!("id-{index}"))
+            .expect("a responder took it");
+        let key = hub.registry.read().by_id[member];
+        let queue = hub.registry.read().subs[&key].queue.clone();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let std::task::Poll::Ready(Ok(Some(item))) = queue.poll_recv(&mut cx) else {
+            panic!("the request is queued");
+        };
+        item.into_msg().reply_to
+    }
+
+    fn arrivals(replies: &OperationReplies) -> Vec<crate::hub::Arrival> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match replies.poll_arrived(&mut cx) {
+            std::task::Poll::Ready(arrived) => arrived,
+            std::task::Poll::Pending => Vec::new(),
+        }
+    }
+
+    /// An operation's replies complete their members' slots once: a second reply
+    /// to the same request, and one past the deadline, are not found.
+    #[test]
+    fn an_operations_reply_completes_its_slot_once_and_a_late_one_is_not_found() {
+        let (hub, _w1) = hub_with_responder("w1");
+        let replies = OperationReplies::new(2);
+        let due = crate::now_ms() + 60_000;
+        let first = hand_operation(&hub, "w1", &replies, 1, due);
+        hub.complete_request(reply_to(first.clone()), false)
+            .expect("the first reply completes slot 1");
+        assert!(matches!(
+            hub.complete_request(reply_to(first), false),
+            Err(ReplyError::NotFound(_))
+        ));
+        let late = hand_operation(&hub, "w1", &replies, 0, crate::now_ms() - 1);
+        assert!(matches!(
+            hub.complete_request(reply_to(late), false),
+            Err(ReplyError::NotFound(_))
+        ));
+        let arrived = arrivals(&replies);
+        assert_eq!(arrived.len(), 1);
+        assert!(matches!(&arrived[0], (1, Some(reply)) if reply.op == "answer"));
+    }
+
+    /// A responder that leaves with an operation's request completes its slot at
+    /// once, as no reply; a reply after the operation closed is not found.
+    #[test]
+    fn a_leaving_responder_completes_its_slot_as_no_reply() {
+        let (hub, w1) = hub_with_responder("w1");
+        let _w2 = add_responder(&hub, "w2");
+        let replies = OperationReplies::new(2);
+        let due = crate::now_ms() + 60_000;
+        hand_operation(&hub, "w1", &replies, 0, due);
+        let to_w2 = hand_operation(&hub, "w2", &replies, 1, due);
+        drop(w1);
+        let arrived = arrivals(&replies);
+        assert!(matches!(&arrived[..], [(0, None)]));
+        assert!(replies.close().is_empty());
+        assert!(matches!(
+            hub.complete_request(reply_to(to_w2), false),
+            Err(ReplyError::NotFound(_))
+        ));
+    }
+
+    /// The reading every reply goes through, as it was written with splits.
+    #[test]
+    fn a_reply_to_is_read_as_node_counter_and_secret() {
+        let split = |reply_to: &str| -> Option<(String, u64, u64)> {
+            let (node, rest) = reply_to.rsplit_once('#')?;
+            let (counter, secret) = rest.split_once('.')?;
+            let ok = !node.is_empty()
+                && secret.len() == 16
+                && secret.bytes().all(|b| b.is_ascii_hexdigit());
+            ok.then_some(())?;
+            Some((
+                node.to_string(),
+                counter.parse().ok()?,
+                u64::from_str_radix(secret, 16).ok()?,
+            ))
+        };
+        for reply_to in [
+            "n1#7.0123456789abcdef",
+            "a#b#18446744073709551615.FFFFFFFFFFFFFFFF",
+            "n1#18446744073709551616.0123456789abcdef",
+            "#7.0123456789abcdef",
+            "n1#.0123456789abcdef",
+            "n1#+7.0123456789abcdef",
+            "n1#7.0123456789abcdeg",
+            "n1#7.0123456789abcde",
+            "n1#7.1.0123456789abcdef",
+            "n1#7x0123456789abcdef",
+            "n1#7.é123456789abcdef",
+            "né#7.0123456789abcdef",
+            "n1.7.0123456789abcdef",
+            "",
+        ] {
+            let read = parse_reply_to(reply_to).map(|(n, c, s)| (n.to_string(), c, s));
+            assert_eq!(read, split(reply_to), "{reply_to:?}");
+        }
+    }
+
+    #[test]
+    fn a_reply_to_is_node_counter_and_sixteen_hex_digits() {
+        let (hub, _w1) = hub_with_responder("w1");
+        for _ in 0..50 {
+            let (counter, secret, reply_to) = hub.new_reply_to();
+            assert_eq!(reply_to, format!("n1#{counter}.{secret:016x}"));
+            assert_eq!(parse_reply_to(&reply_to), Some(("n1", counter, secret)));
+            assert_eq!(
+                hub.reply_route(&reply_to),
+                Some(ReplyRoute::Here(PendingKey { counter, secret }))
+            );
+        }
+        assert_eq!(
+            hub.reply_route("n2#1.0123456789abcdef"),
+            Some(ReplyRoute::Elsewhere)
+        );
+        assert_eq!(hub.reply_route("n1#1.xyz"), None);
     }
 
     /// The waiter's timer may fire late on a loaded node, and on another node than

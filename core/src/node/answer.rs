@@ -65,14 +65,12 @@ impl Node {
             || own.is_some_and(|own| own.builtin_for(target, op))
     }
 
-    /// Whether a request for `target` goes straight to a local responder: one
-    /// takes it, and no hook of the node's own member answers `op` first.
-    pub(crate) fn responder_answers_here(&self, target: &str, op: &str) -> bool {
-        !self
-            .own
+    /// Whether a hook of the node's own member answers `op` sent to `target`
+    /// (before any local responder).
+    pub(crate) fn hook_answers(&self, target: &str, op: &str) -> bool {
+        self.own
             .as_ref()
             .is_some_and(|own| own.hook_for(target, op))
-            && self.hub.has_responder(target)
     }
 
     /// Answers a request for `target` in this node, in the order of the module

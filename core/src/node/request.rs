@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 
 use super::{BUILTIN_OPS, Caller, Node, NodeError, check_op, member_json};
 use crate::channel;
-use crate::hub::Hub;
+use crate::hub::ReplyRoute;
 use crate::metrics::SendOutcome;
 use crate::telemetry::{self, Hop, TraceContext};
 
@@ -170,12 +170,13 @@ impl Node {
         }
         self.check_size(req.encoded_len())?;
         self.check_headers(&req.headers)?;
-        if Hub::reply_to_node(&req.reply_to).is_none() {
+        // Read once: where it goes, and (here) its pending request's key.
+        let Some(route) = self.hub.reply_route(&req.reply_to) else {
             return Err(NodeError::NotFound(format!(
                 "no pending request {:?}: not a reply_to this fleet issued",
                 crate::text::shorten(&req.reply_to, 128)
             )));
-        }
+        };
         let mut reply = Msg {
             op: req.op,
             data: req.data,
@@ -187,7 +188,11 @@ impl Node {
             error: req.error,
             ..Msg::default()
         };
-        let owned = self.hub.owns_reply_to(&reply.reply_to);
+        let here = match route {
+            ReplyRoute::Here(key) => Some(key),
+            ReplyRoute::Elsewhere => None,
+        };
+        let owned = here.is_some();
         // A replier rarely sends a trace context of its own: the reply is part of
         // the request it answers. While spans are recorded its hop is a child of
         // the request's context; otherwise that context is only written into the
@@ -216,7 +221,7 @@ impl Node {
         let delivered = if owned {
             let stamp_request_trace = in_request_trace && !telemetry::enabled();
             self.hub
-                .complete_request(reply, stamp_request_trace)
+                .complete_pending(reply, here, stamp_request_trace)
                 .map_err(NodeError::from)
         } else {
             self.bus
