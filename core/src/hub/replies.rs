@@ -45,23 +45,23 @@ impl OperationReplies {
         })
     }
 
-    /// Completes slot `index` with `reply` (`None`: no reply will come). Gives the
-    /// reply back if the slot was completed before, is out of range, or the
-    /// operation stopped taking replies.
-    pub fn complete(&self, index: usize, reply: Option<Msg>) -> Result<(), Option<Msg>> {
+    /// Completes slot `index` with what `reply` holds, taken from it (`None`: no
+    /// reply will come). False, and `reply` left as it was, if the slot was
+    /// completed before, is out of range, or the operation stopped taking replies.
+    pub fn complete(&self, index: usize, reply: &mut Option<Msg>) -> bool {
         let waker = {
             let mut inner = self.inner.lock();
             if inner.closed || inner.completed.get(index) != Some(&false) {
-                return Err(reply);
+                return false;
             }
             inner.completed[index] = true;
-            inner.arrived.push((index, reply));
+            inner.arrived.push((index, reply.take()));
             inner.waker.take()
         };
         if let Some(waker) = waker {
             waker.wake();
         }
-        Ok(())
+        true
     }
 
     /// Every arrival since the last call, or pending (woken by the next one).
@@ -113,12 +113,16 @@ impl Slot {
         }
     }
 
-    /// Completes the slot with `reply`; gives it back if the slot takes none.
-    pub(crate) fn send(mut self, reply: Msg) -> Result<(), Msg> {
+    /// Completes the slot with `reply`; if the slot takes none, the reply's
+    /// `reply_to` (not found).
+    pub(crate) fn send(mut self, reply: Msg) -> Result<(), String> {
         let replies = self.replies.take().expect("a slot is completed once");
-        replies
-            .complete(self.index, Some(reply))
-            .map_err(|reply| reply.expect("given back as passed"))
+        let mut reply = Some(reply);
+        if replies.complete(self.index, &mut reply) {
+            Ok(())
+        } else {
+            Err(reply.map(|r| r.reply_to).unwrap_or_default())
+        }
     }
 
     /// Lets the slot go without completing it (its request was never handed out).
@@ -130,7 +134,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(replies) = self.replies.take() {
-            let _ = replies.complete(self.index, None);
+            replies.complete(self.index, &mut None);
         }
     }
 }
@@ -164,9 +168,17 @@ mod tests {
         Slot::new(&replies, 0)
             .send(reply("a"))
             .expect("first for 0");
-        let again = Slot::new(&replies, 2).send(reply("again"));
-        assert_eq!(again.expect_err("a second reply for 2").op, "again");
-        assert!(replies.complete(3, Some(reply("x"))).is_err(), "no index 3");
+        let again = Slot::new(&replies, 2).send(Msg {
+            reply_to: "n1#9.0123456789abcdef".into(),
+            ..reply("again")
+        });
+        assert_eq!(
+            again.expect_err("a second reply for 2"),
+            "n1#9.0123456789abcdef"
+        );
+        let mut beyond = Some(reply("x"));
+        assert!(!replies.complete(3, &mut beyond), "no index 3");
+        assert!(beyond.is_some(), "a refused reply is left where it was");
         let arrived = take(&replies).expect("two arrived");
         let got: Vec<(usize, &str)> = arrived
             .iter()
@@ -200,8 +212,10 @@ mod tests {
         Slot::new(&replies, 0).send(reply("in time")).unwrap();
         let left = replies.close();
         assert!(matches!(&left[..], [(0, Some(_))]));
-        let late = Slot::new(&replies, 1).send(reply("late"));
-        assert_eq!(late.expect_err("closed").op, "late");
+        assert!(
+            Slot::new(&replies, 1).send(reply("late")).is_err(),
+            "closed"
+        );
         drop(Slot::new(&replies, 2));
         assert!(take(&replies).is_none());
     }

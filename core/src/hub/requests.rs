@@ -133,9 +133,10 @@ enum Waiter {
 }
 
 impl Waiter {
-    fn send(self, reply: Msg) -> Result<(), Msg> {
+    /// Hands `reply` to the waiter; if it is gone, the reply's `reply_to`.
+    fn send(self, reply: Msg) -> Result<(), String> {
         match self {
-            Waiter::One(tx) => tx.send(reply),
+            Waiter::One(tx) => tx.send(reply).map_err(|reply| reply.reply_to),
             Waiter::Slot(slot) => slot.send(reply),
         }
     }
@@ -555,10 +556,7 @@ impl Hub {
                 if stamp_request_trace && let Some(trace) = &pending.trace {
                     trace.write_headers(&mut reply.headers);
                 }
-                pending
-                    .tx
-                    .send(reply)
-                    .map_err(|reply| ReplyError::NotFound(reply.reply_to))
+                pending.tx.send(reply).map_err(ReplyError::NotFound)
             }
             None => Err(ReplyError::NotFound(reply.reply_to)),
         }
