@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use ipc_proto::pb::ledger::State;
-use ipc_proto::pb::{GatherRequest, Ledger, Msg};
+use ipc_proto::pb::{GatherRequest, Ledger, Msg, Outcome};
 use prost::Message as _;
 
 use super::ledger::{self, Kind};
-use super::{Asked, Fields, Responder};
+use super::{Asked, Fields};
 use crate::auth::Caller;
 use crate::error::{NodeError, RequestError};
 use crate::hub::OperationReplies;
@@ -67,7 +67,7 @@ impl Node {
             let members = self
                 .resolve_responders(&asked.target, &asked.labels)
                 .await?;
-            let mut ledger = ledger::new_ledger(self.new_id(), &asked.target, &asked.op, &members);
+            let mut ledger = ledger::new_ledger(self.new_id(), &asked.target, &asked.op, members);
             ledger.state = State::DryRun as i32;
             return Ok(ledger);
         }
@@ -103,9 +103,9 @@ impl Node {
         let members = self
             .resolve_responders(&asked.target, &asked.labels)
             .await?;
-        let mut ledger = ledger::new_ledger(self.new_id(), &asked.target, &asked.op, &members);
+        let mut ledger = ledger::new_ledger(self.new_id(), &asked.target, &asked.op, members);
         super::log_op_id(&ledger.id);
-        if members.is_empty() {
+        if ledger.outcomes.is_empty() {
             return Err(NodeError::NoResponders(format!(
                 "no responders for {:?}{}",
                 asked.target,
@@ -118,7 +118,9 @@ impl Node {
         }
         self.metrics().operation_started(Kind::Gather);
         let waited_ms = timeout.as_millis() as u64;
-        let answers = self.ask_all(asked, &ledger.id, &members, deadline).await;
+        let answers = self
+            .ask_all(asked, &ledger.id, &ledger.outcomes, deadline)
+            .await;
         for (outcome, (result, took)) in ledger.outcomes.iter_mut().zip(answers) {
             ledger::settle(outcome, result, waited_ms);
             outcome.duration_ms = took.as_millis() as i64;
@@ -133,23 +135,23 @@ impl Node {
         Ok(ledger)
     }
 
-    /// Asks every member at once and waits until all answered or `deadline`:
-    /// each one's result and when it came (since the first was asked). A member
-    /// a local responder answers is handed its request at once, and its reply
-    /// completes the member's slot in the operation's one collector of replies
-    /// (no channel or future per member), all under one timer; the others (hooks,
-    /// members of other nodes, a relay that could not answer) go the whole way
-    /// ([`Node::ask_member`]).
+    /// Asks every member (the ledger's outcomes, in order) at once and waits until
+    /// all answered or `deadline`: each one's result and when it came (since the
+    /// first was asked). A member a local responder answers is handed its request
+    /// at once, and its reply completes the member's slot in the operation's one
+    /// collector of replies (no channel or future per member), all under one
+    /// timer; the others (hooks, members of other nodes, a relay that could not
+    /// answer) go the whole way ([`Node::ask_member`]).
     async fn ask_all(
         &self,
         asked: &Asked,
         ledger_id: &str,
-        members: &[Responder],
+        members: &[Outcome],
         deadline: Instant,
     ) -> Vec<(Result<Msg, RequestError>, Duration)> {
         let started = Instant::now();
         let ask_fully = |i: usize| -> Asking<'_> {
-            let member = members[i].id.as_str();
+            let member = members[i].member.as_str();
             Box::pin(async move {
                 (
                     i,
@@ -173,7 +175,7 @@ impl Node {
         for (i, member) in members.iter().enumerate() {
             let handed_here = handing
                 .as_ref()
-                .and_then(|handing| self.hand_to_responder(handing, &replies, &member.id, i));
+                .and_then(|handing| self.hand_to_responder(handing, &replies, &member.member, i));
             match handed_here {
                 Some(pending) => {
                     handed.pending[i] = Some(pending);
@@ -188,7 +190,7 @@ impl Node {
         tokio::pin!(timer);
         let mut late = false;
         while waiting > 0 || !asking.is_empty() {
-            let arrived = tokio::select! {
+            let mut arrived = tokio::select! {
                 Some((i, result)) = asking.next(), if !asking.is_empty() => {
                     results[i] = Some((result, started.elapsed()));
                     continue;
@@ -204,7 +206,7 @@ impl Node {
                     arrived
                 }
             };
-            for (i, reply) in arrived {
+            for (i, reply) in arrived.drain(..) {
                 waiting = waiting.saturating_sub(1);
                 handed.pending[i] = None;
                 match reply {
@@ -213,7 +215,7 @@ impl Node {
                     }
                     Some(reply) => results[i] = Some((Ok(reply), started.elapsed())),
                     None => {
-                        let member = &members[i].id;
+                        let member = &members[i].member;
                         results[i] = Some((
                             Err(RequestError::Unavailable(format!(
                                 "the subscriber of {member:?} that had the request disconnected before replying"
@@ -223,6 +225,7 @@ impl Node {
                     }
                 }
             }
+            replies.recycle(arrived);
         }
         results
             .into_iter()
@@ -230,7 +233,7 @@ impl Node {
             .map(|(result, member)| {
                 result.unwrap_or_else(|| {
                     (
-                        Err(RequestError::DeadlineExceeded(member.id.clone())),
+                        Err(RequestError::DeadlineExceeded(member.member.clone())),
                         started.elapsed(),
                     )
                 })

@@ -52,7 +52,7 @@ impl StoredOperation {
 }
 
 /// A ledger for `members` (sorted by id, then node), every outcome PENDING.
-pub(crate) fn new_ledger(id: String, target: &str, op: &str, members: &[Responder]) -> Ledger {
+pub(crate) fn new_ledger(id: String, target: &str, op: &str, members: Vec<Responder>) -> Ledger {
     Ledger {
         id,
         target: target.to_string(),
@@ -60,10 +60,10 @@ pub(crate) fn new_ledger(id: String, target: &str, op: &str, members: &[Responde
         state: State::Running as i32,
         expected: members.len() as u32,
         outcomes: members
-            .iter()
+            .into_iter()
             .map(|m| Outcome {
-                member: m.id.clone(),
-                node: m.node.clone(),
+                member: m.id,
+                node: m.node,
                 status: Status::Pending as i32,
                 ..Outcome::default()
             })
@@ -182,7 +182,7 @@ mod tests {
                 node: "n1".into(),
             })
             .collect();
-        let mut ledger = new_ledger("op-1".into(), "shop:worker", "x", &members);
+        let mut ledger = new_ledger("op-1".into(), "shop:worker", "x", members);
         assert_eq!(ledger.expected, 3);
         settle(&mut ledger.outcomes[0], Ok(Msg::default()), 10);
         settle(

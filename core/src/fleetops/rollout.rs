@@ -181,7 +181,7 @@ impl Node {
             self.new_id(),
             &asked.target,
             &asked.op,
-            &members,
+            members,
         ))
     }
 

@@ -25,6 +25,9 @@ pub struct OperationReplies {
 
 struct Inner {
     arrived: Vec<Arrival>,
+    /// A taken batch given back, emptied: the next one fills it without
+    /// growing a new vector reply by reply.
+    spare: Vec<Arrival>,
     /// Which indexes have been completed (a second reply for one is refused).
     completed: Vec<bool>,
     closed: bool,
@@ -38,6 +41,7 @@ impl OperationReplies {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 arrived: Vec::new(),
+                spare: Vec::new(),
                 completed: vec![false; members],
                 closed: false,
                 waker: None,
@@ -78,7 +82,18 @@ impl OperationReplies {
             }
             return Poll::Pending;
         }
-        Poll::Ready(mem::take(&mut inner.arrived))
+        let spare = mem::take(&mut inner.spare);
+        Poll::Ready(mem::replace(&mut inner.arrived, spare))
+    }
+
+    /// Gives back a batch [`OperationReplies::arrived`] returned, once read: its
+    /// room holds a later one.
+    pub fn recycle(&self, mut spent: Vec<Arrival>) {
+        spent.clear();
+        let mut inner = self.inner.lock();
+        if spent.capacity() > inner.spare.capacity() {
+            inner.spare = spent;
+        }
     }
 
     /// The arrivals since the last call, waiting for at least one.
@@ -218,6 +233,20 @@ mod tests {
         );
         drop(Slot::new(&replies, 2));
         assert!(take(&replies).is_none());
+    }
+
+    #[test]
+    fn a_recycled_batch_holds_the_next_one() {
+        let replies = OperationReplies::new(4);
+        Slot::new(&replies, 0).send(reply("a")).unwrap();
+        Slot::new(&replies, 1).send(reply("b")).unwrap();
+        let first = take(&replies).unwrap();
+        let room = first.capacity();
+        replies.recycle(first);
+        Slot::new(&replies, 2).send(reply("c")).unwrap();
+        let second = take(&replies).unwrap();
+        assert!(second.capacity() >= room);
+        assert!(matches!(&second[..], [(2, Some(r))] if r.op == "c"));
     }
 
     #[test]
