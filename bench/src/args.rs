@@ -39,8 +39,8 @@ pub struct Args {
     pub sidecar: Option<PathBuf>,
     /// Only these pub/sub peers in workloads 1 and 2 (comma separated): fleet,
     /// fleet-publish, fleet-redis, fleet-redis-publish, nats, redis-pubsub,
-    /// redis-xadd; `floor` for the bare gRPC broker's rows in workloads 1, 3, 4
-    /// and 6 (left out when the list does not name it). For profiling one system.
+    /// redis-xadd; `floor` for the bare gRPC broker's rows in workloads 1, 3, 4,
+    /// 6 and 10 (left out when the list does not name it). For profiling one system.
     #[arg(long, value_delimiter = ',')]
     pub peers: Vec<String>,
     /// Multiplies message counts and durations (e.g. 5 to profile a longer run).

@@ -2,9 +2,9 @@
 //! HTTP/2 costs on this machine, measured in the same run as fleet-ipc and NATS.
 //!
 //! The **bare broker** serves the few methods the workloads use (SendMsg, Subscribe,
-//! Serve, Reply, Broadcast, Publish) on a plain tonic server, with as little as each
-//! needs to work: a map of streams by channel and by id, a map of requests waiting
-//! for their reply. No log, cursor, queue bound, admission, identity, metrics or
+//! Serve, Reply, Broadcast, Publish, Gather) on a plain tonic server, with as little
+//! as each needs to work: a map of streams by channel, by id and by role, a map of
+//! requests waiting for their reply. No log, cursor, queue bound, admission, identity, metrics or
 //! limits. The **bare relay** serves SendMsg on a Unix socket and passes each call
 //! upstream as one unary call on one connection, as a sidecar with nothing else to
 //! do would. Each runs in a process of its own, as `ipc-server` and `ipc-sidecar`
@@ -26,9 +26,10 @@ use ipc_proto::pb::ipc_client::IpcClient;
 use ipc_proto::pb::ipc_server::{Ipc, IpcServer};
 use ipc_proto::pb::{
     BroadcastRequest, BroadcastResponse, GatherRequest, Ledger, LimitRequest, LimitResponse,
-    LockRequest, LockResponse, MembersRequest, MembersResponse, Msg, ReplyRequest, ReplyResponse,
-    RolloutEvent, RolloutRequest, SendMsgRequest, SendMsgResponse, SendMsgsRequest,
-    SendMsgsResponse, ServeRequest, SubscribeRequest, UnlockRequest, UnlockResponse, serve_request,
+    LockRequest, LockResponse, MembersRequest, MembersResponse, Msg, Outcome, ReplyRequest,
+    ReplyResponse, RolloutEvent, RolloutRequest, SendMsgRequest, SendMsgResponse, SendMsgsRequest,
+    SendMsgsResponse, ServeRequest, SubscribeRequest, UnlockRequest, UnlockResponse, ledger,
+    outcome::Status as Status_, serve_request,
 };
 use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
@@ -169,9 +170,18 @@ struct Broker {
     channels: Mutex<HashMap<String, Vec<Outbox>>>,
     /// Subscribers by id: where requests to that id go.
     responders: Mutex<HashMap<String, Outbox>>,
+    /// Subscribers by `app:role`, with their ids: whom a Gather asks.
+    roles: Mutex<HashMap<String, Vec<(String, Outbox)>>>,
     /// Requests waiting for their reply, by the number in their `reply_to`.
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Msg>>>,
+    waiting: Mutex<HashMap<u64, Waiter>>,
     next: AtomicU64,
+}
+
+/// Where a reply goes: the one SendMsg waiting for it, or the Gather that asked
+/// (with the member's place in its ledger).
+enum Waiter {
+    One(oneshot::Sender<Msg>),
+    Gather(mpsc::UnboundedSender<usize>, usize),
 }
 
 impl Broker {
@@ -186,6 +196,11 @@ impl Broker {
             op: "ipc:subscribed".into(),
             ..Msg::default()
         }));
+        if !request.role.is_empty() {
+            let role = format!("{}:{}", request.app, request.role);
+            let member = (request.id.clone(), outbox.clone());
+            self.roles.lock().entry(role).or_default().push(member);
+        }
         if !request.id.is_empty() {
             self.responders.lock().insert(request.id, outbox.clone());
         }
@@ -220,14 +235,80 @@ impl Broker {
         let Ok(number) = reply.reply_to.parse::<u64>() else {
             return;
         };
-        if let Some(waiter) = self.waiting.lock().remove(&number) {
-            let _ = waiter.send(Msg {
-                op: reply.op,
-                data: reply.data,
-                headers: reply.headers,
-                error: reply.error,
+        match self.waiting.lock().remove(&number) {
+            Some(Waiter::One(waiter)) => {
+                let _ = waiter.send(Msg {
+                    op: reply.op,
+                    data: reply.data,
+                    headers: reply.headers,
+                    error: reply.error,
+                    ..Msg::default()
+                });
+            }
+            Some(Waiter::Gather(answered, index)) => {
+                let _ = answered.send(index);
+            }
+            None => {}
+        }
+    }
+
+    /// Asks every subscriber of the target role at once and waits for all their
+    /// replies (or the timeout): a ledger of who answered.
+    async fn gather(&self, request: GatherRequest) -> Ledger {
+        let members = self
+            .roles
+            .lock()
+            .get(&request.target)
+            .cloned()
+            .unwrap_or_default();
+        let (answered, mut answers) = mpsc::unbounded_channel();
+        for (index, (_, outbox)) in members.iter().enumerate() {
+            let number = self.next();
+            self.waiting
+                .lock()
+                .insert(number, Waiter::Gather(answered.clone(), index));
+            let _ = outbox.send(Ok(Msg {
+                channel: request.target.clone(),
+                op: request.op.clone(),
+                data: request.data.clone(),
+                headers: request.headers.clone(),
+                reply_to: number.to_string(),
                 ..Msg::default()
-            });
+            }));
+        }
+        let mut ok = vec![false; members.len()];
+        let mut left = members.len();
+        let wait = Duration::from_millis(u64::from(request.timeout_ms.max(1)));
+        let _ = tokio::time::timeout(wait, async {
+            while left > 0 {
+                let Some(index) = answers.recv().await else {
+                    return;
+                };
+                if !std::mem::replace(&mut ok[index], true) {
+                    left -= 1;
+                }
+            }
+        })
+        .await;
+        let outcomes: Vec<Outcome> = members
+            .into_iter()
+            .zip(&ok)
+            .map(|((member, _), &ok)| Outcome {
+                member,
+                status: if ok { Status_::Ok } else { Status_::NoReply } as i32,
+                ..Outcome::default()
+            })
+            .collect();
+        let answered = ok.iter().filter(|ok| **ok).count() as u32;
+        Ledger {
+            target: request.target,
+            op: request.op,
+            state: ledger::State::Done as i32,
+            expected: outcomes.len() as u32,
+            ok: answered,
+            no_reply: outcomes.len() as u32 - answered,
+            outcomes,
+            ..Ledger::default()
         }
     }
 
@@ -242,7 +323,7 @@ impl Broker {
         let responder = responder.ok_or_else(|| Status::unavailable("no responders"))?;
         let number = self.next();
         let (waiter, reply) = oneshot::channel();
-        self.waiting.lock().insert(number, waiter);
+        self.waiting.lock().insert(number, Waiter::One(waiter));
         let sent = responder.send(Ok(Msg {
             channel: request.target,
             op: request.op,
@@ -330,8 +411,10 @@ impl Ipc for Bare {
         Ok(Response::new(Box::pin(answers)))
     }
 
-    async fn gather(&self, _request: Request<GatherRequest>) -> Result<Response<Ledger>, Status> {
-        not_here()
+    async fn gather(&self, request: Request<GatherRequest>) -> Result<Response<Ledger>, Status> {
+        Ok(Response::new(
+            self.broker.gather(request.into_inner()).await,
+        ))
     }
 
     type RolloutStream = Boxed<RolloutEvent>;

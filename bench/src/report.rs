@@ -50,6 +50,8 @@ pub mod peers {
     pub const NATS_SCATTER: &str = "NATS scatter-gather";
     /// A Rollout, against one Gather of a wave's size.
     pub const FLEET_ROLLOUT: &str = "fleet-ipc Rollout";
+    /// Issue 13's floor: the same Gather on the bare broker.
+    pub const BARE_GATHER: &str = "bare gRPC broker, Gather on Serve (floor)";
 }
 
 /// Names of the workloads.
@@ -477,6 +479,24 @@ impl Report {
             floor_line(
                 format!("fleet-ipc fan-out p99 ÷ its floor, {case}"),
                 both(p99(FLEET), p99(BARE_BROKER)),
+            );
+        }
+        // Issue 13's floor: Gather on the bare broker.
+        let gather_floor_cases: Vec<String> = self
+            .rows
+            .iter()
+            .filter(|r| r.workload == FLEET_OPS && r.peer == BARE_GATHER && r.skipped.is_none())
+            .map(|r| r.case.clone())
+            .collect();
+        for case in gather_floor_cases {
+            let p50 = |peer| self.figure(FLEET_OPS, &case, peer, "p50");
+            floor_line(
+                format!("floor: bare broker Gather p50 ÷ NATS scatter-gather, {case} (target ≤ 2)"),
+                both(p50(BARE_GATHER), p50(NATS_SCATTER)),
+            );
+            floor_line(
+                format!("fleet-ipc Gather p50 ÷ its floor, {case}"),
+                both(p50(FLEET_GATHER), p50(BARE_GATHER)),
             );
         }
         // Issue 17: the outage a killed primary causes, against Sentinel's own.

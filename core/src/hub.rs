@@ -66,6 +66,29 @@ pub struct SubscriberSpec {
     pub role_watcher: bool,
 }
 
+/// A subscriber `id` of `patterns` registered on `hub` with room to spare, for
+/// the hub's tests.
+#[cfg(test)]
+pub(crate) fn test_subscriber(hub: &Arc<Hub>, id: &str, patterns: Vec<Pattern>) -> Subscription {
+    let spec = SubscriberSpec {
+        id: id.into(),
+        app: String::new(),
+        role: String::new(),
+        tag: String::new(),
+        labels: HashMap::new(),
+        patterns,
+        owner: String::new(),
+        verified_owner: false,
+        relayed: Vec::new(),
+        role_watcher: false,
+    };
+    let limits = StreamLimits {
+        max_streams: 10,
+        max_per_owner: 10,
+    };
+    hub.try_register(spec, limits).expect("registered")
+}
+
 /// Limits checked when a subscriber registers.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamLimits {

@@ -1,6 +1,7 @@
 //! Workload 10: Gather across many responders beside NATS scatter-gather, and a
 //! Rollout's own overhead per wave.
 
+use super::pubsub::floor_broker;
 use super::thousands;
 use crate::args::{STREAMS_PER_CONNECTION, Sizes};
 use crate::fleet::Target;
@@ -13,57 +14,24 @@ use crate::workloads::percentile_us;
 /// streams vs NATS scatter-gather, then a Rollout's own overhead per wave. Each
 /// case gets a fresh embedded server. A wrong ledger fails the run.
 pub async fn run_fleet_operations(report: &mut Report, systems: &Systems, sizes: &Sizes) {
-    let record_failure = |report: &mut Report, case: &str, name: &str, e: anyhow::Error| {
-        if let Some(wrong) = e.downcast_ref::<fleetops::WrongLedger>() {
-            report.fail(names::FLEET_OPS, case, name, wrong.to_string());
-        } else {
-            report.skip(names::FLEET_OPS, case, name, format!("failed: {e:#}"));
-        }
-    };
-    let rounds_figures = |r: &fleetops::Rounds| {
-        let mut figures = vec![
-            ("p50", percentile_us(&r.histogram, 50.0), "µs"),
-            ("p99", percentile_us(&r.histogram, 99.0), "µs"),
-            ("max", r.histogram.max() as f64 / 1000.0, "µs"),
-        ];
-        if let Some(cpu) = r.server_cpu_us_per_round {
-            figures.push(("server CPU/round", cpu, "µs"));
-        }
-        figures
-    };
     for &responders in &sizes.gather_responders {
-        let case = format!(
-            "Gather, {} responders, {} per connection",
-            thousands(responders),
-            STREAMS_PER_CONNECTION
-        );
+        let case = gather_case(responders);
         let rounds = sizes.gather_rounds;
         match systems.embedded() {
             Err(reason) => report.skip(names::FLEET_OPS, &case, peers::FLEET_GATHER, reason),
             Ok(server) => {
-                eprintln!("ipc-bench: {case}, {}", peers::FLEET_GATHER);
-                match fleetops::fleet_gather(
-                    &Target::Tcp(server.grpc),
-                    server.process.pid(),
+                let target = Target::Tcp(server.grpc);
+                let pid = server.process.pid();
+                gather_row(
+                    report,
+                    &case,
+                    peers::FLEET_GATHER,
+                    &target,
+                    pid,
                     responders,
-                    STREAMS_PER_CONNECTION,
-                    rounds,
-                    sizes.deadline,
+                    sizes,
                 )
-                .await
-                {
-                    Ok(r) => report.add(
-                        names::FLEET_OPS,
-                        &case,
-                        peers::FLEET_GATHER,
-                        rounds_figures(&r),
-                        Some(format!(
-                            "{rounds} rounds, every ledger all OK; opening took {:.1} s",
-                            r.open_seconds
-                        )),
-                    ),
-                    Err(e) => record_failure(report, &case, peers::FLEET_GATHER, e),
-                }
+                .await;
             }
         }
         match &systems.nats {
@@ -96,6 +64,30 @@ pub async fn run_fleet_operations(report: &mut Report, systems: &Systems, sizes:
                         peers::NATS_SCATTER,
                         format!("failed: {e:#}"),
                     ),
+                }
+            }
+        }
+    }
+    if let Some(broker) = floor_broker(systems).await {
+        for &responders in &sizes.gather_responders {
+            let case = gather_case(responders);
+            match &broker {
+                Err(reason) => {
+                    report.skip(names::FLEET_OPS, &case, peers::BARE_GATHER, reason.clone())
+                }
+                Ok(broker) => {
+                    let pid = broker.process.id().unwrap_or_default();
+                    let target = broker.target();
+                    gather_row(
+                        report,
+                        &case,
+                        peers::BARE_GATHER,
+                        &target,
+                        pid,
+                        responders,
+                        sizes,
+                    )
+                    .await;
                 }
             }
         }
@@ -146,4 +138,70 @@ pub async fn run_fleet_operations(report: &mut Report, systems: &Systems, sizes:
             Err(e) => record_failure(report, &case, name, e),
         }
     }
+}
+
+fn gather_case(responders: usize) -> String {
+    format!(
+        "Gather, {} responders, {} per connection",
+        thousands(responders),
+        STREAMS_PER_CONNECTION
+    )
+}
+
+/// Gathers across `responders` on the server at `target` (process `pid`) and adds
+/// the row `name` of `case`.
+async fn gather_row(
+    report: &mut Report,
+    case: &str,
+    name: &str,
+    target: &Target,
+    pid: u32,
+    responders: usize,
+    sizes: &Sizes,
+) {
+    let rounds = sizes.gather_rounds;
+    eprintln!("ipc-bench: {case}, {name}");
+    match fleetops::fleet_gather(
+        target,
+        pid,
+        responders,
+        STREAMS_PER_CONNECTION,
+        rounds,
+        sizes.deadline,
+    )
+    .await
+    {
+        Ok(r) => report.add(
+            names::FLEET_OPS,
+            case,
+            name,
+            rounds_figures(&r),
+            Some(format!(
+                "{rounds} rounds, every ledger all OK; opening took {:.1} s",
+                r.open_seconds
+            )),
+        ),
+        Err(e) => record_failure(report, case, name, e),
+    }
+}
+
+/// A wrong ledger fails the run; any other error skips the row, saying why.
+fn record_failure(report: &mut Report, case: &str, name: &str, e: anyhow::Error) {
+    if let Some(wrong) = e.downcast_ref::<fleetops::WrongLedger>() {
+        report.fail(names::FLEET_OPS, case, name, wrong.to_string());
+    } else {
+        report.skip(names::FLEET_OPS, case, name, format!("failed: {e:#}"));
+    }
+}
+
+fn rounds_figures(r: &fleetops::Rounds) -> Vec<(&'static str, f64, &'static str)> {
+    let mut figures = vec![
+        ("p50", percentile_us(&r.histogram, 50.0), "µs"),
+        ("p99", percentile_us(&r.histogram, 99.0), "µs"),
+        ("max", r.histogram.max() as f64 / 1000.0, "µs"),
+    ];
+    if let Some(cpu) = r.server_cpu_us_per_round {
+        figures.push(("server CPU/round", cpu, "µs"));
+    }
+    figures
 }

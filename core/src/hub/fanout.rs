@@ -123,32 +123,15 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::task::{Context, Poll};
 
     use super::*;
     use crate::channel::Pattern;
-    use crate::hub::{StreamLimits, SubscriberSpec, Subscription};
+    use crate::hub::Subscription;
     use crate::metrics::Metrics;
 
     fn subscribe(hub: &Arc<Hub>, id: &str, pattern: &str) -> Subscription {
-        let spec = SubscriberSpec {
-            id: id.into(),
-            app: String::new(),
-            role: String::new(),
-            tag: String::new(),
-            labels: HashMap::new(),
-            patterns: vec![Pattern::parse(pattern).unwrap()],
-            owner: String::new(),
-            verified_owner: false,
-            relayed: Vec::new(),
-            role_watcher: false,
-        };
-        let limits = StreamLimits {
-            max_streams: 10,
-            max_per_owner: 10,
-        };
-        hub.try_register(spec, limits).expect("registered")
+        crate::hub::test_subscriber(hub, id, vec![Pattern::parse(pattern).unwrap()])
     }
 
     fn next(subscription: &mut Subscription) -> Outbound {

@@ -651,7 +651,6 @@ fn parse_reply_to(reply_to: &str) -> Option<(&str, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{StreamLimits, SubscriberSpec};
     use crate::metrics::Metrics;
 
     fn hub_with_responder(id: &str) -> (Arc<Hub>, crate::hub::Subscription) {
@@ -661,23 +660,7 @@ mod tests {
     }
 
     fn add_responder(hub: &Arc<Hub>, id: &str) -> crate::hub::Subscription {
-        let spec = SubscriberSpec {
-            id: id.into(),
-            app: String::new(),
-            role: String::new(),
-            tag: String::new(),
-            labels: HashMap::new(),
-            patterns: Vec::new(),
-            owner: String::new(),
-            verified_owner: false,
-            relayed: Vec::new(),
-            role_watcher: false,
-        };
-        let limits = StreamLimits {
-            max_streams: 10,
-            max_per_owner: 10,
-        };
-        hub.try_register(spec, limits).expect("registered")
+        crate::hub::test_subscriber(hub, id, Vec::new())
     }
 
     /// A request to `target` due at `deadline_ms`, handed to its responder: the
