@@ -92,6 +92,14 @@ impl Future for PendingAppend {
     }
 }
 
+/// What [`Bus::try_submit`] did.
+pub enum TrySubmit {
+    /// Submitted (or refused) at once.
+    Done(Result<PendingAppend, BusError>),
+    /// This bus may wait to take a message: here it is back, for [`Bus::submit`].
+    WouldWait(Msg, Option<IdempotencyKey>),
+}
+
 /// What a subscriber missed since its cursor.
 #[derive(Debug, Default)]
 pub struct Replay {
@@ -145,6 +153,13 @@ pub trait Bus: Send + Sync + 'static {
         msg: Msg,
         key: Option<IdempotencyKey>,
     ) -> Result<PendingAppend, BusError>;
+
+    /// [`Bus::submit`] done at once, by a bus that never waits to take a message
+    /// (the memory bus stores it as it submits it): no future to build and poll
+    /// per message. The default gives the message back, to be submitted.
+    fn try_submit(&self, msg: Msg, key: Option<IdempotencyKey>) -> TrySubmit {
+        TrySubmit::WouldWait(msg, key)
+    }
 
     /// Entries after `cursor`, up to the current end of the log, for a subscriber
     /// of `patterns`. A bus that holds only part of the log (the sidecar's buffer of

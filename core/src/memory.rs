@@ -14,7 +14,7 @@ use ipc_proto::pb::{Member, Msg};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::bus::{Appended, Bus, IdempotencyKey, PendingAppend, Replay};
+use crate::bus::{Appended, Bus, IdempotencyKey, PendingAppend, Replay, TrySubmit};
 use crate::channel::Pattern;
 use crate::cursor::Cursor;
 use crate::error::{BusError, ReplyError, RequestError};
@@ -98,6 +98,33 @@ impl MemoryBus {
 }
 
 impl MemoryBus {
+    /// Stores a message now (or finds its key seen): the memory bus never waits.
+    fn submit_now(&self, msg: Msg, key: Option<IdempotencyKey>) -> Result<PendingAppend, BusError> {
+        let mut log = self.log.lock();
+        let appended = match key {
+            None => Appended::Stored(self.append_locked(&mut log, msg)?),
+            Some(key) => {
+                let now = Instant::now();
+                log.forget_expired(now);
+                match log.keys.get(&key.scoped) {
+                    Some((_, first)) => Appended::Duplicate {
+                        id: first.id.clone(),
+                        channel: first.channel.clone(),
+                        cursor: first.cursor.clone(),
+                    },
+                    None => {
+                        let stored = self.append_locked(&mut log, msg)?;
+                        let expires = now + key.window;
+                        log.expiry.push_back((expires, key.scoped.clone()));
+                        log.keys.insert(key.scoped, (expires, stored.clone()));
+                        Appended::Stored(stored)
+                    }
+                }
+            }
+        };
+        Ok(PendingAppend::done(Ok(appended)))
+    }
+
     /// Appends under the log lock (held by the caller) and fans the entry out.
     fn append_locked(&self, log: &mut Log, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
         let local = self
@@ -145,29 +172,11 @@ impl Bus for MemoryBus {
         msg: Msg,
         key: Option<IdempotencyKey>,
     ) -> Result<PendingAppend, BusError> {
-        let mut log = self.log.lock();
-        let appended = match key {
-            None => Appended::Stored(self.append_locked(&mut log, msg)?),
-            Some(key) => {
-                let now = Instant::now();
-                log.forget_expired(now);
-                match log.keys.get(&key.scoped) {
-                    Some((_, first)) => Appended::Duplicate {
-                        id: first.id.clone(),
-                        channel: first.channel.clone(),
-                        cursor: first.cursor.clone(),
-                    },
-                    None => {
-                        let stored = self.append_locked(&mut log, msg)?;
-                        let expires = now + key.window;
-                        log.expiry.push_back((expires, key.scoped.clone()));
-                        log.keys.insert(key.scoped, (expires, stored.clone()));
-                        Appended::Stored(stored)
-                    }
-                }
-            }
-        };
-        Ok(PendingAppend::done(Ok(appended)))
+        self.submit_now(msg, key)
+    }
+
+    fn try_submit(&self, msg: Msg, key: Option<IdempotencyKey>) -> TrySubmit {
+        TrySubmit::Done(self.submit_now(msg, key))
     }
 
     async fn replay(&self, after: &Cursor, _patterns: &[Pattern]) -> Result<Replay, BusError> {

@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
+use futures::future::BoxFuture;
 use ipc_proto::pb::{BroadcastRequest, BroadcastResponse, Msg};
 use prost::Message as _;
 
 use crate::auth::Caller;
-use crate::bus::{Appended, IdempotencyKey, PendingAppend};
+use crate::bus::{Appended, IdempotencyKey, PendingAppend, TrySubmit};
 use crate::channel;
+use crate::error::BusError;
 use crate::error::NodeError;
 use crate::metrics::Metrics;
 use crate::node::{Node, check_op};
@@ -81,6 +83,31 @@ pub fn response(appended: Appended) -> BroadcastResponse {
     }
 }
 
+/// A broadcast given to the bus, or the future that gives it.
+pub(crate) enum Submission {
+    Done(Result<PendingBroadcast, NodeError>),
+    Waiting(BoxFuture<'static, Result<PendingBroadcast, NodeError>>),
+}
+
+/// What the bus answered a submission, as the broadcast's pending answer.
+fn pending_broadcast(
+    submitted: Result<PendingAppend, BusError>,
+    (accepted, mut store): (Hop, Hop),
+    metrics: &Arc<Metrics>,
+) -> Result<PendingBroadcast, NodeError> {
+    match submitted {
+        Ok(appended) => Ok(PendingBroadcast {
+            appended,
+            hops: Some((accepted, store)),
+            metrics: metrics.clone(),
+        }),
+        Err(error) => {
+            store.fail(|| error.to_string());
+            Err(error.into())
+        }
+    }
+}
+
 /// A broadcast checked and built, ready for the bus.
 struct Prepared {
     msg: Msg,
@@ -109,31 +136,50 @@ impl Node {
         req: BroadcastRequest,
         size: usize,
     ) -> Result<PendingBroadcast, NodeError> {
-        // Everything up to the bus is done outside the async state machine: what
-        // it holds across `.await` is moved whole at each step, and a broadcast's
-        // request, message and hops were a kilobyte copied several times.
+        match self.submit_now(caller, req, size) {
+            Submission::Done(submitted) => submitted,
+            Submission::Waiting(submitting) => submitting.await,
+        }
+    }
+
+    /// Checks and builds a broadcast and submits it to the bus, at once when the
+    /// bus never waits (memory); otherwise the future that submits it.
+    ///
+    /// Everything up to the bus is plain code rather than an async state machine:
+    /// what such a machine holds across `.await` is moved whole at each step, and a
+    /// broadcast's request, message and hops were a kilobyte copied several times.
+    pub(crate) fn submit_now(
+        &self,
+        caller: &Caller,
+        req: BroadcastRequest,
+        size: usize,
+    ) -> Submission {
         let Prepared {
             msg,
             key,
             accepted,
-            mut store,
-        } = self.prepare_broadcast(caller, req, size)?;
-        let log_span = accepted.log_span(None);
-        let submitting = self.bus().submit(msg, key);
-        let submitted = if log_span.is_none() {
-            submitting.await
-        } else {
-            submitting.instrument(log_span).await
+            store,
+        } = match self.prepare_broadcast(caller, req, size) {
+            Ok(prepared) => prepared,
+            Err(error) => return Submission::Done(Err(error)),
         };
+        let log_span = accepted.log_span(None);
+        let submitted = {
+            let _in_span = log_span.enter();
+            self.bus().try_submit(msg, key)
+        };
+        let hops = (accepted, store);
         match submitted {
-            Ok(appended) => Ok(PendingBroadcast {
-                appended,
-                hops: Some((accepted, store)),
-                metrics: self.metrics().clone(),
-            }),
-            Err(error) => {
-                store.fail(|| error.to_string());
-                Err(error.into())
+            TrySubmit::Done(submitted) => {
+                Submission::Done(pending_broadcast(submitted, hops, self.metrics()))
+            }
+            TrySubmit::WouldWait(msg, key) => {
+                let bus = self.bus().clone();
+                let metrics = self.metrics().clone();
+                Submission::Waiting(Box::pin(async move {
+                    let submitted = bus.submit(msg, key).instrument(log_span).await;
+                    pending_broadcast(submitted, hops, &metrics)
+                }))
             }
         }
     }

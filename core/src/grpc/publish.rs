@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use futures::{Stream, StreamExt as _};
+use futures::Stream;
+use futures::future::BoxFuture;
 use ipc_proto::pb::{BroadcastRequest, BroadcastResponse};
 use prost::Message as _;
 use prost::bytes::BufMut;
@@ -21,7 +22,7 @@ use crate::bus::Appended;
 use crate::error::Closed;
 use crate::error::NodeError;
 use crate::node::Node;
-use crate::publish::PendingBroadcast;
+use crate::publish::{PendingBroadcast, Submission};
 use crate::revocation::RevocationWatch;
 
 /// Most messages of one Publish stream submitted and not yet answered. Enough for
@@ -104,42 +105,51 @@ pub fn publish_stream<S>(
     node: Arc<Node>,
     caller: Caller,
     requests: S,
-    revocation: RevocationWatch,
+    mut revocation: RevocationWatch,
 ) -> impl Stream<Item = Result<Ack, Status>> + Send + 'static
 where
     S: Stream<Item = Result<BroadcastRequest, Status>> + Send + Unpin + 'static,
 {
-    let state = Publishing {
+    let watched = caller.clone();
+    Publishing {
         node,
         caller,
         requests,
-        revocation,
+        revoked: Box::pin(async move { revocation.revoked(&watched).await }),
         in_flight: VecDeque::new(),
+        submitting: None,
         bytes: 0,
         input_done: false,
         ending: None,
-    };
-    // Boxed: the state (the window, the request stream) would otherwise be moved
-    // into and out of the future built for each answer.
-    futures::stream::unfold(Box::new(state), |mut state| async move {
-        let item = state.next().await?;
-        Some((item, state))
-    })
+        ended: false,
+    }
 }
 
+/// A Publish stream, polled by hand rather than written as an `async` loop: the
+/// state of such a loop is moved at each message it reads and each answer it
+/// gives, and those moves were a tenth of a message's cost.
 struct Publishing<S> {
     node: Arc<Node>,
     caller: Caller,
     requests: S,
-    revocation: RevocationWatch,
+    /// Completes when the caller's token is revoked.
+    revoked: BoxFuture<'static, ()>,
     /// The answers to come, oldest first, with the encoded size of each message.
     /// Answered in order, so only the oldest is polled: no per-message task of a
     /// `FuturesOrdered`, and a later answer that is ready waits for it anyway.
     in_flight: VecDeque<(Answer, usize)>,
+    /// A message the bus has not taken yet (a Redis writer's queue is full), with
+    /// its size: nothing more is read until it is taken, so order is kept.
+    submitting: Option<(
+        BoxFuture<'static, Result<PendingBroadcast, NodeError>>,
+        usize,
+    )>,
     bytes: usize,
     input_done: bool,
     /// The status that ends the stream once the answers before it are sent.
     ending: Option<Status>,
+    /// The stream has given its last item.
+    ended: bool,
 }
 
 impl<S> Publishing<S>
@@ -151,50 +161,79 @@ where
             || (self.in_flight.len() < PUBLISH_WINDOW && self.bytes < PUBLISH_WINDOW_BYTES)
     }
 
-    async fn next(&mut self) -> Option<Result<Ack, Status>> {
-        loop {
-            let reading = !self.input_done && self.ending.is_none() && self.window_open();
-            if !reading && self.in_flight.is_empty() {
-                return self.ending.take().map(Err);
-            }
-            tokio::select! {
-                biased;
-                ack = std::future::poll_fn(|cx| poll_oldest(&mut self.in_flight, &mut self.bytes, cx)), if !self.in_flight.is_empty() => {
-                    return Some(Ok(ack));
-                }
-                () = self.revocation.revoked(&self.caller), if self.ending.is_none() => {
-                    self.node.metrics().revoked_streams.fetch_add(1, Ordering::Relaxed);
-                    self.ending = Some(super::service::closed_status(Closed::Revoked));
-                }
-                next = self.requests.next(), if reading => match next {
-                    None => self.input_done = true,
-                    Some(Err(status)) => self.ending = Some(status),
-                    Some(Ok(req)) => {
-                        let size = req.encoded_len();
-                        let answer = submit(&self.node, &self.caller, req, size).await;
-                        self.bytes += size;
-                        self.in_flight.push_back((answer, size));
-                    }
-                },
-            }
+    /// Submits one message: its answer joins the window, or, when the bus must
+    /// wait to take it, it becomes the message being submitted.
+    fn submit(&mut self, req: BroadcastRequest) {
+        let size = req.encoded_len();
+        self.bytes += size;
+        let submission = match self.node.admit(&self.caller) {
+            Ok(()) => self.node.submit_now(&self.caller, req, size),
+            Err(error) => Submission::Done(Err(error)),
+        };
+        match submission {
+            Submission::Done(submitted) => self.in_flight.push_back((answer(submitted), size)),
+            Submission::Waiting(submitting) => self.submitting = Some((submitting, size)),
         }
     }
 }
 
-/// The oldest answer of the window, once it is ready.
-fn poll_oldest(
-    in_flight: &mut VecDeque<(Answer, usize)>,
-    bytes: &mut usize,
-    cx: &mut Context<'_>,
-) -> Poll<Ack> {
-    let Some((oldest, _)) = in_flight.front_mut() else {
-        return Poll::Pending;
-    };
-    let ack = std::task::ready!(Pin::new(oldest).poll(cx));
-    if let Some((_, size)) = in_flight.pop_front() {
-        *bytes -= size;
+impl<S> Stream for Publishing<S>
+where
+    S: Stream<Item = Result<BroadcastRequest, Status>> + Send + Unpin + 'static,
+{
+    type Item = Result<Ack, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            // The oldest answer first, then the message the bus has not taken,
+            // then a revocation, then the next message: as a biased select would.
+            if let Some((oldest, _)) = this.in_flight.front_mut()
+                && let Poll::Ready(ack) = Pin::new(oldest).poll(cx)
+            {
+                if let Some((_, size)) = this.in_flight.pop_front() {
+                    this.bytes -= size;
+                }
+                return Poll::Ready(Some(Ok(ack)));
+            }
+            if let Some((submitting, size)) = &mut this.submitting {
+                let Poll::Ready(submitted) = submitting.as_mut().poll(cx) else {
+                    break;
+                };
+                let size = *size;
+                this.submitting = None;
+                this.in_flight.push_back((answer(submitted), size));
+                continue;
+            }
+            if this.ending.is_none() && this.revoked.as_mut().poll(cx).is_ready() {
+                this.node
+                    .metrics()
+                    .revoked_streams
+                    .fetch_add(1, Ordering::Relaxed);
+                this.ending = Some(super::service::closed_status(Closed::Revoked));
+            }
+            if this.input_done || this.ending.is_some() || !this.window_open() {
+                break;
+            }
+            match Pin::new(&mut this.requests).poll_next(cx) {
+                Poll::Ready(None) => this.input_done = true,
+                Poll::Ready(Some(Err(status))) => this.ending = Some(status),
+                Poll::Ready(Some(Ok(req))) => this.submit(req),
+                Poll::Pending => break,
+            }
+        }
+        if this.in_flight.is_empty()
+            && this.submitting.is_none()
+            && (this.input_done || this.ending.is_some())
+        {
+            this.ended = true;
+            return Poll::Ready(this.ending.take().map(Err));
+        }
+        Poll::Pending
     }
-    Poll::Ready(ack)
 }
 
 /// The answer to one message of a Publish stream: once stored, or at once if
@@ -222,15 +261,11 @@ impl Future for Answer {
     }
 }
 
-/// Submits one message (of `size` bytes encoded) of a Publish stream.
-async fn submit(node: &Node, caller: &Caller, req: BroadcastRequest, size: usize) -> Answer {
-    let submitted = match node.admit(caller) {
-        Ok(()) => node.submit_sized_broadcast(caller, req, size).await,
-        Err(e) => Err(e),
-    };
+/// The answer to a message the bus took (or refused).
+fn answer(submitted: Result<PendingBroadcast, NodeError>) -> Answer {
     match submitted {
         Ok(pending) => Answer::Submitted(pending),
-        Err(e) => Answer::Refused(Some(e)),
+        Err(error) => Answer::Refused(Some(error)),
     }
 }
 
