@@ -272,3 +272,49 @@ impl Drop for Handed<'_> {
 type Asking<'a> = std::pin::Pin<
     Box<dyn std::future::Future<Output = (usize, Result<Msg, RequestError>)> + Send + 'a>,
 >;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeConfig;
+    use crate::memory::{MemoryBus, Retention};
+    use ipc_proto::pb::SubscribeRequest;
+    use std::sync::Arc;
+
+    /// A Gather its caller drops (the call cancelled) forgets the requests it
+    /// handed out: no entry is left waiting for a reply nobody will read.
+    #[tokio::test]
+    async fn a_dropped_gather_forgets_the_requests_it_handed_out() {
+        let node = Node::new(
+            NodeConfig::default(),
+            Arc::new(MemoryBus::new(Retention::default())),
+        );
+        let worker = SubscribeRequest {
+            id: "w1".into(),
+            app: "shop".into(),
+            role: "worker".into(),
+            ..SubscribeRequest::default()
+        };
+        let mut worker = node.subscribe(&Caller::default(), worker).await.unwrap();
+        let hello = worker.next().await.unwrap().unwrap();
+        assert_eq!(hello.op, "ipc:subscribed");
+        let gathering = tokio::spawn({
+            let node = node.clone();
+            async move {
+                let request = GatherRequest {
+                    target: "shop:worker".into(),
+                    op: "status".into(),
+                    timeout_ms: 60_000,
+                    ..GatherRequest::default()
+                };
+                node.gather(&Caller::default(), request, None).await
+            }
+        });
+        let request = worker.next().await.unwrap().unwrap();
+        assert!(!request.reply_to.is_empty(), "{request:?}");
+        assert_eq!(node.hub().pending_requests(), 1);
+        gathering.abort();
+        assert!(gathering.await.unwrap_err().is_cancelled());
+        assert_eq!(node.hub().pending_requests(), 0, "the request is forgotten");
+    }
+}

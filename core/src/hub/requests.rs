@@ -495,6 +495,12 @@ impl Hub {
         self.pending.lock().remove(&pending);
     }
 
+    /// Requests handed out and waiting for their reply, for tests.
+    #[cfg(test)]
+    pub(crate) fn pending_requests(&self) -> usize {
+        self.pending.lock().len()
+    }
+
     /// Forgets a request whose caller stopped waiting.
     pub fn cancel_request(&self, reply_to: &str) {
         if let Some((counter, secret)) = self.pending_key(reply_to) {
