@@ -44,6 +44,12 @@ impl Local {
         self.hub.dispatch(msg)
     }
 
+    /// [`Local::dispatch`] of an entry whose memory size the bus knows (the
+    /// memory bus counts it for retention): not computed again for the queues.
+    pub fn dispatch_sized(&self, msg: &Arc<Msg>, size: usize) -> usize {
+        self.hub.dispatch_sized(msg, Some(size))
+    }
+
     /// Tells every local subscriber that messages were lost (`ipc:gap`: after
     /// the gap's cursor, if known, and why). Returns how many it reached (counted
     /// in `ipc_gaps_total`).

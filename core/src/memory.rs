@@ -151,7 +151,7 @@ impl MemoryBus {
             }
         }
         // Fan-out under the log lock: concurrent appends reach subscribers in log order.
-        local.dispatch(&msg);
+        local.dispatch_sized(&msg, size);
         Ok(msg)
     }
 }

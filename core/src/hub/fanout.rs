@@ -17,6 +17,12 @@ impl Hub {
     /// Delivers a log entry to every local subscriber whose patterns match its
     /// channel. Buses call this in log order. Returns the number of deliveries.
     pub fn dispatch(&self, msg: &Arc<Msg>) -> usize {
+        self.dispatch_sized(msg, None)
+    }
+
+    /// [`Hub::dispatch`] of an entry whose memory size
+    /// ([`crate::msg_size::memory_size`]) the bus has computed already.
+    pub fn dispatch_sized(&self, msg: &Arc<Msg>, size: Option<usize>) -> usize {
         let mut fanout = Hop::child("fanout", Kind::Internal, &msg.headers, || {
             vec![
                 KeyValue::new("ipc.node", self.node.clone()),
@@ -42,7 +48,10 @@ impl Hub {
                 let Some(sub) = reg.subs.get(&key) else {
                     continue;
                 };
-                let charge = charge.get_or_insert_with(|| self.charge(msg));
+                let charge = charge.get_or_insert_with(|| {
+                    let size = size.unwrap_or_else(|| crate::msg_size::memory_size(msg));
+                    Charge::new(size, &self.queued_bytes)
+                });
                 match sub.queue.push(Delivery {
                     item: outbound(msg.clone()),
                     charge: Arc::clone(charge),
