@@ -9,10 +9,12 @@
 //! - [`service`]: the tonic `Ipc` service over a node, errors mapped to status
 //!   codes. No logic of its own.
 //! - [`publish`]: the Publish stream, answered in order with a bounded window.
+//! - [`decode`]: its requests decoded, the plain ones without prost's general path.
 //! - [`send_msgs`]: the SendMsgs stream, each request answered when its reply is in.
 //! - [`server`]: that service as servers mount it, Subscribe streams sending each
 //!   message encoded once for all subscribers.
 
+mod decode;
 pub mod identify;
 pub mod publish;
 pub mod send_msgs;

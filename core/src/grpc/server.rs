@@ -205,14 +205,38 @@ impl Codec for AckCodec {
     type Encode = Ack;
     type Decode = BroadcastRequest;
     type Encoder = AckEncoder;
-    type Decoder = RequestDecoder<BroadcastRequest>;
+    type Decoder = PublishDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {
         AckEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder(std::marker::PhantomData)
+        PublishDecoder
+    }
+}
+
+/// Decodes a Publish stream's requests, the plain ones without prost
+/// ([`super::decode`]), to the same requests and errors as the generated codec.
+struct PublishDecoder;
+
+impl Decoder for PublishDecoder {
+    type Item = BroadcastRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<BroadcastRequest>, Status> {
+        use prost::bytes::Buf as _;
+        let len = src.remaining();
+        let decoded = if src.chunk().len() == len {
+            let decoded = super::decode::broadcast_request(&src.chunk()[..len]);
+            src.advance(len);
+            decoded
+        } else {
+            BroadcastRequest::decode(src)
+        };
+        decoded
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
     }
 }
 
