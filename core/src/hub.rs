@@ -121,7 +121,9 @@ struct Subscriber {
 struct Registry {
     subs: HashMap<u64, Subscriber, BuildHasherDefault<KeyHasher>>,
     by_id: HashMap<String, u64>,
-    exact: HashMap<String, Vec<u64>>,
+    /// Looked up per published message: foldhash (seeded per map, as hashbrown's
+    /// default) hashes a channel name in a quarter of SipHash's instructions.
+    exact: HashMap<String, Vec<u64>, foldhash::fast::RandomState>,
     wildcard: PatternIndex,
     /// Request routes (see [`crate::responders`]): channel → the subscribers that
     /// take requests on it, each with the member it addresses (itself, or a member

@@ -71,6 +71,8 @@ impl Log {
 
 pub struct MemoryBus {
     epoch: u64,
+    /// The text every cursor of this log starts with, `EPOCH.` (see [`Cursor::text`]).
+    cursor_prefix: String,
     retention: Retention,
     log: Mutex<Log>,
     local: OnceLock<Local>,
@@ -80,8 +82,10 @@ pub struct MemoryBus {
 
 impl MemoryBus {
     pub fn new(retention: Retention) -> Self {
+        let epoch = rand::random::<u32>() as u64;
         Self {
-            epoch: rand::random::<u32>() as u64,
+            epoch,
+            cursor_prefix: format!("{epoch:x}."),
             retention,
             log: Mutex::new(Log {
                 entries: VecDeque::new(),
@@ -125,6 +129,19 @@ impl MemoryBus {
         Ok(PendingAppend::done(Ok(appended)))
     }
 
+    /// The text of entry `seq`'s cursor, `Cursor { epoch, hi: seq, lo: 0 }.text()`:
+    /// from the epoch's text, written once, the entry's number and `-0`, in three
+    /// copies instead of a character at a time (half the instructions).
+    fn cursor_text(&self, seq: u64) -> String {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(seq);
+        let mut text = String::with_capacity(self.cursor_prefix.len() + digits.len() + 2);
+        text.push_str(&self.cursor_prefix);
+        text.push_str(digits);
+        text.push_str("-0");
+        text
+    }
+
     /// Appends under the log lock (held by the caller) and fans the entry out.
     fn append_locked(&self, log: &mut Log, mut msg: Msg) -> Result<Arc<Msg>, BusError> {
         let local = self
@@ -133,12 +150,7 @@ impl MemoryBus {
             .ok_or_else(|| BusError::Internal("memory bus used before attach".into()))?;
         let seq = log.next_seq;
         log.next_seq += 1;
-        msg.cursor = Cursor {
-            epoch: self.epoch,
-            hi: seq,
-            lo: 0,
-        }
-        .text();
+        msg.cursor = self.cursor_text(seq);
         let size = crate::msg_size::memory_size(&msg);
         let msg = Arc::new(msg);
         log.entries.push_back((seq, msg.clone(), size));
@@ -263,5 +275,26 @@ impl Bus for MemoryBus {
 
     fn health(&self) -> watch::Receiver<bool> {
         self.health.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_cursor_is_the_cursor_text() {
+        let bus = MemoryBus::new(Retention::default());
+        for seq in [0, 1, 9, 10, 12_345, u64::MAX] {
+            let cursor = Cursor {
+                epoch: bus.epoch,
+                hi: seq,
+                lo: 0,
+            };
+            let text = bus.cursor_text(seq);
+            assert_eq!(text, cursor.text());
+            // No spare capacity: retention counts a message's allocations.
+            assert_eq!(text.capacity(), text.len());
+        }
     }
 }

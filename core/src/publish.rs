@@ -237,6 +237,8 @@ impl Node {
             key: req.key,
             window: self.config().dedup_window,
         });
+        // Every field named: `..Msg::default()` built a whole message (a map's
+        // random state included) only to drop most of it.
         let mut msg = Msg {
             op: req.op,
             data: req.data,
@@ -245,7 +247,9 @@ impl Node {
             channel,
             sender: caller.sender.clone(),
             ts_ms: crate::now_ms(),
-            ..Msg::default()
+            cursor: String::new(),
+            reply_to: String::new(),
+            error: String::new(),
         };
         accepted.set(|| {
             vec![

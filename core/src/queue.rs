@@ -51,11 +51,16 @@ pub(crate) struct Charge {
 
 impl Charge {
     pub(crate) fn new(size: usize, total: &Arc<AtomicUsize>) -> Arc<Self> {
+        Arc::new(Self::own(size, total))
+    }
+
+    /// A charge one queue holds alone, so not shared through an allocation.
+    pub(crate) fn own(size: usize, total: &Arc<AtomicUsize>) -> Self {
         total.fetch_add(size, Ordering::AcqRel);
-        Arc::new(Self {
+        Self {
             size,
             total: total.clone(),
-        })
+        }
     }
 }
 
@@ -68,7 +73,31 @@ impl Drop for Charge {
 /// A message in a queue, with what it costs.
 pub(crate) struct Delivery {
     pub item: Outbound,
-    pub charge: Arc<Charge>,
+    pub charge: Held,
+}
+
+/// How a queued message holds its charge.
+pub(crate) enum Held {
+    /// The message is in this queue alone (one subscriber took it): its charge
+    /// is its own, which saves an allocation and its free per message.
+    Own(Charge),
+    /// One charge for every queue the message is in.
+    Shared(Arc<Charge>),
+}
+
+impl Held {
+    fn size(&self) -> usize {
+        match self {
+            Held::Own(charge) => charge.size,
+            Held::Shared(charge) => charge.size,
+        }
+    }
+}
+
+impl From<Arc<Charge>> for Held {
+    fn from(charge: Arc<Charge>) -> Self {
+        Held::Shared(charge)
+    }
 }
 
 /// Why a push failed.
@@ -117,7 +146,7 @@ impl Queue {
         if state.ended.is_some() {
             return Err(PushError::Closed);
         }
-        let size = delivery.charge.size;
+        let size = delivery.charge.size();
         // One message alone may exceed the byte bound: an empty queue takes it.
         if state.items.len() >= self.limits.messages
             || (!state.items.is_empty() && state.bytes + size > self.limits.bytes)
@@ -168,7 +197,7 @@ impl Queue {
     pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Outbound>, Closed>> {
         let mut state = self.state.lock();
         if let Some(delivery) = state.items.pop_front() {
-            state.bytes -= delivery.charge.size;
+            state.bytes -= delivery.charge.size();
             return Poll::Ready(Ok(Some(delivery.item)));
         }
         if let Some(reason) = state.ended {
@@ -195,7 +224,7 @@ mod tests {
     fn delivery(size: usize, total: &Arc<AtomicUsize>) -> Delivery {
         Delivery {
             item: Outbound::Msg(Arc::new(ipc_proto::pb::Msg::default())),
-            charge: Charge::new(size, total),
+            charge: Charge::new(size, total).into(),
         }
     }
 

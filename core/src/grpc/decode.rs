@@ -88,6 +88,13 @@ fn length_delimited<'a>(bytes: &mut &'a [u8]) -> Option<(u64, &'a [u8])> {
 
 /// A varint of at most 10 bytes whose value fits in 64 bits, as prost reads it.
 fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    // Keys and the lengths of short fields: one byte.
+    if let Some((&byte, rest)) = bytes.split_first()
+        && byte < 0x80
+    {
+        *bytes = rest;
+        return Some(u64::from(byte));
+    }
     let mut value = 0u64;
     for (i, &byte) in bytes.iter().enumerate().take(10) {
         value |= u64::from(byte & 0x7f) << (7 * i);

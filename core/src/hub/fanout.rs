@@ -10,7 +10,7 @@ use opentelemetry::KeyValue;
 
 use super::{Closed, Hub};
 use crate::outbound::Outbound;
-use crate::queue::{Charge, Delivery, PushError};
+use crate::queue::{Charge, Delivery, Held, PushError};
 use crate::telemetry::{Hop, Kind};
 
 impl Hub {
@@ -43,19 +43,26 @@ impl Hub {
             } else {
                 Outbound::Msg
             };
-            let mut charge = None;
+            // The message's memory, computed at most once, and the charge the
+            // queues of a shared message hold together.
+            let mut size = size;
+            let mut shared = None;
             for &key in keys.iter() {
                 let Some(sub) = reg.subs.get(&key) else {
                     continue;
                 };
-                let charge = charge.get_or_insert_with(|| {
-                    let size = size.unwrap_or_else(|| crate::msg_size::memory_size(msg));
-                    Charge::new(size, &self.queued_bytes)
-                });
-                match sub.queue.push(Delivery {
-                    item: outbound(msg.clone()),
-                    charge: Arc::clone(charge),
-                }) {
+                let size = *size.get_or_insert_with(|| crate::msg_size::memory_size(msg));
+                let item = outbound(msg.clone());
+                let charge = if matches!(item, Outbound::Sole(_)) {
+                    Held::Own(Charge::own(size, &self.queued_bytes))
+                } else {
+                    Held::Shared(
+                        shared
+                            .get_or_insert_with(|| Charge::new(size, &self.queued_bytes))
+                            .clone(),
+                    )
+                };
+                match sub.queue.push(Delivery { item, charge }) {
                     Ok(()) => delivered += 1,
                     Err(PushError::Full) => slow.push(key),
                     Err(PushError::Closed) => {}
@@ -85,7 +92,7 @@ impl Hub {
             for (key, sub) in &reg.subs {
                 match sub.queue.push(Delivery {
                     item: Outbound::Msg(msg.clone()),
-                    charge: charge.clone(),
+                    charge: Held::Shared(charge.clone()),
                 }) {
                     Ok(()) => reached += 1,
                     Err(PushError::Full) => slow.push(*key),
@@ -174,5 +181,38 @@ mod tests {
         assert_eq!(hub.dispatch(&msg("app:many")), 2);
         assert!(matches!(next(&mut first), Outbound::Msg(_)));
         assert!(matches!(next(&mut second), Outbound::Msg(_)));
+    }
+
+    /// A message one queue holds alone (its charge its own) and one several
+    /// queues share are each counted once in the node's queued bytes, until the
+    /// last queue lets it go; a cut-off queue's messages leave the count at once.
+    #[test]
+    fn queued_bytes_count_sole_and_shared_messages_once() {
+        let hub = Hub::new("n1".into(), 16, Arc::new(Metrics::default()));
+        let mut alone = subscribe(&hub, "a", "app:solo");
+        let mut first = subscribe(&hub, "b", "app:many");
+        let mut second = subscribe(&hub, "c", "app:many");
+        let msg = |channel: &str| {
+            Arc::new(Msg {
+                op: "x".into(),
+                channel: channel.into(),
+                ..Msg::default()
+            })
+        };
+        let (solo, many) = (msg("app:solo"), msg("app:many"));
+        let size = crate::msg_size::memory_size(&solo);
+        hub.dispatch(&solo);
+        hub.dispatch_sized(&solo, Some(size));
+        assert_eq!(hub.queued_bytes(), 2 * size);
+        next(&mut alone);
+        assert_eq!(hub.queued_bytes(), size);
+        hub.dispatch(&many);
+        assert_eq!(hub.queued_bytes(), 2 * size);
+        next(&mut first);
+        assert_eq!(hub.queued_bytes(), 2 * size);
+        next(&mut second);
+        assert_eq!(hub.queued_bytes(), size);
+        hub.remove(alone.key, Some(Closed::SlowConsumer));
+        assert_eq!(hub.queued_bytes(), 0);
     }
 }

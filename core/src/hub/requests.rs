@@ -240,7 +240,7 @@ impl Hub {
                 deadline_ms: deadline_ms(&msg.headers),
             };
             let delivery = Delivery {
-                charge: self.charge(msg),
+                charge: self.charge(msg).into(),
                 item: Outbound::Msg(request.clone()),
             };
             let (tx, rx) = oneshot::channel();
@@ -288,7 +288,7 @@ impl Hub {
             };
             let delivery = Delivery {
                 item: Outbound::MemberRequest(Box::new(request)),
-                charge: charge.clone(),
+                charge: charge.clone().into(),
             };
             let awaited = Awaited {
                 pending,
