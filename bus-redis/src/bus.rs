@@ -231,7 +231,7 @@ impl Bus for RedisBus {
         });
         let (done, stored) = oneshot::channel();
         let append = Append {
-            payload: msg.encode_to_vec(),
+            payload: msg.encode_length_delimited_to_vec(),
             keyed: key.map(|key| Keyed {
                 scoped: key.scoped,
                 window_ms: key.window.as_millis() as u64,

@@ -14,10 +14,10 @@ use ipc_core::cursor::Cursor;
 use redis::Value;
 
 use crate::keys::Keys;
-use crate::log::{EntryId, FIELD};
+use crate::log::{BATCH, EntryId, Place};
 
-/// KEYS: log, epoch, dedup key. ARGV: retention, payload, message id, channel,
-/// window in ms. Returns `{1, entry id}` when stored, `{0, record}` for a repeat;
+/// KEYS: log, epoch, dedup key. ARGV: retention, payload (the message
+/// length-delimited: an entry of one), message id, channel, window in ms, field. Returns `{1, entry id}` when stored, `{0, record}` for a repeat;
 /// the record is `message id \n channel \n entry id \n epoch`.
 const SCRIPT: &str = r"
 local seen = redis.call('GET', KEYS[3])
@@ -68,7 +68,7 @@ pub(crate) fn push(
         .arg(&keyed.msg_id)
         .arg(&keyed.channel)
         .arg(keyed.window_ms.max(1))
-        .arg(FIELD);
+        .arg(BATCH);
 }
 
 fn text(value: &Value) -> Option<&str> {
@@ -91,7 +91,7 @@ pub(crate) fn parse(reply: &Value, epoch: u64) -> Result<Written, BusError> {
     let value = text(value).ok_or_else(bad)?;
     if *stored == 1 {
         return EntryId::parse(value.as_bytes())
-            .map(|entry| Written::Stored(entry.cursor(epoch)))
+            .map(|entry| Written::Stored(Place { entry, index: 0 }.cursor(epoch)))
             .ok_or_else(bad);
     }
     let mut fields = value.split('\n');
@@ -102,7 +102,7 @@ pub(crate) fn parse(reply: &Value, epoch: u64) -> Result<Written, BusError> {
     };
     let entry = EntryId::parse(entry.as_bytes()).ok_or_else(bad)?;
     let cursor = u64::from_str_radix(epoch, 16)
-        .map(|epoch| entry.cursor(epoch).to_string())
+        .map(|epoch| Place { entry, index: 0 }.cursor(epoch).to_string())
         .unwrap_or_default();
     Ok(Written::Duplicate {
         id: id.to_string(),
@@ -121,13 +121,17 @@ mod tests {
 
     #[test]
     fn parses_a_stored_and_a_repeated_append() {
+        let at_17_3 = Place {
+            entry: EntryId { ms: 17, seq: 3 },
+            index: 0,
+        };
         let stored = Value::Array(vec![Value::Int(1), bulk("17-3")]);
         assert_eq!(
             parse(&stored, 5).unwrap(),
-            Written::Stored(EntryId { ms: 17, seq: 3 }.cursor(5))
+            Written::Stored(at_17_3.cursor(5))
         );
         let repeat = Value::Array(vec![Value::Int(0), bulk("abc-1\nshop:worker\n17-3\nff")]);
-        let cursor = EntryId { ms: 17, seq: 3 }.cursor(0xff).to_string();
+        let cursor = at_17_3.cursor(0xff).to_string();
         assert_eq!(
             parse(&repeat, 5).unwrap(),
             Written::Duplicate {

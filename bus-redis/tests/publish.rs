@@ -1,13 +1,15 @@
 //! Publish streams and idempotent Broadcast through replicas on one real Redis:
 //! a stream's messages are stored in order and seen in that order on every
-//! replica; a key repeated on any replica, even concurrently, is stored once.
+//! replica; a burst shares log entries and a resume from any of its messages gets
+//! exactly what follows; a key repeated on any replica, even concurrently, is
+//! stored once.
 
 mod common;
 
 use common::*;
 use futures::StreamExt;
 use futures::future::join_all;
-use ipc_proto::pb::BroadcastRequest;
+use ipc_proto::pb::{BroadcastRequest, BroadcastResponse, SubscribeRequest};
 
 fn keyed(key: &str, body: &str) -> BroadcastRequest {
     BroadcastRequest {
@@ -61,6 +63,101 @@ async fn a_publish_stream_is_stored_in_order_and_read_in_order_on_every_replica(
                 (body, &answer.id, &answer.cursor)
             );
         }
+    }
+}
+
+/// Every answer of one Publish stream of `requests`, in order.
+async fn publish_all(
+    client: &mut Client,
+    requests: Vec<BroadcastRequest>,
+) -> Vec<BroadcastResponse> {
+    let mut answers = client
+        .publish(futures::stream::iter(requests))
+        .await
+        .expect("publish opens")
+        .into_inner();
+    let mut acked = Vec::new();
+    while let Some(answer) = tokio::time::timeout(PATIENCE, answers.next())
+        .await
+        .expect("answers come")
+    {
+        acked.push(answer.expect("the stream goes on"));
+    }
+    acked
+}
+
+fn query<T: redis::FromRedisValue>(
+    redis: &ipc_testkit::redis::RedisServer,
+    cmd: &mut redis::Cmd,
+) -> T {
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client.get_connection().expect("connecting to redis");
+    cmd.query(&mut conn).expect("redis command")
+}
+
+/// A burst on a Publish stream is stored several messages to a log entry (one
+/// entry per write round trip, a keyed message an entry of its own in its place):
+/// a cursor names a message inside its entry, so a subscriber resuming from any
+/// message's cursor, on either replica, gets exactly the messages after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_any_message_of_a_burst_gets_exactly_the_messages_after_it() {
+    const N: usize = 300;
+    let redis = redis();
+    let a = replica(&redis.url(), "a");
+    let b = replica(&redis.url(), "b");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let bodies: Vec<String> = (0..N).map(|n| format!("m{n}")).collect();
+    let requests = bodies
+        .iter()
+        .enumerate()
+        .map(|(n, body)| BroadcastRequest {
+            channel: "news".into(),
+            op: "note".into(),
+            data: Some(text(body)),
+            key: if n % 50 == 7 {
+                format!("k{n}")
+            } else {
+                String::new()
+            },
+            ..BroadcastRequest::default()
+        })
+        .collect();
+    let answers = publish_all(&mut ca, requests).await;
+    assert_eq!(answers.len(), N);
+    assert!(
+        answers.iter().all(|a| a.code == 0 && !a.duplicate),
+        "{answers:?}"
+    );
+    let entries: usize = query(&redis, redis::cmd("XLEN").arg("test:log"));
+    assert!(
+        entries < N,
+        "a burst's messages share log entries: {entries} entries for {N} messages"
+    );
+
+    for from in (0..N).step_by(23).chain([N - 1]) {
+        let client = if from % 2 == 0 { &mut ca } else { &mut cb };
+        let request = SubscribeRequest {
+            cursor: answers[from].cursor.clone(),
+            ..channels(&format!("resumed-{from}"), &["news"])
+        };
+        let (mut resumed, hello) = subscribe(client, request).await;
+        let replayed = hello["replayed"]
+            .as_u64()
+            .expect("replayed in the greeting");
+        assert_eq!(
+            replayed as usize,
+            N - 1 - from,
+            "resuming after m{from}: {hello}"
+        );
+        let mut seen = Vec::new();
+        for _ in 0..replayed {
+            let msg = next(&mut resumed).await;
+            seen.push((text_of(&msg), msg.cursor));
+        }
+        let want: Vec<_> = (from + 1..N)
+            .map(|n| (bodies[n].clone(), answers[n].cursor.clone()))
+            .collect();
+        assert_eq!(seen, want, "resuming after m{from}");
     }
 }
 

@@ -10,7 +10,9 @@ use ipc_proto::pb::Msg;
 use redis::Value;
 
 use super::tail::loss_mark;
-use super::{EntryId, PAGE, bad_reply, decode, pairs, parse_entries, parse_epoch, push_epoch};
+use super::{
+    EntryId, PAGE, Place, bad_reply, decode, pairs, parse_entries, parse_epoch, push_epoch,
+};
 use crate::keys::Keys;
 use crate::link::Link;
 
@@ -76,7 +78,8 @@ pub(crate) async fn replay(link: &Link, keys: &Keys, after: &Cursor) -> Result<R
         .and_then(Result::ok)
         .and_then(parse_stream_info)
         .unwrap_or_default();
-    let cursor = EntryId::of_cursor(after);
+    let place = Place::of_cursor(after);
+    let cursor = place.entry;
 
     if after.epoch != epoch {
         let messages = match info.length {
@@ -116,7 +119,7 @@ pub(crate) async fn replay(link: &Link, keys: &Keys, after: &Cursor) -> Result<R
             )),
         });
     }
-    let messages = read_range(link, keys, epoch, Some(cursor), info.last_generated).await?;
+    let messages = read_range(link, keys, epoch, Some(place), info.last_generated).await?;
     Ok(without_marks(messages))
 }
 
@@ -137,18 +140,20 @@ fn without_marks(messages: Vec<Arc<Msg>>) -> Replay {
     Replay { messages, gap }
 }
 
-/// Messages with ids in `(after, to]` (from the start when `after` is `None`),
-/// a page per round trip.
+/// Messages after `after` (an entry and an index in it; from the log's start when
+/// `None`) up to the entry `to`, a page per round trip.
 async fn read_range(
     link: &Link,
     keys: &Keys,
     epoch: u64,
-    mut after: Option<EntryId>,
+    after: Option<Place>,
     to: EntryId,
 ) -> Result<Vec<Arc<Msg>>, BusError> {
     let mut messages = Vec::new();
+    // The first page starts at the cursor's own entry (its messages after the
+    // index); each next one after the last entry read.
+    let mut start = after.map_or_else(|| "-".to_string(), |place| place.entry.to_string());
     loop {
-        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
         let log = keys.log.clone();
         let to_text = to.to_string();
         let page: Value = link
@@ -165,12 +170,13 @@ async fn read_range(
             .await?;
         let entries = parse_entries(page);
         let full = entries.len() == PAGE;
-        for (id, payload) in entries {
-            after = Some(id);
-            messages.extend(decode(epoch, id, payload));
+        for (id, body) in &entries {
+            let skip = after.filter(|p| p.entry == *id).map(|p| p.index);
+            decode(epoch, *id, body, skip, &mut messages);
         }
-        if !full || after >= Some(to) {
-            return Ok(messages);
+        match entries.last() {
+            Some((last, _)) if full && *last < to => start = format!("({last}"),
+            _ => return Ok(messages),
         }
     }
 }
@@ -178,7 +184,7 @@ async fn read_range(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::FIELD;
+    use crate::log::BATCH;
     use crate::log::tests::entry;
 
     #[test]
@@ -192,9 +198,9 @@ mod tests {
             bulk("entries-added"),
             Value::Int(300),
             bulk("first-entry"),
-            entry("7-1", vec![(FIELD, b"x")]),
+            entry("7-1", vec![(BATCH, b"x")]),
             bulk("last-entry"),
-            entry("9-3", vec![(FIELD, b"y")]),
+            entry("9-3", vec![(BATCH, b"y")]),
         ]);
         let info = parse_stream_info(reply).unwrap();
         assert_eq!(

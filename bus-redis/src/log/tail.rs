@@ -17,8 +17,8 @@ use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    EntryId, FIELD, PAGE, bad_reply, decode, parse_entries, parse_epoch, parse_xread, push_epoch,
-    push_newest_from,
+    BATCH, EntryId, PAGE, Place, bad_reply, decode, parse_entries, parse_epoch, parse_xread,
+    push_epoch, push_newest_from,
 };
 use crate::keys::Keys;
 use crate::link::{Link, Part, Replication, reconnect_backoff};
@@ -32,10 +32,11 @@ const TAIL_BLOCK: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Position {
     pub epoch: u64,
-    pub last: EntryId,
+    /// The last message dispatched (of the last entry read).
+    pub last: Place,
 }
 
-/// The epoch in force and the stream's last entry id: where a new tail starts.
+/// The epoch in force and the stream's last message: where a new tail starts.
 pub(crate) async fn current_position(
     conn: &mut MultiplexedConnection,
     keys: &Keys,
@@ -51,7 +52,7 @@ pub(crate) async fn current_position(
         epoch: parse_epoch(&epoch).ok_or_else(|| bad_reply("GET epoch"))?,
         last: parse_entries(last)
             .first()
-            .map_or(EntryId::ZERO, |(id, _)| *id),
+            .map_or(Place::ZERO, Place::last_of),
     })
 }
 
@@ -135,7 +136,7 @@ struct Tailing<'a> {
     replication: Replication,
     /// Last surviving entries of losses this replica reported itself, so that the
     /// mark another replica left for the same loss is not reported twice.
-    reported: &'a mut Vec<EntryId>,
+    reported: &'a mut Vec<Place>,
 }
 
 /// Tails on one connection until it fails; returns the failure.
@@ -184,7 +185,7 @@ async fn tail_connection(
             .arg(TAIL_BLOCK.as_millis() as u64)
             .arg("STREAMS")
             .arg(&keys.log)
-            .arg(last.to_string());
+            .arg(last.entry.to_string());
         let reply = tokio::select! {
             () = cancel.cancelled() => return BusError::Unavailable("stopped".into()),
             r = pipe.query_async::<(Value, Value)>(conn) => r,
@@ -209,14 +210,14 @@ async fn tail_connection(
             tracing::warn!(%reason, "following the new log from its start");
             set(Position {
                 epoch: epoch_now,
-                last: EntryId::ZERO,
+                last: Place::ZERO,
             });
             metrics.log_losses.fetch_add(1, Ordering::Relaxed);
             local.gap(Gap::new(Some(last.cursor(epoch)), reason));
             continue;
         }
         let entries = parse_xread(read);
-        let Some((batch_last, _)) = entries.last() else {
+        let Some(batch_last) = entries.last().map(Place::last_of) else {
             // Idle: make sure the stream did not go backwards under us (a failover
             // to a primary that lacks what we saw, or a restore from an older copy);
             // otherwise XREAD would skip new entries.
@@ -228,11 +229,10 @@ async fn tail_connection(
             }
             continue;
         };
-        let batch_last = *batch_last;
         if replication.min_replicas > 0 {
             // Deliver only what a failover cannot take back: a write of ours after
             // the batch, then WAIT, covers every entry before it.
-            match confirm(conn, keys, local.node_name(), replication, batch_last).await {
+            match confirm(conn, keys, local.node_name(), replication, batch_last.entry).await {
                 Ok(true) => {}
                 // Not on enough replicas yet: read the same entries again.
                 Ok(false) => continue,
@@ -243,12 +243,13 @@ async fn tail_connection(
             epoch,
             last: batch_last,
         });
-        let lag = ipc_core::now_ms() - i64::try_from(batch_last.ms).unwrap_or(i64::MAX);
+        let lag = ipc_core::now_ms() - i64::try_from(batch_last.entry.ms).unwrap_or(i64::MAX);
         metrics.tail_lag_ms.store(lag, Ordering::Relaxed);
-        for (id, payload) in entries {
-            let Some(msg) = decode(epoch, id, payload) else {
-                continue;
-            };
+        let mut messages = Vec::new();
+        for (id, body) in &entries {
+            decode(epoch, *id, body, None, &mut messages);
+        }
+        for msg in messages {
             match loss_mark(&msg) {
                 Some((survived, gap)) => {
                     if !tailing.reported.contains(&survived) {
@@ -263,18 +264,18 @@ async fn tail_connection(
     }
 }
 
-/// `None` when the log still holds `known.last` (or is another epoch: the tail's
-/// epoch check handles that); else the last entry before it that survived
-/// (`ZERO` when none did).
+/// `None` when the log still holds `known.last`'s entry (or is another epoch: the
+/// tail's epoch check handles that); else the last message before it that
+/// survived (`ZERO` when none did).
 async fn survivor(
     conn: &mut MultiplexedConnection,
     keys: &Keys,
     known: Position,
-) -> Result<Option<EntryId>, BusError> {
-    if known.last == EntryId::ZERO {
+) -> Result<Option<Place>, BusError> {
+    if known.last == Place::ZERO {
         return Ok(None);
     }
-    let last = known.last.to_string();
+    let last = known.last.entry.to_string();
     let mut pipe = redis::pipe();
     pipe.cmd("GET").arg(&keys.epoch);
     pipe.cmd("XRANGE").arg(&keys.log).arg(&last).arg(&last);
@@ -287,12 +288,14 @@ async fn survivor(
     if parse_epoch(&epoch) != Some(known.epoch) || !parse_entries(exact).is_empty() {
         return Ok(None);
     }
-    let first_id = |v: Value| parse_entries(v).first().map(|(id, _)| *id);
-    match (first_id(before), first_id(newest)) {
+    let first = |v: Value| parse_entries(v).first().map(Place::last_of);
+    match (first(before), first(newest)) {
         // Entries around ours are there but ours is not: taken back.
         (Some(survived), _) => Ok(Some(survived)),
         // Nothing up to ours, and the log ends before it: taken back entirely.
-        (None, newest) if newest.is_none_or(|n| n < known.last) => Ok(Some(EntryId::ZERO)),
+        (None, newest) if newest.is_none_or(|n| n.entry < known.last.entry) => {
+            Ok(Some(Place::ZERO))
+        }
         // Only newer entries: retention trimmed ours, nothing went backwards.
         (None, _) => Ok(None),
     }
@@ -306,14 +309,14 @@ async fn rewound(
     conn: &mut MultiplexedConnection,
     tailing: &mut Tailing<'_>,
     known: Position,
-    survived: EntryId,
+    survived: Place,
 ) {
     let reason = format!(
-        "a Redis failover lost the log's entries after {survived} up to {} (the new \
+        "a Redis failover lost the log's entries after {} up to {} (the new \
          primary had not received them; without --redis-min-replicas replication is \
          asynchronous): messages after the cursor may be missing, and those received \
          after it are no longer in the log",
-        known.last
+        survived.entry, known.last.entry
     );
     tracing::warn!(%reason, "the Redis log went backwards");
     let gap = Gap::new(Some(survived.cursor(known.epoch)), reason);
@@ -337,8 +340,8 @@ async fn rewound(
     let written = redis::cmd("XADD")
         .arg(&tailing.keys.log)
         .arg("*")
-        .arg(FIELD)
-        .arg(mark.encode_to_vec())
+        .arg(BATCH)
+        .arg(mark.encode_length_delimited_to_vec())
         .query_async::<Value>(conn)
         .await;
     if let Err(error) = written {
@@ -346,8 +349,8 @@ async fn rewound(
     }
 }
 
-/// A loss mark's last surviving entry and its gap, if `msg` is one.
-pub(super) fn loss_mark(msg: &Msg) -> Option<(EntryId, Gap)> {
+/// A loss mark's last surviving message and its gap, if `msg` is one.
+pub(super) fn loss_mark(msg: &Msg) -> Option<(Place, Gap)> {
     if !msg.channel.is_empty() || msg.op != ipc_core::notice::GAP {
         return None;
     }
@@ -357,8 +360,8 @@ pub(super) fn loss_mark(msg: &Msg) -> Option<(EntryId, Gap)> {
     let survived = gap
         .cursor
         .parse::<Cursor>()
-        .map(|c| EntryId::of_cursor(&c))
-        .unwrap_or(EntryId::ZERO);
+        .map(|c| Place::of_cursor(&c))
+        .unwrap_or(Place::ZERO);
     Some((survived, gap))
 }
 

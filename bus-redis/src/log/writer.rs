@@ -1,6 +1,7 @@
 //! The writer: pending appends drained into pipelines (`SET epoch NX`, `GET
-//! epoch`, an `XADD` or a keyed script each, `WAIT` with --redis-min-replicas),
-//! one at a time, stored in the order they were queued.
+//! epoch`, one `XADD` per run of plain appends and a script per keyed one, `WAIT`
+//! with --redis-min-replicas), one at a time, stored in the order they were
+//! queued.
 
 use std::sync::atomic::Ordering;
 
@@ -9,7 +10,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{EntryId, FIELD, bad_reply, parse_epoch, push_epoch};
+use super::{BATCH, EntryId, Place, SLOTS, bad_reply, parse_epoch, push_epoch};
 use crate::dedup::{self, Keyed, Written};
 use crate::keys::Keys;
 use crate::link::Dedicated;
@@ -18,17 +19,25 @@ use crate::link::Dedicated;
 const MAX_BATCH: usize = 1024;
 /// Most payload bytes in one pipeline (messages may be up to a few MiB each).
 const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Most payload bytes in one entry, unless one message is larger: bounds what
+/// the log holds per entry of `--retention` and what one tail read carries.
+const MAX_ENTRY_BYTES: usize = 256 << 10;
+/// Most messages in one entry: each needs a cursor of its own in it.
+const MAX_ENTRY_MESSAGES: usize = SLOTS as usize;
 
 /// An append waiting for its `XADD` (or, with a key, its script).
 pub(crate) struct Append {
+    /// The message, length-delimited (how an entry holds it).
     pub payload: Vec<u8>,
     pub keyed: Option<Keyed>,
     pub done: oneshot::Sender<Result<Written, BusError>>,
 }
 
 /// Drains pending appends into pipelines, in arrival order: `SET epoch NX`,
-/// `GET epoch`, then one `XADD` per message. Each append learns its entry id (its
-/// cursor) or the failure; nothing is acknowledged that Redis did not answer.
+/// `GET epoch`, then one `XADD` per run of plain appends (an entry of up to
+/// [`MAX_ENTRY_MESSAGES`] messages and [`MAX_ENTRY_BYTES`]) and one script per
+/// keyed append. Each append learns its cursor (its entry and index) or the
+/// failure; nothing is acknowledged that Redis did not answer.
 ///
 /// One pipeline at a time: what queues meanwhile goes in the next one, so a busy
 /// writer sends fewer, larger pipelines. Several in flight stored a Publish stream's
@@ -79,6 +88,63 @@ pub(crate) async fn run_writer(
     }
 }
 
+/// Consecutive plain appends stored as one entry, or one keyed append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Entry { messages: usize },
+    Keyed,
+}
+
+/// The appends of `batch` in groups, in order.
+fn groups(batch: &[Append]) -> Vec<Group> {
+    let mut groups = Vec::new();
+    let mut open: Option<(usize, usize)> = None; // (messages, bytes) of the entry being filled
+    for append in batch {
+        if append.keyed.is_some() {
+            if let Some((messages, _)) = open.take() {
+                groups.push(Group::Entry { messages });
+            }
+            groups.push(Group::Keyed);
+            continue;
+        }
+        let size = append.payload.len();
+        open = match open {
+            Some((messages, bytes))
+                if messages < MAX_ENTRY_MESSAGES && bytes + size <= MAX_ENTRY_BYTES =>
+            {
+                Some((messages + 1, bytes + size))
+            }
+            Some((messages, _)) => {
+                groups.push(Group::Entry { messages });
+                Some((1, size))
+            }
+            None => Some((1, size)),
+        };
+    }
+    if let Some((messages, _)) = open {
+        groups.push(Group::Entry { messages });
+    }
+    groups
+}
+
+/// The payloads of an entry's appends as one argument, written straight into the
+/// command.
+struct Payloads<'a>(&'a [Append]);
+
+impl redis::ToRedisArgs for Payloads<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        for append in self.0 {
+            // Writing into the command's own buffer does not fail.
+            let _ = arg.write_all(&append.payload);
+        }
+    }
+}
+
 async fn write_batch(
     writer: &Dedicated,
     keys: &Keys,
@@ -86,21 +152,31 @@ async fn write_batch(
     batch: &[Append],
 ) -> Result<Vec<Written>, BusError> {
     let replication = writer.link().replication();
+    let groups = groups(batch);
     let mut pipe = redis::pipe();
     push_epoch(&mut pipe, keys);
-    for append in batch {
-        if let Some(keyed) = &append.keyed {
-            dedup::push(&mut pipe, keys, retention, &append.payload, keyed);
-            continue;
+    let mut rest = batch;
+    for group in &groups {
+        match *group {
+            Group::Keyed => {
+                let (append, after) = rest.split_first().expect("groups cover the batch");
+                let keyed = append.keyed.as_ref().expect("a keyed group");
+                dedup::push(&mut pipe, keys, retention, &append.payload, keyed);
+                rest = after;
+            }
+            Group::Entry { messages } => {
+                let (entry, after) = rest.split_at(messages);
+                pipe.cmd("XADD")
+                    .arg(&keys.log)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(retention)
+                    .arg("*")
+                    .arg(BATCH)
+                    .arg(Payloads(entry));
+                rest = after;
+            }
         }
-        pipe.cmd("XADD")
-            .arg(&keys.log)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(retention)
-            .arg("*")
-            .arg(FIELD)
-            .arg(&append.payload);
     }
     if replication.min_replicas > 0 {
         // Last in the pipeline: it answers once the replicas have every entry above.
@@ -130,23 +206,92 @@ async fn write_batch(
         .as_ref()
         .and_then(parse_epoch)
         .ok_or_else(|| bad_reply("GET epoch"))?;
-    let written: Vec<Written> = replies
-        .zip(batch)
-        .map(|(reply, append)| {
-            if append.keyed.is_some() {
-                return dedup::parse(&reply, epoch);
-            }
-            match reply {
-                Value::BulkString(id) => EntryId::parse(&id),
-                Value::SimpleString(id) => EntryId::parse(id.as_bytes()),
-                _ => None,
-            }
-            .map(|id| Written::Stored(id.cursor(epoch)))
-            .ok_or_else(|| bad_reply("XADD"))
-        })
-        .collect::<Result<_, _>>()?;
-    if written.len() != batch.len() {
+    if replies.len() != groups.len() {
         return Err(bad_reply("XADD"));
     }
+    let mut written = Vec::with_capacity(batch.len());
+    for (reply, group) in replies.zip(groups) {
+        match group {
+            Group::Keyed => written.push(dedup::parse(&reply, epoch)?),
+            Group::Entry { messages } => {
+                let entry = match reply {
+                    Value::BulkString(id) => EntryId::parse(&id),
+                    Value::SimpleString(id) => EntryId::parse(id.as_bytes()),
+                    _ => None,
+                }
+                .ok_or_else(|| bad_reply("XADD"))?;
+                written.extend(
+                    (0..messages as u64)
+                        .map(|index| Written::Stored(Place { entry, index }.cursor(epoch))),
+                );
+            }
+        }
+    }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(bytes: usize, keyed: bool) -> Append {
+        Append {
+            payload: vec![0; bytes],
+            keyed: keyed.then(|| Keyed {
+                scoped: "app:k".into(),
+                window_ms: 1,
+                msg_id: "m".into(),
+                channel: "c".into(),
+            }),
+            done: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn plain_appends_share_an_entry_and_keyed_ones_keep_their_place() {
+        let batch = [
+            append(10, false),
+            append(10, false),
+            append(10, true),
+            append(10, false),
+        ];
+        assert_eq!(
+            groups(&batch),
+            [
+                Group::Entry { messages: 2 },
+                Group::Keyed,
+                Group::Entry { messages: 1 },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_entry_is_bounded_in_messages_and_bytes() {
+        let many: Vec<Append> = (0..MAX_ENTRY_MESSAGES + 1)
+            .map(|_| append(1, false))
+            .collect();
+        assert_eq!(
+            groups(&many),
+            [
+                Group::Entry {
+                    messages: MAX_ENTRY_MESSAGES
+                },
+                Group::Entry { messages: 1 },
+            ]
+        );
+        let big = [
+            append(MAX_ENTRY_BYTES / 2, false),
+            append(MAX_ENTRY_BYTES / 2, false),
+            append(1, false),
+            append(MAX_ENTRY_BYTES * 2, false),
+        ];
+        assert_eq!(
+            groups(&big),
+            [
+                Group::Entry { messages: 2 },
+                Group::Entry { messages: 1 },
+                Group::Entry { messages: 1 },
+            ]
+        );
+    }
 }
