@@ -6,8 +6,10 @@
 //!   single writer task. Every replica tails the stream with `XREAD BLOCK` and hands
 //!   entries to its node in stream order — a replica's own broadcasts reach its
 //!   subscribers that way too, so all replicas see one order.
-//! - **Cursors** are `EPOCH.MS-SEQ`: the stream entry id plus a random epoch kept in
-//!   Redis, which changes when Redis lost its data, so stale cursors get `ipc:gap`.
+//! - **Cursors** are `EPOCH.MS-LO`: an entry holds the messages of one write round
+//!   trip, and `MS-LO` names the entry (`MS-SEQ`) and the index in it (`LO = SEQ ×
+//!   1024 + index`); the random epoch kept in Redis changes when Redis lost its
+//!   data, so stale cursors get `ipc:gap`.
 //! - **Presence**: each replica keeps its subscribers and their channel patterns in
 //!   Redis hashes that expire unless heartbeated; `Members` and request routing read
 //!   them fleet-wide in one script call.
@@ -51,3 +53,4 @@ mod presence;
 pub use bus::RedisBus;
 pub use config::{RedisBusConfig, Secret, SentinelAuth, Target, TlsFiles};
 pub use coord::LIMIT_SCRIPT;
+pub use log::entry_messages;

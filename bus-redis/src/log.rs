@@ -325,6 +325,22 @@ fn decode(epoch: u64, id: EntryId, body: &Body, after: Option<u64>, out: &mut Ve
     }
 }
 
+/// The messages of one log entry as `XRANGE` returns it (its id and its field and
+/// value pairs), each with its cursor; `epoch` is the log's. For tools that audit
+/// the log straight from Redis, such as the soak test.
+pub fn entry_messages(epoch: u64, id: &str, fields: Vec<(String, Vec<u8>)>) -> Vec<Arc<Msg>> {
+    let Some(id) = EntryId::parse(id.as_bytes()) else {
+        return Vec::new();
+    };
+    let flat = fields
+        .into_iter()
+        .flat_map(|(k, v)| [Value::BulkString(k.into_bytes()), Value::BulkString(v)])
+        .collect();
+    let mut out = Vec::new();
+    decode(epoch, id, &body(Value::Array(flat)), None, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +497,18 @@ mod tests {
             decoded(0xab, &(id, Body::Batch(torn)), None),
             [("x".into(), cursor(0))]
         );
+    }
+
+    #[test]
+    fn an_audit_reads_an_entry_as_xrange_returns_it() {
+        let messages = entry_messages(0xab, "5-1", vec![(BATCH.into(), delimited(&["x", "y"]))]);
+        let read: Vec<_> = messages
+            .iter()
+            .map(|m| (m.op.as_str(), m.cursor.as_str()))
+            .collect();
+        let second = format!("ab.5-{}", SLOTS + 1);
+        assert_eq!(read, [("x", &*format!("ab.5-{SLOTS}")), ("y", &*second)]);
+        assert!(entry_messages(0xab, "bad", vec![]).is_empty());
     }
 
     #[test]

@@ -18,22 +18,22 @@ use tonic::transport::{Channel, Endpoint};
 /// The channel everything is published on (app `soak`).
 pub const CHANNEL: &str = "soak:news";
 
-/// A position in the log, as in a cursor `EPOCH.MS-SEQ`, ordered like the log.
+/// A position in the log, as in a cursor `EPOCH.MS-LO`, ordered like the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Pos {
     pub epoch: u64,
     pub ms: u64,
-    pub seq: u64,
+    pub lo: u64,
 }
 
 impl Pos {
     pub fn parse(cursor: &str) -> Option<Self> {
         let (epoch, id) = cursor.split_once('.')?;
-        let (ms, seq) = id.split_once('-')?;
+        let (ms, lo) = id.split_once('-')?;
         Some(Self {
             epoch: u64::from_str_radix(epoch, 16).ok()?,
             ms: ms.parse().ok()?,
-            seq: seq.parse().ok()?,
+            lo: lo.parse().ok()?,
         })
     }
 }

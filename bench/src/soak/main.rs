@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use parking_lot::Mutex;
-use prost::Message as _;
 use tokio::sync::watch;
 
 use crate::actors::{Pos, Published, Seen, SubscriberLog, Upstream};
@@ -112,6 +111,7 @@ async fn read_log(url: &str) -> anyhow::Result<BTreeMap<Pos, u64>> {
         .query_async(&mut conn)
         .await?;
     let epoch = epoch.context("no epoch in Redis")?;
+    let epoch = u64::from_str_radix(&epoch, 16).context("the epoch in Redis is not hex")?;
     let mut log = BTreeMap::new();
     let mut from = "-".to_string();
     loop {
@@ -126,18 +126,15 @@ async fn read_log(url: &str) -> anyhow::Result<BTreeMap<Pos, u64>> {
             .context("reading the log back from Redis")?;
         let Some((last, _)) = page.last() else { break };
         from = format!("({last}");
-        for (id, fields) in &page {
-            let Some(pos) = Pos::parse(&format!("{epoch}.{id}")) else {
-                continue;
-            };
-            for (_, payload) in fields {
-                let Ok(msg) = ipc_proto::pb::Msg::decode(payload.as_slice()) else {
+        for (id, fields) in page {
+            for msg in ipc_bus_redis::entry_messages(epoch, &id, fields) {
+                let Some(pos) = Pos::parse(&msg.cursor) else {
                     continue;
                 };
                 if let Some(prost_types::value::Kind::NumberValue(n)) =
-                    msg.data.and_then(|d| d.kind)
+                    msg.data.as_ref().and_then(|d| d.kind.as_ref())
                 {
-                    log.insert(pos, n as u64);
+                    log.insert(pos, *n as u64);
                 }
             }
         }
@@ -283,6 +280,24 @@ async fn main() -> anyhow::Result<()> {
 
     let log = read_log(&redis.url()).await?;
     let in_redis: HashSet<Pos> = log.keys().copied().collect();
+    // The audit judges gaps by what Redis still holds: a log read back wrong (a
+    // format it does not know) would excuse every gap, so it must find the last
+    // acknowledged message, published after every fault.
+    let acked_in_log = published
+        .acks
+        .iter()
+        .filter(|a| log.get(&a.pos) == Some(&a.number))
+        .count();
+    let last_in_log = published
+        .acks
+        .iter()
+        .any(|a| a.number == last && log.get(&a.pos) == Some(&a.number));
+    anyhow::ensure!(
+        last_in_log,
+        "the log read back from Redis ({} messages) lacks the last acknowledged message {last}: \
+         the audit cannot judge gaps",
+        log.len()
+    );
     let verdicts: Vec<verdict::Verdict> = logs
         .iter()
         .map(|l| verdict::judge(l, &published.acks, &in_redis, last))
@@ -290,6 +305,11 @@ async fn main() -> anyhow::Result<()> {
     let refs: Vec<&SubscriberLog> = logs.iter().map(|l| l.as_ref()).collect();
     let recoveries = verdict::recoveries(&injected, &published.acks, &refs);
     let stored_twice = verdict::stored_twice(&log);
+    println!(
+        "the log read back from Redis: {} messages, {acked_in_log} of the {} acknowledged",
+        log.len(),
+        published.acks.len()
+    );
     let keys_honoured = published.acks.iter().any(|a| a.duplicate);
 
     println!();

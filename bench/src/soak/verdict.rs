@@ -63,7 +63,7 @@ pub fn judge(log: &SubscriberLog, acks: &[Ack], in_redis: &HashSet<Pos>, last: u
     let start = match (start.flatten(), first_message) {
         (Some(pos), _) => Some(pos),
         (None, Some(first)) => Some(Pos {
-            seq: first.seq.saturating_sub(1),
+            lo: first.lo.saturating_sub(1),
             ..first
         }),
         (None, None) => None,
