@@ -25,7 +25,8 @@ pub struct RedisBusConfig {
     pub min_replicas: u32,
     /// Prefix of every key and channel, so several deployments can share one Redis.
     pub prefix: String,
-    /// Entries kept in the stream for resume (`XADD MAXLEN ~`).
+    /// Entries kept in the stream for resume (`XADD MAXLEN ~`), each the messages of
+    /// one write round trip: at least this many messages.
     pub retention: usize,
     /// How long a replica's presence outlives its last heartbeat; the members of a
     /// replica that died vanish within this time. Heartbeats go every third of it.

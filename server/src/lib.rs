@@ -55,7 +55,9 @@ pub struct Config {
     /// This node's name (in `ipc:subscribed`, Members, logs); default: hostname plus a random suffix.
     #[arg(long, env = "IPC_NODE")]
     pub node: Option<String>,
-    /// Messages kept in the log for subscribers that resume with a cursor.
+    /// Messages kept in the log for subscribers that resume with a cursor. With
+    /// --redis: the Redis log's entries, each the messages of one write round trip
+    /// (so at least this many messages).
     #[arg(long, env = "IPC_RETENTION", default_value_t = 10_000)]
     pub retention: usize,
     /// Bytes of memory the memory log keeps at most (the oldest messages go first);
