@@ -245,19 +245,22 @@ async fn tail_connection(
         });
         let lag = ipc_core::now_ms() - i64::try_from(batch_last.entry.ms).unwrap_or(i64::MAX);
         metrics.tail_lag_ms.store(lag, Ordering::Relaxed);
+        // An entry at a time: a read may carry many messages, and decoded they
+        // take more memory than in the reply.
         let mut messages = Vec::new();
-        for (id, body) in &entries {
-            decode(epoch, *id, body, None, &mut messages);
-        }
-        for msg in messages {
-            match loss_mark(&msg) {
-                Some((survived, gap)) => {
-                    if !tailing.reported.contains(&survived) {
-                        local.gap(gap);
+        for (id, body) in entries {
+            decode(epoch, id, &body, None, &mut messages);
+            drop(body);
+            for msg in messages.drain(..) {
+                match loss_mark(&msg) {
+                    Some((survived, gap)) => {
+                        if !tailing.reported.contains(&survived) {
+                            local.gap(gap);
+                        }
                     }
-                }
-                None => {
-                    local.dispatch(&msg);
+                    None => {
+                        local.dispatch(&msg);
+                    }
                 }
             }
         }
