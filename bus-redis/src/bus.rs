@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use ipc_core::bus::{
-    Appended, Bus, BusError, IdempotencyKey, PendingAppend, Replay, Replica, ReplyError,
-    RequestError,
+    Bus, BusError, IdempotencyKey, PendingAppend, Replay, Replica, ReplyError, RequestError,
 };
 use ipc_core::channel::Pattern;
 use ipc_core::coord::{
@@ -26,12 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisBusConfig;
 use crate::coord::Coordination;
-use crate::dedup::{Keyed, Written};
+use crate::dedup::Keyed;
 use crate::endpoint::Endpoint;
 use crate::inbox::{Asked, Body, Exchange, RemoteRequest, outcome};
 use crate::keys::Keys;
 use crate::link::{Dedicated, Health, Link, Replication};
-use crate::log::{self, Append, SharedPosition};
+use crate::log::{self, Append, SharedOwnEntries, SharedPosition};
 use crate::presence::{self, Directory, PresenceSignals};
 
 /// Appends waiting for the writer; a full queue makes broadcasters wait (bounded
@@ -65,6 +64,8 @@ struct Inner {
     /// Where the tail is. Read at connect, so that nothing appended after the
     /// server reported ready is missed; `None` = the log's end once connected.
     tail: SharedPosition,
+    /// Entries this replica wrote, for its tail to hand on without decoding.
+    own: SharedOwnEntries,
     local: OnceLock<Local>,
     exchange: OnceLock<Arc<Exchange>>,
     round_robin: AtomicUsize,
@@ -120,6 +121,7 @@ impl RedisBus {
                 appends,
                 appends_rx: Mutex::new(Some(appends_rx)),
                 tail: Arc::new(Mutex::new(tail_start)),
+                own: SharedOwnEntries::default(),
                 local: OnceLock::new(),
                 exchange: OnceLock::new(),
                 round_robin: AtomicUsize::new(0),
@@ -184,6 +186,7 @@ impl Bus for RedisBus {
                 inner.keys.clone(),
                 inner.config.retention.max(1),
                 pending,
+                inner.own.clone(),
                 cancel.clone(),
             ));
         }
@@ -192,6 +195,7 @@ impl Bus for RedisBus {
             inner.keys.clone(),
             local.clone(),
             inner.tail.clone(),
+            inner.own.clone(),
             inner.config.command_timeout,
             cancel.clone(),
         ));
@@ -230,14 +234,16 @@ impl Bus for RedisBus {
             ]
         });
         let (done, stored) = oneshot::channel();
+        let keyed = key.map(|key| Keyed {
+            scoped: key.scoped,
+            window_ms: key.window.as_millis() as u64,
+            msg_id: msg.id.clone(),
+            channel: msg.channel.clone(),
+        });
         let append = Append {
             payload: msg.encode_length_delimited_to_vec(),
-            keyed: key.map(|key| Keyed {
-                scoped: key.scoped,
-                window_ms: key.window.as_millis() as u64,
-                msg_id: msg.id.clone(),
-                channel: msg.channel.clone(),
-            }),
+            msg,
+            keyed,
             done,
         };
         tokio::time::timeout_at(deadline.into(), self.inner.appends.send(append))
@@ -245,28 +251,14 @@ impl Bus for RedisBus {
             .map_err(|_| unconfirmed())?
             .map_err(|_| shutting_down())?;
         Ok(PendingAppend::waiting(async move {
-            let written = tokio::time::timeout_at(deadline.into(), stored)
+            let appended = tokio::time::timeout_at(deadline.into(), stored)
                 .await
                 .map_err(|_| unconfirmed())
                 .and_then(|r| r.map_err(|_| shutting_down()))
                 .and_then(|r| r)
                 .inspect_err(|error| hop.fail(|| error.to_string()))?;
             drop(hop);
-            Ok(match written {
-                Written::Stored(cursor) => {
-                    msg.cursor = cursor.text();
-                    Appended::Stored(Arc::new(msg))
-                }
-                Written::Duplicate {
-                    id,
-                    channel,
-                    cursor,
-                } => Appended::Duplicate {
-                    id,
-                    channel,
-                    cursor,
-                },
-            })
+            Ok(appended)
         }))
     }
 

@@ -41,6 +41,8 @@ pub(crate) use replay::replay;
 pub(crate) use tail::{SharedPosition, current_position, run_tail};
 pub(crate) use writer::{Append, run_writer};
 
+use std::collections::BTreeMap;
+
 /// The stream field of an entry of this version: its messages, each
 /// length-delimited.
 pub(crate) const BATCH: &str = "b";
@@ -122,6 +124,83 @@ impl Place {
 impl fmt::Display for EntryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Most entries [`OwnEntries`] remembers: the tail takes them back within a read
+/// or two; more only piles up while the tail is away, and is then decoded.
+const MAX_OWN_ENTRIES: usize = 1024;
+
+/// Entries this replica wrote, with their messages as the node accepted them: its
+/// tail hands these on instead of decoding them again (a message's decode was
+/// ~4.5 k of the accepting replica's ~25 k instructions per message).
+#[derive(Default)]
+pub(crate) struct OwnEntries {
+    entries: BTreeMap<EntryId, OwnEntry>,
+}
+
+struct OwnEntry {
+    epoch: u64,
+    /// Each message as written (length-delimited): what the entry must hold.
+    payloads: Vec<Vec<u8>>,
+    messages: Vec<Arc<Msg>>,
+}
+
+/// [`OwnEntries`] shared by the writer and the tail.
+pub(crate) type SharedOwnEntries = Arc<parking_lot::Mutex<OwnEntries>>;
+
+impl OwnEntries {
+    pub fn remember(
+        &mut self,
+        id: EntryId,
+        epoch: u64,
+        payloads: Vec<Vec<u8>>,
+        messages: Vec<Arc<Msg>>,
+    ) {
+        self.entries.insert(
+            id,
+            OwnEntry {
+                epoch,
+                payloads,
+                messages,
+            },
+        );
+        while self.entries.len() > MAX_OWN_ENTRIES {
+            self.entries.pop_first();
+        }
+    }
+
+    /// The messages of entry `id` of the log of `epoch`, if this replica wrote it
+    /// and `body` is what it wrote (after a failover a new primary may give the
+    /// id of a lost entry to another); forgets every entry up to `id`.
+    pub fn take(&mut self, epoch: u64, id: EntryId, body: &[u8]) -> Option<Vec<Arc<Msg>>> {
+        // Entries before `id` were passed (or lost): forget them.
+        while self.entries.first_key_value().is_some_and(|(k, _)| *k < id) {
+            self.entries.pop_first();
+        }
+        let own = self
+            .entries
+            .first_entry()
+            .filter(|e| *e.key() == id)?
+            .remove();
+        own.holds(epoch, body).then_some(own.messages)
+    }
+}
+
+impl OwnEntry {
+    /// Whether `body` of the log of `epoch` is this entry as written.
+    fn holds(&self, epoch: u64, body: &[u8]) -> bool {
+        if self.epoch != epoch {
+            return false;
+        }
+        let mut rest = body;
+        for payload in &self.payloads {
+            match rest.strip_prefix(payload.as_slice()) {
+                Some(after) => rest = after,
+                None => return false,
+            }
+        }
+        rest.is_empty()
     }
 }
 
@@ -509,6 +588,51 @@ mod tests {
         let second = format!("ab.5-{}", SLOTS + 1);
         assert_eq!(read, [("x", &*format!("ab.5-{SLOTS}")), ("y", &*second)]);
         assert!(entry_messages(0xab, "bad", vec![]).is_empty());
+    }
+
+    #[test]
+    fn the_tail_takes_back_what_this_replica_wrote_only_when_the_entry_holds_it() {
+        let written = |ops: &[&str]| -> (Vec<Vec<u8>>, Vec<Arc<Msg>>) {
+            ops.iter()
+                .map(|op| {
+                    let msg = Msg {
+                        op: (*op).into(),
+                        ..Msg::default()
+                    };
+                    (msg.encode_length_delimited_to_vec(), Arc::new(msg))
+                })
+                .unzip()
+        };
+        let (a, b, c) = (
+            EntryId { ms: 5, seq: 0 },
+            EntryId { ms: 5, seq: 1 },
+            EntryId { ms: 6, seq: 0 },
+        );
+        let mut own = OwnEntries::default();
+        let (payloads, messages) = written(&["x", "y"]);
+        own.remember(a, 9, payloads, messages.clone());
+        let (payloads, _) = written(&["z"]);
+        own.remember(b, 9, payloads, Vec::new());
+        let (payloads, _) = written(&["w"]);
+        own.remember(c, 9, payloads, Vec::new());
+
+        let taken = own.take(9, a, &delimited(&["x", "y"])).expect("ours");
+        assert!(taken.iter().zip(&messages).all(|(t, m)| Arc::ptr_eq(t, m)));
+        assert_eq!(own.take(9, a, &delimited(&["x", "y"])), None, "taken once");
+        // Another replica's entry under an id this one wrote (a failover gave it
+        // again), a shorter or longer body, another epoch: decoded instead.
+        assert_eq!(own.take(9, b, &delimited(&["q"])), None);
+        assert_eq!(own.take(8, c, &delimited(&["w"])), None);
+        let (payloads, _) = written(&["x"]);
+        own.remember(c, 9, payloads, Vec::new());
+        assert_eq!(own.take(9, c, &delimited(&["x", "x"])), None);
+        // Passing an entry forgets those before it; memory stays bounded.
+        for seq in 0..MAX_OWN_ENTRIES as u64 + 10 {
+            own.remember(EntryId { ms: 7, seq }, 9, Vec::new(), Vec::new());
+        }
+        assert_eq!(own.entries.len(), MAX_OWN_ENTRIES);
+        assert!(own.take(9, EntryId { ms: 8, seq: 0 }, &[]).is_none());
+        assert!(own.entries.is_empty());
     }
 
     #[test]

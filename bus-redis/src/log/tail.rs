@@ -17,8 +17,8 @@ use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BATCH, EntryId, PAGE, Place, bad_reply, decode, parse_entries, parse_epoch, parse_xread,
-    push_epoch, push_newest_from,
+    BATCH, Body, EntryId, PAGE, Place, SharedOwnEntries, bad_reply, decode, parse_entries,
+    parse_epoch, parse_xread, push_epoch, push_newest_from,
 };
 use crate::keys::Keys;
 use crate::link::{Link, Part, Replication, reconnect_backoff};
@@ -70,6 +70,7 @@ pub(crate) async fn run_tail(
     keys: Keys,
     local: Local,
     position: SharedPosition,
+    own: SharedOwnEntries,
     timeout: Duration,
     cancel: CancellationToken,
 ) {
@@ -100,6 +101,7 @@ pub(crate) async fn run_tail(
                     keys: &keys,
                     local: &local,
                     shared: &position,
+                    own: &own,
                     metrics: probe.metrics(),
                     replication: probe.replication(),
                     reported: &mut reported,
@@ -132,6 +134,8 @@ struct Tailing<'a> {
     keys: &'a Keys,
     local: &'a Local,
     shared: &'a SharedPosition,
+    /// What this replica wrote: handed on without a decode.
+    own: &'a SharedOwnEntries,
     metrics: &'a RedisMetrics,
     replication: Replication,
     /// Last surviving entries of losses this replica reported itself, so that the
@@ -149,6 +153,7 @@ async fn tail_connection(
         keys,
         local,
         shared,
+        own,
         metrics,
         replication,
         ..
@@ -249,7 +254,14 @@ async fn tail_connection(
         // take more memory than in the reply.
         let mut messages = Vec::new();
         for (id, body) in entries {
-            decode(epoch, id, &body, None, &mut messages);
+            let written = match &body {
+                Body::Batch(bytes) => own.lock().take(epoch, id, bytes),
+                _ => None,
+            };
+            match written {
+                Some(written) => messages.extend(written),
+                None => decode(epoch, id, &body, None, &mut messages),
+            }
             drop(body);
             for msg in messages.drain(..) {
                 match loss_mark(&msg) {

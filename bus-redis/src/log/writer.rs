@@ -3,14 +3,16 @@
 //! with --redis-min-replicas), one at a time, stored in the order they were
 //! queued.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use ipc_core::bus::BusError;
+use ipc_core::bus::{Appended, BusError};
+use ipc_proto::pb::Msg;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{BATCH, EntryId, Place, SLOTS, bad_reply, parse_epoch, push_epoch};
+use super::{BATCH, EntryId, Place, SLOTS, SharedOwnEntries, bad_reply, parse_epoch, push_epoch};
 use crate::dedup::{self, Keyed, Written};
 use crate::keys::Keys;
 use crate::link::Dedicated;
@@ -27,10 +29,12 @@ const MAX_ENTRY_MESSAGES: usize = SLOTS as usize;
 
 /// An append waiting for its `XADD` (or, with a key, its script).
 pub(crate) struct Append {
+    /// The message (its cursor empty), answered back with its cursor once stored.
+    pub msg: Msg,
     /// The message, length-delimited (how an entry holds it).
     pub payload: Vec<u8>,
     pub keyed: Option<Keyed>,
-    pub done: oneshot::Sender<Result<Written, BusError>>,
+    pub done: oneshot::Sender<Result<Appended, BusError>>,
 }
 
 /// Drains pending appends into pipelines, in arrival order: `SET epoch NX`,
@@ -51,6 +55,7 @@ pub(crate) async fn run_writer(
     keys: Keys,
     retention: usize,
     mut pending: mpsc::Receiver<Append>,
+    own: SharedOwnEntries,
     cancel: CancellationToken,
 ) {
     loop {
@@ -74,17 +79,84 @@ pub(crate) async fn run_writer(
             }
         }
         match write_batch(&writer, &keys, retention, &batch).await {
-            Ok(written) => {
-                for (append, written) in batch.into_iter().zip(written) {
-                    let _ = append.done.send(Ok(written));
-                }
-            }
+            Ok(stored) => answer(batch, stored, &own),
             Err(error) => {
                 for append in batch {
                     let _ = append.done.send(Err(error.clone()));
                 }
             }
         }
+    }
+}
+
+/// What a pipeline stored: each append's outcome, in order, and the entries of
+/// plain appends.
+struct Stored {
+    written: Vec<Written>,
+    entries: Vec<OwnSpan>,
+}
+
+/// An entry of plain appends: `len` appends of the batch from `start`.
+struct OwnSpan {
+    entry: EntryId,
+    epoch: u64,
+    start: usize,
+    len: usize,
+}
+
+/// Answers each append of a stored batch with its message (its cursor set), after
+/// remembering the entries' messages for this replica's tail.
+fn answer(batch: Vec<Append>, stored: Stored, own: &SharedOwnEntries) {
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut payloads = Vec::with_capacity(batch.len());
+    for (append, written) in batch.into_iter().zip(stored.written) {
+        let Append {
+            mut msg,
+            payload,
+            done,
+            ..
+        } = append;
+        let appended = match written {
+            Written::Stored(cursor) => {
+                msg.cursor = cursor.text();
+                let msg = Arc::new(msg);
+                messages.push(Some(msg.clone()));
+                Appended::Stored(msg)
+            }
+            Written::Duplicate {
+                id,
+                channel,
+                cursor,
+            } => {
+                messages.push(None);
+                Appended::Duplicate {
+                    id,
+                    channel,
+                    cursor,
+                }
+            }
+        };
+        payloads.push(payload);
+        answers.push((done, appended));
+    }
+    {
+        let mut own = own.lock();
+        for span in stored.entries {
+            let range = span.start..span.start + span.len;
+            let entry_payloads = payloads[range.clone()]
+                .iter_mut()
+                .map(std::mem::take)
+                .collect();
+            let entry_messages = messages[range]
+                .iter_mut()
+                .filter_map(Option::take)
+                .collect();
+            own.remember(span.entry, span.epoch, entry_payloads, entry_messages);
+        }
+    }
+    for (done, appended) in answers {
+        let _ = done.send(Ok(appended));
     }
 }
 
@@ -150,7 +222,7 @@ async fn write_batch(
     keys: &Keys,
     retention: usize,
     batch: &[Append],
-) -> Result<Vec<Written>, BusError> {
+) -> Result<Stored, BusError> {
     let replication = writer.link().replication();
     let groups = groups(batch);
     let mut pipe = redis::pipe();
@@ -210,6 +282,7 @@ async fn write_batch(
         return Err(bad_reply("XADD"));
     }
     let mut written = Vec::with_capacity(batch.len());
+    let mut entries = Vec::new();
     for (reply, group) in replies.zip(groups) {
         match group {
             Group::Keyed => written.push(dedup::parse(&reply, epoch)?),
@@ -220,6 +293,12 @@ async fn write_batch(
                     _ => None,
                 }
                 .ok_or_else(|| bad_reply("XADD"))?;
+                entries.push(OwnSpan {
+                    entry,
+                    epoch,
+                    start: written.len(),
+                    len: messages,
+                });
                 written.extend(
                     (0..messages as u64)
                         .map(|index| Written::Stored(Place { entry, index }.cursor(epoch))),
@@ -227,7 +306,7 @@ async fn write_batch(
             }
         }
     }
-    Ok(written)
+    Ok(Stored { written, entries })
 }
 
 #[cfg(test)]
@@ -236,6 +315,7 @@ mod tests {
 
     fn append(bytes: usize, keyed: bool) -> Append {
         Append {
+            msg: Msg::default(),
             payload: vec![0; bytes],
             keyed: keyed.then(|| Keyed {
                 scoped: "app:k".into(),
