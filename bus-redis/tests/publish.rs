@@ -41,20 +41,11 @@ async fn a_publish_stream_is_stored_in_order_and_read_in_order_on_every_replica(
                 ..BroadcastRequest::default()
             })
             .collect();
-        let mut answers = ca
-            .publish(futures::stream::iter(requests))
-            .await
-            .expect("publish opens")
-            .into_inner();
-        let mut acked = Vec::new();
-        while let Some(answer) = tokio::time::timeout(PATIENCE, answers.next())
-            .await
-            .expect("answers come")
-        {
-            let answer = answer.expect("the stream goes on");
-            assert!(answer.code == 0 && !answer.cursor.is_empty(), "{answer:?}");
-            acked.push(answer);
-        }
+        let acked = publish_all(&mut ca, requests).await;
+        assert!(
+            acked.iter().all(|a| a.code == 0 && !a.cursor.is_empty()),
+            "{acked:?}"
+        );
         assert_eq!(acked.len(), bodies.len());
         for (answer, body) in acked.iter().zip(&bodies) {
             let msg = next(&mut on_b).await;
