@@ -44,6 +44,17 @@ impl Local {
         self.hub.dispatch(msg)
     }
 
+    /// Whether [`Local::dispatch`] of a log entry on `channel` would do anything
+    /// now: reach a local subscriber, or (tracing on) record its `fanout` span.
+    /// When it would not, a bus may leave the entry undecoded, provided it asks
+    /// no earlier than a dispatch would be allowed to: after the bus's
+    /// [`crate::bus::Bus::head`] reads past the entry, so that a subscriber registering
+    /// after this answer is owed nothing of it (see `Node::subscribe_outbound`:
+    /// register, then read the head).
+    pub fn wants(&self, channel: &str) -> bool {
+        crate::telemetry::enabled() || self.hub.wants(channel)
+    }
+
     /// [`Local::dispatch`] of an entry whose memory size the bus knows (the
     /// memory bus counts it for retention): not computed again for the queues.
     pub fn dispatch_sized(&self, msg: &Arc<Msg>, size: usize) -> usize {

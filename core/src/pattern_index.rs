@@ -100,6 +100,22 @@ impl Node {
             child.matching(tail, out);
         }
     }
+
+    /// Whether [`Node::matching`] would find a key, stopping at the first.
+    fn any(&self, mut segments: std::str::Split<'_, char>) -> bool {
+        let Some(first) = segments.next() else {
+            return !self.ends.is_empty();
+        };
+        if !self.rest.is_empty() {
+            return true;
+        }
+        if let Ok(at) = self.child(first)
+            && self.literal[at].1.any(segments.clone())
+        {
+            return true;
+        }
+        self.one.as_ref().is_some_and(|child| child.any(segments))
+    }
 }
 
 impl PatternIndex {
@@ -127,6 +143,13 @@ impl PatternIndex {
         // A valid channel has at most 128 segments (256 bytes): the recursion is bounded.
         let segments: Vec<&str> = channel.split(':').collect();
         self.root.matching(&segments, out);
+    }
+
+    /// Whether any pattern matches `channel`: [`PatternIndex::matching`] without
+    /// collecting the keys (no allocation), for a caller that only asks whether a
+    /// message has a taker.
+    pub fn matches_any(&self, channel: &str) -> bool {
+        !self.is_empty() && self.root.any(channel.split(':'))
     }
 }
 
@@ -156,6 +179,12 @@ mod tests {
         assert_eq!(keys(&index, "shop:worker:blue"), [1, 3, 4]);
         assert_eq!(keys(&index, "shop"), [3]);
         assert_eq!(keys(&index, "other:worker"), [2, 3]);
+        assert!(index.matches_any("shop") && index.matches_any("x:y:z"));
+        let mut literal = PatternIndex::default();
+        literal.insert(&Pattern::parse("shop:*:blue").unwrap(), 1);
+        assert!(literal.matches_any("shop:worker:blue"));
+        assert!(!literal.matches_any("shop:worker") && !literal.matches_any("shop:worker:red"));
+        assert!(!PatternIndex::default().matches_any("shop"));
     }
 
     #[test]
@@ -216,6 +245,7 @@ mod tests {
                     })
                     .map(|(key, _)| key as u64)
                     .collect();
+                prop_assert_eq!(index.matches_any(&channel), !scanned.is_empty(), "{}", channel);
                 prop_assert_eq!(found, scanned, "{}", channel);
             }
         }

@@ -81,6 +81,22 @@ impl Hub {
         delivered
     }
 
+    /// Whether [`Hub::dispatch`] of a log entry on `channel` would reach a
+    /// subscriber now. When it would not, the node-wide bound is enforced as that
+    /// dispatch would have (requests may have been queued since), so that a bus
+    /// which then leaves the entry undecoded changes nothing but the cost.
+    pub fn wants(&self, channel: &str) -> bool {
+        let wanted = {
+            let reg = self.registry.read();
+            reg.exact.get(channel).is_some_and(|keys| !keys.is_empty())
+                || reg.wildcard.matches_any(channel)
+        };
+        if !wanted {
+            self.enforce_total_bytes();
+        }
+        wanted
+    }
+
     /// Sends a notice that is not a log entry (no cursor), such as `ipc:gap`, to
     /// every subscriber whatever its channels. Returns the number reached.
     pub fn notify_all(&self, msg: &Arc<Msg>) -> usize {
@@ -181,6 +197,26 @@ mod tests {
         assert_eq!(hub.dispatch(&msg("app:many")), 2);
         assert!(matches!(next(&mut first), Outbound::Msg(_)));
         assert!(matches!(next(&mut second), Outbound::Msg(_)));
+    }
+
+    /// `wants` answers as a dispatch would deliver: exact channels, wildcard
+    /// patterns, and no longer once the subscriber is gone.
+    #[test]
+    fn a_channel_is_wanted_exactly_when_a_dispatch_would_deliver_it() {
+        let hub = Hub::new("n1".into(), 16, Arc::new(Metrics::default()));
+        assert!(!hub.wants("app:solo"));
+        let alone = subscribe(&hub, "a", "app:solo");
+        let wild = subscribe(&hub, "b", "other:*");
+        for channel in ["app:solo", "app:other", "other:x", "other:x:y", "app", ""] {
+            let msg = Arc::new(Msg {
+                channel: channel.into(),
+                ..Msg::default()
+            });
+            assert_eq!(hub.wants(channel), hub.dispatch(&msg) > 0, "{channel:?}");
+        }
+        hub.remove(alone.key, None);
+        hub.remove(wild.key, None);
+        assert!(!hub.wants("app:solo") && !hub.wants("other:x"));
     }
 
     /// A message one queue holds alone (its charge its own) and one several
