@@ -360,41 +360,62 @@ fn parse_xread(value: Value) -> Vec<Entry> {
 
 /// Appends the messages of entry `id` with an index above `after` (all when
 /// `None`) to `out`, with their cursors. What is not ours is logged and skipped:
-/// an entry that is not, or the rest of a batch from the first message that
-/// does not decode.
+/// see [`decode_where`].
 fn decode(epoch: u64, id: EntryId, body: &Body, after: Option<u64>, out: &mut Vec<Arc<Msg>>) {
-    let wanted = |index: u64| after.is_none_or(|after| index > after);
-    match body {
-        Body::Single(payload) => match Msg::decode(&payload[..]) {
-            Ok(mut msg) if wanted(0) => {
-                msg.cursor = Place {
-                    entry: id,
-                    index: 0,
-                }
-                .cursor(epoch)
-                .text();
+    decode_where(
+        epoch,
+        id,
+        body,
+        |index, _| after.is_none_or(|after| index > after),
+        out,
+    );
+}
+
+/// Appends the messages of entry `id` that `keep` selects (by index and
+/// encoding, before they are decoded) to `out`, with their cursors. What is not
+/// ours is logged and skipped: an entry that is not, a message that does not
+/// decode (alone: its length still frames the next, so that whether a message
+/// is decoded at all changes nothing for the others), the rest of a batch from
+/// a torn length on (where [`Body::count`] stops too).
+fn decode_where(
+    epoch: u64,
+    id: EntryId,
+    body: &Body,
+    mut keep: impl FnMut(u64, &[u8]) -> bool,
+    out: &mut Vec<Arc<Msg>>,
+) {
+    let mut one = |index: u64, encoded: &[u8]| {
+        if !keep(index, encoded) {
+            return;
+        }
+        match Msg::decode(encoded) {
+            Ok(mut msg) => {
+                msg.cursor = Place { entry: id, index }.cursor(epoch).text();
                 out.push(Arc::new(msg));
             }
-            Ok(_) => {}
             Err(_) => {
-                tracing::warn!(entry = %id, "skipping a log entry that is not an encoded message")
+                tracing::warn!(entry = %id, index, "skipping a message of a log entry: not an encoded message")
             }
-        },
+        }
+    };
+    match body {
+        Body::Single(payload) => one(0, payload),
         Body::Batch(payload) => {
             let mut rest = &payload[..];
             let mut index = 0;
             while !rest.is_empty() && index < SLOTS {
-                match Msg::decode_length_delimited(&mut rest) {
-                    Ok(mut msg) if wanted(index) => {
-                        msg.cursor = Place { entry: id, index }.cursor(epoch).text();
-                        out.push(Arc::new(msg));
+                let encoded = match prost::encoding::decode_varint(&mut rest) {
+                    Ok(len) if len <= rest.len() as u64 => {
+                        let (encoded, after) = rest.split_at(len as usize);
+                        rest = after;
+                        encoded
                     }
-                    Ok(_) => {}
-                    Err(_) => {
-                        tracing::warn!(entry = %id, index, "skipping the rest of a log entry: not an encoded message");
+                    _ => {
+                        tracing::warn!(entry = %id, index, "skipping the rest of a log entry: a torn length");
                         return;
                     }
-                }
+                };
+                one(index, encoded);
                 index += 1;
             }
         }
@@ -576,6 +597,26 @@ mod tests {
             decoded(0xab, &(id, Body::Batch(torn)), None),
             [("x".into(), cursor(0))]
         );
+    }
+
+    #[test]
+    fn a_message_that_does_not_decode_is_skipped_alone() {
+        let id = EntryId { ms: 5, seq: 1 };
+        let mut body = delimited(&["x"]);
+        body.extend([2, 0xff, 0xff]);
+        body.extend(delimited(&["z"]));
+        let entry = (id, Body::Batch(body));
+        let cursor = |index| Place { entry: id, index }.cursor(0xab).text();
+        assert_eq!(Place::last_of(&entry).index, 2);
+        assert_eq!(
+            decoded(0xab, &entry, None),
+            [("x".into(), cursor(0)), ("z".into(), cursor(2))]
+        );
+        // Left undecoded, a message changes nothing for the others.
+        let mut out = Vec::new();
+        decode_where(0xab, id, &entry.1, |index, _| index != 0, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].op.as_str(), &out[0].cursor), ("z", &cursor(2)));
     }
 
     #[test]
