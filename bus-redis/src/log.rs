@@ -425,6 +425,50 @@ fn decode_where(
     }
 }
 
+/// The channel of an encoded `Msg` (field 5, its last occurrence, as a decode
+/// keeps), read without decoding the message or allocating. `None` when the
+/// bytes are not plainly a message (a torn field, a group, a channel of another
+/// wire type or not UTF-8): a full decode judges those.
+fn channel_of(mut encoded: &[u8]) -> Option<&str> {
+    const CHANNEL: u64 = 5;
+    let mut channel: &[u8] = &[];
+    while !encoded.is_empty() {
+        let key = varint(&mut encoded)?;
+        if key > u64::from(u32::MAX) || key >> 3 == 0 {
+            return None;
+        }
+        let len = match key & 7 {
+            // A varint's value is not needed: its end is the first byte < 0x80.
+            0 => encoded.iter().take(10).position(|b| *b < 0x80)? + 1,
+            1 => 8,
+            2 => usize::try_from(varint(&mut encoded)?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        if len > encoded.len() || (key >> 3 == CHANNEL && key & 7 != 2) {
+            return None;
+        }
+        let (field, rest) = encoded.split_at(len);
+        if key >> 3 == CHANNEL {
+            channel = field;
+        }
+        encoded = rest;
+    }
+    std::str::from_utf8(channel).ok()
+}
+
+/// A varint, the one-byte ones (a message's keys and most lengths) read inline:
+/// prost's call per field was a third of the scan.
+fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    match bytes.split_first() {
+        Some((&b, rest)) if b < 0x80 => {
+            *bytes = rest;
+            Some(u64::from(b))
+        }
+        _ => prost::encoding::decode_varint(bytes).ok(),
+    }
+}
+
 /// The messages of one log entry as `XRANGE` returns it (its id and its field and
 /// value pairs), each with its cursor; `epoch` is the log's. For tools that audit
 /// the log straight from Redis, such as the soak test.
@@ -444,6 +488,7 @@ pub fn entry_messages(epoch: u64, id: &str, fields: Vec<(String, Vec<u8>)>) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     pub(super) fn entry(id: &str, fields: Vec<(&str, &[u8])>) -> Value {
         let flat = fields
@@ -617,6 +662,116 @@ mod tests {
         decode_where(0xab, id, &entry.1, |index, _| index != 0, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].op.as_str(), &out[0].cursor), ("z", &cursor(2)));
+    }
+
+    fn msg_on(channel: &str, op: &str) -> Msg {
+        Msg {
+            op: op.into(),
+            channel: channel.into(),
+            id: "n-1".into(),
+            ts_ms: 1_700_000_000_000,
+            headers: [("traceparent".to_string(), "00-x".to_string())].into(),
+            data: Some(prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("body".into())),
+            }),
+            ..Msg::default()
+        }
+    }
+
+    #[test]
+    fn the_channel_is_read_without_a_decode() {
+        let encoded = msg_on("shop:worker", "x").encode_to_vec();
+        assert_eq!(channel_of(&encoded), Some("shop:worker"));
+        assert_eq!(channel_of(&msg_on("", "x").encode_to_vec()), Some(""));
+        assert_eq!(channel_of(&[]), Some(""));
+        // Concatenated encodings merge: the last channel wins, as in a decode.
+        let mut merged = encoded.clone();
+        merged.extend(msg_on("shop:other", "y").encode_to_vec());
+        assert_eq!(channel_of(&merged), Some("shop:other"));
+        // Not plainly a message: left to a decode.
+        assert_eq!(channel_of(&encoded[..encoded.len() - 1]), None);
+        assert_eq!(channel_of(&[5 << 3, 1]), None, "a channel as a varint");
+        assert_eq!(channel_of(&[5 << 3 | 2, 1, 0xff]), None, "not UTF-8");
+        assert_eq!(channel_of(&[9 << 3 | 3, 9 << 3 | 4]), None, "a group");
+        assert_eq!(channel_of(&[0, 0]), None, "field 0");
+    }
+
+    /// Fields as a message may hold them, known or not, of any wire type prost
+    /// reads (groups aside): often not a valid `Msg` (a field of the wrong type,
+    /// a channel that is not UTF-8), which prost then refuses.
+    fn field_soup() -> impl Strategy<Value = Vec<u8>> {
+        let field = (
+            1u32..12,
+            0u8..4,
+            proptest::collection::vec(any::<u8>(), 0..12),
+            "[a-z:]{0,8}",
+        );
+        proptest::collection::vec(field, 0..8).prop_map(|fields| {
+            let mut out = Vec::new();
+            for (number, kind, bytes, text) in fields {
+                let wire = [0u64, 1, 2, 5][usize::from(kind)];
+                prost::encoding::encode_varint(u64::from(number) << 3 | wire, &mut out);
+                match wire {
+                    0 => prost::encoding::encode_varint(bytes.len() as u64 * 977, &mut out),
+                    1 => out.extend([7; 8]),
+                    5 => out.extend([7; 4]),
+                    _ => {
+                        let value = if bytes.len() % 2 == 0 {
+                            text.as_bytes()
+                        } else {
+                            &bytes[..]
+                        };
+                        prost::encoding::encode_varint(value.len() as u64, &mut out);
+                        out.extend(value);
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    /// What the scan may answer for bytes prost decodes: that message's channel,
+    /// or "cannot tell" (never another channel); for bytes prost refuses, anything
+    /// (the tail then decodes or skips a message that would be skipped anyway).
+    fn agrees_with_prost(bytes: &[u8], exact: bool) -> Result<(), TestCaseError> {
+        if let Ok(msg) = Msg::decode(bytes) {
+            match channel_of(bytes) {
+                Some(channel) => prop_assert_eq!(channel, msg.channel.as_str()),
+                None => prop_assert!(!exact, "a decodable message's channel not read"),
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn the_channel_scan_reads_what_prost_decodes(
+            channel in "[a-z:]{0,12}",
+            op in "[a-z]{0,6}",
+            other in "[a-z]{0,6}",
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let encoded = msg_on(&channel, &op).encode_to_vec();
+            prop_assert_eq!(channel_of(&encoded), Some(channel.as_str()));
+            agrees_with_prost(&encoded, true)?;
+            let mut merged = encoded.clone();
+            merged.extend(msg_on(&other, &op).encode_to_vec());
+            agrees_with_prost(&merged, true)?;
+            let cut = cut.index(encoded.len() + 1);
+            agrees_with_prost(&encoded[..cut], true)?;
+        }
+
+        #[test]
+        fn the_channel_scan_agrees_with_prost_on_any_fields(bytes in field_soup()) {
+            agrees_with_prost(&bytes, true)?;
+        }
+
+        #[test]
+        fn the_channel_scan_agrees_with_prost_on_any_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            agrees_with_prost(&bytes, false)?;
+        }
     }
 
     #[test]

@@ -17,8 +17,8 @@ use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BATCH, Body, EntryId, PAGE, Place, SharedOwnEntries, bad_reply, decode, parse_entries,
-    parse_epoch, parse_xread, push_epoch, push_newest_from,
+    BATCH, Body, EntryId, PAGE, Place, SharedOwnEntries, bad_reply, channel_of, decode_where,
+    parse_entries, parse_epoch, parse_xread, push_epoch, push_newest_from,
 };
 use crate::keys::Keys;
 use crate::link::{Link, Part, Replication, reconnect_backoff};
@@ -260,7 +260,18 @@ async fn tail_connection(
             };
             match written {
                 Some(written) => messages.extend(written),
-                None => decode(epoch, id, &body, None, &mut messages),
+                // Only what a local subscriber may want (a decode was most of
+                // a replica's cost per message it then dropped). Asked after
+                // `set` above, as a dispatch would be: a subscriber registering
+                // after a "no" reads a head at or past this entry (or replays
+                // it, with a cursor), so it is owed none of it.
+                None => decode_where(
+                    epoch,
+                    id,
+                    &body,
+                    |_, m| worth_decoding(local, m),
+                    &mut messages,
+                ),
             }
             drop(body);
             for msg in messages.drain(..) {
@@ -276,6 +287,15 @@ async fn tail_connection(
                 }
             }
         }
+    }
+}
+
+/// Whether the tail must decode `encoded`: a local subscriber wants its channel,
+/// or it has none (a loss mark is on no channel), or only a decode can tell.
+fn worth_decoding(local: &Local, encoded: &[u8]) -> bool {
+    match channel_of(encoded) {
+        Some("") | None => true,
+        Some(channel) => local.wants(channel),
     }
 }
 
