@@ -7,6 +7,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use ipc_core::bus::{
     Bus, BusError, IdempotencyKey, PendingAppend, Replay, Replica, ReplyError, RequestError,
+    TrySubmit,
 };
 use ipc_core::channel::Pattern;
 use ipc_core::coord::{
@@ -154,6 +155,55 @@ fn shutting_down() -> BusError {
     BusError::Unavailable("the Redis bus is shutting down".into())
 }
 
+/// The Redis hop of a broadcast: queued for the writer, then its XADD.
+fn xadd_hop(msg: &Msg) -> Hop {
+    Hop::child("redis XADD", Kind::Client, &msg.headers, || {
+        vec![
+            KeyValue::new("db.system", "redis"),
+            KeyValue::new("ipc.msg_id", msg.id.clone()),
+        ]
+    })
+}
+
+/// Builds the append in its place in the writer's queue, and the wait for
+/// Redis's answer (until `deadline`). The message goes into its `Arc` at once:
+/// the writer sets its cursor there and answers with it, without moving it.
+fn queue(
+    place: mpsc::Permit<'_, Append>,
+    mut msg: Msg,
+    key: Option<IdempotencyKey>,
+    mut hop: Hop,
+    deadline: Instant,
+) -> PendingAppend {
+    msg.cursor.clear();
+    let (done, stored) = oneshot::channel();
+    let keyed = key.map(|key| {
+        Box::new(Keyed {
+            scoped: key.scoped,
+            window_ms: key.window.as_millis() as u64,
+            msg_id: msg.id.clone(),
+            channel: msg.channel.clone(),
+        })
+    });
+    let payload = msg.encode_length_delimited_to_vec();
+    place.send(Append {
+        msg: Arc::new(msg),
+        payload,
+        keyed,
+        done,
+    });
+    PendingAppend::waiting(async move {
+        let appended = tokio::time::timeout_at(deadline.into(), stored)
+            .await
+            .map_err(|_| unconfirmed())
+            .and_then(|r| r.map_err(|_| shutting_down()))
+            .and_then(|r| r)
+            .inspect_err(|error| hop.fail(|| error.to_string()))?;
+        drop(hop);
+        Ok(appended)
+    })
+}
+
 impl Drop for RedisBus {
     fn drop(&mut self) {
         self.cancel.cancel();
@@ -216,50 +266,40 @@ impl Bus for RedisBus {
     }
 
     /// Queues the append for the writer (its place in the order) and returns the
-    /// wait for Redis's answer; both bounded by the command timeout.
+    /// wait for Redis's answer; both bounded by the command timeout. Only when the
+    /// queue is full: [`RedisBus::try_submit`] queues the others without a future.
     async fn submit(
         &self,
-        mut msg: Msg,
+        msg: Msg,
         key: Option<IdempotencyKey>,
     ) -> Result<PendingAppend, BusError> {
         let deadline = Instant::now() + self.inner.config.command_timeout;
         // Refuse at once while Redis is known to be unreachable.
         self.inner.link.get()?;
-        msg.cursor.clear();
-        // The Redis hop of a broadcast: queued for the writer, then its XADD.
-        let mut hop = Hop::child("redis XADD", Kind::Client, &msg.headers, || {
-            vec![
-                KeyValue::new("db.system", "redis"),
-                KeyValue::new("ipc.msg_id", msg.id.clone()),
-            ]
-        });
-        let (done, stored) = oneshot::channel();
-        let keyed = key.map(|key| Keyed {
-            scoped: key.scoped,
-            window_ms: key.window.as_millis() as u64,
-            msg_id: msg.id.clone(),
-            channel: msg.channel.clone(),
-        });
-        let append = Append {
-            payload: msg.encode_length_delimited_to_vec(),
-            msg,
-            keyed,
-            done,
-        };
-        tokio::time::timeout_at(deadline.into(), self.inner.appends.send(append))
+        let hop = xadd_hop(&msg);
+        let place = tokio::time::timeout_at(deadline.into(), self.inner.appends.reserve())
             .await
             .map_err(|_| unconfirmed())?
             .map_err(|_| shutting_down())?;
-        Ok(PendingAppend::waiting(async move {
-            let appended = tokio::time::timeout_at(deadline.into(), stored)
-                .await
-                .map_err(|_| unconfirmed())
-                .and_then(|r| r.map_err(|_| shutting_down()))
-                .and_then(|r| r)
-                .inspect_err(|error| hop.fail(|| error.to_string()))?;
-            drop(hop);
-            Ok(appended)
-        }))
+        Ok(queue(place, msg, key, hop, deadline))
+    }
+
+    /// [`RedisBus::submit`] without a future while the writer's queue has room:
+    /// the async fn moved the ~300-byte message into its state and on into the
+    /// queue, a few copies per message of replica a's profile.
+    fn try_submit(&self, msg: Msg, key: Option<IdempotencyKey>) -> TrySubmit {
+        let deadline = Instant::now() + self.inner.config.command_timeout;
+        if let Err(error) = self.inner.link.get() {
+            return TrySubmit::Done(Err(error));
+        }
+        match self.inner.appends.try_reserve() {
+            Ok(place) => {
+                let hop = xadd_hop(&msg);
+                TrySubmit::Done(Ok(queue(place, msg, key, hop, deadline)))
+            }
+            Err(mpsc::error::TrySendError::Full(())) => TrySubmit::WouldWait(msg, key),
+            Err(mpsc::error::TrySendError::Closed(())) => TrySubmit::Done(Err(shutting_down())),
+        }
     }
 
     async fn replay(&self, after: &Cursor, _patterns: &[Pattern]) -> Result<Replay, BusError> {

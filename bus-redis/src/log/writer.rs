@@ -30,10 +30,12 @@ const MAX_ENTRY_MESSAGES: usize = SLOTS as usize;
 /// An append waiting for its `XADD` (or, with a key, its script).
 pub(crate) struct Append {
     /// The message (its cursor empty), answered back with its cursor once stored.
-    pub msg: Msg,
+    /// In its `Arc` already, and the key boxed: an append is moved through the
+    /// queue, the batch and the answer, and was ~400 bytes to copy each time.
+    pub msg: Arc<Msg>,
     /// The message, length-delimited (how an entry holds it).
     pub payload: Vec<u8>,
-    pub keyed: Option<Keyed>,
+    pub keyed: Option<Box<Keyed>>,
     pub done: oneshot::Sender<Result<Appended, BusError>>,
 }
 
@@ -58,6 +60,9 @@ pub(crate) async fn run_writer(
     own: SharedOwnEntries,
     cancel: CancellationToken,
 ) {
+    // Kept from one pipeline to the next: its room for MAX_BATCH appends was an
+    // allocation per pipeline.
+    let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {
             () = cancel.cancelled() => return,
@@ -67,7 +72,6 @@ pub(crate) async fn run_writer(
             },
         };
         let mut bytes = first.payload.len();
-        let mut batch = Vec::with_capacity(MAX_BATCH);
         batch.push(first);
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match pending.try_recv() {
@@ -79,9 +83,9 @@ pub(crate) async fn run_writer(
             }
         }
         match write_batch(&writer, &keys, retention, &batch).await {
-            Ok(stored) => answer(batch, stored, &own),
+            Ok(stored) => answer(batch.drain(..), stored, &own),
             Err(error) => {
-                for append in batch {
+                for append in batch.drain(..) {
                     let _ = append.done.send(Err(error.clone()));
                 }
             }
@@ -106,11 +110,11 @@ struct OwnSpan {
 
 /// Answers each append of a stored batch with its message (its cursor set), after
 /// remembering the entries' messages for this replica's tail.
-fn answer(batch: Vec<Append>, stored: Stored, own: &SharedOwnEntries) {
+fn answer(batch: impl ExactSizeIterator<Item = Append>, stored: Stored, own: &SharedOwnEntries) {
     let mut answers = Vec::with_capacity(batch.len());
     let mut messages = Vec::with_capacity(batch.len());
     let mut payloads = Vec::with_capacity(batch.len());
-    for (append, written) in batch.into_iter().zip(stored.written) {
+    for (append, written) in batch.zip(stored.written) {
         let Append {
             mut msg,
             payload,
@@ -119,8 +123,8 @@ fn answer(batch: Vec<Append>, stored: Stored, own: &SharedOwnEntries) {
         } = append;
         let appended = match written {
             Written::Stored(cursor) => {
-                msg.cursor = cursor.text();
-                let msg = Arc::new(msg);
+                // The writer holds the only reference: no copy.
+                Arc::make_mut(&mut msg).cursor = cursor.text();
                 messages.push(Some(msg.clone()));
                 Appended::Stored(msg)
             }
@@ -315,13 +319,15 @@ mod tests {
 
     fn append(bytes: usize, keyed: bool) -> Append {
         Append {
-            msg: Msg::default(),
+            msg: Arc::default(),
             payload: vec![0; bytes],
-            keyed: keyed.then(|| Keyed {
-                scoped: "app:k".into(),
-                window_ms: 1,
-                msg_id: "m".into(),
-                channel: "c".into(),
+            keyed: keyed.then(|| {
+                Box::new(Keyed {
+                    scoped: "app:k".into(),
+                    window_ms: 1,
+                    msg_id: "m".into(),
+                    channel: "c".into(),
+                })
             }),
             done: oneshot::channel().0,
         }
