@@ -41,7 +41,7 @@ pub(crate) use replay::replay;
 pub(crate) use tail::{SharedPosition, current_position, run_tail};
 pub(crate) use writer::{Append, run_writer};
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 /// The stream field of an entry of this version: its messages, each
 /// length-delimited.
@@ -127,81 +127,201 @@ impl fmt::Display for EntryId {
     }
 }
 
-/// Most entries [`OwnEntries`] remembers: the tail takes them back within a read
-/// or two; more only piles up while the tail is away, and is then decoded.
+/// Most entries [`OwnEntries`] keeps for the tail: it takes them back within a
+/// read or two; more only piles up while the tail is away, and is then decoded.
 const MAX_OWN_ENTRIES: usize = 1024;
 
-/// Entries this replica wrote, with their messages as the node accepted them: its
-/// tail hands these on instead of decoding them again (a message's decode was
-/// ~4.5 k of the accepting replica's ~25 k instructions per message).
+/// Entries this replica is writing or wrote, with their messages as the node
+/// accepted them: its tail hands these on instead of decoding them again (a
+/// message's decode was ~4.5 k of the accepting replica's ~25 k instructions per
+/// message).
+///
+/// The writer registers an entry before its pipeline is sent, because the tail
+/// often reads it before the writer has its id (about half the entries, when the
+/// writer registered them only after the `XADD` reply, and those were decoded).
+/// Whichever side learns the entry's id first sets the cursors, the other takes
+/// the messages as they are (see [`Slot`]). In write order; the oldest are
+/// dropped past [`MAX_OWN_ENTRIES`], or once the tail matched a newer one.
 #[derive(Default)]
 pub(crate) struct OwnEntries {
-    entries: BTreeMap<EntryId, OwnEntry>,
-}
-
-struct OwnEntry {
-    epoch: u64,
-    /// Each message as written (length-delimited): what the entry must hold.
-    payloads: Vec<Vec<u8>>,
-    messages: Vec<Arc<Msg>>,
+    pending: VecDeque<Arc<OwnEntry>>,
 }
 
 /// [`OwnEntries`] shared by the writer and the tail.
 pub(crate) type SharedOwnEntries = Arc<parking_lot::Mutex<OwnEntries>>;
 
-impl OwnEntries {
-    pub fn remember(
-        &mut self,
+/// One entry being written, shared by the writer (until it settles it) and the
+/// tail's queue.
+pub(crate) struct OwnEntry(parking_lot::Mutex<Slot>);
+
+enum Slot {
+    /// Sent, its id unknown to both sides; the cursors are not set.
+    Sent {
+        /// Each message as written (length-delimited): what the entry must hold.
+        payloads: Vec<Vec<u8>>,
+        messages: Vec<Arc<Msg>>,
+    },
+    /// The writer has its id: the messages (cursors set) wait for the tail.
+    Stored {
         id: EntryId,
         epoch: u64,
         payloads: Vec<Vec<u8>>,
         messages: Vec<Arc<Msg>>,
-    ) {
-        self.entries.insert(
-            id,
-            OwnEntry {
-                epoch,
-                payloads,
-                messages,
-            },
-        );
-        while self.entries.len() > MAX_OWN_ENTRIES {
-            self.entries.pop_first();
+    },
+    /// The tail read it under `id` (its bytes matched) and set the cursors; the
+    /// writer takes the messages if its `XADD` answered the same id and epoch.
+    Read {
+        id: EntryId,
+        epoch: u64,
+        messages: Vec<Arc<Msg>>,
+    },
+    /// Settled: taken by both sides, or the write failed.
+    Closed,
+}
+
+/// The writer's hold on an entry it registered: settled once, as stored or as
+/// failed.
+pub(crate) struct Expected(Arc<OwnEntry>);
+
+impl OwnEntries {
+    /// Registers an entry about to be sent: `payloads` as the entry will hold them,
+    /// `messages` with their cursors empty.
+    pub fn expect(&mut self, payloads: Vec<Vec<u8>>, messages: Vec<Arc<Msg>>) -> Expected {
+        let entry = Arc::new(OwnEntry(parking_lot::Mutex::new(Slot::Sent {
+            payloads,
+            messages,
+        })));
+        self.pending.push_back(entry.clone());
+        while self.pending.len() > MAX_OWN_ENTRIES {
+            self.pending.pop_front();
         }
+        Expected(entry)
     }
 
-    /// The messages of entry `id` of the log of `epoch`, if this replica wrote it
-    /// and `body` is what it wrote (after a failover a new primary may give the
-    /// id of a lost entry to another); forgets every entry up to `id`.
+    /// The messages of entry `id` of the log of `epoch`, with their cursors, if
+    /// this replica wrote it and `body` is what it wrote (after a failover a new
+    /// primary may give the id of a lost entry to another); forgets the entries
+    /// written before it.
+    ///
+    /// An entry whose id the writer does not know yet is matched by its bytes
+    /// alone: what is taken is then byte for byte what a decode would give, and
+    /// the writer checks the id when it learns its own.
     pub fn take(&mut self, epoch: u64, id: EntryId, body: &[u8]) -> Option<Vec<Arc<Msg>>> {
-        // Entries before `id` were passed (or lost): forget them.
-        while self.entries.first_key_value().is_some_and(|(k, _)| *k < id) {
-            self.entries.pop_first();
+        // Settled, or passed by the tail: forgotten.
+        while self
+            .pending
+            .front()
+            .is_some_and(|entry| match &*entry.0.lock() {
+                Slot::Closed => true,
+                Slot::Stored {
+                    id: stored,
+                    epoch: stored_epoch,
+                    ..
+                } => *stored_epoch == epoch && *stored < id,
+                Slot::Sent { .. } | Slot::Read { .. } => false,
+            })
+        {
+            self.pending.pop_front();
         }
-        let own = self
-            .entries
-            .first_entry()
-            .filter(|e| *e.key() == id)?
-            .remove();
-        own.holds(epoch, body).then_some(own.messages)
+        let mut found = None;
+        for (at, entry) in self.pending.iter().enumerate() {
+            let mut slot = entry.0.lock();
+            match &mut *slot {
+                Slot::Stored {
+                    id: stored,
+                    epoch: stored_epoch,
+                    ..
+                } if *stored_epoch == epoch && *stored > id => break,
+                Slot::Stored {
+                    id: stored,
+                    epoch: stored_epoch,
+                    payloads,
+                    messages,
+                } if *stored == id && *stored_epoch == epoch => {
+                    let taken = holds(payloads, body).then(|| std::mem::take(messages));
+                    *slot = Slot::Closed;
+                    found = Some((at, taken));
+                    break;
+                }
+                Slot::Sent { payloads, messages } if holds(payloads, body) => {
+                    let messages = std::mem::take(messages);
+                    let placed = place(epoch, id, messages);
+                    let taken = placed.clone();
+                    *slot = Slot::Read {
+                        id,
+                        epoch,
+                        messages: placed,
+                    };
+                    found = Some((at, Some(taken)));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let (at, taken) = found?;
+        // Entries written before this one were passed (or lost): forget them.
+        self.pending.drain(..=at);
+        taken
     }
 }
 
-impl OwnEntry {
-    /// Whether `body` of the log of `epoch` is this entry as written.
-    fn holds(&self, epoch: u64, body: &[u8]) -> bool {
-        if self.epoch != epoch {
-            return false;
-        }
-        let mut rest = body;
-        for payload in &self.payloads {
-            match rest.strip_prefix(payload.as_slice()) {
-                Some(after) => rest = after,
-                None => return false,
+impl Expected {
+    /// The entry was stored as `id` in the log of `epoch`: its messages with their
+    /// cursors, one per append in order, for the writer's answers.
+    pub fn stored(self, id: EntryId, epoch: u64) -> Vec<Arc<Msg>> {
+        let mut slot = self.0.0.lock();
+        match std::mem::replace(&mut *slot, Slot::Closed) {
+            Slot::Sent { payloads, messages } => {
+                let messages = place(epoch, id, messages);
+                *slot = Slot::Stored {
+                    id,
+                    epoch,
+                    payloads,
+                    messages: messages.clone(),
+                };
+                messages
+            }
+            Slot::Read {
+                id: read,
+                epoch: read_epoch,
+                messages,
+            } if read == id && read_epoch == epoch => messages,
+            // The tail took another entry of the same bytes for this one: it keeps
+            // its cursors, the publishers get theirs.
+            // (`place` copies each message the tail still holds.)
+            Slot::Read { messages, .. } => place(epoch, id, messages),
+            Slot::Stored { .. } | Slot::Closed => {
+                unreachable!("only the writer settles its entry, once")
             }
         }
-        rest.is_empty()
     }
+
+    /// The write failed: the entry is never handed to the tail.
+    pub fn failed(self) {
+        *self.0.0.lock() = Slot::Closed;
+    }
+}
+
+/// `messages`, the messages of entry `id` of the log of `epoch` in order, with
+/// their cursors.
+fn place(epoch: u64, id: EntryId, mut messages: Vec<Arc<Msg>>) -> Vec<Arc<Msg>> {
+    for (index, msg) in (0..).zip(&mut messages) {
+        // In place when the entry alone holds it (all but a mismatch), else a copy.
+        Arc::make_mut(msg).cursor = Place { entry: id, index }.cursor(epoch).text();
+    }
+    messages
+}
+
+/// Whether `body` is the entry of `payloads` as written.
+fn holds(payloads: &[Vec<u8>], body: &[u8]) -> bool {
+    let mut rest = body;
+    for payload in payloads {
+        match rest.strip_prefix(payload.as_slice()) {
+            Some(after) => rest = after,
+            None => return false,
+        }
+    }
+    rest.is_empty()
 }
 
 /// A fresh random epoch, as stored (hex, never zero).
@@ -786,49 +906,134 @@ mod tests {
         assert!(entry_messages(0xab, "bad", vec![]).is_empty());
     }
 
+    /// Messages as the writer holds them (cursors empty), and their payloads.
+    fn written(ops: &[&str]) -> (Vec<Vec<u8>>, Vec<Arc<Msg>>) {
+        ops.iter()
+            .map(|op| {
+                let msg = Msg {
+                    op: (*op).into(),
+                    ..Msg::default()
+                };
+                (msg.encode_length_delimited_to_vec(), Arc::new(msg))
+            })
+            .unzip()
+    }
+
+    fn same(a: &[Arc<Msg>], b: &[Arc<Msg>]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
+    fn cursors(messages: &[Arc<Msg>]) -> Vec<&str> {
+        messages.iter().map(|m| m.cursor.as_str()).collect()
+    }
+
+    const A: EntryId = EntryId { ms: 5, seq: 0 };
+    const B: EntryId = EntryId { ms: 5, seq: 1 };
+
     #[test]
-    fn the_tail_takes_back_what_this_replica_wrote_only_when_the_entry_holds_it() {
-        let written = |ops: &[&str]| -> (Vec<Vec<u8>>, Vec<Arc<Msg>>) {
-            ops.iter()
-                .map(|op| {
-                    let msg = Msg {
-                        op: (*op).into(),
-                        ..Msg::default()
-                    };
-                    (msg.encode_length_delimited_to_vec(), Arc::new(msg))
-                })
-                .unzip()
-        };
-        let (a, b, c) = (
-            EntryId { ms: 5, seq: 0 },
-            EntryId { ms: 5, seq: 1 },
-            EntryId { ms: 6, seq: 0 },
-        );
+    fn the_tail_takes_back_an_entry_the_writer_placed_once_and_only_as_written() {
         let mut own = OwnEntries::default();
         let (payloads, messages) = written(&["x", "y"]);
-        own.remember(a, 9, payloads, messages.clone());
-        let (payloads, _) = written(&["z"]);
-        own.remember(b, 9, payloads, Vec::new());
-        let (payloads, _) = written(&["w"]);
-        own.remember(c, 9, payloads, Vec::new());
+        let expected = own.expect(payloads, messages);
+        let answered = expected.stored(A, 9);
+        assert_eq!(cursors(&answered), ["9.5-0", "9.5-1"]);
+        let taken = own.take(9, A, &delimited(&["x", "y"])).expect("ours");
+        assert!(same(&taken, &answered), "the writer's messages, not copies");
+        assert_eq!(own.take(9, A, &delimited(&["x", "y"])), None, "taken once");
 
-        let taken = own.take(9, a, &delimited(&["x", "y"])).expect("ours");
-        assert!(taken.iter().zip(&messages).all(|(t, m)| Arc::ptr_eq(t, m)));
-        assert_eq!(own.take(9, a, &delimited(&["x", "y"])), None, "taken once");
         // Another replica's entry under an id this one wrote (a failover gave it
         // again), a shorter or longer body, another epoch: decoded instead.
-        assert_eq!(own.take(9, b, &delimited(&["q"])), None);
-        assert_eq!(own.take(8, c, &delimited(&["w"])), None);
-        let (payloads, _) = written(&["x"]);
-        own.remember(c, 9, payloads, Vec::new());
-        assert_eq!(own.take(9, c, &delimited(&["x", "x"])), None);
-        // Passing an entry forgets those before it; memory stays bounded.
-        for seq in 0..MAX_OWN_ENTRIES as u64 + 10 {
-            own.remember(EntryId { ms: 7, seq }, 9, Vec::new(), Vec::new());
+        for (epoch, body) in [
+            (9, delimited(&["q"])),
+            (9, delimited(&["z", "z"])),
+            (9, Vec::new()),
+            (8, delimited(&["z"])),
+        ] {
+            let mut own = OwnEntries::default();
+            let (payloads, messages) = written(&["z"]);
+            own.expect(payloads, messages).stored(B, 9);
+            assert_eq!(own.take(epoch, B, &body), None, "{epoch} {body:?}");
         }
-        assert_eq!(own.entries.len(), MAX_OWN_ENTRIES);
+    }
+
+    #[test]
+    fn the_tail_takes_an_entry_it_reads_before_the_writer_knows_its_id() {
+        let mut own = OwnEntries::default();
+        let (payloads, messages) = written(&["x", "y"]);
+        let expected = own.expect(payloads, messages);
+        // Only these bytes are ours.
+        assert_eq!(own.take(9, A, &delimited(&["x"])), None);
+        let taken = own.take(9, B, &delimited(&["x", "y"])).expect("ours");
+        assert_eq!(cursors(&taken), ["9.5-1024", "9.5-1025"]);
+        assert_eq!(own.take(9, B, &delimited(&["x", "y"])), None, "taken once");
+        // The writer's reply names the same entry: its answers are the tail's.
+        let answered = expected.stored(B, 9);
+        assert!(same(&answered, &taken));
+
+        // The tail matched another entry of the same bytes (or the log's epoch
+        // changed): each side keeps the cursors of the entry it saw.
+        for (id, epoch) in [(A, 9), (B, 8)] {
+            let mut own = OwnEntries::default();
+            let (payloads, messages) = written(&["x"]);
+            let expected = own.expect(payloads, messages);
+            let taken = own.take(9, B, &delimited(&["x"])).expect("the same bytes");
+            let answered = expected.stored(id, epoch);
+            assert_eq!(cursors(&taken), ["9.5-1024"]);
+            assert_eq!(
+                cursors(&answered),
+                [Place {
+                    entry: id,
+                    index: 0
+                }
+                .cursor(epoch)
+                .text()]
+            );
+            assert_eq!(answered[0].op, "x");
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_never_taken() {
+        let mut own = OwnEntries::default();
+        let (payloads, messages) = written(&["x"]);
+        own.expect(payloads, messages).failed();
+        assert_eq!(own.take(9, A, &delimited(&["x"])), None);
+        // Nor an entry of the same bytes written since, under the failed one's id.
+        let (payloads, messages) = written(&["x"]);
+        let expected = own.expect(payloads, messages);
+        let taken = own
+            .take(9, B, &delimited(&["x"]))
+            .expect("the second write");
+        assert!(same(&expected.stored(B, 9), &taken));
+    }
+
+    #[test]
+    fn passing_an_entry_forgets_those_before_it_and_memory_stays_bounded() {
+        let mut own = OwnEntries::default();
+        let (payloads, messages) = written(&["x"]);
+        own.expect(payloads, messages).stored(A, 9);
+        let (payloads, messages) = written(&["y"]);
+        let _pending = own.expect(payloads, messages);
+        assert!(own.take(9, B, &delimited(&["y"])).is_some());
+        assert!(own.pending.is_empty(), "A was passed: forgotten");
+
+        for seq in 0..MAX_OWN_ENTRIES as u64 + 10 {
+            let (payloads, messages) = written(&["w"]);
+            own.expect(payloads, messages)
+                .stored(EntryId { ms: 7, seq }, 9);
+        }
+        assert_eq!(own.pending.len(), MAX_OWN_ENTRIES);
         assert!(own.take(9, EntryId { ms: 8, seq: 0 }, &[]).is_none());
-        assert!(own.entries.is_empty());
+        assert!(own.pending.is_empty(), "all passed: forgotten");
+        // Entries never settled (a writer that hangs) are bounded too.
+        let held: Vec<Expected> = (0..MAX_OWN_ENTRIES + 10)
+            .map(|_| {
+                let (payloads, messages) = written(&["w"]);
+                own.expect(payloads, messages)
+            })
+            .collect();
+        assert_eq!(own.pending.len(), MAX_OWN_ENTRIES);
+        drop(held);
     }
 
     #[test]

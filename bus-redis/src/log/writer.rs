@@ -12,7 +12,9 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{BATCH, EntryId, Place, SLOTS, SharedOwnEntries, bad_reply, parse_epoch, push_epoch};
+use super::{
+    BATCH, EntryId, Expected, SLOTS, SharedOwnEntries, bad_reply, parse_epoch, push_epoch,
+};
 use crate::dedup::{self, Keyed, Written};
 use crate::keys::Keys;
 use crate::link::Dedicated;
@@ -82,10 +84,18 @@ pub(crate) async fn run_writer(
                 Err(_) => break,
             }
         }
-        match write_batch(&writer, &keys, retention, &batch).await {
-            Ok(stored) => answer(batch.drain(..), stored, &own),
+        let groups = groups(&batch);
+        let pipe = pipeline(&writer, &keys, retention, &batch, &groups);
+        // Registered before the pipeline is sent: the tail may read an entry before
+        // its `XADD` reply comes back here.
+        let (sent, entries) = expect(batch.drain(..), &groups, &own);
+        match send(&writer, pipe, &groups, sent.len()).await {
+            Ok((epoch, placed)) => answer(sent, entries, epoch, placed),
             Err(error) => {
-                for append in batch.drain(..) {
+                for entry in entries {
+                    entry.failed();
+                }
+                for append in sent {
                     let _ = append.done.send(Err(error.clone()));
                 }
             }
@@ -93,74 +103,96 @@ pub(crate) async fn run_writer(
     }
 }
 
-/// What a pipeline stored: each append's outcome, in order, and the entries of
-/// plain appends.
-struct Stored {
-    written: Vec<Written>,
-    entries: Vec<OwnSpan>,
+/// An append on its way to Redis: a keyed one holds its message, a plain one's
+/// is in its entry's [`Expected`].
+struct Sent {
+    done: oneshot::Sender<Result<Appended, BusError>>,
+    keyed: Option<Arc<Msg>>,
 }
 
-/// An entry of plain appends: `len` appends of the batch from `start`.
-struct OwnSpan {
-    entry: EntryId,
-    epoch: u64,
-    start: usize,
-    len: usize,
-}
-
-/// Answers each append of a stored batch with its message (its cursor set), after
-/// remembering the entries' messages for this replica's tail.
-fn answer(batch: impl ExactSizeIterator<Item = Append>, stored: Stored, own: &SharedOwnEntries) {
-    let mut answers = Vec::with_capacity(batch.len());
-    let mut messages = Vec::with_capacity(batch.len());
-    let mut payloads = Vec::with_capacity(batch.len());
-    for (append, written) in batch.zip(stored.written) {
-        let Append {
-            mut msg,
-            payload,
-            done,
-            ..
-        } = append;
-        let appended = match written {
-            Written::Stored(cursor) => {
-                // The writer holds the only reference: no copy.
-                Arc::make_mut(&mut msg).cursor = cursor.text();
-                messages.push(Some(msg.clone()));
-                Appended::Stored(msg)
+/// Each entry of `batch` (in `groups`) registered for the tail, with its
+/// payloads and messages; what is left of each append.
+fn expect(
+    mut batch: impl ExactSizeIterator<Item = Append>,
+    groups: &[Group],
+    own: &SharedOwnEntries,
+) -> (Vec<Sent>, Vec<Expected>) {
+    let mut sent = Vec::with_capacity(batch.len());
+    let mut entries = Vec::new();
+    for group in groups {
+        match *group {
+            Group::Keyed => {
+                let append = batch.next().expect("groups cover the batch");
+                sent.push(Sent {
+                    done: append.done,
+                    keyed: Some(append.msg),
+                });
             }
-            Written::Duplicate {
-                id,
-                channel,
-                cursor,
-            } => {
-                messages.push(None);
-                Appended::Duplicate {
-                    id,
-                    channel,
-                    cursor,
+            Group::Entry { messages } => {
+                let mut payloads = Vec::with_capacity(messages);
+                let mut held = Vec::with_capacity(messages);
+                for append in batch.by_ref().take(messages) {
+                    payloads.push(append.payload);
+                    held.push(append.msg);
+                    sent.push(Sent {
+                        done: append.done,
+                        keyed: None,
+                    });
                 }
+                entries.push(own.lock().expect(payloads, held));
             }
-        };
-        payloads.push(payload);
-        answers.push((done, appended));
-    }
-    {
-        let mut own = own.lock();
-        for span in stored.entries {
-            let range = span.start..span.start + span.len;
-            let entry_payloads = payloads[range.clone()]
-                .iter_mut()
-                .map(std::mem::take)
-                .collect();
-            let entry_messages = messages[range]
-                .iter_mut()
-                .filter_map(Option::take)
-                .collect();
-            own.remember(span.entry, span.epoch, entry_payloads, entry_messages);
         }
     }
-    for (done, appended) in answers {
-        let _ = done.send(Ok(appended));
+    (sent, entries)
+}
+
+/// What a group's reply said.
+enum Placed {
+    Entry(EntryId),
+    Keyed(Written),
+}
+
+/// Answers each append of a stored batch with its message (its cursor set); an
+/// entry's messages come from its [`Expected`], settled for the tail first.
+fn answer(sent: Vec<Sent>, entries: Vec<Expected>, epoch: u64, placed: Vec<Placed>) {
+    let mut sent = sent.into_iter();
+    let mut entries = entries.into_iter();
+    for group in placed {
+        match group {
+            Placed::Entry(id) => {
+                let entry = entries.next().expect("an entry per plain group");
+                // `zip` asks `sent` only for a message it has.
+                for (msg, append) in entry.stored(id, epoch).into_iter().zip(sent.by_ref()) {
+                    let _ = append.done.send(Ok(Appended::Stored(msg)));
+                }
+            }
+            Placed::Keyed(written) => {
+                let Some(Sent {
+                    done,
+                    keyed: Some(mut msg),
+                }) = sent.next()
+                else {
+                    unreachable!("a keyed group answers a keyed append");
+                };
+                let appended = match written {
+                    Written::Stored(cursor) => {
+                        // The writer holds the only reference: no copy.
+                        Arc::make_mut(&mut msg).cursor = cursor.text();
+                        Appended::Stored(msg)
+                    }
+                    Written::Duplicate {
+                        id,
+                        channel,
+                        cursor,
+                    } => Appended::Duplicate {
+                        id,
+                        channel,
+                        cursor,
+                    },
+                };
+                let _ = done.send(Ok(appended));
+            }
+        }
     }
 }
 
@@ -221,18 +253,19 @@ impl redis::ToRedisArgs for Payloads<'_> {
     }
 }
 
-async fn write_batch(
+/// The pipeline of `batch`: `SET epoch NX`, `GET epoch`, a command per group,
+/// `WAIT` with --redis-min-replicas.
+fn pipeline(
     writer: &Dedicated,
     keys: &Keys,
     retention: usize,
     batch: &[Append],
-) -> Result<Stored, BusError> {
-    let replication = writer.link().replication();
-    let groups = groups(batch);
+    groups: &[Group],
+) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     push_epoch(&mut pipe, keys);
     let mut rest = batch;
-    for group in &groups {
+    for group in groups {
         match *group {
             Group::Keyed => {
                 let (append, after) = rest.split_first().expect("groups cover the batch");
@@ -254,12 +287,25 @@ async fn write_batch(
             }
         }
     }
+    let replication = writer.link().replication();
     if replication.min_replicas > 0 {
         // Last in the pipeline: it answers once the replicas have every entry above.
         pipe.add_command(replication.wait());
     }
+    pipe
+}
+
+/// Sends the pipeline of a batch of `appends` in `groups`: the epoch, and each
+/// group's outcome in order.
+async fn send(
+    writer: &Dedicated,
+    pipe: redis::Pipeline,
+    groups: &[Group],
+    appends: usize,
+) -> Result<(u64, Vec<Placed>), BusError> {
+    let replication = writer.link().replication();
     let metrics = writer.link().metrics();
-    metrics.append_batch.observe(batch.len() as u64);
+    metrics.append_batch.observe(appends as u64);
     let started = std::time::Instant::now();
     let mut replies: Vec<Value> = writer
         .call(|mut conn| async move { pipe.query_async(&mut conn).await })
@@ -285,32 +331,21 @@ async fn write_batch(
     if replies.len() != groups.len() {
         return Err(bad_reply("XADD"));
     }
-    let mut written = Vec::with_capacity(batch.len());
-    let mut entries = Vec::new();
+    let mut placed = Vec::with_capacity(groups.len());
     for (reply, group) in replies.zip(groups) {
-        match group {
-            Group::Keyed => written.push(dedup::parse(&reply, epoch)?),
-            Group::Entry { messages } => {
-                let entry = match reply {
+        placed.push(match group {
+            Group::Keyed => Placed::Keyed(dedup::parse(&reply, epoch)?),
+            Group::Entry { .. } => Placed::Entry(
+                match reply {
                     Value::BulkString(id) => EntryId::parse(&id),
                     Value::SimpleString(id) => EntryId::parse(id.as_bytes()),
                     _ => None,
                 }
-                .ok_or_else(|| bad_reply("XADD"))?;
-                entries.push(OwnSpan {
-                    entry,
-                    epoch,
-                    start: written.len(),
-                    len: messages,
-                });
-                written.extend(
-                    (0..messages as u64)
-                        .map(|index| Written::Stored(Place { entry, index }.cursor(epoch))),
-                );
-            }
-        }
+                .ok_or_else(|| bad_reply("XADD"))?,
+            ),
+        });
     }
-    Ok(Stored { written, entries })
+    Ok((epoch, placed))
 }
 
 #[cfg(test)]
