@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use ipc_core::bus::BusError;
 use ipc_core::cursor::Cursor;
+use ipc_core::grpc::decode::varint;
 use ipc_proto::pb::Msg;
 use prost::Message as _;
 use redis::Value;
@@ -382,17 +383,48 @@ impl Body {
         match self {
             Body::Single(_) => 1,
             Body::Unknown => 0,
-            Body::Batch(payload) => {
-                let mut rest = &payload[..];
-                let mut count = 0;
-                while !rest.is_empty() && count < SLOTS {
-                    match prost::encoding::decode_varint(&mut rest) {
-                        Ok(len) if len <= rest.len() as u64 => rest = &rest[len as usize..],
-                        _ => break,
-                    }
-                    count += 1;
-                }
-                count
+            Body::Batch(payload) => Framed::new(payload).count() as u64,
+        }
+    }
+}
+
+/// The messages of a [`Body::Batch`], each a varint length then its encoding, up
+/// to [`SLOTS`] of them and up to the first whose length is torn: the one framing
+/// rule of an entry, so that counting and decoding agree on its cursors.
+struct Framed<'a> {
+    rest: &'a [u8],
+    taken: u64,
+    /// Set when bytes were left that do not frame a message.
+    torn: bool,
+}
+
+impl<'a> Framed<'a> {
+    fn new(payload: &'a [u8]) -> Self {
+        Self {
+            rest: payload,
+            taken: 0,
+            torn: false,
+        }
+    }
+}
+
+impl<'a> Iterator for Framed<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.rest.is_empty() || self.taken == SLOTS || self.torn {
+            return None;
+        }
+        match varint(&mut self.rest) {
+            Some(len) if len <= self.rest.len() as u64 => {
+                let (encoded, after) = self.rest.split_at(len as usize);
+                self.rest = after;
+                self.taken += 1;
+                Some(encoded)
+            }
+            _ => {
+                self.torn = true;
+                None
             }
         }
     }
@@ -496,7 +528,7 @@ fn decode(epoch: u64, id: EntryId, body: &Body, after: Option<u64>, out: &mut Ve
 /// ours is logged and skipped: an entry that is not, a message that does not
 /// decode (alone: its length still frames the next, so that whether a message
 /// is decoded at all changes nothing for the others), the rest of a batch from
-/// a torn length on (where [`Body::count`] stops too).
+/// a torn length on (the framing [`Body::count`] counts by: [`Framed`]).
 fn decode_where(
     epoch: u64,
     id: EntryId,
@@ -521,22 +553,13 @@ fn decode_where(
     match body {
         Body::Single(payload) => one(0, payload),
         Body::Batch(payload) => {
-            let mut rest = &payload[..];
-            let mut index = 0;
-            while !rest.is_empty() && index < SLOTS {
-                let encoded = match prost::encoding::decode_varint(&mut rest) {
-                    Ok(len) if len <= rest.len() as u64 => {
-                        let (encoded, after) = rest.split_at(len as usize);
-                        rest = after;
-                        encoded
-                    }
-                    _ => {
-                        tracing::warn!(entry = %id, index, "skipping the rest of a log entry: a torn length");
-                        return;
-                    }
-                };
+            let mut framed = Framed::new(payload);
+            for (index, encoded) in (0..).zip(&mut framed) {
                 one(index, encoded);
-                index += 1;
+            }
+            if framed.torn {
+                let index = framed.taken;
+                tracing::warn!(entry = %id, index, "skipping the rest of a log entry: a torn length");
             }
         }
         Body::Unknown => {
@@ -575,18 +598,6 @@ fn channel_of(mut encoded: &[u8]) -> Option<&str> {
         encoded = rest;
     }
     std::str::from_utf8(channel).ok()
-}
-
-/// A varint, the one-byte ones (a message's keys and most lengths) read inline:
-/// prost's call per field was a third of the scan.
-fn varint(bytes: &mut &[u8]) -> Option<u64> {
-    match bytes.split_first() {
-        Some((&b, rest)) if b < 0x80 => {
-            *bytes = rest;
-            Some(u64::from(b))
-        }
-        _ => prost::encoding::decode_varint(bytes).ok(),
-    }
 }
 
 /// The messages of one log entry as `XRANGE` returns it (its id and its field and

@@ -14,7 +14,7 @@
 //! - [`server`]: that service as servers mount it, Subscribe streams sending each
 //!   message encoded once for all subscribers.
 
-mod decode;
+pub mod decode;
 pub mod identify;
 pub mod publish;
 pub mod send_msgs;

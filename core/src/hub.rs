@@ -149,6 +149,13 @@ impl Registry {
         keys.dedup();
         Cow::Owned(keys)
     }
+
+    /// Whether [`Registry::matching`] would find a subscriber, without collecting
+    /// the keys.
+    fn matches_any(&self, channel: &str) -> bool {
+        self.exact.get(channel).is_some_and(|keys| !keys.is_empty())
+            || self.wildcard.matches_any(channel)
+    }
 }
 
 /// Hashes the hub's subscriber keys (its own counter, never client input) with one

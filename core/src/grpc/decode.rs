@@ -86,8 +86,10 @@ fn length_delimited<'a>(bytes: &mut &'a [u8]) -> Option<(u64, &'a [u8])> {
     Some((field, value))
 }
 
-/// A varint of at most 10 bytes whose value fits in 64 bits, as prost reads it.
-fn varint(bytes: &mut &[u8]) -> Option<u64> {
+/// A varint of at most 10 bytes whose value fits in 64 bits, as prost reads it;
+/// the one-byte ones (keys, most lengths) without a loop. The Redis bus's scan of
+/// a log message's channel reads its fields with it too.
+pub fn varint(bytes: &mut &[u8]) -> Option<u64> {
     // Keys and the lengths of short fields: one byte.
     if let Some((&byte, rest)) = bytes.split_first()
         && byte < 0x80

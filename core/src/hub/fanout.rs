@@ -86,11 +86,7 @@ impl Hub {
     /// dispatch would have (requests may have been queued since), so that a bus
     /// which then leaves the entry undecoded changes nothing but the cost.
     pub fn wants(&self, channel: &str) -> bool {
-        let wanted = {
-            let reg = self.registry.read();
-            reg.exact.get(channel).is_some_and(|keys| !keys.is_empty())
-                || reg.wildcard.matches_any(channel)
-        };
+        let wanted = self.registry.read().matches_any(channel);
         if !wanted {
             self.enforce_total_bytes();
         }
